@@ -1,0 +1,153 @@
+"""The ``mpt-deblur`` command line.
+
+Every subcommand is a small function over the headless API; errors the user can
+fix are printed as one line and give exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def parse_scales(text: str) -> list[list[float]]:
+    """'1/8,1/8,1,1;1/4,1/4;...' -> [[0.125, 0.125, 1.0, 1.0], [0.25, 0.25], ...] (4 levels)."""
+    try:
+        levels = [[float(Fraction(item.strip())) for item in level.split(",")] for level in text.split(";")]
+    except (ValueError, ZeroDivisionError) as error:
+        raise UsageError(f"--scales: cannot read {text!r} ({error}); use e.g. '1/8,1/8;1/4,1/4;1/2,1/2;1/2,1/2'")
+    if len(levels) != 4:
+        raise UsageError(f"--scales: give 4 levels separated by ';', got {len(levels)}")
+    return levels
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .models.files import describe_model, load_model
+
+    model = load_model(args.model, scales=parse_scales(args.scales) if args.scales else None)
+    summary = describe_model(model)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    arch = summary["architecture"]
+    print(f"model:        {args.model}")
+    print(f"parameters:   {summary['parameters']:,}")
+    print(f"channels:     {arch['in_channels']} in, {arch['out_channels']} out")
+    print(f"width:        {arch['dim']}  blocks per level: {arch['num_blocks']}  heads: {arch['heads']}")
+    scales = "; ".join(",".join(str(Fraction(r).limit_denominator(64)) for r in level) for level in arch["scales"])
+    print(f"scales:       {scales}")
+    print(f"pairing:      {arch['pairing']}  window: {arch['window_size']}  FFN expansion: {arch['ffn_expansion']}")
+    print(f"size multiple:{summary['size_multiple']:>4} (inputs are padded to it and cropped back)")
+    print(f"normalization:{json.dumps(summary['normalization'])}")
+    if summary["tile_size"]:
+        print(f"tile size:    {summary['tile_size']}")
+    print("provenance:")
+    for key, value in summary["provenance"].items():
+        print(f"  {key}: {value}")
+
+
+def cmd_import_official(args: argparse.Namespace) -> None:
+    from .models.files import import_official, save_model
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    model = import_official(args.checkpoint, scales=parse_scales(args.scales) if args.scales else None)
+    save_model(model, output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {output} ({params:,} parameters, pairing 'official', from {Path(args.checkpoint).name})")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .models.presets import PRESETS, build_model
+
+    for preset in PRESETS.values():
+        params = sum(p.numel() for p in build_model(preset.name).parameters())
+        print(f"{preset.name:8s} {params / 1e6:6.2f} M parameters (1 channel)  {preset.description}")
+
+
+def cmd_new(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models.files import save_model
+    from .models.presets import build_model
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, channels=args.channels, pairing=args.pairing)
+    save_model(
+        model,
+        output,
+        provenance={"preset": args.preset, "trained": False, "seed": args.seed, "note": "randomly initialised"},
+    )
+    print(f"wrote {output}: untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpt-deblur", description="Defocus deblurring of microscopy images with the Multi-Pyramid Transformer."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="print a model's configuration, parameter count and provenance")
+    info.add_argument("model", help="model file, reference checkpoint or bundled model name")
+    info.add_argument("--scales", help="pyramid scales, for a reference checkpoint not of the paper's shape")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=cmd_info)
+
+    imp = commands.add_parser("import-official", help="convert a reference-code checkpoint to a model file")
+    imp.add_argument("checkpoint", help="state_dict saved by the reference code (.pth)")
+    imp.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    imp.add_argument("--scales", help="pyramid scales per level, e.g. '1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2' "
+                     "(default: the paper preset's)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    imp.set_defaults(run=cmd_import_official)
+
+    presets = commands.add_parser("presets", help="list the named network configurations")
+    presets.set_defaults(run=cmd_presets)
+
+    new = commands.add_parser("new", help="write a randomly initialised model file (a starting point for training)")
+    new.add_argument("preset", help="preset name (see 'mpt-deblur presets')")
+    new.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    new.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
+    new.add_argument("--pairing", default="aligned", choices=("aligned", "official"), help="window pairing")
+    new.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
+    new.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    new.set_defaults(run=cmd_new)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mpt-deblur``; returns the exit code."""
+    from .models.files import ModelFileError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (UsageError, ModelFileError, ConfigError, FileNotFoundError) as error:
+        print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mpt-deblur {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

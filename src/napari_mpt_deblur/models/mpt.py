@@ -1,0 +1,396 @@
+"""The Multi-Pyramid Transformer (MPT) for defocus deblurring.
+
+One module, top to bottom: helpers, the two attentions (ISCA and CSWA), the
+FEFN feed-forward, the pyramid sub-block, and the U-shaped network. Section
+numbers refer to the project's specification (``docs/architecture.md``).
+
+Inside a stage, feature maps are kept as ``(B, H, W, C)`` "token" tensors: every
+per-pixel projection is then one GEMM over contiguous memory, and the 3x3
+convolutions see the same memory as a channels-last ``(B, C, H, W)`` view, so
+no layout copies are made between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MPTConfig
+
+MASK_VALUE = -100.0  # Swin's additive mask between tokens of different shift regions
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_nchw(tokens: Tensor) -> Tensor:
+    """(B, H, W, C) -> (B, C, H, W) view with channels-last memory (no copy)."""
+    return tokens.permute(0, 3, 1, 2)
+
+
+def to_tokens(image: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H, W, C), contiguous."""
+    return image.permute(0, 2, 3, 1).contiguous()
+
+
+def depthwise_conv3x3(tokens: Tensor, weight: Tensor) -> Tensor:
+    """3x3 depthwise convolution (zero padding 1) of a (B, H, W, C) map."""
+    out = F.conv2d(to_nchw(tokens), weight, padding=1, groups=tokens.shape[-1])
+    return out.permute(0, 2, 3, 1)
+
+
+def window_partition(tokens: Tensor, ws: int) -> Tensor:
+    """(B, H, W, C) -> (B, nW, ws*ws, C), windows in raster order."""
+    b, h, w, c = tokens.shape
+    x = tokens.reshape(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // ws) * (w // ws), ws * ws, c)
+
+
+def window_reverse(windows: Tensor, ws: int, h: int, w: int) -> Tensor:
+    """(B, nW, ws*ws, C) in raster order -> (B, H, W, C)."""
+    b, _, _, c = windows.shape
+    x = windows.reshape(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def shift_region_labels(h: int, w: int, ws: int, shift: int, device: torch.device) -> Tensor:
+    """Swin's region id of every pixel of an (h, w) map rolled by -shift (9 regions)."""
+    labels = torch.zeros(h, w, dtype=torch.int64, device=device)
+    spans = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    region = 0
+    for rows in spans:
+        for cols in spans:
+            labels[rows, cols] = region
+            region += 1
+    return labels
+
+
+def relative_position_index(ws: int) -> Tensor:
+    """Swin's (ws*ws, ws*ws) index into the (2*ws-1)^2 bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (ws - 1)
+    return rel[0] * (2 * ws - 1) + rel[1]
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Reflect-pad the bottom/right of (B, C, H, W) up to multiples of ``multiple``.
+
+    Reflection needs a pad smaller than the side, so small images are reflected
+    repeatedly (a mirror of the mirror) until the size is reached.
+    """
+    while True:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if not pad_h and not pad_w:
+            return x
+        step_h, step_w = min(pad_h, h - 1), min(pad_w, w - 1)
+        if (pad_h and step_h < 1) or (pad_w and step_w < 1):  # a 1-pixel side cannot reflect
+            return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class IntraScaleChannelAttention(nn.Module):
+    """ISCA: transposed (channel) attention over the whole map of a level.
+
+    Q and K are L2-normalised over the H*W axis; each head forms a (C/heads)^2
+    attention map. The map is global, so the output depends on the tile size.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads))
+        self.to_qkv = nn.Parameter(torch.empty(3 * dim, dim))  # rows: Q (C), K (C), V (C)
+        self.qkv_dwconv = nn.Parameter(torch.empty(3 * dim, 1, 3, 3))
+        self.project_out = nn.Parameter(torch.empty(dim, dim))
+
+    def forward(self, y: Tensor) -> Tensor:
+        b, h, w, c = y.shape
+        d = c // self.heads
+        qkv = depthwise_conv3x3(F.linear(y, self.to_qkv), self.qkv_dwconv).reshape(b, h * w, 3 * c)
+        q, k, v = qkv.split(c, dim=-1)
+        # Normalising Q and K over H*W only rescales rows/columns of Q^T K, so the
+        # small (d x d) product is rescaled instead of the two full maps.
+        q_norm = torch.linalg.vector_norm(q, dim=1).clamp_min(1e-12).view(b, self.heads, d, 1)
+        k_norm = torch.linalg.vector_norm(k, dim=1).clamp_min(1e-12).view(b, self.heads, 1, d)
+        qh = q.view(b, h * w, self.heads, d).permute(0, 2, 3, 1)  # (B, heads, d, HW)
+        kh = k.view(b, h * w, self.heads, d).permute(0, 2, 1, 3)  # (B, heads, HW, d)
+        logits = (qh @ kh) / (q_norm * k_norm) * self.temperature.view(1, -1, 1, 1)
+        attn = logits.softmax(dim=-1)  # (B, heads, d, d)
+        # out = project_out(attn @ V) == V @ (project_out @ blockdiag(attn))^T: one GEMM on the map.
+        mixing = torch.zeros(b, c, c, dtype=attn.dtype, device=attn.device)
+        for head in range(self.heads):
+            rows = slice(head * d, (head + 1) * d)
+            mixing[:, rows, rows] = attn[:, head]
+        mixing = self.project_out @ mixing
+        return (v @ mixing.transpose(1, 2)).view(b, h, w, c)
+
+
+class CrossScaleWindowAttention(nn.Module):
+    """CSWA at scale r: full-resolution windows attend to windows of a pooled map.
+
+    Each 8x8 query window reads one 8x8 window of the map pooled by s = 1/r, so
+    its keys cover an (8s x 8s) region. ``pairing`` decides which pooled window a
+    query window reads (see ``docs/architecture.md``). All s^2 query windows that
+    share a pooled window are batched into one attention call of s^2*64 queries
+    against 64 keys.
+    """
+
+    def __init__(self, dim: int, heads: int, scale: float, window_size: int, shifted: bool, pairing: str) -> None:
+        super().__init__()
+        self.heads = heads
+        self.stride = int(round(1 / scale))  # s
+        self.window_size = window_size
+        self.shifted = shifted
+        self.pairing = pairing
+        self.temperature = nn.Parameter(torch.ones(heads))
+        self.to_q = nn.Parameter(torch.empty(dim, dim))
+        self.q_dwconv = nn.Parameter(torch.empty(dim, 1, 3, 3))
+        self.to_kv = nn.Parameter(torch.empty(2 * dim, dim))
+        self.kv_dwconv = nn.Parameter(torch.empty(2 * dim, 1, 3, 3))
+        self.pool_proj = nn.Parameter(torch.empty(dim, dim)) if self.stride > 1 else None
+        self.project_out = nn.Parameter(torch.empty(dim, dim))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self._mask_cache: dict[tuple, Tensor | None] = {}
+
+    # -- layout: gather queries per pooled window, and scatter the output back
+
+    def _gather_queries(self, q: Tensor) -> Tensor:
+        """(B, H, W, C) projected queries -> (B, nWp, s*s*ws*ws, C), dwconv and shift applied."""
+        b, h, w, c = q.shape
+        s, ws = self.stride, self.window_size
+        hp, wp = h // s, w // s
+        if self.pairing == "official":
+            # Reference layout: the raster-ordered full windows are cut into s^2
+            # consecutive groups, each laid out as its own (H/s, W/s) image.
+            groups = window_reverse(window_partition(q, ws).reshape(b * s * s, -1, ws * ws, c), ws, hp, wp)
+            groups = depthwise_conv3x3(groups, self.q_dwconv)
+            if self.shifted:
+                groups = torch.roll(groups, shifts=(-ws // 2, -ws // 2), dims=(1, 2))
+            # Window m = g*nWp + p pairs with pooled window m // s^2.
+            return window_partition(groups, ws).reshape(b, -1, s * s * ws * ws, c)
+        q = depthwise_conv3x3(q, self.q_dwconv)
+        if self.shifted:
+            q = torch.roll(q, shifts=(-s * ws // 2, -s * ws // 2), dims=(1, 2))
+        # Full window (I*s + a, J*s + b) pairs with pooled window (I, J); tokens ordered (a, b, u, v).
+        q = q.reshape(b, hp // ws, s, ws, wp // ws, s, ws, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+        return q.reshape(b, -1, s * s * ws * ws, c)
+
+    def _scatter_output(self, out: Tensor, h: int, w: int) -> Tensor:
+        """Inverse placement of :meth:`_gather_queries` for the attention output."""
+        b, _, _, c = out.shape
+        s, ws = self.stride, self.window_size
+        if self.pairing == "official":
+            full = window_reverse(out.reshape(b, -1, ws * ws, c), ws, h, w)
+            return torch.roll(full, shifts=(ws // 2, ws // 2), dims=(1, 2)) if self.shifted else full
+        hp, wp = h // s, w // s
+        full = out.reshape(b, hp // ws, wp // ws, s, s, ws, ws, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        full = full.reshape(b, h, w, c)
+        if self.shifted:
+            full = torch.roll(full, shifts=(s * ws // 2, s * ws // 2), dims=(1, 2))
+        return full
+
+    def _shift_mask(self, hp: int, wp: int, device: torch.device) -> Tensor | None:
+        """Additive mask (nWp, 1, s*s*ws*ws, ws*ws) for the shifted layout, cached per size."""
+        if not self.shifted:
+            return None
+        key = (hp, wp, device)
+        if key not in self._mask_cache:
+            s, ws = self.stride, self.window_size
+            pooled = shift_region_labels(hp, wp, ws, ws // 2, device)
+            key_labels = window_partition(pooled[None, :, :, None], ws)[0, :, :, 0]  # (nWp, 64)
+            if self.pairing == "official":
+                # The query window reuses its pooled window's mask row for row.
+                query_labels = key_labels.repeat(1, s * s)
+            else:
+                # A query token belongs to the region of the pooled pixel containing it.
+                full = pooled.repeat_interleave(s, 0).repeat_interleave(s, 1)
+                query_labels = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5)
+                query_labels = query_labels.reshape(-1, s * s * ws * ws)
+            different = query_labels[:, :, None] != key_labels[:, None, :]
+            self._mask_cache[key] = (different.float() * MASK_VALUE)[:, None]
+        return self._mask_cache[key]
+
+    def _position_bias(self) -> Tensor:
+        """(heads, s*s*ws*ws, ws*ws): the Swin bias of each query window, repeated per sub-window."""
+        n = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(n, n, self.heads).permute(2, 0, 1)
+        return bias.repeat(1, self.stride**2, 1)
+
+    def forward(self, y: Tensor) -> Tensor:
+        b, h, w, c = y.shape
+        s, ws, heads = self.stride, self.window_size, self.heads
+        d = c // heads
+        hp, wp = h // s, w // s
+
+        if s > 1:
+            pooled = F.avg_pool2d(to_nchw(y), kernel_size=s, stride=s).permute(0, 2, 3, 1)
+            pooled = pooled + F.linear(pooled, self.pool_proj)
+        else:
+            pooled = y
+        kv = depthwise_conv3x3(F.linear(pooled, self.to_kv), self.kv_dwconv)
+        if self.shifted:
+            kv = torch.roll(kv, shifts=(-ws // 2, -ws // 2), dims=(1, 2))
+        kv = window_partition(kv, ws)  # (B, nWp, 64, 2C)
+        n_windows = kv.shape[1]
+        k, v = kv.split(c, dim=-1)
+        q = self._gather_queries(F.linear(y, self.to_q))  # (B, nWp, s^2*64, C)
+
+        def split_heads(t: Tensor) -> Tensor:
+            return t.reshape(b, n_windows, t.shape[2], heads, d).transpose(2, 3)
+
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        # Cosine attention with a learnable per-head temperature.
+        q = F.normalize(q, dim=-1) * self.temperature.view(1, 1, heads, 1, 1)
+        k = F.normalize(k, dim=-1)
+        logits = q @ k.transpose(-1, -2) + self._position_bias()
+        mask = self._shift_mask(hp, wp, y.device)
+        if mask is not None:
+            logits = logits + mask.to(logits.dtype)
+        out = logits.softmax(dim=-1) @ v  # (B, nWp, heads, s^2*64, d)
+        out = out.transpose(2, 3).reshape(b, n_windows, -1, c)
+        return F.linear(self._scatter_output(out, h, w), self.project_out)
+
+
+# --------------------------------------------------------------------------- block
+
+
+class FrequencyEnhancedFFN(nn.Module):
+    """FEFN: the channel-context branch is activated and gates the spatial branch."""
+
+    def __init__(self, dim: int, expansion: float) -> None:
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.context_in = nn.Parameter(torch.empty(hidden, dim))
+        self.context_dwconv = nn.Parameter(torch.empty(hidden, 1, 3, 3))
+        self.spatial_in = nn.Parameter(torch.empty(hidden, dim))
+        self.project_out = nn.Parameter(torch.empty(dim, hidden))
+
+    def forward(self, context: Tensor, spatial: Tensor) -> Tensor:
+        gate = F.gelu(depthwise_conv3x3(F.linear(context, self.context_in), self.context_dwconv))
+        return F.linear(gate * F.linear(spatial, self.spatial_in), self.project_out)
+
+
+class PyramidSubBlock(nn.Module):
+    """x0 = x + ISCA(LN1 x); x1 = x + CSWA_r(LN1 x); out = x0 + FEFN(LN2a x0, LN2b x1)."""
+
+    def __init__(
+        self, dim: int, heads: int, scale: float, window_size: int, shifted: bool, expansion: float, pairing: str
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.isca = IntraScaleChannelAttention(dim, heads)
+        self.cswa = CrossScaleWindowAttention(dim, heads, scale, window_size, shifted, pairing)
+        self.norm2a = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2b = nn.LayerNorm(dim, eps=1e-5)
+        self.ffn = FrequencyEnhancedFFN(dim, expansion)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm1(x)
+        x0 = x + self.isca(y)
+        x1 = x + self.cswa(y)
+        return x0 + self.ffn(self.norm2a(x0), self.norm2b(x1))
+
+
+class Stage(nn.Sequential):
+    """The blocks of one level; block i uses shifted windows when i is odd."""
+
+    def __init__(self, dim: int, heads: int, scales: tuple[float, ...], config: MPTConfig) -> None:
+        super().__init__(
+            *(
+                PyramidSubBlock(
+                    dim, heads, r, config.window_size, i % 2 == 1, config.ffn_expansion, config.pairing
+                )
+                for i, r in enumerate(scales)
+            )
+        )
+
+
+class Downsample(nn.Module):
+    """conv3x3 w -> w/2, then PixelUnshuffle(2): width doubles, size halves."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return to_tokens(F.pixel_unshuffle(self.conv(to_nchw(tokens)), 2))
+
+
+class Upsample(nn.Module):
+    """conv3x3 w -> 2w, then PixelShuffle(2): width halves, size doubles."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return to_tokens(F.pixel_shuffle(self.conv(to_nchw(tokens)), 2))
+
+
+# --------------------------------------------------------------------------- network
+
+
+class MPT(nn.Module):
+    """Multi-Pyramid Transformer: a 4-level U-shape of pyramid sub-blocks.
+
+    Maps (B, in_channels, H, W) float images to the same shape. Any H and W are
+    accepted: the input is reflect-padded to ``config.size_multiple`` and the
+    output cropped back, in :meth:`forward` only.
+    """
+
+    def __init__(self, config: MPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.dim * 2**level for level in range(4)]
+        self.stem = nn.Conv2d(config.in_channels, config.dim, 3, padding=1, bias=False)
+        self.encoders = nn.ModuleList(
+            Stage(widths[level], config.heads[level], config.scales[level], config) for level in range(3)
+        )
+        self.downsamples = nn.ModuleList(Downsample(widths[level]) for level in range(3))
+        self.latent = Stage(widths[3], config.heads[3], config.scales[3], config)
+        # Deepest first: upsamples[0] goes from the latent to level 3.
+        self.upsamples = nn.ModuleList(Upsample(widths[level]) for level in (3, 2, 1))
+        self.decoders = nn.ModuleList(
+            Stage(widths[level], config.heads[level], config.scales[level], config) for level in (2, 1, 0)
+        )
+        self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like the reference code: PyTorch's defaults for convs/linears."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            is_projection = param.dim() == 2 and leaf != "relative_position_bias_table"
+            if is_projection or leaf.endswith("dwconv"):
+                nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, self.config.size_multiple)
+        skips = []
+        features = to_tokens(self.stem(x))
+        for encoder, downsample in zip(self.encoders, self.downsamples):
+            features = encoder(features)
+            skips.append(features)
+            features = downsample(features)
+        features = self.latent(features)
+        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
+            features = decoder(upsample(features) + skip)
+        out = self.head(to_nchw(features)) + x
+        return out[..., :height, :width].contiguous(memory_format=torch.contiguous_format)

@@ -1,0 +1,97 @@
+"""The mpt-deblur command and the packaging (console script, npe2 manifest, wheel)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from napari_mpt_deblur import load_model
+from napari_mpt_deblur.cli import main, parse_scales
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SCALES = "1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2"
+
+
+def test_import_official_then_info(tmp_path, reference_dir, capsys):
+    out = tmp_path / "tiny.safetensors"
+    code = main(["import-official", str(reference_dir / "official_tiny_gray.pth"), "-o", str(out),
+                 "--scales", TINY_SCALES])
+    assert code == 0 and out.exists()
+    assert load_model(out).config.pairing == "official"
+
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "401,496" in printed
+    assert "official_tiny_gray.pth" in printed
+    assert "1/8,1/8,1,1" in printed
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path, reference_dir, capsys):
+    out = tmp_path / "tiny.safetensors"
+    out.write_text("keep me")
+    code = main(["import-official", str(reference_dir / "official_tiny_gray.pth"), "-o", str(out)])
+    assert code == 2
+    assert out.read_text() == "keep me"  # never overwritten without --overwrite
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--overwrite" in err
+
+    code = main(["import-official", str(reference_dir / "official_tiny_gray.pth"), "-o", str(tmp_path / "x.st")])
+    assert code == 2
+    assert "give the pyramid scales" in capsys.readouterr().err
+    assert not (tmp_path / "x.st").exists()
+
+    assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_new_preset_model_and_presets_listing(tmp_path, capsys):
+    out = tmp_path / "lite.safetensors"
+    assert main(["new", "lite", "-o", str(out), "--channels", "3"]) == 0
+    model = load_model(out)
+    assert model.config.in_channels == 3
+    assert model.card.provenance["trained"] is False
+    assert main(["presets"]) == 0
+    assert "paper" in capsys.readouterr().out
+
+
+def test_parse_scales():
+    assert parse_scales("1/8, 1;1/4;1/2;1") == [[0.125, 1.0], [0.25], [0.5], [1.0]]
+
+
+def test_console_script_is_installed(tmp_path):
+    exe = shutil.which("mpt-deblur")
+    assert exe, "the mpt-deblur console script is not on PATH (is the package installed?)"
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "mpt-deblur" in result.stdout
+
+
+def test_npe2_discovers_the_manifest():
+    from npe2 import PluginManager
+
+    manager = PluginManager()
+    manager.discover()
+    manifest = manager.get_manifest("napari-mpt-deblur")
+    assert manifest.display_name == "MPT Deblur"
+    assert manifest.package_metadata.version
+
+
+def test_wheel_ships_the_manifest(tmp_path):
+    pytest.importorskip("hatchling")
+    result = subprocess.run(
+        [sys.executable, "-c", f"from hatchling.build import build_wheel; print(build_wheel({str(tmp_path)!r}))"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    wheel = tmp_path / result.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        manifest = archive.read("napari_mpt_deblur/napari.yaml").decode()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert manifest == (REPO / "napari.yaml").read_text()
+    assert "napari_mpt_deblur:napari.yaml" in entry_points
+    assert "mpt-deblur = napari_mpt_deblur.cli:main" in entry_points

@@ -1,0 +1,159 @@
+"""The MPT network: reference outputs, parameter counts, pairings, shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from napari_mpt_deblur import MPT, build_model, load_model
+from napari_mpt_deblur.config import ConfigError, MPTConfig
+from napari_mpt_deblur.models.mpt import CrossScaleWindowAttention
+
+
+def test_reference_vectors_reproduced_through_load_model(reference_dir, reference_scales):
+    model = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
+    assert model.config.pairing == "official"
+    assert not model.training
+    x = torch.from_numpy(np.load(reference_dir / "official_tiny_gray_input.npy"))
+    expected = np.load(reference_dir / "official_tiny_gray_output.npy")
+    with torch.no_grad():
+        out = model(x).numpy()
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() < 1e-4
+
+
+def test_reference_output_differs_with_the_aligned_pairing(reference_dir, reference_scales):
+    """The pairing is a real switch: same weights, other layout, other output."""
+    official = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
+    aligned = MPT(official.config.replace(pairing="aligned"))
+    aligned.load_state_dict(official.state_dict())
+    aligned.eval()
+    x = torch.from_numpy(np.load(reference_dir / "official_tiny_gray_input.npy"))
+    with torch.no_grad():
+        assert (aligned(x) - official(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("channels, expected", [(3, 19_799_356), (1, 19_797_916)])
+def test_paper_preset_parameter_count(channels, expected):
+    model = build_model("paper", channels=channels)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.config.size_multiple == 128
+
+
+def test_lite_preset_has_the_same_structure():
+    lite, paper = build_model("lite").config, build_model("paper").config
+    assert len(lite.num_blocks) == len(paper.num_blocks) == 4
+    assert min(lite.scales[0]) == 1 / 8  # the pyramid reaches as far as the paper's
+    assert sum(p.numel() for p in build_model("lite").parameters()) < 2_000_000
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+@pytest.mark.parametrize("shape", [(1, 1, 250, 333), (2, 1, 64, 64), (1, 1, 5, 7), (1, 1, 1, 40)])
+def test_any_size_round_trips(pairing, shape):
+    model = MPT(tiny_config(pairing=pairing)).eval()
+    x = torch.rand(shape)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_padding_does_not_leak_into_the_crop():
+    """The visible output of an exact-size input equals that of its padded version's crop."""
+    model = MPT(tiny_config()).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x), atol=0)  # deterministic
+        assert model(x[..., :60, :50]).shape == (1, 1, 60, 50)
+
+
+def test_three_channel_model():
+    model = MPT(tiny_config(in_channels=3, out_channels=3)).eval()
+    x = torch.rand(1, 3, 48, 80)
+    with torch.no_grad():
+        assert model(x).shape == x.shape
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.rand(1, 1, 48, 80))
+
+
+def test_fresh_model_is_close_to_identity_and_trains():
+    """Global residual: output = input + head(features); gradients reach every parameter."""
+    model = MPT(tiny_config())
+    x = torch.rand(2, 1, 64, 64)
+    out = model(x)
+    out.square().mean().backward()
+    without_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not without_grad
+
+
+def _corner_probe(pairing: str) -> torch.Tensor:
+    """|d output[top-right query window] / d input| of one CSWA at scale 1/2 (no shift)."""
+    torch.manual_seed(0)
+    attention = CrossScaleWindowAttention(dim=8, heads=2, scale=0.5, window_size=8, shifted=False, pairing=pairing)
+    for param in attention.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    y = torch.randn(1, 64, 64, 8, requires_grad=True)
+    out = attention(y)
+    out[:, 0:8, 56:64].sum().backward()
+    return y.grad.abs().sum(dim=(0, 3))
+
+
+def test_aligned_pairing_is_local():
+    grad = _corner_probe("aligned")
+    # The query window (rows 0-7, cols 56-63) pairs with the pooled window covering
+    # rows 0-15, cols 48-63; 3x3 depthwise convs add one pooled pixel (2 pixels) of halo.
+    inside = torch.zeros_like(grad, dtype=torch.bool)
+    inside[0:18, 46:64] = True
+    assert grad[inside].sum() > 0
+    assert grad[~inside].max() == 0
+
+
+def test_official_pairing_reads_keys_from_elsewhere():
+    grad = _corner_probe("official")
+    outside = torch.ones_like(grad, dtype=torch.bool)
+    outside[0:18, 46:64] = False
+    assert grad[outside].max() > 0
+    # Window 7 (raster) pairs with pooled window 7 // 4 = 1, which covers columns 16-31.
+    assert grad[0:16, 16:32].sum() > 0
+
+
+def test_masks_and_indices_are_built_once_per_size():
+    attention = CrossScaleWindowAttention(dim=8, heads=2, scale=0.25, window_size=8, shifted=True, pairing="aligned")
+    y = torch.randn(1, 64, 64, 8)
+    with torch.no_grad():
+        attention(y)
+        first = attention._mask_cache[(16, 16, y.device)]
+        attention(y)
+        assert attention._mask_cache[(16, 16, y.device)] is first
+        attention(torch.randn(1, 128, 64, 8))
+    assert len(attention._mask_cache) == 2
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_shifted_mask_lets_each_query_see_its_own_region(pairing):
+    attention = CrossScaleWindowAttention(dim=8, heads=1, scale=0.25, window_size=8, shifted=True, pairing=pairing)
+    mask = attention._shift_mask(16, 16, torch.device("cpu"))
+    assert mask.shape == (4, 1, 16 * 64, 64)
+    # No query row is fully masked, and the interior window needs no mask.
+    assert ((mask == 0).sum(-1) > 0).all()
+    assert (mask[0] == 0).all()
+    assert (mask[-1] < 0).any()
+
+
+def test_config_json_round_trip_and_validation():
+    config = tiny_config(pairing="official")
+    assert MPTConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match="not divisible by heads"):
+        tiny_config(heads=(3, 2, 2, 4))
+    with pytest.raises(ConfigError, match="one scale per block"):
+        tiny_config(scales=((1.0,), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)))
+    with pytest.raises(ConfigError, match="1/2, 1/4"):
+        tiny_config(scales=((1 / 3, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)))
+    with pytest.raises(ConfigError, match="pairing"):
+        tiny_config(pairing="diagonal")
+    with pytest.raises(ConfigError, match="unknown field"):
+        MPTConfig.from_dict({**config.to_dict(), "depth": 3})
+    with pytest.raises(ConfigError, match="global residual"):
+        tiny_config(out_channels=3)

@@ -1,0 +1,195 @@
+"""Model files (safetensors + model card) and reference-checkpoint import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import save_file
+
+from napari_mpt_deblur import MPT, ModelFileError, build_model, load_model, read_model_card, save_model
+from napari_mpt_deblur.config import IntensityNormalization
+from napari_mpt_deblur.models.official import convert_state_dict, infer_config
+
+
+def _reference_state_dict(tsv: Path) -> dict[str, torch.Tensor]:
+    """Random tensors with every key and shape of a reference checkpoint listing."""
+    from napari_mpt_deblur.models.mpt import relative_position_index
+
+    state = {}
+    for line in tsv.read_text().splitlines()[1:]:
+        key, shape = line.split("\t")
+        dims = json.loads(shape)
+        if key.endswith("relative_position_index"):
+            state[key] = relative_position_index(8)
+        else:
+            state[key] = torch.randn(dims)
+    return state
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_paper_key_is_consumed_and_every_parameter_filled(reference_dir, channels):
+    state = _reference_state_dict(reference_dir / f"paper_config_keys_{channels}ch.tsv")
+    config = infer_config(state)
+    assert config == build_model("paper", channels=channels, pairing="official").config
+    converted = convert_state_dict(state, config)  # raises if a key is left over
+    model = MPT(config)
+    assert set(converted) == set(model.state_dict())
+    for key, tensor in converted.items():
+        assert tensor.shape == model.state_dict()[key].shape, key
+    # Same number of values on both sides (the index buffers are derived, not stored).
+    reference_values = sum(t.numel() for k, t in state.items() if not k.endswith("relative_position_index"))
+    assert reference_values == sum(t.numel() for t in converted.values())
+
+
+def test_prefixed_checkpoint_and_leftover_keys(tmp_path, reference_dir, reference_scales):
+    state = torch.load(reference_dir / "official_tiny_gray.pth", weights_only=True)
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"module.Network.{k}": v for k, v in state.items()}, prefixed)
+    assert load_model(prefixed, scales=reference_scales).config.dim == 8
+
+    extra = tmp_path / "extra.pth"
+    torch.save({**state, "encoder_level1.9.norm1.body.weight": torch.ones(8)}, extra)
+    with pytest.raises(ModelFileError, match="blocks"):
+        load_model(extra, scales=reference_scales)
+
+
+def test_scales_that_do_not_fit_are_refused(reference_dir):
+    path = reference_dir / "official_tiny_gray.pth"
+    with pytest.raises(ModelFileError, match="give the pyramid scales"):
+        load_model(path)
+    wrong = [[1, 1, 1, 1], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    with pytest.raises(ModelFileError, match="pooled-map projection"):
+        load_model(path, scales=wrong)
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"inproj.weight": Evil()}, path)
+    with pytest.raises(ModelFileError, match="never unpickled"):
+        load_model(path)
+
+
+def test_safetensors_round_trip(tmp_path):
+    model = MPT(tiny_config()).eval()
+    normalization = IntensityNormalization(mode="percentile", low=2.0, high=99.5)
+    path = save_model(model, tmp_path / "m.safetensors", normalization=normalization,
+                      provenance={"trained_on": "unit test"}, tile_size=256)
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    assert loaded.card.normalization == normalization
+    assert loaded.card.provenance["trained_on"] == "unit test"
+    assert loaded.card.tile_size == 256
+    card = read_model_card(path)
+    assert card.architecture == model.config
+    x = torch.rand(1, 1, 70, 90)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not list(tmp_path.glob("*.part"))  # no temporary file left behind
+
+
+def test_imported_reference_model_saves_and_reloads(tmp_path, reference_dir, reference_scales):
+    imported = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
+    path = save_model(imported, tmp_path / "imported.safetensors")
+    reloaded = load_model(path)
+    assert reloaded.config.pairing == "official"
+    assert reloaded.card.provenance["imported_from"] == "official_tiny_gray.pth"
+    assert reloaded.card.normalization.mode == "minmax"
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(imported(x), reloaded(x))
+
+
+def test_reference_state_dict_saved_as_safetensors_is_imported(tmp_path, reference_dir, reference_scales):
+    state = torch.load(reference_dir / "official_tiny_gray.pth", weights_only=True)
+    path = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert load_model(path, scales=reference_scales).config.pairing == "official"
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    return save_model(MPT(tiny_config()), tmp_path / "good.safetensors")
+
+
+def test_truncated_file_gives_a_clear_error(model_file, tmp_path):
+    data = model_file.read_bytes()
+    for cut in (len(data) // 2, 30, 5):
+        broken = tmp_path / f"cut{cut}.safetensors"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match=r"truncated|not a model file"):
+            load_model(broken)
+
+
+def test_foreign_and_wrong_files_give_clear_errors(model_file, tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"encoder.weight": torch.ones(3, 3)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="neither a napari-mpt-deblur model"):
+        load_model(foreign)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelFileError, match="not a model file"):
+        load_model(text)
+
+    with pytest.raises(ModelFileError, match="no such file, and not a bundled model"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(ModelFileError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_match_the_card_are_refused(model_file, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(model_file), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    key = next(k for k in tensors if k.endswith("to_qkv"))
+
+    wrong_shape = dict(tensors, **{key: torch.zeros(5, 5)})
+    path = tmp_path / "shape.safetensors"
+    save_file(wrong_shape, str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match="has shape"):
+        load_model(path)
+
+    missing = {k: v for k, v in tensors.items() if k != key}
+    save_file(missing, str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match="missing"):
+        load_model(path)
+
+    diverged = dict(tensors, **{key: torch.full_like(tensors[key], float("nan"))})
+    save_file(diverged, str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match="NaN"):
+        load_model(path)
+
+    card = json.loads(metadata["napari_mpt_deblur"])
+    card["architecture"]["heads"] = [3, 3, 3, 3]
+    save_file(tensors, str(path), metadata={**metadata, "napari_mpt_deblur": json.dumps(card)})
+    with pytest.raises(ModelFileError, match="invalid model card"):
+        load_model(path)
+
+    card["format_version"] = 99
+    save_file(tensors, str(path), metadata={**metadata, "napari_mpt_deblur": json.dumps(card)})
+    with pytest.raises(ModelFileError, match="upgrade"):
+        load_model(path)
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    import napari_mpt_deblur.models.files as files
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", failing_save)
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(OSError, match="disk full"):
+        save_model(MPT(tiny_config()), target)
+    assert list(tmp_path.iterdir()) == []
