@@ -19,8 +19,9 @@ TINY_SCALES = "1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2"
 
 def test_import_official_then_info(tmp_path, reference_dir, capsys):
     out = tmp_path / "tiny.safetensors"
-    code = main(["import-official", str(reference_dir / "official_tiny_gray.pth"), "-o", str(out),
-                 "--scales", TINY_SCALES])
+    code = main(
+        ["import-official", str(reference_dir / "official_tiny_gray.pth"), "-o", str(out), "--scales", TINY_SCALES]
+    )
     assert code == 0 and out.exists()
     assert load_model(out).config.pairing == "official"
 
@@ -84,7 +85,10 @@ def test_wheel_ships_the_manifest(tmp_path):
     pytest.importorskip("hatchling")
     result = subprocess.run(
         [sys.executable, "-c", f"from hatchling.build import build_wheel; print(build_wheel({str(tmp_path)!r}))"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     wheel = tmp_path / result.stdout.strip().splitlines()[-1]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import pywt
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from napari_mpt_deblur import MPT
 from napari_mpt_deblur.losses import EFCRConfig, EFCRLoss, gaussian_blur, haar_dwt2, random_reblur
 
@@ -81,8 +81,11 @@ def test_efcr_equals_the_formulas():
     terms = loss(network, blurry, sharp)
     reblurred = gaussian_blur(blurry, 5)
     expected = _numpy_efcr(
-        network(blurry)[0, 0].numpy(), sharp[0, 0].numpy(), blurry[0, 0].numpy(),
-        reblurred[0, 0].numpy(), network(reblurred)[0, 0].numpy(),
+        network(blurry)[0, 0].numpy(),
+        sharp[0, 0].numpy(),
+        blurry[0, 0].numpy(),
+        reblurred[0, 0].numpy(),
+        network(reblurred)[0, 0].numpy(),
     )
     assert float(terms.contrastive) == pytest.approx(expected, rel=1e-10)
     assert float(terms.total) == pytest.approx(float(terms.l1) + 1e-5 * expected, rel=1e-10)

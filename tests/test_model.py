@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from napari_mpt_deblur import MPT, build_model, load_model
 from napari_mpt_deblur.config import ConfigError, MPTConfig
 from napari_mpt_deblur.models.mpt import CrossScaleWindowAttention
@@ -95,7 +95,7 @@ def _corner_probe(pairing: str) -> torch.Tensor:
     for param in attention.parameters():
         torch.nn.init.normal_(param, std=0.3)
     y = torch.randn(1, 64, 64, 8, requires_grad=True)
-    out = attention(y)
+    out = attention(y, torch.zeros_like(y))
     out[:, 0:8, 56:64].sum().backward()
     return y.grad.abs().sum(dim=(0, 3))
 
@@ -119,23 +119,54 @@ def test_official_pairing_reads_keys_from_elsewhere():
     assert grad[0:16, 16:32].sum() > 0
 
 
-def test_masks_and_indices_are_built_once_per_size():
-    attention = CrossScaleWindowAttention(dim=8, heads=2, scale=0.25, window_size=8, shifted=True, pairing="aligned")
-    y = torch.randn(1, 64, 64, 8)
+def test_masks_and_layouts_are_built_once_per_size_and_shared():
+    from napari_mpt_deblur.models.mpt import shift_mask, window_layout
+
+    shift_mask.cache_clear()
+    window_layout.cache_clear()
+    blocks = [
+        CrossScaleWindowAttention(dim=8, heads=2, scale=0.25, window_size=8, shifted=True, pairing="aligned")
+        for _ in range(2)
+    ]
     with torch.no_grad():
-        attention(y)
-        first = attention._mask_cache[(16, 16, y.device)]
-        attention(y)
-        assert attention._mask_cache[(16, 16, y.device)] is first
-        attention(torch.randn(1, 128, 64, 8))
-    assert len(attention._mask_cache) == 2
+        for block in blocks:
+            block(*[torch.randn(1, 64, 64, 8)] * 2)
+            block(*[torch.randn(2, 64, 64, 8)] * 2)
+        blocks[0](*[torch.randn(1, 128, 64, 8)] * 2)
+    # One entry per size, shared by both blocks; every other call was a cache hit.
+    assert shift_mask.cache_info().currsize == 2
+    assert window_layout.cache_info().currsize == 2
+    assert window_layout.cache_info().hits == 3
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_layout_indices_are_permutations(pairing, shifted):
+    from napari_mpt_deblur.models.mpt import window_layout
+
+    layout = window_layout(64, 128, 4, 8, shifted, pairing, torch.device("cpu"))
+    everything = torch.arange(64 * 128)
+    assert torch.equal(layout.queries.sort().values, everything)
+    assert torch.equal(layout.output.sort().values, everything)
+    assert torch.equal(layout.keys.sort().values, torch.arange(16 * 32))
+    if pairing == "aligned":  # the output goes back exactly where each query came from
+        assert torch.equal(layout.queries[layout.output], everything)
+
+
+def test_batched_forward_equals_per_sample():
+    model = MPT(tiny_config(heads=(2, 2, 2, 4))).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        together = model(x)
+        apart = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    assert (together - apart).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("pairing", ["aligned", "official"])
 def test_shifted_mask_lets_each_query_see_its_own_region(pairing):
     attention = CrossScaleWindowAttention(dim=8, heads=1, scale=0.25, window_size=8, shifted=True, pairing=pairing)
     mask = attention._shift_mask(16, 16, torch.device("cpu"))
-    assert mask.shape == (4, 1, 16 * 64, 64)
+    assert mask.shape == (4, 16 * 64, 64)
     # No query row is fully masked, and the interior window needs no mask.
     assert ((mask == 0).sum(-1) > 0).all()
     assert (mask[0] == 0).all()
@@ -157,3 +188,15 @@ def test_config_json_round_trip_and_validation():
         MPTConfig.from_dict({**config.to_dict(), "depth": 3})
     with pytest.raises(ConfigError, match="global residual"):
         tiny_config(out_channels=3)
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_inference_path_equals_training_path(pairing):
+    """Without autograd some buffers are reused in place; the result must not change."""
+    model = MPT(tiny_config(pairing=pairing))
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)
+    assert slow.requires_grad
+    assert (fast - slow.detach()).abs().max() < 1e-6

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import save_file
 
+from conftest import tiny_config
 from napari_mpt_deblur import MPT, ModelFileError, build_model, load_model, read_model_card, save_model
 from napari_mpt_deblur.config import IntensityNormalization
 from napari_mpt_deblur.models.official import convert_state_dict, infer_config
@@ -80,8 +80,13 @@ def test_pickled_code_is_never_executed(tmp_path):
 def test_safetensors_round_trip(tmp_path):
     model = MPT(tiny_config()).eval()
     normalization = IntensityNormalization(mode="percentile", low=2.0, high=99.5)
-    path = save_model(model, tmp_path / "m.safetensors", normalization=normalization,
-                      provenance={"trained_on": "unit test"}, tile_size=256)
+    path = save_model(
+        model,
+        tmp_path / "m.safetensors",
+        normalization=normalization,
+        provenance={"trained_on": "unit test"},
+        tile_size=256,
+    )
     loaded = load_model(path)
     assert loaded.config == model.config
     assert loaded.card.normalization == normalization

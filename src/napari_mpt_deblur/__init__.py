@@ -30,7 +30,24 @@ _LAZY = {
     "EFCRConfig": "napari_mpt_deblur.losses.efcr",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "MPT",
+    "PRESETS",
+    "ConfigError",
+    "EFCRConfig",
+    "EFCRLoss",
+    "IntensityNormalization",
+    "MPTConfig",
+    "ModelCard",
+    "ModelFileError",
+    "__version__",
+    "build_model",
+    "import_official",
+    "load_model",
+    "preset_config",
+    "read_model_card",
+    "save_model",
+]
 
 if TYPE_CHECKING:
     from .config import ConfigError, IntensityNormalization, ModelCard, MPTConfig

@@ -25,7 +25,9 @@ def parse_scales(text: str) -> list[list[float]]:
     try:
         levels = [[float(Fraction(item.strip())) for item in level.split(",")] for level in text.split(";")]
     except (ValueError, ZeroDivisionError) as error:
-        raise UsageError(f"--scales: cannot read {text!r} ({error}); use e.g. '1/8,1/8;1/4,1/4;1/2,1/2;1/2,1/2'")
+        raise UsageError(
+            f"--scales: cannot read {text!r} ({error}); use e.g. '1/8,1/8;1/4,1/4;1/2,1/2;1/2,1/2'"
+        ) from None
     if len(levels) != 4:
         raise UsageError(f"--scales: give 4 levels separated by ';', got {len(levels)}")
     return levels
@@ -52,7 +54,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     scales = "; ".join(",".join(str(Fraction(r).limit_denominator(64)) for r in level) for level in arch["scales"])
     print(f"scales:       {scales}")
     print(f"pairing:      {arch['pairing']}  window: {arch['window_size']}  FFN expansion: {arch['ffn_expansion']}")
-    print(f"size multiple:{summary['size_multiple']:>4} (inputs are padded to it and cropped back)")
+    print(f"size multiple: {summary['size_multiple']} (inputs are padded to it and cropped back)")
     print(f"normalization:{json.dumps(summary['normalization'])}")
     if summary["tile_size"]:
         print(f"tile size:    {summary['tile_size']}")
@@ -95,7 +97,33 @@ def cmd_new(args: argparse.Namespace) -> None:
         output,
         provenance={"preset": args.preset, "trained": False, "seed": args.seed, "note": "randomly initialised"},
     )
-    print(f"wrote {output}: untrained '{args.preset}' model ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
+
+
+def cmd_deblur(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .inference import deblur_tiff
+    from .models.files import BUNDLED_MODELS, load_model
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    if args.model == "default" and "default" not in BUNDLED_MODELS:
+        raise UsageError(
+            "this version ships no trained default model yet: pass --model FILE "
+            "(a model file, or a reference checkpoint)"
+        )
+    model = load_model(args.model, device=args.device)
+    with tqdm(desc=Path(args.input).name, unit="plane", disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        deblur_tiff(model, args.input, output, progress=progress)
+    if not args.quiet:
+        print(f"wrote {output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,10 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import-official", help="convert a reference-code checkpoint to a model file")
     imp.add_argument("checkpoint", help="state_dict saved by the reference code (.pth)")
     imp.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
-    imp.add_argument("--scales", help="pyramid scales per level, e.g. '1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2' "
-                     "(default: the paper preset's)")
+    imp.add_argument(
+        "--scales",
+        help="pyramid scales per level, e.g. '1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2' "
+        "(default: the paper preset's)",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     imp.set_defaults(run=cmd_import_official)
+
+    deblur = commands.add_parser("deblur", help="deblur a TIFF image or stack, plane by plane")
+    deblur.add_argument("input", help="TIFF file (2-D plane or a stack whose last two axes are Y, X)")
+    deblur.add_argument("-o", "--output", required=True, help="TIFF file to write")
+    deblur.add_argument("--model", default="default", help="model file, reference checkpoint or bundled name")
+    deblur.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    deblur.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    deblur.add_argument("--quiet", action="store_true", help="no progress bar")
+    deblur.set_defaults(run=cmd_deblur)
 
     presets = commands.add_parser("presets", help="list the named network configurations")
     presets.set_defaults(run=cmd_presets)
@@ -135,12 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpt-deblur``; returns the exit code."""
+    from .inference import InputError
     from .models.files import ModelFileError
+    from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     try:
         args.run(args)
-    except (UsageError, ModelFileError, ConfigError, FileNotFoundError) as error:
+    except (UsageError, ModelFileError, InputError, ConfigError, FileNotFoundError) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

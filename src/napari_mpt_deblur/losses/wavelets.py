@@ -34,4 +34,3 @@ def haar_dwt2(x: Tensor) -> tuple[Tensor, Tensor]:
     vertical = (a - b + c - d) * 0.5
     diagonal = (a - b - c + d) * 0.5
     return low, torch.stack((horizontal, vertical, diagonal), dim=2)
-

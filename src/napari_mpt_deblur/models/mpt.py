@@ -12,7 +12,9 @@ no layout copies are made between them.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,36 @@ def depthwise_conv3x3(tokens: Tensor, weight: Tensor) -> Tensor:
     """3x3 depthwise convolution (zero padding 1) of a (B, H, W, C) map."""
     out = F.conv2d(to_nchw(tokens), weight, padding=1, groups=tokens.shape[-1])
     return out.permute(0, 2, 3, 1)
+
+
+def cyclic_shift(tokens: Tensor, shift: int) -> Tensor:
+    """torch.roll(tokens, (shift, shift), dims=(1, 2)) as four block copies (roll is far slower on CPU)."""
+    h, w = tokens.shape[1:3]
+    sh, sw = shift % h, shift % w
+    if not sh and not sw:
+        return tokens
+    out = torch.empty_like(tokens)
+    out[:, sh:, sw:] = tokens[:, : h - sh, : w - sw]
+    out[:, sh:, :sw] = tokens[:, : h - sh, w - sw :]
+    out[:, :sh, sw:] = tokens[:, h - sh :, : w - sw]
+    out[:, :sh, :sw] = tokens[:, h - sh :, w - sw :]
+    return out
+
+
+def project_add(residual: Tensor, tokens: Tensor, weight: Tensor) -> Tensor:
+    """residual + F.linear(tokens, weight), the addition done inside the GEMM (one pass fewer)."""
+    c = residual.shape[-1]
+    return torch.addmm(residual.reshape(-1, c), tokens.reshape(-1, tokens.shape[-1]), weight.t()).view(residual.shape)
+
+
+def inference_only(t: Tensor) -> bool:
+    """Whether ``t`` may be overwritten in place: no gradient will be asked of it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def stack(tensors: list[Tensor], dim: int) -> Tensor:
+    """torch.stack that makes no copy of a single tensor."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim=dim)
 
 
 def window_partition(tokens: Tensor, ws: int) -> Tensor:
@@ -110,15 +142,16 @@ class IntraScaleChannelAttention(nn.Module):
         self.qkv_dwconv = nn.Parameter(torch.empty(3 * dim, 1, 3, 3))
         self.project_out = nn.Parameter(torch.empty(dim, dim))
 
-    def forward(self, y: Tensor) -> Tensor:
+    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
+        """residual + ISCA(y), both (B, H, W, C)."""
         b, h, w, c = y.shape
         d = c // self.heads
         qkv = depthwise_conv3x3(F.linear(y, self.to_qkv), self.qkv_dwconv).reshape(b, h * w, 3 * c)
         q, k, v = qkv.split(c, dim=-1)
         # Normalising Q and K over H*W only rescales rows/columns of Q^T K, so the
         # small (d x d) product is rescaled instead of the two full maps.
-        q_norm = torch.linalg.vector_norm(q, dim=1).clamp_min(1e-12).view(b, self.heads, d, 1)
-        k_norm = torch.linalg.vector_norm(k, dim=1).clamp_min(1e-12).view(b, self.heads, 1, d)
+        q_norm = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(b, self.heads, d, 1)
+        k_norm = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(b, self.heads, 1, d)
         qh = q.view(b, h * w, self.heads, d).permute(0, 2, 3, 1)  # (B, heads, d, HW)
         kh = k.view(b, h * w, self.heads, d).permute(0, 2, 1, 3)  # (B, heads, HW, d)
         logits = (qh @ kh) / (q_norm * k_norm) * self.temperature.view(1, -1, 1, 1)
@@ -129,7 +162,7 @@ class IntraScaleChannelAttention(nn.Module):
             rows = slice(head * d, (head + 1) * d)
             mixing[:, rows, rows] = attn[:, head]
         mixing = self.project_out @ mixing
-        return (v @ mixing.transpose(1, 2)).view(b, h, w, c)
+        return torch.baddbmm(residual.reshape(b, h * w, c), v, mixing.transpose(1, 2)).view(b, h, w, c)
 
 
 class CrossScaleWindowAttention(nn.Module):
@@ -158,74 +191,21 @@ class CrossScaleWindowAttention(nn.Module):
         self.project_out = nn.Parameter(torch.empty(dim, dim))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-        self._mask_cache: dict[tuple, Tensor | None] = {}
-
-    # -- layout: gather queries per pooled window, and scatter the output back
-
-    def _gather_queries(self, q: Tensor) -> Tensor:
-        """(B, H, W, C) projected queries -> (B, nWp, s*s*ws*ws, C), dwconv and shift applied."""
-        b, h, w, c = q.shape
-        s, ws = self.stride, self.window_size
-        hp, wp = h // s, w // s
-        if self.pairing == "official":
-            # Reference layout: the raster-ordered full windows are cut into s^2
-            # consecutive groups, each laid out as its own (H/s, W/s) image.
-            groups = window_reverse(window_partition(q, ws).reshape(b * s * s, -1, ws * ws, c), ws, hp, wp)
-            groups = depthwise_conv3x3(groups, self.q_dwconv)
-            if self.shifted:
-                groups = torch.roll(groups, shifts=(-ws // 2, -ws // 2), dims=(1, 2))
-            # Window m = g*nWp + p pairs with pooled window m // s^2.
-            return window_partition(groups, ws).reshape(b, -1, s * s * ws * ws, c)
-        q = depthwise_conv3x3(q, self.q_dwconv)
-        if self.shifted:
-            q = torch.roll(q, shifts=(-s * ws // 2, -s * ws // 2), dims=(1, 2))
-        # Full window (I*s + a, J*s + b) pairs with pooled window (I, J); tokens ordered (a, b, u, v).
-        q = q.reshape(b, hp // ws, s, ws, wp // ws, s, ws, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
-        return q.reshape(b, -1, s * s * ws * ws, c)
-
-    def _scatter_output(self, out: Tensor, h: int, w: int) -> Tensor:
-        """Inverse placement of :meth:`_gather_queries` for the attention output."""
-        b, _, _, c = out.shape
-        s, ws = self.stride, self.window_size
-        if self.pairing == "official":
-            full = window_reverse(out.reshape(b, -1, ws * ws, c), ws, h, w)
-            return torch.roll(full, shifts=(ws // 2, ws // 2), dims=(1, 2)) if self.shifted else full
-        hp, wp = h // s, w // s
-        full = out.reshape(b, hp // ws, wp // ws, s, s, ws, ws, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-        full = full.reshape(b, h, w, c)
-        if self.shifted:
-            full = torch.roll(full, shifts=(s * ws // 2, s * ws // 2), dims=(1, 2))
-        return full
 
     def _shift_mask(self, hp: int, wp: int, device: torch.device) -> Tensor | None:
-        """Additive mask (nWp, 1, s*s*ws*ws, ws*ws) for the shifted layout, cached per size."""
+        """Additive mask (nWp, s*s*ws*ws, ws*ws) of the shifted layout; None when not shifted."""
         if not self.shifted:
             return None
-        key = (hp, wp, device)
-        if key not in self._mask_cache:
-            s, ws = self.stride, self.window_size
-            pooled = shift_region_labels(hp, wp, ws, ws // 2, device)
-            key_labels = window_partition(pooled[None, :, :, None], ws)[0, :, :, 0]  # (nWp, 64)
-            if self.pairing == "official":
-                # The query window reuses its pooled window's mask row for row.
-                query_labels = key_labels.repeat(1, s * s)
-            else:
-                # A query token belongs to the region of the pooled pixel containing it.
-                full = pooled.repeat_interleave(s, 0).repeat_interleave(s, 1)
-                query_labels = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5)
-                query_labels = query_labels.reshape(-1, s * s * ws * ws)
-            different = query_labels[:, :, None] != key_labels[:, None, :]
-            self._mask_cache[key] = (different.float() * MASK_VALUE)[:, None]
-        return self._mask_cache[key]
+        return shift_mask(hp, wp, self.stride, self.window_size, self.pairing, device)
 
     def _position_bias(self) -> Tensor:
-        """(heads, s*s*ws*ws, ws*ws): the Swin bias of each query window, repeated per sub-window."""
+        """(heads, ws*ws, ws*ws): Swin's relative position bias of one window."""
         n = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, self.heads).permute(2, 0, 1)
-        return bias.repeat(1, self.stride**2, 1)
+        return bias.view(n, n, self.heads).permute(2, 0, 1)
 
-    def forward(self, y: Tensor) -> Tensor:
+    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
+        """residual + CSWA(y), both (B, H, W, C)."""
         b, h, w, c = y.shape
         s, ws, heads = self.stride, self.window_size, self.heads
         d = c // heads
@@ -236,28 +216,120 @@ class CrossScaleWindowAttention(nn.Module):
             pooled = pooled + F.linear(pooled, self.pool_proj)
         else:
             pooled = y
+        layout = window_layout(h, w, s, ws, self.shifted, self.pairing, y.device)
         kv = depthwise_conv3x3(F.linear(pooled, self.to_kv), self.kv_dwconv)
-        if self.shifted:
-            kv = torch.roll(kv, shifts=(-ws // 2, -ws // 2), dims=(1, 2))
-        kv = window_partition(kv, ws)  # (B, nWp, 64, 2C)
-        n_windows = kv.shape[1]
-        k, v = kv.split(c, dim=-1)
-        q = self._gather_queries(F.linear(y, self.to_q))  # (B, nWp, s^2*64, C)
+        kv = kv.reshape(b, hp * wp, 2 * c).index_select(1, layout.keys)
+        q = F.linear(y, self.to_q)
+        if layout.query_groups is not None:
+            q = q.view(b, h * w, c).index_select(1, layout.query_groups).view(b * s * s, hp, wp, c)
+        q = depthwise_conv3x3(q, self.q_dwconv).reshape(b, h * w, c).index_select(1, layout.queries)
+        n_windows = hp * wp // ws**2
+        n_queries = s * s * ws * ws
 
-        def split_heads(t: Tensor) -> Tensor:
-            return t.reshape(b, n_windows, t.shape[2], heads, d).transpose(2, 3)
-
-        q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        # Cosine attention with a learnable per-head temperature.
-        q = F.normalize(q, dim=-1) * self.temperature.view(1, 1, heads, 1, 1)
-        k = F.normalize(k, dim=-1)
-        logits = q @ k.transpose(-1, -2) + self._position_bias()
+        # Cosine attention: unit q and k per head, the temperature folded into q's scale.
+        q = q.view(b, n_windows, n_queries, heads, d)
+        k, v = kv.view(b, n_windows, ws * ws, 2, heads, d).unbind(dim=3)
+        q = q * (self.temperature.view(heads, 1) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+        k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+        bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         mask = self._shift_mask(hp, wp, y.device)
-        if mask is not None:
-            logits = logits + mask.to(logits.dtype)
-        out = logits.softmax(dim=-1) @ v  # (B, nWp, heads, s^2*64, d)
-        out = out.transpose(2, 3).reshape(b, n_windows, -1, c)
-        return F.linear(self._scatter_output(out, h, w), self.project_out)
+        per_sample = []
+        for sample in range(b):
+            per_head = []
+            for head in range(heads):
+                # The bias (and mask) enter the logits GEMM as its addend: one pass fewer than adding after.
+                addend = bias[head] if mask is None else mask + bias[head]
+                logits = torch.baddbmm(addend, q[sample, :, :, head], k[sample, :, :, head].transpose(1, 2))
+                if inference_only(logits):
+                    attention = torch.softmax(logits, dim=-1, out=logits)
+                else:
+                    attention = logits.softmax(dim=-1)
+                per_head.append(torch.bmm(attention, v[sample, :, :, head]))
+            per_sample.append(stack(per_head, dim=2))
+        out = stack(per_sample, dim=0)  # (B, nWp, s^2*64, heads, d)
+        out = out.view(b, h * w, c).index_select(1, layout.output)
+        return project_add(residual, out, self.project_out)
+
+
+class WindowLayout(NamedTuple):
+    """Token orders of one CSWA layout, as indices for ``index_select`` over flattened maps."""
+
+    query_groups: Tensor | None
+    """Official pairing only: full map -> s^2 group images (their 3x3 conv runs there)."""
+    queries: Tensor
+    """(group) map -> queries ordered (pooled window, s^2*64 tokens), shift included."""
+    keys: Tensor
+    """Pooled map -> keys ordered (pooled window, 64 tokens), shift included."""
+    output: Tensor
+    """Attention output in query order -> full map, shift back included."""
+
+
+@functools.lru_cache(maxsize=256)
+def window_layout(
+    h: int, w: int, stride: int, ws: int, shifted: bool, pairing: str, device: torch.device
+) -> WindowLayout:
+    """The token orders of CSWA on an (h, w) map, built once per size.
+
+    Each order is found by running the layout on a map of pixel numbers, so the
+    layout is written once, readably, here, and applied as one gather each.
+    """
+    s = stride
+    hp, wp = h // s, w // s
+
+    def numbered(height: int, width: int, count: int = 1) -> Tensor:
+        return torch.arange(count * height * width, device=device).view(count, height, width, 1)
+
+    keys = numbered(hp, wp)
+    if shifted:
+        keys = cyclic_shift(keys, -ws // 2)
+    keys = window_partition(keys, ws).flatten()
+
+    if pairing == "official":
+        # Reference layout: the raster-ordered full windows are cut into s^2 consecutive
+        # groups, each laid out as its own (H/s, W/s) image; window m = g*nWp + p then
+        # pairs with pooled window m // s^2. Outputs go back to their true raster place.
+        full_windows = window_partition(numbered(h, w), ws).reshape(s * s, -1, ws * ws, 1)
+        query_groups = window_reverse(full_windows, ws, hp, wp).flatten()
+        queries = numbered(hp, wp, s * s)
+        if shifted:
+            queries = cyclic_shift(queries, -ws // 2)
+        queries = window_partition(queries, ws).flatten()
+        output = window_reverse(numbered(h * w // ws**2, ws * ws).view(1, -1, ws * ws, 1), ws, h, w)
+        if shifted:
+            output = cyclic_shift(output, ws // 2)
+        return WindowLayout(query_groups, queries, keys, output.flatten())
+
+    # Aligned: full window (I*s + a, J*s + b) pairs with pooled window (I, J), tokens
+    # ordered (a, b, u, v); the full map shifts by s*ws/2, the same physical offset as
+    # the pooled map's ws/2.
+    full = numbered(h, w)
+    if shifted:
+        full = cyclic_shift(full, -s * ws // 2)
+    queries = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5).flatten()
+    output = torch.argsort(queries)  # the output returns every token to where its query came from
+    return WindowLayout(None, queries, keys, output)
+
+
+@functools.lru_cache(maxsize=64)
+def shift_mask(hp: int, wp: int, stride: int, ws: int, pairing: str, device: torch.device) -> Tensor:
+    """Swin's -100 mask between query and key tokens of different shift regions.
+
+    Shape (nWp, s*s*ws*ws, ws*ws) for a pooled map of (hp, wp); built once per
+    size and shared by every block with the same scale and pairing.
+    """
+    s = stride
+    pooled = shift_region_labels(hp, wp, ws, ws // 2, device)
+    key_labels = window_partition(pooled[None, :, :, None], ws)[0, :, :, 0]  # (nWp, 64)
+    if pairing == "official":
+        # The query window reuses its pooled window's mask row for row.
+        query_labels = key_labels.repeat(1, s * s)
+    else:
+        # A query token belongs to the region of the pooled pixel containing it.
+        full = pooled.repeat_interleave(s, 0).repeat_interleave(s, 1)
+        query_labels = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5)
+        query_labels = query_labels.reshape(-1, s * s * ws * ws)
+    different = query_labels[:, :, None] != key_labels[:, None, :]
+    return different.float() * MASK_VALUE
 
 
 # --------------------------------------------------------------------------- block
@@ -274,9 +346,15 @@ class FrequencyEnhancedFFN(nn.Module):
         self.spatial_in = nn.Parameter(torch.empty(hidden, dim))
         self.project_out = nn.Parameter(torch.empty(dim, hidden))
 
-    def forward(self, context: Tensor, spatial: Tensor) -> Tensor:
-        gate = F.gelu(depthwise_conv3x3(F.linear(context, self.context_in), self.context_dwconv))
-        return F.linear(gate * F.linear(spatial, self.spatial_in), self.project_out)
+    def forward(self, context: Tensor, spatial: Tensor, residual: Tensor) -> Tensor:
+        """residual + FEFN(context, spatial), all (B, H, W, C)."""
+        hidden = depthwise_conv3x3(F.linear(context, self.context_in), self.context_dwconv)
+        spatial = F.linear(spatial, self.spatial_in)
+        if inference_only(hidden):  # reuse the wide hidden map instead of allocating two more
+            gated = torch.ops.aten.gelu_(hidden).mul_(spatial)
+        else:
+            gated = F.gelu(hidden) * spatial
+        return project_add(residual, gated, self.project_out)
 
 
 class PyramidSubBlock(nn.Module):
@@ -295,9 +373,9 @@ class PyramidSubBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm1(x)
-        x0 = x + self.isca(y)
-        x1 = x + self.cswa(y)
-        return x0 + self.ffn(self.norm2a(x0), self.norm2b(x1))
+        x0 = self.isca(y, residual=x)
+        x1 = self.cswa(y, residual=x)
+        return self.ffn(self.norm2a(x0), self.norm2b(x1), residual=x0)
 
 
 class Stage(nn.Sequential):
@@ -306,9 +384,7 @@ class Stage(nn.Sequential):
     def __init__(self, dim: int, heads: int, scales: tuple[float, ...], config: MPTConfig) -> None:
         super().__init__(
             *(
-                PyramidSubBlock(
-                    dim, heads, r, config.window_size, i % 2 == 1, config.ffn_expansion, config.pairing
-                )
+                PyramidSubBlock(dim, heads, r, config.window_size, i % 2 == 1, config.ffn_expansion, config.pairing)
                 for i, r in enumerate(scales)
             )
         )
@@ -378,9 +454,7 @@ class MPT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.config.size_multiple)
         skips = []

@@ -95,9 +95,7 @@ def looks_like_reference(state_dict: Mapping[str, object]) -> bool:
     return "inproj.weight" in keys and any(key.startswith("encoder_level1.") for key in keys)
 
 
-def infer_config(
-    state_dict: Mapping[str, Tensor], scales: Sequence[Sequence[float]] | None = None
-) -> MPTConfig:
+def infer_config(state_dict: Mapping[str, Tensor], scales: Sequence[Sequence[float]] | None = None) -> MPTConfig:
     """Read the architecture from a reference ``state_dict``'s shapes.
 
     Parameters
@@ -130,7 +128,8 @@ def infer_config(
         if table is None or table.dim() != 2:
             raise CheckpointImportError(f"'{name}.0.attn.relative_position_bias_table' is missing or not 2-D")
         heads.append(int(table.shape[1]))
-    window_size = (int(round(state_dict["encoder_level1.0.attn.relative_position_bias_table"].shape[0] ** 0.5)) + 1) // 2
+    table_rows = state_dict["encoder_level1.0.attn.relative_position_bias_table"].shape[0]
+    window_size = (int(round(table_rows**0.5)) + 1) // 2
     hidden = int(state_dict["encoder_level1.0.ffn.project_in1.weight"].shape[0])
     expansion = 2.6 if int(dim * 2.6) == hidden else hidden / dim
     if scales is None:
@@ -187,7 +186,7 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: MPTConfig) -> d
 
     expected_index = relative_position_index(config.window_size)
     for ref_stage, our_stage in STAGES.items():
-        level = STAGE_LEVEL.get(ref_stage, {"decoder_level3": 2, "decoder_level2": 1, "decoder_level1": 0}.get(ref_stage))
+        level = int(ref_stage[-1]) - 1 if ref_stage != "latent" else 3
         for i, r in enumerate(config.scales[level]):
             ref = f"{ref_stage}.{i}."
             ours = f"{our_stage}.{i}."
@@ -215,9 +214,7 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: MPTConfig) -> d
     leftover = sorted(set(source) - consumed)
     if leftover:
         shown = ", ".join(leftover[:5]) + (" ..." if len(leftover) > 5 else "")
-        raise CheckpointImportError(
-            f"{len(leftover)} checkpoint key(s) do not fit the inferred architecture: {shown}"
-        )
+        raise CheckpointImportError(f"{len(leftover)} checkpoint key(s) do not fit the inferred architecture: {shown}")
     return converted
 
 

@@ -1,0 +1,143 @@
+"""Forward-pass speed and peak memory of an MPT preset.
+
+Each configuration runs in a fresh subprocess so that its peak memory is its own.
+Prints a table; ``--json`` saves the figures and ``--baseline`` compares the
+medians with an earlier ``--json`` file (ratio < 1: faster than the baseline).
+
+Examples::
+
+    python benchmarks/bench_model.py --preset paper --pairing official --sizes 256 --threads 2
+    python benchmarks/bench_model.py --preset lite --sizes 256 512 1024 --json lite.json
+    python benchmarks/bench_model.py --preset paper --device cuda --dtype bf16 --sizes 256 1024 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One configuration, in this process."""
+    import torch
+
+    from napari_mpt_deblur import build_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args.preset, pairing=args.pairing, channels=args.channels).to(device).eval()
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+    x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    def forward() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    forward()  # warm-up: caches masks, picks kernels (and compiles with --compile)
+    warmup = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    median = statistics.median(times)
+    return {
+        "preset": args.preset,
+        "pairing": args.pairing,
+        "size": args.size,
+        "batch": args.batch,
+        "channels": args.channels,
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": args.threads,
+        "compile": args.compile,
+        "median_s": median,
+        "min_s": min(times),
+        "warmup_s": warmup,
+        "megapixels_per_s": args.batch * args.size**2 / median / 1e6,
+        "peak_memory_mb": peak_mb,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("preset", "pairing", "size", "batch", "channels", "dtype", "device", "compile"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--pairing", default="official", choices=("aligned", "official"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast dtype")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time not counted)")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--baseline", help="compare with figures written earlier by --json")
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one configuration (subprocess)
+    args = parser.parse_args()
+
+    if args.size is not None:
+        print(json.dumps(measure(args)))
+        return
+
+    rows = []
+    for size in args.sizes:
+        command = [sys.executable, __file__, *sys.argv[1:], "--size", str(size)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            print(f"size {size}: failed\n{result.stderr.strip()[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    baseline = {}
+    if args.baseline:
+        with open(args.baseline) as handle:
+            baseline = {key(row): row for row in json.load(handle)}
+    header = (
+        f"{'preset':7s} {'pairing':8s} {'size':>5s} {'batch':>5s} {'dtype':5s} {'device':6s} "
+        f"{'median s':>9s} {'min s':>7s} {'MPix/s':>7s} {'peak MB':>8s}"
+    )
+    print(header + ("  vs baseline" if baseline else ""))
+    for row in rows:
+        line = (
+            f"{row['preset']:7s} {row['pairing']:8s} {row['size']:5d} {row['batch']:5d} {row['dtype']:5s} "
+            f"{row['device']:6s} {row['median_s']:9.3f} {row['min_s']:7.3f} {row['megapixels_per_s']:7.3f} "
+            f"{row['peak_memory_mb']:8.0f}"
+        )
+        if key(row) in baseline:
+            line += f"  x{row['median_s'] / baseline[key(row)]['median_s']:.2f} time"
+        print(line)
+    if rows:
+        print(
+            f"({rows[0]['parameters']:,} parameters, {rows[0]['threads']} threads, "
+            f"{'compiled' if rows[0]['compile'] else 'eager'}, median of {args.repeats})"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
