@@ -27,7 +27,10 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from napari_mpt_deblur import build_model
+    from napari_mpt_deblur.runtime import tune_cpu_allocator
 
+    if not args.default_allocator:
+        tune_cpu_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -93,6 +96,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time not counted)")
+    parser.add_argument(
+        "--default-allocator", action="store_true", help="skip tune_cpu_allocator (glibc defaults, as a bare script)"
+    )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--baseline", help="compare with figures written earlier by --json")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one configuration (subprocess)

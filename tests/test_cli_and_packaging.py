@@ -99,3 +99,14 @@ def test_wheel_ships_the_manifest(tmp_path):
     assert manifest == (REPO / "napari.yaml").read_text()
     assert "napari_mpt_deblur:napari.yaml" in entry_points
     assert "mpt-deblur = napari_mpt_deblur.cli:main" in entry_points
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    blocks = [block.split("```", 1)[0].strip() for block in readme.split("```bash\n")[1:]]
+    test_command = next(block for block in blocks if "pytest" in block)
+    run_test = test_command.split("&&")[-1].strip()
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert ci_lines[-1] == run_test
+    for step in (part.strip() for part in test_command.split("&&")[:-1]):
+        assert any(step.replace("pip install", "python -m pip install -q") == line for line in ci_lines), step

@@ -200,3 +200,17 @@ def test_inference_path_equals_training_path(pairing):
     slow = model(x)
     assert slow.requires_grad
     assert (fast - slow.detach()).abs().max() < 1e-6
+
+
+def test_sizes_first_seen_in_inference_mode_still_train():
+    """Per-size caches built under inference_mode must not poison a later autograd pass."""
+    from napari_mpt_deblur.models.mpt import shift_mask, window_layout
+
+    shift_mask.cache_clear()
+    window_layout.cache_clear()
+    model = MPT(tiny_config())
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        model(x)
+    model(x).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -34,14 +34,13 @@ def to_nchw(tokens: Tensor) -> Tensor:
 
 
 def to_tokens(image: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H, W, C), contiguous."""
+    """(B, C, H, W) -> (B, H, W, C), contiguous (no copy when the image is channels-last)."""
     return image.permute(0, 2, 3, 1).contiguous()
 
 
 def depthwise_conv3x3(tokens: Tensor, weight: Tensor) -> Tensor:
     """3x3 depthwise convolution (zero padding 1) of a (B, H, W, C) map."""
-    out = F.conv2d(to_nchw(tokens), weight, padding=1, groups=tokens.shape[-1])
-    return out.permute(0, 2, 3, 1)
+    return to_tokens(F.conv2d(to_nchw(tokens), weight, padding=1, groups=tokens.shape[-1]))
 
 
 def cyclic_shift(tokens: Tensor, shift: int) -> Tensor:
@@ -56,6 +55,15 @@ def cyclic_shift(tokens: Tensor, shift: int) -> Tensor:
     out[:, :sh, sw:] = tokens[:, h - sh :, : w - sw]
     out[:, :sh, :sw] = tokens[:, h - sh :, w - sw :]
     return out
+
+
+def pointwise(tokens: Tensor, weight: Tensor) -> Tensor:
+    """F.linear(tokens, weight) for a (B, H, W, C) map, as a 1x1 convolution on the channels-last view.
+
+    Same result; on CPU it runs through oneDNN, which is markedly faster than the
+    BLAS GEMM behind F.linear for these narrow-in, wide-out projections.
+    """
+    return to_tokens(F.conv2d(to_nchw(tokens), weight[:, :, None, None]))
 
 
 def project_add(residual: Tensor, tokens: Tensor, weight: Tensor) -> Tensor:
@@ -146,7 +154,7 @@ class IntraScaleChannelAttention(nn.Module):
         """residual + ISCA(y), both (B, H, W, C)."""
         b, h, w, c = y.shape
         d = c // self.heads
-        qkv = depthwise_conv3x3(F.linear(y, self.to_qkv), self.qkv_dwconv).reshape(b, h * w, 3 * c)
+        qkv = depthwise_conv3x3(pointwise(y, self.to_qkv), self.qkv_dwconv).reshape(b, h * w, 3 * c)
         q, k, v = qkv.split(c, dim=-1)
         # Normalising Q and K over H*W only rescales rows/columns of Q^T K, so the
         # small (d x d) product is rescaled instead of the two full maps.
@@ -213,13 +221,13 @@ class CrossScaleWindowAttention(nn.Module):
 
         if s > 1:
             pooled = F.avg_pool2d(to_nchw(y), kernel_size=s, stride=s).permute(0, 2, 3, 1)
-            pooled = pooled + F.linear(pooled, self.pool_proj)
+            pooled = pooled + pointwise(pooled, self.pool_proj)
         else:
             pooled = y
         layout = window_layout(h, w, s, ws, self.shifted, self.pairing, y.device)
-        kv = depthwise_conv3x3(F.linear(pooled, self.to_kv), self.kv_dwconv)
+        kv = depthwise_conv3x3(pointwise(pooled, self.to_kv), self.kv_dwconv)
         kv = kv.reshape(b, hp * wp, 2 * c).index_select(1, layout.keys)
-        q = F.linear(y, self.to_q)
+        q = pointwise(y, self.to_q)
         if layout.query_groups is not None:
             q = q.view(b, h * w, c).index_select(1, layout.query_groups).view(b * s * s, hp, wp, c)
         q = depthwise_conv3x3(q, self.q_dwconv).reshape(b, h * w, c).index_select(1, layout.queries)
@@ -273,7 +281,11 @@ def window_layout(
     Each order is found by running the layout on a map of pixel numbers, so the
     layout is written once, readably, here, and applied as one gather each.
     """
-    s = stride
+    with torch.inference_mode(False):  # cached tensors must also serve autograd later
+        return _window_layout(h, w, stride, ws, shifted, pairing, device)
+
+
+def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str, device: torch.device) -> WindowLayout:
     hp, wp = h // s, w // s
 
     def numbered(height: int, width: int, count: int = 1) -> Tensor:
@@ -317,7 +329,11 @@ def shift_mask(hp: int, wp: int, stride: int, ws: int, pairing: str, device: tor
     Shape (nWp, s*s*ws*ws, ws*ws) for a pooled map of (hp, wp); built once per
     size and shared by every block with the same scale and pairing.
     """
-    s = stride
+    with torch.inference_mode(False):  # cached tensors must also serve autograd later
+        return _shift_mask(hp, wp, stride, ws, pairing, device)
+
+
+def _shift_mask(hp: int, wp: int, s: int, ws: int, pairing: str, device: torch.device) -> Tensor:
     pooled = shift_region_labels(hp, wp, ws, ws // 2, device)
     key_labels = window_partition(pooled[None, :, :, None], ws)[0, :, :, 0]  # (nWp, 64)
     if pairing == "official":
@@ -348,8 +364,8 @@ class FrequencyEnhancedFFN(nn.Module):
 
     def forward(self, context: Tensor, spatial: Tensor, residual: Tensor) -> Tensor:
         """residual + FEFN(context, spatial), all (B, H, W, C)."""
-        hidden = depthwise_conv3x3(F.linear(context, self.context_in), self.context_dwconv)
-        spatial = F.linear(spatial, self.spatial_in)
+        hidden = depthwise_conv3x3(pointwise(context, self.context_in), self.context_dwconv)
+        spatial = pointwise(spatial, self.spatial_in)
         if inference_only(hidden):  # reuse the wide hidden map instead of allocating two more
             gated = torch.ops.aten.gelu_(hidden).mul_(spatial)
         else:
