@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -282,7 +283,7 @@ def describe_model(model: MPT) -> dict[str, Any]:
         "architecture": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "size_multiple": model.config.size_multiple,
-        "normalization": json.loads(json.dumps(card.normalization.__dict__)) if card else None,
+        "normalization": asdict(card.normalization) if card else None,
         "tile_size": card.tile_size if card else None,
         "provenance": card.provenance if card else {},
     }

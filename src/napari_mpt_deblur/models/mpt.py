@@ -200,8 +200,8 @@ class CrossScaleWindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
 
-    def _shift_mask(self, hp: int, wp: int, device: torch.device) -> Tensor | None:
-        """Additive mask (nWp, s*s*ws*ws, ws*ws) of the shifted layout; None when not shifted."""
+    def _shift_mask(self, hp: int, wp: int, device: torch.device) -> ShiftMask | None:
+        """The shifted layout's mask (None when not shifted)."""
         if not self.shifted:
             return None
         return shift_mask(hp, wp, self.stride, self.window_size, self.pairing, device)
@@ -245,9 +245,10 @@ class CrossScaleWindowAttention(nn.Module):
         for sample in range(b):
             per_head = []
             for head in range(heads):
-                # The bias (and mask) enter the logits GEMM as its addend: one pass fewer than adding after.
-                addend = bias[head] if mask is None else mask + bias[head]
-                logits = torch.baddbmm(addend, q[sample, :, :, head], k[sample, :, :, head].transpose(1, 2))
+                # The bias enters the logits GEMM as its addend: one pass fewer than adding it after.
+                logits = torch.baddbmm(bias[head], q[sample, :, :, head], k[sample, :, :, head].transpose(1, 2))
+                if mask is not None:  # only the windows on the wrap-around border hold masked pairs
+                    logits.index_add_(0, mask.windows, mask.values)
                 if inference_only(logits):
                     attention = torch.softmax(logits, dim=-1, out=logits)
                 else:
@@ -322,18 +323,28 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
     return WindowLayout(None, queries, keys, output)
 
 
-@functools.lru_cache(maxsize=64)
-def shift_mask(hp: int, wp: int, stride: int, ws: int, pairing: str, device: torch.device) -> Tensor:
-    """Swin's -100 mask between query and key tokens of different shift regions.
+class ShiftMask(NamedTuple):
+    """Swin's additive mask, kept only for the pooled windows that need it."""
 
-    Shape (nWp, s*s*ws*ws, ws*ws) for a pooled map of (hp, wp); built once per
-    size and shared by every block with the same scale and pairing.
+    windows: Tensor
+    """Indices of the pooled windows whose tokens span several shift regions."""
+    values: Tensor
+    """(len(windows), s*s*ws*ws, ws*ws): -100 between query and key tokens of different regions, else 0."""
+
+
+@functools.lru_cache(maxsize=64)
+def shift_mask(hp: int, wp: int, stride: int, ws: int, pairing: str, device: torch.device) -> ShiftMask:
+    """The mask of shifted windows on a pooled map of (hp, wp).
+
+    After the cyclic shift only the last row and column of windows mix regions,
+    so the mask is stored for those alone: (hp/ws + wp/ws - 1) windows, not all.
+    Built once per size and shared by every block with the same scale and pairing.
     """
     with torch.inference_mode(False):  # cached tensors must also serve autograd later
         return _shift_mask(hp, wp, stride, ws, pairing, device)
 
 
-def _shift_mask(hp: int, wp: int, s: int, ws: int, pairing: str, device: torch.device) -> Tensor:
+def _shift_mask(hp: int, wp: int, s: int, ws: int, pairing: str, device: torch.device) -> ShiftMask:
     pooled = shift_region_labels(hp, wp, ws, ws // 2, device)
     key_labels = window_partition(pooled[None, :, :, None], ws)[0, :, :, 0]  # (nWp, 64)
     if pairing == "official":
@@ -345,7 +356,8 @@ def _shift_mask(hp: int, wp: int, s: int, ws: int, pairing: str, device: torch.d
         query_labels = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5)
         query_labels = query_labels.reshape(-1, s * s * ws * ws)
     different = query_labels[:, :, None] != key_labels[:, None, :]
-    return different.float() * MASK_VALUE
+    windows = different.flatten(1).any(dim=1).nonzero().flatten()
+    return ShiftMask(windows, different[windows].float() * MASK_VALUE)
 
 
 # --------------------------------------------------------------------------- block
