@@ -1,8 +1,9 @@
 """The Multi-Pyramid Transformer (MPT) for defocus deblurring.
 
 One module, top to bottom: helpers, the two attentions (ISCA and CSWA), the
-FEFN feed-forward, the pyramid sub-block, and the U-shaped network. Section
-numbers refer to the project's specification (``docs/architecture.md``).
+FEFN feed-forward, the pyramid sub-block, and the U-shaped network.
+``docs/architecture.md`` maps each part to the paper and lists where the
+computation departs from the reference code.
 
 Inside a stage, feature maps are kept as ``(B, H, W, C)`` "token" tensors: every
 per-pixel projection is then one GEMM over contiguous memory, and the 3x3
@@ -41,20 +42,6 @@ def to_tokens(image: Tensor) -> Tensor:
 def depthwise_conv3x3(tokens: Tensor, weight: Tensor) -> Tensor:
     """3x3 depthwise convolution (zero padding 1) of a (B, H, W, C) map."""
     return to_tokens(F.conv2d(to_nchw(tokens), weight, padding=1, groups=tokens.shape[-1]))
-
-
-def cyclic_shift(tokens: Tensor, shift: int) -> Tensor:
-    """torch.roll(tokens, (shift, shift), dims=(1, 2)) as four block copies (roll is far slower on CPU)."""
-    h, w = tokens.shape[1:3]
-    sh, sw = shift % h, shift % w
-    if not sh and not sw:
-        return tokens
-    out = torch.empty_like(tokens)
-    out[:, sh:, sw:] = tokens[:, : h - sh, : w - sw]
-    out[:, sh:, :sw] = tokens[:, : h - sh, w - sw :]
-    out[:, :sh, sw:] = tokens[:, h - sh :, : w - sw]
-    out[:, :sh, :sw] = tokens[:, h - sh :, w - sw :]
-    return out
 
 
 def pointwise(tokens: Tensor, weight: Tensor) -> Tensor:
@@ -292,9 +279,12 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
     def numbered(height: int, width: int, count: int = 1) -> Tensor:
         return torch.arange(count * height * width, device=device).view(count, height, width, 1)
 
+    def shift(numbers: Tensor, offset: int) -> Tensor:
+        return torch.roll(numbers, shifts=(offset, offset), dims=(1, 2))
+
     keys = numbered(hp, wp)
     if shifted:
-        keys = cyclic_shift(keys, -ws // 2)
+        keys = shift(keys, -ws // 2)
     keys = window_partition(keys, ws).flatten()
 
     if pairing == "official":
@@ -305,11 +295,11 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
         query_groups = window_reverse(full_windows, ws, hp, wp).flatten()
         queries = numbered(hp, wp, s * s)
         if shifted:
-            queries = cyclic_shift(queries, -ws // 2)
+            queries = shift(queries, -ws // 2)
         queries = window_partition(queries, ws).flatten()
         output = window_reverse(numbered(h * w // ws**2, ws * ws).view(1, -1, ws * ws, 1), ws, h, w)
         if shifted:
-            output = cyclic_shift(output, ws // 2)
+            output = shift(output, ws // 2)
         return WindowLayout(query_groups, queries, keys, output.flatten())
 
     # Aligned: full window (I*s + a, J*s + b) pairs with pooled window (I, J), tokens
@@ -317,7 +307,7 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
     # the pooled map's ws/2.
     full = numbered(h, w)
     if shifted:
-        full = cyclic_shift(full, -s * ws // 2)
+        full = shift(full, -s * ws // 2)
     queries = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5).flatten()
     output = torch.argsort(queries)  # the output returns every token to where its query came from
     return WindowLayout(None, queries, keys, output)
