@@ -49,11 +49,13 @@ def test_bad_arrays_are_refused(model):
 def test_cli_deblurs_a_tiff_and_keeps_axes(tmp_path, model_file):
     source = tmp_path / "cells.tif"
     stack = (np.random.default_rng(1).random((3, 70, 90)) * 4000).astype(np.uint16)
-    tifffile.imwrite(source, stack, metadata={"axes": "ZYX"}, resolution=(2.0, 2.0))
+    tifffile.imwrite(source, stack, photometric="minisblack", metadata={"axes": "ZYX"}, resolution=(2.0, 2.0))
     before = source.read_bytes()
     target = tmp_path / "out" / "cells-deblurred.tif"
     assert main(["deblur", str(source), "-o", str(target), "--model", str(model_file), "--quiet"]) == 0
     with tifffile.TiffFile(target) as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK  # 3 planes, not one RGB image
+        assert len(tif.pages) == 3
         assert tif.series[0].axes == "ZYX"
         assert tif.series[0].shape == stack.shape and tif.series[0].dtype == np.uint16
         assert tif.pages[0].tags["XResolution"].value == (2, 1)

@@ -115,7 +115,10 @@ def deblur_tiff(model: MPT, source: str | os.PathLike, target: str | os.PathLike
     metadata = {"axes": axes} if axes else None
 
     def write(path: Path) -> None:
-        tifffile.imwrite(path, out, metadata=metadata, resolution=resolution, bigtiff=out.nbytes > 2**31)
+        # Grayscale planes, always: without this tifffile stores a 3- or 4-plane stack as RGB(A).
+        tifffile.imwrite(
+            path, out, photometric="minisblack", metadata=metadata, resolution=resolution, bigtiff=out.nbytes > 2**31
+        )
 
     atomic_write(target, write)
     return target
