@@ -215,3 +215,16 @@ def test_sizes_first_seen_in_inference_mode_still_train():
         model(x)
     model(x).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_mixed_precision_autocast_runs(pairing):
+    """Autocast (bf16 here on the CPU; fp16/bf16 on GPUs) must not trip over dtypes."""
+    model = MPT(tiny_config(pairing=pairing)).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == x.shape
+    assert (low.float() - reference).abs().max() < 0.1

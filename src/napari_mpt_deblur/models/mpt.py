@@ -235,7 +235,7 @@ class CrossScaleWindowAttention(nn.Module):
                 # The bias enters the logits GEMM as its addend: one pass fewer than adding it after.
                 logits = torch.baddbmm(bias[head], q[sample, :, :, head], k[sample, :, :, head].transpose(1, 2))
                 if mask is not None:  # only the windows on the wrap-around border hold masked pairs
-                    logits.index_add_(0, mask.windows, mask.values)
+                    logits.index_add_(0, mask.windows, mask.values.to(logits.dtype))
                 if inference_only(logits):
                     attention = torch.softmax(logits, dim=-1, out=logits)
                 else:
