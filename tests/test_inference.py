@@ -77,3 +77,22 @@ def test_cli_deblur_errors(tmp_path, model_file, capsys):
 
     assert main(["deblur", str(broken), "-o", str(tmp_path / "o.tif")]) == 2
     assert "no trained default model" in capsys.readouterr().err
+
+
+def test_cli_tiles_large_planes_and_checks_tile_settings(tmp_path, model_file, capsys):
+    source = tmp_path / "plane.tif"
+    tifffile.imwrite(source, (np.random.default_rng(2).random((150, 170)) * 255).astype(np.uint8))
+    target = tmp_path / "tiled.tif"
+    args = ["deblur", str(source), "-o", str(target), "--model", str(model_file), "--quiet"]
+    assert main([*args, "--tile", "64", "--overlap", "16"]) == 0
+    assert tifffile.imread(target).shape == (150, 170)
+
+    assert main([*args, "--tile", "4", "--overwrite"]) == 2
+    assert "--tile must be" in capsys.readouterr().err
+    assert main([*args, "--tile", "64", "--overlap", "64", "--overwrite"]) == 2
+    assert "--overlap must be" in capsys.readouterr().err
+
+
+def test_tiled_and_whole_plane_agree_exactly_for_one_tile(model):
+    plane = (np.random.default_rng(3).random((90, 110)) * 1000).astype(np.uint16)
+    np.testing.assert_array_equal(deblur_array(model, plane, tile=256), deblur_array(model, plane, tile=0))

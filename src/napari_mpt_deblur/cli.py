@@ -109,6 +109,10 @@ def cmd_deblur(args: argparse.Namespace) -> None:
 
     output = Path(args.output)
     _check_output(output, args.overwrite)
+    if args.tile is not None and args.tile != 0 and not 8 <= args.tile:
+        raise UsageError(f"--tile must be 0 (whole planes) or at least 8 pixels, got {args.tile}")
+    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
+        raise UsageError(f"--overlap must be at least 0 and smaller than the tile, got {args.overlap}")
     if args.model == "default" and "default" not in BUNDLED_MODELS:
         raise UsageError(
             "this version ships no trained default model yet: pass --model FILE "
@@ -121,7 +125,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        deblur_tiff(model, args.input, output, progress=progress)
+        deblur_tiff(model, args.input, output, progress=progress, tile=args.tile, overlap=args.overlap)
     if not args.quiet:
         print(f"wrote {output}")
 
@@ -155,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("-o", "--output", required=True, help="TIFF file to write")
     deblur.add_argument("--model", default="default", help="model file, reference checkpoint or bundled name")
     deblur.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    deblur.add_argument(
+        "--tile", type=int, help="tile side in pixels (default: the model file's, else 256; 0: whole planes)"
+    )
+    deblur.add_argument("--overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
     deblur.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     deblur.add_argument("--quiet", action="store_true", help="no progress bar")
     deblur.set_defaults(run=cmd_deblur)

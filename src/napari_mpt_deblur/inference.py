@@ -17,6 +17,7 @@ import torch
 from .config import IntensityNormalization
 from .models.files import atomic_write
 from .models.mpt import MPT
+from .tiling import tiled_forward
 
 
 class InputError(ValueError):
@@ -51,14 +52,24 @@ def check_input(array: np.ndarray, model: MPT) -> None:
         raise InputError("the image contains NaN or infinite values")
 
 
-def iter_deblur(model: MPT, array: np.ndarray, out: np.ndarray) -> Iterator[tuple[int, int]]:
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 32
+
+
+def iter_deblur(
+    model: MPT, array: np.ndarray, out: np.ndarray, tile: int | None = None, overlap: int = DEFAULT_OVERLAP
+) -> Iterator[tuple[int, int]]:
     """Deblur ``array`` into ``out`` (same shape and dtype), yielding (planes done, planes total).
 
-    Serves both one-shot use (:func:`deblur_array`) and callers that show progress
-    or stop between planes.
+    Each plane runs in overlapping tiles of ``tile`` pixels (default: the model
+    file's tile size, else 256; 0: the whole plane at once). Serves both one-shot
+    use (:func:`deblur_array`) and callers that show progress or stop between planes.
     """
     check_input(array, model)
-    normalization = model.card.normalization if hasattr(model, "card") else IntensityNormalization()
+    card = getattr(model, "card", None)
+    normalization = card.normalization if card else IntensityNormalization()
+    if tile is None:
+        tile = (card.tile_size if card else None) or DEFAULT_TILE
     device = next(model.parameters()).device
     planes = array.reshape(-1, *array.shape[-2:])
     results = out.reshape(-1, *array.shape[-2:])
@@ -69,7 +80,9 @@ def iter_deblur(model: MPT, array: np.ndarray, out: np.ndarray) -> Iterator[tupl
         low, high = stack_range if normalization.per == "stack" else normalization_range(plane, normalization)
         x = torch.from_numpy((plane.astype(np.float32) - low) / (high - low)).to(device)
         with torch.inference_mode():
-            y = model(x[None, None])[0, 0].float().cpu().numpy()
+            y = x[None, None]
+            y = tiled_forward(model, y, tile, overlap) if tile else model(y)
+            y = y[0, 0].float().cpu().numpy()
         y = y * (high - low) + low
         if info is not None:
             y = np.clip(np.rint(y), info.min, info.max)
@@ -77,15 +90,22 @@ def iter_deblur(model: MPT, array: np.ndarray, out: np.ndarray) -> Iterator[tupl
         yield index + 1, len(planes)
 
 
-def deblur_array(model: MPT, array: np.ndarray) -> np.ndarray:
+def deblur_array(model: MPT, array: np.ndarray, tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> np.ndarray:
     """Deblur every plane of an array; returns an array of the same shape and dtype."""
     out = np.empty_like(array)
-    for _ in iter_deblur(model, array, out):
+    for _ in iter_deblur(model, array, out, tile, overlap):
         pass
     return out
 
 
-def deblur_tiff(model: MPT, source: str | os.PathLike, target: str | os.PathLike, progress=None) -> Path:
+def deblur_tiff(
+    model: MPT,
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    progress=None,
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+) -> Path:
     """Deblur a TIFF file into a new TIFF file, written under a temporary name then renamed.
 
     ``progress``, if given, is called with (planes done, planes total).
@@ -109,7 +129,7 @@ def deblur_tiff(model: MPT, source: str | os.PathLike, target: str | os.PathLike
     if axes and axes[-1] in "SC" and array.shape[-1] in (3, 4):
         raise InputError(f"{source}: RGB images need a 3-channel model (this command deblurs grayscale planes)")
     out = np.empty_like(array)
-    for done, total in iter_deblur(model, array, out):
+    for done, total in iter_deblur(model, array, out, tile, overlap):
         if progress:
             progress(done, total)
     metadata = {"axes": axes} if axes else None
