@@ -110,3 +110,29 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == run_test
     for step in (part.strip() for part in test_command.split("&&")[:-1]):
         assert any(step.replace("pip install", "python -m pip install -q") == line for line in ci_lines), step
+
+
+def test_import_a_paper_shaped_checkpoint_with_default_scales(tmp_path, reference_dir, capsys):
+    """The common case: a released RGB checkpoint of the paper preset, DataParallel prefix included."""
+    import json
+
+    import torch
+
+    from napari_mpt_deblur.models.mpt import relative_position_index
+
+    state = {}
+    for line in (reference_dir / "paper_config_keys_3ch.tsv").read_text().splitlines()[1:]:
+        key, shape = line.split("\t")
+        state[f"module.{key}"] = (
+            relative_position_index(8) if key.endswith("relative_position_index") else torch.randn(json.loads(shape))
+        )
+    checkpoint = tmp_path / "net_g_latest.pth"
+    torch.save(state, checkpoint)
+    out = tmp_path / "paper.safetensors"
+    assert main(["import-official", str(checkpoint), "-o", str(out)]) == 0
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["parameters"] == 19_799_356
+    assert info["architecture"]["pairing"] == "official"
+    assert info["architecture"]["in_channels"] == 3
+    assert len(info["provenance"]["sha256"]) == 64
