@@ -8,7 +8,6 @@ models bundled with the package.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -184,8 +183,7 @@ def import_official(
         if isinstance(source, dict):
             state_dict, digest = strip_prefix(source), None
         else:
-            state_dict = load_reference_state_dict(str(source))
-            digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+            state_dict, digest = load_reference_state_dict(str(source))
         config = infer_config(state_dict, scales)
         converted = convert_state_dict(state_dict, config)
         model = MPT(config)
@@ -257,7 +255,7 @@ def load_model(
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     keys = list(handle.keys())
-                    if not looks_like_reference(dict.fromkeys(keys)):
+                    if not looks_like_reference(keys):
                         raise ModelFileError(
                             f"{path}: a .safetensors file that is neither a napari-mpt-deblur model "
                             "(no model card in its metadata) nor a reference MPT checkpoint"

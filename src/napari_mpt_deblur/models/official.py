@@ -10,8 +10,11 @@ preset unless the caller gives them.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -89,10 +92,14 @@ def strip_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(state_dict)
 
 
-def looks_like_reference(state_dict: Mapping[str, object]) -> bool:
-    """Whether a mapping of tensors has the reference code's key names."""
-    keys = strip_prefix({k: None for k in state_dict}).keys()  # type: ignore[misc]
-    return "inproj.weight" in keys and any(key.startswith("encoder_level1.") for key in keys)
+def looks_like_reference(keys: Iterable[str]) -> bool:
+    """Whether tensor names are the reference code's (with or without a wrapper prefix)."""
+    keys = list(keys)
+    for prefix in ("", *PREFIXES):
+        names = {key[len(prefix) :] for key in keys if key.startswith(prefix)}
+        if "inproj.weight" in names and any(name.startswith("encoder_level1.") for name in names):
+            return True
+    return False
 
 
 def infer_config(state_dict: Mapping[str, Tensor], scales: Sequence[Sequence[float]] | None = None) -> MPTConfig:
@@ -218,10 +225,14 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: MPTConfig) -> d
     return converted
 
 
-def load_reference_state_dict(path: str) -> dict[str, Tensor]:
-    """Read a reference checkpoint without unpickling code (``weights_only=True``)."""
+def load_reference_state_dict(path: str) -> tuple[dict[str, Tensor], str]:
+    """Read a reference checkpoint without unpickling code (``weights_only=True``).
+
+    Returns the state_dict (prefix stripped) and the file's SHA-256, from one read.
+    """
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad files
         if "Weights only load failed" in str(error):
             reason = "it holds Python objects besides tensors, which are never unpickled here"
@@ -236,4 +247,4 @@ def load_reference_state_dict(path: str) -> dict[str, Tensor]:
         loaded = loaded["params"]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise CheckpointImportError(f"expected a state_dict of tensors, got {type(loaded).__name__}")
-    return strip_prefix(loaded)
+    return strip_prefix(loaded), hashlib.sha256(data).hexdigest()
