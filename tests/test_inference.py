@@ -96,3 +96,22 @@ def test_cli_tiles_large_planes_and_checks_tile_settings(tmp_path, model_file, c
 def test_tiled_and_whole_plane_agree_exactly_for_one_tile(model):
     plane = (np.random.default_rng(3).random((90, 110)) * 1000).astype(np.uint16)
     np.testing.assert_array_equal(deblur_array(model, plane, tile=256), deblur_array(model, plane, tile=0))
+
+
+def test_fixed_normalization_maps_low_and_high_to_0_and_1(tmp_path):
+    """An identity network shows the intensity mapping and its inverse are exact."""
+    from napari_mpt_deblur.config import IntensityNormalization, ModelCard
+    from napari_mpt_deblur.inference import normalization_range
+
+    fixed = IntensityNormalization(mode="fixed", low=0.0, high=255.0)
+    plane = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert normalization_range(plane, fixed) == (0.0, 255.0)
+
+    model = MPT(tiny_config()).eval()
+    torch.nn.init.zeros_(model.head.weight)  # output = input (global residual)
+    model.card = ModelCard(model.config, fixed)
+    np.testing.assert_array_equal(deblur_array(model, plane), plane)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        from napari_mpt_deblur.inference import iter_deblur
+
+        next(iter_deblur(model, plane, np.empty((16, 16), np.uint8)[:, ::2]))

@@ -156,13 +156,14 @@ class IntensityNormalization:
     mode: Literal["percentile", "minmax", "fixed"] = "percentile"
     """``percentile``: map the ``low``/``high`` percentiles to 0/1 (CSBDeep style);
     ``minmax``: map the minimum/maximum to 0/1 (the reference code on 16-bit data);
-    ``fixed``: divide by ``high`` (the reference code divides 8-bit data by 255)."""
+    ``fixed``: map the fixed values ``low``/``high`` to 0/1 (the reference code's
+    8-bit data: low 0, high 255)."""
 
     low: float = 1.0
-    """Lower percentile (``percentile`` mode) or offset (``fixed`` mode)."""
+    """Lower percentile (``percentile`` mode) or the value mapped to 0 (``fixed`` mode)."""
 
     high: float = 99.8
-    """Upper percentile (``percentile`` mode) or divisor (``fixed`` mode)."""
+    """Upper percentile (``percentile`` mode) or the value mapped to 1 (``fixed`` mode)."""
 
     per: Literal["plane", "stack"] = "plane"
     """Whether statistics are taken per 2-D plane or over the whole stack."""
@@ -174,8 +175,8 @@ class IntensityNormalization:
             raise ConfigError(f"normalization 'per' must be plane or stack, got {self.per!r}")
         if self.mode == "percentile" and not (0 <= self.low < self.high <= 100):
             raise ConfigError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
-        if self.mode == "fixed" and (not math.isfinite(self.high) or self.high == self.low):
-            raise ConfigError("fixed normalization needs a finite divisor different from the offset")
+        if self.mode == "fixed" and not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            raise ConfigError(f"fixed normalization needs finite values with low < high, got {self.low}, {self.high}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IntensityNormalization:

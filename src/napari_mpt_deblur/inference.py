@@ -66,6 +66,8 @@ def iter_deblur(
     use (:func:`deblur_array`) and callers that show progress or stop between planes.
     """
     check_input(array, model)
+    if out.shape != array.shape or out.dtype != array.dtype or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous array of the input's shape and dtype")
     card = getattr(model, "card", None)
     normalization = card.normalization if card else IntensityNormalization()
     if tile is None:
