@@ -136,3 +136,11 @@ def test_import_a_paper_shaped_checkpoint_with_default_scales(tmp_path, referenc
     assert info["architecture"]["pairing"] == "official"
     assert info["architecture"]["in_channels"] == 3
     assert len(info["provenance"]["sha256"]) == 64
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    assert main(["new", "lite", "-o", str(blocker / "model.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpt-deblur new: error:") and "\n" not in err

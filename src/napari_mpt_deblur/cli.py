@@ -55,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"scales:       {scales}")
     print(f"pairing:      {arch['pairing']}  window: {arch['window_size']}  FFN expansion: {arch['ffn_expansion']}")
     print(f"size multiple: {summary['size_multiple']} (inputs are padded to it and cropped back)")
-    print(f"normalization:{json.dumps(summary['normalization'])}")
+    print(f"normalization: {json.dumps(summary['normalization'])}")
     if summary["tile_size"]:
         print(f"tile size:    {summary['tile_size']}")
     print("provenance:")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     try:
         args.run(args)
-    except (UsageError, ModelFileError, InputError, ConfigError, FileNotFoundError) as error:
+    except (UsageError, ModelFileError, InputError, ConfigError, OSError) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
