@@ -144,3 +144,14 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
     assert main(["new", "lite", "-o", str(blocker / "model.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mpt-deblur new: error:") and "\n" not in err
+
+
+def test_readme_python_quick_start_runs(tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Quick start: Python") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["restored"].shape == (1, 1, 250, 333)
+    assert (tmp_path / "mine.safetensors").exists()
