@@ -47,8 +47,8 @@ def depthwise_conv3x3(tokens: Tensor, weight: Tensor) -> Tensor:
 def pointwise(tokens: Tensor, weight: Tensor) -> Tensor:
     """F.linear(tokens, weight) for a (B, H, W, C) map, as a 1x1 convolution on the channels-last view.
 
-    Same result; on CPU it runs through oneDNN, which is markedly faster than the
-    BLAS GEMM behind F.linear for these narrow-in, wide-out projections.
+    Same result; on CPU it runs through oneDNN, which beat the BLAS GEMM behind
+    F.linear on the widening projections here (by up to 40 %; 3-4 % end to end).
     """
     return to_tokens(F.conv2d(to_nchw(tokens), weight[:, :, None, None]))
 
@@ -81,6 +81,17 @@ def window_reverse(windows: Tensor, ws: int, h: int, w: int) -> Tensor:
     b, _, _, c = windows.shape
     x = windows.reshape(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)
+
+
+def group_by_pooled_window(full_map: Tensor, stride: int, ws: int) -> Tensor:
+    """Aligned pairing: an (H, W) map's values ordered (pooled window, s*s*ws*ws tokens).
+
+    Full window (I*s + a, J*s + b) belongs to pooled window (I, J); its tokens are
+    ordered (a, b, u, v).
+    """
+    h, w = full_map.shape
+    grouped = full_map.reshape(h // (stride * ws), stride, ws, w // (stride * ws), stride, ws)
+    return grouped.permute(0, 3, 1, 4, 2, 5).reshape(-1, stride * stride * ws * ws)
 
 
 def shift_region_labels(h: int, w: int, ws: int, shift: int, device: torch.device) -> Tensor:
@@ -302,13 +313,12 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
             output = shift(output, ws // 2)
         return WindowLayout(query_groups, queries, keys, output.flatten())
 
-    # Aligned: full window (I*s + a, J*s + b) pairs with pooled window (I, J), tokens
-    # ordered (a, b, u, v); the full map shifts by s*ws/2, the same physical offset as
-    # the pooled map's ws/2.
+    # Aligned: each full window reads the pooled window covering it; the full map
+    # shifts by s*ws/2, the same physical offset as the pooled map's ws/2.
     full = numbered(h, w)
     if shifted:
         full = shift(full, -s * ws // 2)
-    queries = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5).flatten()
+    queries = group_by_pooled_window(full[0, :, :, 0], s, ws).flatten()
     output = torch.argsort(queries)  # the output returns every token to where its query came from
     return WindowLayout(None, queries, keys, output)
 
@@ -342,9 +352,7 @@ def _shift_mask(hp: int, wp: int, s: int, ws: int, pairing: str, device: torch.d
         query_labels = key_labels.repeat(1, s * s)
     else:
         # A query token belongs to the region of the pooled pixel containing it.
-        full = pooled.repeat_interleave(s, 0).repeat_interleave(s, 1)
-        query_labels = full.reshape(hp // ws, s, ws, wp // ws, s, ws).permute(0, 3, 1, 4, 2, 5)
-        query_labels = query_labels.reshape(-1, s * s * ws * ws)
+        query_labels = group_by_pooled_window(pooled.repeat_interleave(s, 0).repeat_interleave(s, 1), s, ws)
     different = query_labels[:, :, None] != key_labels[:, None, :]
     windows = different.flatten(1).any(dim=1).nonzero().flatten()
     return ShiftMask(windows, different[windows].float() * MASK_VALUE)
