@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError, DeblurSettings
 
 
 class UsageError(Exception):
@@ -101,33 +101,96 @@ def cmd_new(args: argparse.Namespace) -> None:
     print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
 
 
+def deblur_targets(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
+    """(source, target) pairs: one file to a file, or several files / a folder of TIFFs to a folder."""
+    from .images import TIFF_SUFFIXES, ZARR_SUFFIXES
+
+    sources: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir() and not path.name.lower().endswith(ZARR_SUFFIXES):
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
+            if not found:
+                raise UsageError(f"{path}: a folder without .tif/.tiff files")
+            sources += found
+        elif not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+        else:
+            sources.append(path)
+    target = Path(output)
+    many = len(sources) > 1 or any(Path(name).is_dir() and not name.lower().endswith(ZARR_SUFFIXES) for name in inputs)
+    if not many and not (target.is_dir() and not target.name.lower().endswith(ZARR_SUFFIXES)):
+        return [(sources[0], target)]
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target}: several inputs need an output folder, and this is a file")
+    pairs = [(source, target / source.name) for source in sources]
+    for source, destination in pairs:
+        if source.resolve() == destination.resolve():
+            raise UsageError(f"{target}: the output folder holds the inputs; choose another folder")
+    names = [destination.name for _, destination in pairs]
+    if len(set(names)) != len(names):
+        raise UsageError("two inputs have the same file name; deblur them into different folders")
+    return pairs
+
+
 def cmd_deblur(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .inference import deblur_tiff
+    from .config import IntensityNormalization
+    from .inference import Deblurrer, deblur_file
     from .models.files import BUNDLED_MODELS, load_model
 
-    output = Path(args.output)
-    _check_output(output, args.overwrite)
-    if args.tile is not None and args.tile != 0 and not 8 <= args.tile:
-        raise UsageError(f"--tile must be 0 (whole planes) or at least 8 pixels, got {args.tile}")
-    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
-        raise UsageError(f"--overlap must be at least 0 and smaller than the tile, got {args.overlap}")
+    pairs = deblur_targets(args.input, args.output)
+    for _, target in pairs:
+        _check_output(target, args.overwrite)
     if args.model == "default" and "default" not in BUNDLED_MODELS:
         raise UsageError(
             "this version ships no trained default model yet: pass --model FILE "
             "(a model file, or a reference checkpoint)"
         )
-    model = load_model(args.model, device=args.device)
-    with tqdm(desc=Path(args.input).name, unit="plane", disable=args.quiet) as bar:
+    normalization = None
+    if args.percentiles or args.per:
+        low, high = args.percentiles or (1.0, 99.8)
+        normalization = IntensityNormalization(mode="percentile", low=low, high=high, per=args.per or "plane")
+    settings = DeblurSettings(
+        tile=args.tile,
+        overlap=args.overlap,
+        batch=args.batch,
+        device=args.device,
+        precision=args.precision,
+        normalization=normalization,
+    )
+    model = load_model(args.model)
+    deblurrer = Deblurrer(model, settings)
+    client = _connect(args.scheduler) if args.scheduler else None
+    try:
+        for source, target in pairs:
+            with tqdm(desc=source.name, unit="tile", disable=args.quiet, dynamic_ncols=True, delay=0.5) as bar:
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+                def progress(event, bar=bar, name=source.name) -> None:
+                    bar.total = event.tiles_total
+                    bar.set_postfix_str(f"plane {min(event.planes_done + 1, event.planes_total)}/{event.planes_total}")
+                    bar.update(event.tiles_done - bar.n)
+                    if event.message:
+                        bar.write(f"{name}: {event.message}")
 
-        deblur_tiff(model, args.input, output, progress=progress, tile=args.tile, overlap=args.overlap)
-    if not args.quiet:
-        print(f"wrote {output}")
+                deblur_file(deblurrer, source, target, axes=args.axes, progress=progress, client=client)
+            if not args.quiet:
+                print(f"wrote {target}")
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _connect(address: str):
+    try:
+        from distributed import Client
+    except ImportError:
+        raise UsageError("--scheduler needs dask.distributed: pip install distributed") from None
+    try:
+        return Client(address, timeout="20s")
+    except (OSError, TimeoutError) as error:
+        raise UsageError(f"--scheduler {address}: cannot connect ({error})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,16 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     imp.set_defaults(run=cmd_import_official)
 
-    deblur = commands.add_parser("deblur", help="deblur a TIFF image or stack, plane by plane")
-    deblur.add_argument("input", help="TIFF file (2-D plane or a stack whose last two axes are Y, X)")
-    deblur.add_argument("-o", "--output", required=True, help="TIFF file to write")
-    deblur.add_argument("--model", default="default", help="model file, reference checkpoint or bundled name")
-    deblur.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    deblur = commands.add_parser(
+        "deblur",
+        help="deblur images or stacks (TIFF, OME-TIFF, OME-Zarr), plane by plane",
+        description="Deblur 2-D to 5-D images plane by plane in blended tiles. One input to one output file "
+        "(.tif, .ome.tif or .zarr), or several inputs / a folder of TIFFs to an output folder.",
+    )
+    deblur.add_argument("input", nargs="+", help="image files (.tif, .ome.tif, .zarr) or folders of TIFFs")
+    deblur.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
+    deblur.add_argument("--model", default="default", help="'default', a bundled name, a model file or a checkpoint")
+    deblur.add_argument("--axes", help="axes of the input, e.g. TZYX, ZCYX, YXS (default: from the file)")
     deblur.add_argument(
         "--tile", type=int, help="tile side in pixels (default: the model file's, else 256; 0: whole planes)"
     )
-    deblur.add_argument("--overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
-    deblur.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    deblur.add_argument(
+        "--overlap", type=int, help="overlap of tiles in pixels (default: a quarter of the tile, <= 64)"
+    )
+    deblur.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps")
+    deblur.add_argument("--batch", type=int, help="tiles per forward pass (default: 1 on CPU, 4 on GPU)")
+    deblur.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: fp32 on CPU, fp16 on GPU")
+    deblur.add_argument(
+        "--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"), help="normalise these percentiles to 0..1"
+    )
+    deblur.add_argument("--per", choices=("plane", "stack"), help="normalisation statistics per plane or stack")
+    deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
+    deblur.add_argument("--overwrite", action="store_true", help="replace existing output files")
     deblur.add_argument("--quiet", action="store_true", help="no progress bar")
     deblur.set_defaults(run=cmd_deblur)
 
@@ -183,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpt-deblur``; returns the exit code."""
+    from .images import ImageError
     from .inference import InputError
     from .models.files import ModelFileError
     from .runtime import tune_cpu_allocator
@@ -191,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     try:
         args.run(args)
-    except (UsageError, ModelFileError, InputError, ConfigError, OSError) as error:
+    except (UsageError, ModelFileError, InputError, ImageError, ConfigError, OSError) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

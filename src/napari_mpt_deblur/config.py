@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
+from dataclasses import replace as dataclass_replace
 from typing import Any, Literal
 
 Pairing = Literal["aligned", "official"]
@@ -227,3 +229,53 @@ class ModelCard:
             provenance=provenance,
             tile_size=tile_size,
         )
+
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class DeblurSettings:
+    """How the inference engine runs a model over images (every field has a safe default)."""
+
+    tile: int | None = None
+    """Tile side in pixels. ``None``: the model file's preferred tile size, else 256;
+    ``0``: whole planes, no tiling (memory grows with the plane)."""
+
+    overlap: int | None = None
+    """Pixels shared by neighbouring tiles; their outputs are blended over this width.
+    ``None``: a quarter of the tile, at most 64. At most half the tile."""
+
+    batch: int | None = None
+    """Tiles per forward pass. ``None``: 1 on the CPU (batching does not speed it up
+    there), 4 on a GPU. Halved automatically when a GPU runs out of memory."""
+
+    device: str = "auto"
+    """``auto`` (CUDA, then Apple MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+
+    precision: Precision = "auto"
+    """Arithmetic of the forward pass: ``auto`` (fp32 on the CPU, fp16 autocast on GPUs),
+    ``fp32``, or ``fp16``/``bf16`` autocast."""
+
+    normalization: IntensityNormalization | None = None
+    """Intensity normalisation; ``None`` uses what the model file records (it was trained with it)."""
+
+    def __post_init__(self) -> None:
+        if self.tile is not None and self.tile != 0 and self.tile < 16:
+            raise ConfigError(f"tile must be 0 (whole planes) or at least 16 pixels, got {self.tile}")
+        if self.overlap is not None and (self.overlap < 0 or (self.tile and self.overlap > self.tile // 2)):
+            raise ConfigError(f"overlap must be between 0 and half the tile ({self.tile}), got {self.overlap}")
+        if self.batch is not None and self.batch < 1:
+            raise ConfigError(f"batch must be at least 1, got {self.batch}")
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.normalization is not None and not isinstance(self.normalization, IntensityNormalization):
+            raise ConfigError("normalization must be an IntensityNormalization or None")
+
+    def replace(self, **changes: Any) -> DeblurSettings:
+        """A copy with some fields changed (validated again)."""
+        return dataclass_replace(self, **changes)

@@ -1,146 +1,591 @@
-"""Deblurring arrays and TIFF files plane by plane.
+"""The inference engine: deblur any 2-D to N-D image, lazily or eagerly, locally or on a dask cluster.
 
-The last two axes are Y and X; every leading axis (T, Z, C) is processed plane
-by plane. Intensities are normalised as the model file records, and the result
-is mapped back to the input's scale and dtype (clipped, never wrapped).
+One path serves every caller:
+
+- :class:`Deblurrer` holds a model on a device with the :class:`DeblurSettings`
+  and deblurs one *block* (a plane, or an RGB plane) in blended tiles; a
+  generator, so it reports each tile and stops between tiles when closed.
+- :func:`deblur_lazy` returns a dask array of the input's shape, one plane per
+  chunk, computed only when read (napari shows one plane while the rest waits).
+- :func:`iter_deblur` computes everything, yielding :class:`DeblurProgress`
+  (the GUI's and the CLI's progress bars, cancellation by closing it).
+- :func:`deblur_file` streams a file (TIFF, OME-TIFF, OME-Zarr) to a new file,
+  plane by plane, so memory stays flat in the stack depth.
+
+Intensities are normalised as the model file records (or as the settings say)
+and mapped back to the input's scale and dtype (clipped, never wrapped).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import IntensityNormalization
-from .models.files import atomic_write
+from .config import DeblurSettings, IntensityNormalization
+from .images import Image, ImageError, as_image, open_image, output_format, write_image
+from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT
-from .tiling import tiled_forward
+from .runtime import autocast_dtype, resolve_device
+from .tiling import iter_tiled_forward, tile_grid
+
+DEFAULT_TILE = 256
+MIN_TILE = 64
+STACK_SAMPLE = 2**24
+"""At most this many values per channel are kept to estimate stack-wide percentiles."""
 
 
 class InputError(ValueError):
     """An input the model cannot process; the message says why."""
 
 
-def normalization_range(plane: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
+class Cancelled(Exception):
+    """The computation was stopped on request."""
+
+
+@dataclass(frozen=True)
+class DeblurProgress:
+    """Where a computation stands; yielded after every forward pass."""
+
+    planes_done: int
+    planes_total: int
+    tiles_done: int
+    """Tiles finished over the whole job (planes x tiles per plane)."""
+    tiles_total: int
+    message: str | None = None
+    """Something the user should know (e.g. a smaller batch after running out of GPU memory)."""
+
+    @property
+    def fraction(self) -> float:
+        return self.tiles_done / self.tiles_total if self.tiles_total else 1.0
+
+
+# --- how an image maps onto the model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """How the axes of an image map onto a model's input.
+
+    A *block* is what one task reads: the whole Y and X, the whole ``group_axis``
+    and one entry of every other axis. A 1-channel model deblurs each entry of
+    the group axis (RGB samples) on its own; a 3-channel model takes the group
+    axis (S, or a C axis of 3 or 4 entries) as its colours, and a 4th entry
+    (alpha) passes through unchanged.
+    """
+
+    axes: str
+    shape: tuple[int, ...]
+    model_channels: int
+    group_axis: int | None
+    """Axis kept whole in a block (RGB samples or colours), or None."""
+    stat_axis: int | None
+    """Axis whose entries get their own stack-wide statistics (channels of a 1-channel model), or None."""
+
+    @classmethod
+    def of(cls, image: Image, model_channels: int) -> PlaneLayout:
+        axes, shape = image.axes, image.shape
+        if 0 in shape:
+            raise InputError(f"the image is empty (shape {shape})")
+        dtype = np.dtype(image.dtype)
+        if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise InputError(f"unsupported pixel type {dtype}: need integers or floating point")
+        if model_channels == 1:
+            group = axes.index("S") if "S" in axes else None
+            stat = group if group is not None else (axes.index("C") if "C" in axes else None)
+            return cls(axes, shape, 1, group, stat)
+        colour = next((axes.index(a) for a in "SC" if a in axes and shape[axes.index(a)] in (3, 4)), None)
+        if colour is None or model_channels != 3:
+            found = ", ".join(f"{a}={n}" for a, n in zip(axes, shape))
+            raise InputError(
+                f"a {model_channels}-channel model needs RGB data (an S or C axis of 3 or 4 entries); "
+                f"this image is 1-channel ({found}). Use a grayscale model, or pass axes"
+            )
+        return cls(axes, shape, 3, colour, None)
+
+    @property
+    def block_chunks(self) -> tuple[int, ...]:
+        return tuple(
+            n if (a in "YX" or i == self.group_axis) else 1 for i, (a, n) in enumerate(zip(self.axes, self.shape))
+        )
+
+    @property
+    def plane_size(self) -> tuple[int, int]:
+        return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")]
+
+    def block_indices(self) -> Iterator[tuple[int | slice, ...]]:
+        """Index of every block in C order (the page order of a TIFF)."""
+        iterated = [i for i, a in enumerate(self.axes) if a not in "YX" and i != self.group_axis]
+        for position in np.ndindex(*[self.shape[i] for i in iterated]):
+            index: list[int | slice] = [slice(None)] * len(self.shape)
+            for axis, value in zip(iterated, position):
+                index[axis] = slice(value, value + 1)
+            yield tuple(index)
+
+    @property
+    def blocks(self) -> int:
+        return int(np.prod([n for n, c in zip(self.shape, self.block_chunks) if c == 1], dtype=np.int64))
+
+    def to_units(self, block: np.ndarray) -> np.ndarray:
+        """A block as (k, Y, X): its group-axis entries first."""
+        order = [self.group_axis] if self.group_axis is not None else []
+        order += [i for i in range(block.ndim) if i != self.group_axis]
+        y, x = self.plane_size
+        return block.transpose(order).reshape(-1, y, x)
+
+    def from_units(self, units: np.ndarray, block_shape: tuple[int, ...]) -> np.ndarray:
+        """Inverse of :meth:`to_units`."""
+        if self.group_axis is None:
+            return units.reshape(block_shape)
+        moved = (block_shape[self.group_axis],) + tuple(n for i, n in enumerate(block_shape) if i != self.group_axis)
+        return np.moveaxis(units.reshape(moved), 0, self.group_axis)
+
+    def stat_index(self, index: tuple[int | slice, ...]) -> int | None:
+        """For a block whose stat axis is iterated (C of a 1-channel model), its channel."""
+        if self.stat_axis is None or self.stat_axis == self.group_axis:
+            return None
+        return index[self.stat_axis].start
+
+
+def normalization_range(values: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
     """The input values that map to 0 and 1."""
     if normalization.mode == "percentile":
-        low, high = np.percentile(plane, (normalization.low, normalization.high))
+        low, high = np.percentile(values, (normalization.low, normalization.high))
     elif normalization.mode == "minmax":
-        low, high = float(plane.min()), float(plane.max())
+        low, high = float(values.min()), float(values.max())
     else:
         low, high = normalization.low, normalization.high
-    if high <= low:  # a flat plane: keep it flat instead of dividing by zero
+    if not high > low:  # a flat plane: keep it flat instead of dividing by zero
         high = low + 1.0
     return float(low), float(high)
 
 
-def check_input(array: np.ndarray, model: MPT) -> None:
-    """Raise :class:`InputError` for arrays the model cannot deblur."""
-    if array.ndim < 2:
-        raise InputError(f"need at least 2 dimensions (Y, X), got shape {array.shape}")
-    if 0 in array.shape:
-        raise InputError(f"the image is empty (shape {array.shape})")
-    if model.config.in_channels != 1:
-        channels = model.config.in_channels
-        raise InputError(f"this command deblurs grayscale planes; the model expects {channels} channels")
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InputError(f"unsupported pixel type {array.dtype}")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InputError("the image contains NaN or infinite values")
+def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNormalization) -> np.ndarray:
+    """Stack-wide (low, high) per channel, shape (channels, 2), from a bounded sample of every plane.
+
+    Channels are the entries of the layout's stat axis (one row when it has none).
+    Reads the whole stack once; memory stays below ``STACK_SAMPLE`` values per channel.
+    """
+    channels = layout.shape[layout.stat_axis] if layout.stat_axis is not None else 1
+    per_block = max(1, STACK_SAMPLE // max(1, layout.blocks // channels))
+    samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
+    for index in layout.block_indices():
+        units = layout.to_units(read_block(image, index))
+        check_finite(units)
+        inner = layout.stat_index(index)
+        groups = [units] if layout.stat_axis is None else ([units] if inner is not None else list(units))
+        for offset, values in enumerate(groups):
+            flat = values.reshape(-1)
+            step = max(1, flat.size // per_block)
+            samples[inner if inner is not None else offset].append(flat[::step].astype(np.float32))
+    return np.array([normalization_range(np.concatenate(s), normalization) for s in samples])
 
 
-DEFAULT_TILE = 256
-DEFAULT_OVERLAP = 32
+def read_block(image: Image, index: tuple[int | slice, ...]) -> np.ndarray:
+    """Read one block here, in this thread (never through a distributed client: file handles stay local)."""
+    return np.asarray(image.data[index].compute(scheduler="sync"))
+
+
+def check_finite(values: np.ndarray) -> None:
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) first")
+
+
+# --- the model on a device ------------------------------------------------------------------------------------------
+
+
+class Deblurrer:
+    """A model on a device with the engine's settings; deblurs blocks tile by tile.
+
+    Parameters
+    ----------
+    model
+        The network (``model.card`` supplies the normalisation and tile size when present).
+    settings
+        Tile, overlap, batch, device, precision and normalisation.
+    """
+
+    def __init__(self, model: MPT, settings: DeblurSettings | None = None) -> None:
+        self.settings = settings or DeblurSettings()
+        try:
+            self.device = resolve_device(self.settings.device)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        self.model = model.to(self.device).eval()
+        card = getattr(model, "card", None)
+        self.normalization = self.settings.normalization or (card.normalization if card else IntensityNormalization())
+        tile = self.settings.tile
+        self.tile = tile if tile is not None else ((card.tile_size if card else None) or DEFAULT_TILE)
+        self.batch = self.settings.batch or (1 if self.device.type == "cpu" else 4)
+        self.autocast = autocast_dtype(self.device, self.settings.precision)
+        self.channels = model.config.in_channels
+
+    @property
+    def overlap(self) -> int:
+        """The overlap in use: the setting, or a quarter of the tile (at most 64); at most half the tile."""
+        if self.tile == 0:
+            return 0
+        requested = self.settings.overlap
+        return min(64, self.tile // 4) if requested is None else min(requested, self.tile // 2)
+
+    def tiles_per_plane(self, height: int, width: int) -> int:
+        return len(tile_grid(height, width, self.tile, self.overlap))
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.model(x).float()
+
+    def iter_block(
+        self, block: np.ndarray, layout: PlaneLayout, ranges: np.ndarray | None = None, stat_index: int | None = None
+    ) -> Generator[tuple[int, int, str | None], None, np.ndarray]:
+        """Deblur one block, yielding (tiles done, tiles total, message) and returning the result.
+
+        ``ranges`` are stack-wide (low, high) rows (see :func:`stack_ranges`);
+        None normalises each unit by its own statistics.
+        """
+        block = np.asarray(block)
+        check_finite(block)
+        units = layout.to_units(block)
+        out = np.empty(units.shape, dtype=block.dtype)
+        if self.channels == 3:
+            groups = [(slice(0, 3), 0)]
+            out[3:] = units[3:]  # alpha passes through
+        else:
+            groups = [(slice(k, k + 1), k) for k in range(units.shape[0])]
+        per_unit = self.tiles_per_plane(*layout.plane_size)
+        done_before = 0
+        total = per_unit * len(groups)
+        for where, offset in groups:
+            values = units[where]
+            if ranges is None:
+                low, high = normalization_range(values, self.normalization)
+            else:
+                row = ranges[stat_index if stat_index is not None else (offset if len(ranges) > 1 else 0)]
+                low, high = float(row[0]), float(row[1])
+            result = yield from self._forward_with_fallback(values, low, high, done_before, total)
+            out[where] = to_dtype(result * (high - low) + low, block.dtype)
+            done_before += per_unit
+        return layout.from_units(out, block.shape)
+
+    def _forward_with_fallback(
+        self, values: np.ndarray, low: float, high: float, done_before: int, total: int
+    ) -> Generator[tuple[int, int, str | None], None, np.ndarray]:
+        scaled = ((values.astype(np.float32) - low) / (high - low)).astype(np.float32)
+        x = torch.from_numpy(scaled)[None].to(self.device)
+        messages: list[str] = []
+        while True:
+            try:
+                with torch.inference_mode():
+                    steps = iter_tiled_forward(self._network, x, self.tile, self.overlap, self.batch)
+                    while True:
+                        try:
+                            done, _ = next(steps)
+                        except StopIteration as finished:
+                            return finished.value[0].float().cpu().numpy()
+                        yield done_before + done, total, "; ".join(messages) or None
+                        messages.clear()
+            except torch.OutOfMemoryError:
+                messages.append(self._shrink())
+
+    def _shrink(self) -> str:
+        """After running out of memory: halve the batch, else the tile; a message saying so."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch > 1:
+            self.batch //= 2
+            return f"out of GPU memory: retrying with {self.batch} tile(s) per batch"
+        if self.tile == 0 or self.tile > MIN_TILE:
+            self.tile = DEFAULT_TILE if self.tile == 0 else max(MIN_TILE, self.tile // 2)
+            return f"out of GPU memory: retrying with {self.tile}-pixel tiles"
+        raise InputError(
+            f"out of memory on {self.device} even with one {MIN_TILE}-pixel tile per pass; "
+            "use device 'cpu' or a smaller model"
+        )
+
+
+def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast to the input's dtype: rounded and clipped for integers (no wrap-around)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+# --- sending the model to dask workers ------------------------------------------------------------------------------
+
+_WORKER_DEBLURRERS: dict[str, Deblurrer] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+class ModelHandle:
+    """A picklable reference to a :class:`Deblurrer` for dask tasks.
+
+    In this process it is the live deblurrer. Pickled (for process workers or a
+    distributed cluster) it travels as the model file's bytes plus the settings,
+    and each worker process builds its deblurrer once and reuses it for every
+    plane (``auto`` then picks the worker's own GPU).
+    """
+
+    def __init__(self, deblurrer: Deblurrer) -> None:
+        self.key = uuid.uuid4().hex
+        self._deblurrer: Deblurrer | None = deblurrer
+        self._bytes: bytes | None = None
+        self._settings = deblurrer.settings
+
+    def __dask_tokenize__(self) -> str:
+        return self.key
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._bytes is None and self._deblurrer is not None:
+            self._bytes = model_to_bytes(self._deblurrer.model)
+        return {"key": self.key, "_bytes": self._bytes, "_settings": self._settings, "_deblurrer": None}
+
+    def get(self) -> Deblurrer:
+        if self._deblurrer is not None:
+            return self._deblurrer
+        with _WORKER_LOCK:
+            deblurrer = _WORKER_DEBLURRERS.get(self.key)
+            if deblurrer is None:
+                deblurrer = Deblurrer(model_from_bytes(self._bytes), self._settings)
+                _WORKER_DEBLURRERS[self.key] = deblurrer
+        return deblurrer
+
+
+def loaded_models() -> int:
+    """How many models this process has built from handles (one per job and worker process)."""
+    return len(_WORKER_DEBLURRERS)
+
+
+def _deblur_block(
+    block: np.ndarray, handle: ModelHandle, layout: PlaneLayout, ranges: np.ndarray | None, stat_index: int | None
+) -> np.ndarray:
+    """A dask task: one block, start to end."""
+    steps = handle.get().iter_block(block, layout, ranges, stat_index)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+def _prepare(
+    model: MPT | Deblurrer, data: Any, axes: str | None, settings: DeblurSettings | None
+) -> tuple[Deblurrer, Image, PlaneLayout]:
+    deblurrer = model if isinstance(model, Deblurrer) else Deblurrer(model, settings)
+    try:
+        image = as_image(data, axes)
+    except ImageError as error:
+        raise InputError(str(error)) from None
+    return deblurrer, image, PlaneLayout.of(image, deblurrer.channels)
+
+
+# --- public entry points --------------------------------------------------------------------------------------------
+
+
+def deblur_lazy(
+    model: MPT | Deblurrer, data: Any, axes: str | None = None, settings: DeblurSettings | None = None
+) -> Any:
+    """The deblurred image as a lazy dask array: the input's shape and dtype, one plane per chunk.
+
+    Nothing is computed until a chunk is read. With stack-wide normalisation
+    (``per='stack'``), the statistics are computed once, on first read.
+    Computing it with a ``dask.distributed`` client runs on the cluster, the
+    model built once per worker process; inputs read from files are best sent
+    with :func:`deblur_file` (``client=``), which reads them on this side.
+    """
+    import dask
+    import dask.array as da
+
+    deblurrer, image, layout = _prepare(model, data, axes, settings)
+    source = image.data.rechunk(layout.block_chunks)
+    handle = dask.delayed(ModelHandle(deblurrer), pure=True)
+    ranges = None
+    if deblurrer.normalization.per == "stack":
+        # a partial, so dask does not compute the whole stack into memory as the argument
+        ranges = dask.delayed(functools.partial(stack_ranges, image, layout, deblurrer.normalization), pure=True)()
+    stat_axis = layout.stat_axis if layout.stat_axis != layout.group_axis else None
+
+    def task(block: np.ndarray, handle: ModelHandle, ranges: np.ndarray | None, block_info: Any = None) -> np.ndarray:
+        location = block_info[0]["chunk-location"] if block_info else None
+        channel = location[stat_axis] if (stat_axis is not None and location is not None) else None
+        return _deblur_block(block, handle, layout, ranges, channel)
+
+    meta = np.empty((0,) * source.ndim, image.dtype)
+    return da.map_blocks(task, source, handle, ranges, dtype=image.dtype, meta=meta)
 
 
 def iter_deblur(
-    model: MPT, array: np.ndarray, out: np.ndarray, tile: int | None = None, overlap: int = DEFAULT_OVERLAP
-) -> Iterator[tuple[int, int]]:
-    """Deblur ``array`` into ``out`` (same shape and dtype), yielding (planes done, planes total).
+    model: MPT | Deblurrer,
+    data: Any,
+    axes: str | None = None,
+    settings: DeblurSettings | None = None,
+    out: np.ndarray | None = None,
+    client: Any = None,
+) -> Generator[DeblurProgress, None, np.ndarray]:
+    """Deblur everything into ``out`` (default: a new array), yielding progress after every forward pass.
 
-    Each plane runs in overlapping tiles of ``tile`` pixels (default: the model
-    file's tile size, else 256; 0: the whole plane at once). Serves both one-shot
-    use (:func:`deblur_array`) and callers that show progress or stop between planes.
+    The compute generator behind the progress bars: close it (or stop
+    iterating) and the work stops between two tiles. Returns ``out``
+    (``result = yield from iter_deblur(...)``, or :func:`deblur_array`).
     """
-    check_input(array, model)
-    if out.shape != array.shape or out.dtype != array.dtype or not out.flags.c_contiguous:
-        raise ValueError("out must be a C-contiguous array of the input's shape and dtype")
-    card = getattr(model, "card", None)
-    normalization = card.normalization if card else IntensityNormalization()
-    if tile is None:
-        tile = (card.tile_size if card else None) or DEFAULT_TILE
-    device = next(model.parameters()).device
-    planes = array.reshape(-1, *array.shape[-2:])
-    results = out.reshape(-1, *array.shape[-2:])
-    if normalization.per == "stack":
-        stack_range = normalization_range(planes, normalization)
-    info = np.iinfo(array.dtype) if np.issubdtype(array.dtype, np.integer) else None
-    for index, plane in enumerate(planes):
-        low, high = stack_range if normalization.per == "stack" else normalization_range(plane, normalization)
-        x = torch.from_numpy((plane.astype(np.float32) - low) / (high - low)).to(device)
-        with torch.inference_mode():
-            y = x[None, None]
-            y = tiled_forward(model, y, tile, overlap) if tile else model(y)
-            y = y[0, 0].float().cpu().numpy()
-        y = y * (high - low) + low
-        if info is not None:
-            y = np.clip(np.rint(y), info.min, info.max)
-        results[index] = y.astype(array.dtype, copy=False)
-        yield index + 1, len(planes)
-
-
-def deblur_array(model: MPT, array: np.ndarray, tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> np.ndarray:
-    """Deblur every plane of an array; returns an array of the same shape and dtype."""
-    out = np.empty_like(array)
-    for _ in iter_deblur(model, array, out, tile, overlap):
-        pass
+    deblurrer, image, layout = _prepare(model, data, axes, settings)
+    if out is None:
+        out = np.empty(image.shape, dtype=image.dtype)
+    elif out.shape != image.shape or out.dtype != image.dtype:
+        raise ValueError(f"out must have shape {image.shape} and dtype {image.dtype}")
+    for item in _iter_blocks(deblurrer, image, layout, client):
+        if isinstance(item, DeblurProgress):
+            yield item
+        else:
+            index, result = item
+            out[index] = result
     return out
 
 
-def deblur_tiff(
-    model: MPT,
-    source: str | os.PathLike,
-    target: str | os.PathLike,
-    progress=None,
-    tile: int | None = None,
-    overlap: int = DEFAULT_OVERLAP,
-) -> Path:
-    """Deblur a TIFF file into a new TIFF file, written under a temporary name then renamed.
+def deblur_array(
+    model: MPT | Deblurrer,
+    data: Any,
+    axes: str | None = None,
+    settings: DeblurSettings | None = None,
+    progress: Callable[[DeblurProgress], None] | None = None,
+    client: Any = None,
+) -> np.ndarray:
+    """Deblur an array (numpy, dask or zarr) eagerly; returns a numpy array of the same shape and dtype.
 
-    ``progress``, if given, is called with (planes done, planes total).
+    ``progress`` is called after every forward pass; raising from it (e.g.
+    :class:`Cancelled`) stops the work between tiles.
     """
-    import tifffile
+    return _drive(iter_deblur(model, data, axes, settings, client=client), progress)
 
-    source, target = Path(source), Path(target)
+
+def deblur_file(
+    model: MPT | Deblurrer,
+    source: str | os.PathLike | Image,
+    target: str | os.PathLike,
+    axes: str | None = None,
+    settings: DeblurSettings | None = None,
+    progress: Callable[[DeblurProgress], None] | None = None,
+    client: Any = None,
+) -> Path:
+    """Deblur an image file (or :class:`Image`) into a TIFF / OME-TIFF / OME-Zarr file, plane by plane.
+
+    Memory holds a few planes whatever the stack depth. The output keeps the
+    input's shape, dtype, axes and pixel size; it is written under a temporary
+    name and renamed when complete, so a failed or cancelled run leaves no file
+    under ``target``. The input is only read.
+    """
+    target = Path(target)
     try:
-        with tifffile.TiffFile(source) as tif:
-            if not tif.series or not tif.pages:
-                raise ValueError("it holds no image")
-            series = tif.series[0]
-            array = series.asarray()
-            axes = series.axes
-            resolution = None
-            page = tif.pages[0]
-            if "XResolution" in page.tags and "YResolution" in page.tags:
-                resolution = (page.tags["XResolution"].value, page.tags["YResolution"].value)
-    except (OSError, ValueError, tifffile.TiffFileError) as error:
-        raise InputError(f"{source}: cannot read as TIFF ({error})") from error
-    if axes and axes[-1] in "SC" and array.shape[-1] in (3, 4):
-        raise InputError(f"{source}: RGB images need a 3-channel model (this command deblurs grayscale planes)")
-    out = np.empty_like(array)
-    for done, total in iter_deblur(model, array, out, tile, overlap):
+        image = source if isinstance(source, Image) else open_image(source, axes)
+        if isinstance(source, Image) and axes:
+            image = as_image(source, axes)
+    except ImageError as error:
+        raise InputError(str(error)) from None
+    if not isinstance(source, Image) and Path(source).resolve() == target.resolve():
+        raise InputError(f"{target}: the output would replace the input; choose another name")
+    deblurrer, image, layout = _prepare(model, image, None, settings)
+    group = layout.group_axis
+    tiff = output_format(target) == "tiff"
+    if tiff and group is not None and image.axes[group] != "S" and image.axes[group + 1] != "Y":
+        # A TIFF page order needs each block to be a run of whole pages.
+        raise InputError(f"axes {image.axes!r}: put the colour axis C right before Y (e.g. 'ZCYX') for this model")
+
+    def blocks() -> Iterator[tuple[tuple[int | slice, ...], np.ndarray]]:
+        for item in _iter_blocks(deblurrer, image, layout, client):
+            if isinstance(item, DeblurProgress):
+                if progress:
+                    progress(item)
+            else:
+                yield item
+
+    try:
+        return write_image(target, blocks(), image.shape, image.dtype, image.axes, like=image)
+    except ImageError as error:
+        raise InputError(str(error)) from None
+
+
+def _drive(steps: Generator[DeblurProgress, None, np.ndarray], progress: Callable | None) -> np.ndarray:
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as finished:
+            return finished.value
         if progress:
-            progress(done, total)
-    metadata = {"axes": axes} if axes else None
+            try:
+                progress(event)
+            except BaseException:
+                steps.close()
+                raise
 
-    def write(path: Path) -> None:
-        # Grayscale planes, always: without this tifffile stores a 3- or 4-plane stack as RGB(A).
-        tifffile.imwrite(
-            path, out, photometric="minisblack", metadata=metadata, resolution=resolution, bigtiff=out.nbytes > 2**31
-        )
 
-    atomic_write(target, write)
-    return target
+def _iter_blocks(
+    deblurrer: Deblurrer, image: Image, layout: PlaneLayout, client: Any = None
+) -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
+    """Deblur block after block in C order, yielding progress events and (index, result) pairs."""
+    ranges = stack_ranges(image, layout, deblurrer.normalization) if deblurrer.normalization.per == "stack" else None
+    planes_total = layout.blocks
+    per_block = deblurrer.tiles_per_plane(*layout.plane_size) * _units_per_block(layout, deblurrer.channels)
+    if client is not None:
+        yield from _iter_blocks_distributed(deblurrer, image, layout, ranges, client, per_block)
+        return
+    for done, index in enumerate(layout.block_indices()):
+        block = read_block(image, index)
+        steps = deblurrer.iter_block(block, layout, ranges, layout.stat_index(index))
+        while True:
+            try:
+                tiles, _, message = next(steps)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            yield DeblurProgress(done, planes_total, done * per_block + tiles, planes_total * per_block, message)
+        yield index, result
+    yield DeblurProgress(planes_total, planes_total, planes_total * per_block, planes_total * per_block)
+
+
+def _units_per_block(layout: PlaneLayout, channels: int) -> int:
+    if layout.group_axis is None or channels == 3:
+        return 1
+    return layout.shape[layout.group_axis]
+
+
+def _iter_blocks_distributed(
+    deblurrer: Deblurrer, image: Image, layout: PlaneLayout, ranges: np.ndarray | None, client: Any, per_block: int
+) -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
+    """The same on a dask.distributed cluster: planes are read here, sent to workers, collected in order.
+
+    A bounded window of planes is in flight (two per worker thread), so memory
+    stays flat; closing the generator cancels what is still running.
+    """
+    handle = client.scatter(ModelHandle(deblurrer), broadcast=True, hash=False)
+    window = 2 * max(1, sum(client.nthreads().values()))
+    in_flight: deque = deque()
+    planes_total = layout.blocks
+    done = 0
+    try:
+        for index in layout.block_indices():
+            block = read_block(image, index)
+            future = client.submit(_deblur_block, block, handle, layout, ranges, layout.stat_index(index), pure=False)
+            in_flight.append((index, future))
+            while len(in_flight) >= window:
+                yield in_flight[0][0], in_flight.popleft()[1].result()
+                done += 1
+                yield DeblurProgress(done, planes_total, done * per_block, planes_total * per_block)
+        while in_flight:
+            yield in_flight[0][0], in_flight.popleft()[1].result()
+            done += 1
+            yield DeblurProgress(done, planes_total, done * per_block, planes_total * per_block)
+    finally:
+        if in_flight:
+            client.cancel([future for _, future in in_flight])

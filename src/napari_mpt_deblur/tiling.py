@@ -15,7 +15,7 @@ difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import torch
 from torch import Tensor
@@ -52,52 +52,87 @@ def blend_window(size: int, overlap: int, device: torch.device | None = None) ->
     return weights
 
 
+def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[slice, slice]]:
+    """The (rows, columns) windows of the tiles covering a plane, row by row; tile 0 means one whole-plane tile."""
+    if tile == 0:
+        return [(slice(0, height), slice(0, width))]
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    return [
+        (slice(top, top + tile_h), slice(left, left + tile_w))
+        for top in axis_starts(height, tile_h, overlap)
+        for left in axis_starts(width, tile_w, overlap)
+    ]
+
+
+def iter_tiled_forward(
+    network: Callable[[Tensor], Tensor],
+    image: Tensor,
+    tile: int = 256,
+    overlap: int = 32,
+    batch: int = 1,
+) -> Generator[tuple[int, int], None, Tensor]:
+    """``network(image)`` computed tile by tile and blended, yielding ``(tiles done, tiles total)``.
+
+    A generator: it yields after every forward pass and *returns* the result
+    (``result = yield from iter_tiled_forward(...)``); closing it stops the work
+    between two forward passes. All tiles have the same size, so ``batch`` of
+    them run in one forward pass.
+
+    Parameters
+    ----------
+    network
+        Maps (N, C, h, w) to (N, C, h, w).
+    image
+        (1, C, H, W) tensor on the network's device.
+    tile
+        Tile side in pixels (tiles shrink to the plane where it is smaller); 0: the whole plane at once.
+    overlap
+        Pixels shared by neighbouring tiles; the blend ramps over this width.
+    batch
+        Tiles per forward pass.
+    """
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected a (1, C, H, W) tensor, got shape {tuple(image.shape)}")
+    if tile != 0 and (tile < 8 or not 0 <= overlap < tile):
+        raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    height, width = image.shape[-2:]
+    windows = tile_grid(height, width, tile, overlap)
+    if len(windows) == 1:
+        result = network(image)
+        yield 1, 1
+        return result
+    tile_h, tile_w = windows[0][0].stop - windows[0][0].start, windows[0][1].stop - windows[0][1].start
+    weight = blend_window(tile_h, overlap, image.device)[:, None] * blend_window(tile_w, overlap, image.device)
+    total = torch.zeros(image.shape[1], height, width, device=image.device)
+    weight_sum = torch.zeros(height, width, device=image.device)
+    for first in range(0, len(windows), batch):
+        group = windows[first : first + batch]
+        outputs = network(torch.cat([image[(0, ..., *window)][None] for window in group])).float()
+        for out, window in zip(outputs, group):
+            total[(slice(None), *window)] += out * weight
+            weight_sum[window] += weight
+        yield first + len(group), len(windows)
+    return (total / weight_sum)[None].to(image.dtype)
+
+
 def tiled_forward(
     network: Callable[[Tensor], Tensor],
     image: Tensor,
     tile: int = 256,
     overlap: int = 32,
     progress: Progress | None = None,
+    batch: int = 1,
 ) -> Tensor:
-    """``network(image)`` computed tile by tile and blended.
+    """``network(image)`` computed tile by tile and blended (see :func:`iter_tiled_forward`).
 
-    Parameters
-    ----------
-    network
-        Maps (1, C, h, w) to (1, C, h, w).
-    image
-        (1, C, H, W) tensor on the network's device.
-    tile
-        Tile side in pixels (tiles shrink to the plane where it is smaller).
-    overlap
-        Pixels shared by neighbouring tiles; the blend ramps over this width.
-    progress
-        Called as ``progress(done, total)`` after each tile; raising from it
-        stops the computation between tiles (cancellation).
+    ``progress(done, total)`` is called after each forward pass; raising from it
+    stops the computation between tiles (cancellation).
     """
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"expected a (1, C, H, W) tensor, got shape {tuple(image.shape)}")
-    if tile < 8 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    height, width = image.shape[-2:]
-    tile_h, tile_w = min(tile, height), min(tile, width)
-    rows, cols = axis_starts(height, tile_h, overlap), axis_starts(width, tile_w, overlap)
-    if len(rows) == 1 and len(cols) == 1:
-        result = network(image)
+    steps = iter_tiled_forward(network, image, tile, overlap, batch)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            return finished.value
         if progress:
-            progress(1, 1)
-        return result
-    weight = blend_window(tile_h, overlap, image.device)[:, None] * blend_window(tile_w, overlap, image.device)
-    total = torch.zeros(image.shape[1], height, width, device=image.device)
-    weight_sum = torch.zeros(height, width, device=image.device)
-    done, count = 0, len(rows) * len(cols)
-    for top in rows:
-        for left in cols:
-            window = (slice(top, top + tile_h), slice(left, left + tile_w))
-            out = network(image[(..., *window)])[0].float()
-            total[(slice(None), *window)] += out * weight
-            weight_sum[window] += weight
-            done += 1
-            if progress:
-                progress(done, count)
-    return (total / weight_sum)[None].to(image.dtype)
+            progress(done, total)

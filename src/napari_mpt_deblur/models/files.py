@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -18,11 +17,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..atomic import atomic_write
 from ..config import ConfigError, IntensityNormalization, ModelCard
 from .mpt import MPT
 from .official import (
@@ -48,20 +49,6 @@ class ModelFileError(ValueError):
     """A model file or checkpoint cannot be used; the message says why and what to do."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(temporary_path)`` then rename onto ``path``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(
     model: MPT,
     path: str | os.PathLike,
@@ -84,12 +71,35 @@ def save_model(
     )
     card.provenance.setdefault("saved", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     card.provenance.setdefault("software", f"napari-mpt-deblur {__version__}")
-    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **card.to_dict()})}
+    tensors, metadata = _tensors_and_metadata(model, card)
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     model.card = card
     return path
+
+
+def _tensors_and_metadata(model: MPT, card: ModelCard) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **card.to_dict()})}
+    return tensors, metadata
+
+
+def model_to_bytes(model: MPT) -> bytes:
+    """The model as the bytes of a model file (to send to other processes without a file)."""
+    card = getattr(model, "card", None) or ModelCard(architecture=model.config)
+    tensors, metadata = _tensors_and_metadata(model, card)
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def model_from_bytes(data: bytes) -> MPT:
+    """Inverse of :func:`model_to_bytes`: the model in eval mode on the CPU, ``model.card`` set."""
+    header_size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+    card = _card_from_metadata(metadata, "model bytes")
+    model = MPT(card.architecture)
+    model.load_state_dict(safetensors.torch.load(data))
+    model.card = card
+    return model.eval()
 
 
 def _kind_of_file(path: Path) -> str:
@@ -106,7 +116,10 @@ def _kind_of_file(path: Path) -> str:
 def read_model_card(path: str | os.PathLike) -> ModelCard:
     """The model card of one of our model files, without reading the weights."""
     path = Path(path)
-    metadata = _safetensors_metadata(path)
+    return _card_from_metadata(_safetensors_metadata(path), path)
+
+
+def _card_from_metadata(metadata: dict[str, str], path: Any) -> ModelCard:
     if METADATA_KEY not in metadata:
         raise ModelFileError(
             f"{path}: a .safetensors file without napari-mpt-deblur metadata (a foreign model?). "

@@ -1,0 +1,127 @@
+"""`mpt-deblur deblur`: files and folders in and out, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import tiny_config
+from napari_mpt_deblur import MPT, save_model
+from napari_mpt_deblur.cli import main
+from napari_mpt_deblur.images import open_image
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(MPT(tiny_config()).eval(), tmp_path_factory.mktemp("models") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def rgb_model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MPT(tiny_config(in_channels=3, out_channels=3)).eval()
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny-rgb.safetensors")
+
+
+def write_stack(path, shape=(3, 70, 90), axes="ZYX", seed=1):
+    stack = (np.random.default_rng(seed).random(shape) * 4000).astype(np.uint16)
+    tifffile.imwrite(path, stack, photometric="minisblack", metadata={"axes": axes}, resolution=(2.0, 2.0))
+    return stack
+
+
+def test_one_file_to_tiff_and_to_ome_zarr(tmp_path, model_file, capsys):
+    source = tmp_path / "cells.tif"
+    write_stack(source)
+    before = source.read_bytes()
+    target = tmp_path / "out" / "cells-deblurred.tif"
+    assert main(["deblur", str(source), "-o", str(target), "--model", str(model_file), "--tile", "64"]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    with tifffile.TiffFile(target) as tif:
+        assert tif.series[0].axes == "ZYX" and len(tif.pages) == 3
+        assert tif.pages[0].tags["XResolution"].value == (2, 1)
+    assert source.read_bytes() == before
+
+    zarr_target = tmp_path / "cells.ome.zarr"
+    args = ["deblur", str(source), "-o", str(zarr_target), "--model", str(model_file), "--quiet", "--per", "stack"]
+    assert main(args) == 0
+    assert open_image(zarr_target).shape == (3, 70, 90)
+
+
+def test_folder_in_folder_out_and_axes_override(tmp_path, model_file):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_stack(inputs / "a.tif")
+    write_stack(inputs / "b.tiff", shape=(2, 3, 40, 50), axes="TZYX")
+    (inputs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["deblur", str(inputs), "-o", str(out), "--model", str(model_file), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tiff"]
+    assert tifffile.imread(out / "b.tiff").shape == (2, 3, 40, 50)
+
+    # 'ZYX' read as 'YXS'-free 'CYX': the same planes, now labelled as channels
+    target = tmp_path / "as-channels.tif"
+    args = ["deblur", str(inputs / "a.tif"), "-o", str(target), "--model", str(model_file), "--quiet"]
+    assert main([*args, "--axes", "CYX"]) == 0
+    assert tifffile.TiffFile(target).series[0].axes == "CYX"
+
+
+def test_rgb_with_a_three_channel_model(tmp_path, rgb_model_file):
+    source = tmp_path / "he.tif"
+    tifffile.imwrite(source, (np.random.default_rng(3).random((60, 70, 3)) * 255).astype(np.uint8), photometric="rgb")
+    target = tmp_path / "he-out.tif"
+    assert main(["deblur", str(source), "-o", str(target), "--model", str(rgb_model_file), "--quiet"]) == 0
+    with tifffile.TiffFile(target) as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB and tif.series[0].shape == (60, 70, 3)
+
+
+def run_error(capsys, args):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+def test_every_bad_input_is_one_clear_line(tmp_path, model_file, rgb_model_file, capsys):
+    good = tmp_path / "good.tif"
+    write_stack(good)
+    out = str(tmp_path / "o.tif")
+    model = ["--model", str(model_file)]
+
+    assert "unknown axes 'W'" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--axes", "ZYW"])
+    plain = tmp_path / "plain.tif"
+    write_stack(plain, shape=(40, 50), axes="YX")
+    assert "3-channel model needs RGB" in run_error(
+        capsys, ["deblur", str(plain), "-o", out, "--model", str(rgb_model_file)]
+    )
+    nan = tmp_path / "nan.tif"
+    tifffile.imwrite(nan, np.full((2, 40, 40), np.nan, np.float32))
+    assert "NaN" in run_error(capsys, ["deblur", str(nan), "-o", out, *model])
+    empty = tmp_path / "empty.tif"
+    tifffile.imwrite(empty, np.zeros((0, 10), np.uint16))
+    assert "empty" in run_error(capsys, ["deblur", str(empty), "-o", out, *model])
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00 not really a tiff")
+    assert "cannot read as TIFF" in run_error(capsys, ["deblur", str(broken), "-o", out, *model])
+    assert "no such file" in run_error(capsys, ["deblur", str(tmp_path / "missing.tif"), "-o", out, *model])
+    assert not (tmp_path / "o.tif").exists()
+
+    existing = tmp_path / "existing.tif"
+    existing.write_bytes(b"keep me")
+    assert "--overwrite" in run_error(capsys, ["deblur", str(good), "-o", str(existing), *model])
+    assert existing.read_bytes() == b"keep me"
+    assert "replace the input" in run_error(capsys, ["deblur", str(good), "-o", str(good), *model, "--overwrite"])
+    assert "unknown output format" in run_error(capsys, ["deblur", str(good), "-o", str(tmp_path / "o.png"), *model])
+    assert "tile must be" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--tile", "4"])
+    assert "overlap" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--tile", "64", "--overlap", "40"])
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--device", "cuda"])
+    assert "no trained default model" in run_error(capsys, ["deblur", str(good), "-o", out])
+    assert "cannot connect" in run_error(
+        capsys, ["deblur", str(good), "-o", out, *model, "--scheduler", "tcp://127.0.0.1:9"]
+    )
+    assert not (tmp_path / "o.tif").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left behind
