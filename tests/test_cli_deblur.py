@@ -85,6 +85,7 @@ def run_error(capsys, args):
     return err
 
 
+@pytest.mark.filterwarnings("ignore:.*zero-size array")
 def test_every_bad_input_is_one_clear_line(tmp_path, model_file, rgb_model_file, capsys):
     good = tmp_path / "good.tif"
     write_stack(good)

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("--model", default="default", help="'default', a bundled name, a model file or a checkpoint")
     deblur.add_argument("--axes", help="axes of the input, e.g. TZYX, ZCYX, YXS (default: from the file)")
     deblur.add_argument(
-        "--tile", type=int, help="tile side in pixels (default: the model file's, else 256; 0: whole planes)"
+        "--tile", type=int, help="tile side in pixels (default: the model file's, else 512; 0: whole planes)"
     )
     deblur.add_argument(
         "--overlap", type=int, help="overlap of tiles in pixels (default: a quarter of the tile, <= 64)"

@@ -241,7 +241,7 @@ class DeblurSettings:
     """How the inference engine runs a model over images (every field has a safe default)."""
 
     tile: int | None = None
-    """Tile side in pixels. ``None``: the model file's preferred tile size, else 256;
+    """Tile side in pixels. ``None``: the model file's preferred tile size, else 512;
     ``0``: whole planes, no tiling (memory grows with the plane)."""
 
     overlap: int | None = None
