@@ -360,3 +360,16 @@ def test_saved_model_file_drives_the_engine(tmp_path, model):
     deblurrer = Deblurrer(load_model(path))
     assert deblurrer.tile == 64  # the model file's preferred tile size
     assert Deblurrer(load_model(path), DeblurSettings(tile=0)).tile == 0
+
+
+def test_large_outputs_are_bigtiff(tmp_path, model):
+    from napari_mpt_deblur.images import needs_bigtiff
+
+    assert not needs_bigtiff(20 * 2048 * 2048 * 2) and needs_bigtiff(300 * 2048 * 2048 * 2)  # 160 MB, 2.4 GB
+    # a TIFF reader sees the format the writer chose
+    from napari_mpt_deblur.images import write_tiff
+
+    target = tmp_path / "small.tif"
+    write_tiff(target, [((slice(None),) * 2, np.zeros((8, 8), np.uint8))], (8, 8), np.uint8, "YX")
+    with tifffile.TiffFile(target) as tif:
+        assert not tif.is_bigtiff

@@ -286,6 +286,11 @@ Block = tuple[tuple[int | slice, ...], np.ndarray]
 """A piece of an image: its index into the full array, and its values."""
 
 
+def needs_bigtiff(nbytes: int) -> bool:
+    """Whether pixel data of this size need BigTIFF (classic TIFF offsets end at 4 GiB; stay well clear)."""
+    return nbytes > 2**31 - 2**25
+
+
 def write_tiff(
     target: str | os.PathLike,
     blocks: Iterable[Block],
@@ -313,7 +318,7 @@ def write_tiff(
     like_tiff = like.tiff if like else {}
     options: dict[str, Any] = {
         "photometric": "rgb" if rgb else "minisblack",
-        "bigtiff": nbytes > 2**31 - 2**25,
+        "bigtiff": needs_bigtiff(nbytes),
     }
     metadata: dict[str, Any] = {"axes": axes}
     if like_tiff.get("resolution"):
