@@ -13,7 +13,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
-from .config import PRECISIONS, ConfigError, DeblurSettings
+from .config import PRECISIONS, ConfigError
+from .training.config import TrainConfig
 
 
 class UsageError(Exception):
@@ -136,7 +137,7 @@ def deblur_targets(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
 def cmd_deblur(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .config import IntensityNormalization
+    from .config import DeblurSettings, IntensityNormalization
     from .inference import Deblurrer, deblur_file
     from .models.files import BUNDLED_MODELS, load_model
 
@@ -193,6 +194,121 @@ def _connect(address: str):
         raise UsageError(f"--scheduler {address}: cannot connect ({error})") from None
 
 
+def _read_planes(paths: list[Path]) -> list:
+    from .images import ImageError, open_image
+
+    planes = []
+    for path in paths:
+        try:
+            image = open_image(path)
+        except ImageError as error:
+            raise UsageError(str(error)) from None
+        data = image.data.compute(scheduler="sync")
+        if image.axes.endswith("S"):
+            raise UsageError(f"{path}: RGB training images are not supported yet; convert to grayscale")
+        planes.extend(data.reshape(-1, *data.shape[-2:]).astype("float32"))
+    return planes
+
+
+def _tiffs(names: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    if not files:
+        raise UsageError(f"no TIFF files in {', '.join(names)}")
+    return files
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .models.files import load_model
+    from .models.presets import build_model
+    from .training.config import TrainConfig
+    from .training.engine import Validation, iter_train, state_path
+    from .training.patches import LabeledPairs, SyntheticPairs
+
+    output = Path(args.output)
+    if not args.resume:
+        _check_output(output, args.overwrite)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        patch_size=args.patch,
+        lr=args.lr,
+        efcr_beta=args.beta,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+    )
+    if args.pairs:
+        root = Path(args.pairs)
+        blurry_files, sharp_files = _tiffs([str(root / "blurry")]), _tiffs([str(root / "sharp")])
+        names = {p.name for p in blurry_files} & {p.name for p in sharp_files}
+        if not names:
+            raise UsageError(f"{root}: no file name appears in both blurry/ and sharp/")
+        names = sorted(names)
+        held_out = names[-1:] if len(names) > 1 else []
+        train_names = names[: len(names) - len(held_out)]
+        sampler = LabeledPairs(
+            _read_planes([root / "blurry" / n for n in train_names]),
+            _read_planes([root / "sharp" / n for n in train_names]),
+            config.normalization,
+        )
+        source = {"pairs": str(root), "pair_files": len(names)}
+        validation_sampler = (
+            LabeledPairs(
+                _read_planes([root / "blurry" / n for n in held_out]),
+                _read_planes([root / "sharp" / n for n in held_out]),
+                config.normalization,
+            )
+            if held_out
+            else None
+        )
+    else:
+        planes = _read_planes(_tiffs(args.sharp))
+        held = max(1, len(planes) // 10) if len(planes) > 1 else 0
+        sampler = SyntheticPairs(planes[: len(planes) - held], normalization=config.normalization)
+        validation_sampler = (
+            SyntheticPairs(planes[len(planes) - held :], normalization=config.normalization) if held else None
+        )
+        source = {"sharp": [str(s) for s in args.sharp], "synthetic_defocus": True, "planes": len(planes)}
+    validation = Validation.from_sampler(validation_sampler, 8, config.patch_size) if validation_sampler else None
+    if args.resume and state_path(output).exists():
+        model = load_model(output)  # the run's own architecture; its weights and optimizer state are restored
+    else:
+        model = load_model(args.model) if args.model else build_model(args.preset, pairing=args.pairing)
+    steps = iter_train(
+        model, sampler, output, config, validation=validation, resume=args.resume, provenance={"trained_on": source}
+    )
+    last = None
+    with tqdm(total=config.steps, unit="step", disable=args.quiet, dynamic_ncols=True) as bar:
+        for event in steps:
+            bar.n = event.step
+            postfix = f"loss {event.losses['total']:.4f} lr {event.lr:.1e}"
+            if event.validation:
+                postfix += f" val {event.validation['psnr']:.2f} dB (input {event.validation['input_psnr']:.2f})"
+            bar.set_postfix_str(postfix)
+            bar.refresh()
+            last = event
+    if last and not args.quiet:
+        minutes, loss = last.elapsed_s / 60, last.losses["total"]
+        print(f"wrote {output} after {last.step} steps ({minutes:.1f} min in this run), final loss {loss:.4f}")
+        if last.validation:
+            v = last.validation
+            print(
+                f"validation: PSNR {v['psnr']:.2f} dB (input {v['input_psnr']:.2f}), "
+                f"SSIM {v['ssim']:.3f} (input {v['input_ssim']:.3f})"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpt-deblur", description="Defocus deblurring of microscopy images with the Multi-Pyramid Transformer."
@@ -245,6 +361,36 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("--quiet", action="store_true", help="no progress bar")
     deblur.set_defaults(run=cmd_deblur)
 
+    trainer = commands.add_parser(
+        "train",
+        help="train a model on blurry/sharp pairs or on sharp images defocused on the fly",
+        description="Supervised training (L1 + beta * EFCR, AdamW, cosine schedule). Checkpoints are written "
+        "every --checkpoint-every steps; --resume continues an interrupted run exactly.",
+    )
+    data = trainer.add_mutually_exclusive_group(required=True)
+    data.add_argument("--pairs", metavar="DIR", help="folder with blurry/ and sharp/ TIFFs matched by name")
+    data.add_argument(
+        "--sharp", nargs="+", metavar="PATH", help="sharp TIFFs or folders: pairs made by synthetic defocus"
+    )
+    trainer.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    start = trainer.add_mutually_exclusive_group()
+    start.add_argument("--preset", default="lite", help="start from a fresh preset network (default: lite)")
+    start.add_argument("--model", help="start from this model file")
+    trainer.add_argument("--pairing", default="aligned", choices=("aligned", "official"), help="for --preset")
+    trainer.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+    trainer.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="patches per step")
+    trainer.add_argument("--patch", type=int, default=TrainConfig.patch_size, help="patch side in pixels")
+    trainer.add_argument("--lr", type=float, default=TrainConfig.lr, help="initial learning rate (cosine decay)")
+    trainer.add_argument("--beta", type=float, default=TrainConfig.efcr_beta, help="EFCR weight (0: L1 only)")
+    trainer.add_argument("--seed", type=int, default=0, help="seed of patches, blur and noise")
+    trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    trainer.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="steps")
+    trainer.add_argument("--validate-every", type=int, default=TrainConfig.validate_every, help="steps")
+    trainer.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
+    trainer.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    trainer.add_argument("--quiet", action="store_true", help="no progress bar")
+    trainer.set_defaults(run=cmd_train)
+
     presets = commands.add_parser("presets", help="list the named network configurations")
     presets.set_defaults(run=cmd_presets)
 
@@ -265,12 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     from .inference import InputError
     from .models.files import ModelFileError
     from .runtime import tune_cpu_allocator
+    from .training.engine import CheckpointError
 
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
     try:
         args.run(args)
-    except (UsageError, ModelFileError, InputError, ImageError, ConfigError, OSError) as error:
+    except (UsageError, ModelFileError, InputError, ImageError, ConfigError, CheckpointError, OSError) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

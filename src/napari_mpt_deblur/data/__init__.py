@@ -1,0 +1,1 @@
+"""Data for training: synthetic defocus, patch sampling."""

@@ -1,0 +1,1 @@
+"""Training and fine-tuning: configuration, patch sampling, the training loop."""

@@ -1,0 +1,102 @@
+"""The training configuration: one validated, JSON-friendly object per run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..config import ConfigError, IntensityNormalization
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (defaults: the paper's recipe, section 5)."""
+
+    steps: int = 20000
+    """Optimizer steps in the whole run (the learning-rate schedule spans them)."""
+
+    batch_size: int = 8
+    """Patches per step (the paper's 8)."""
+
+    patch_size: int = 256
+    """Side of the square training patches in pixels."""
+
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    """Random rescaling of each patch (the paper's random scaling); (1, 1) turns it off."""
+
+    lr: float = 1e-4
+    """Initial learning rate of AdamW; it follows a cosine to ``lr_min``."""
+
+    lr_min: float = 1e-6
+    """Learning rate at the last step."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's beta1, beta2."""
+
+    weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay."""
+
+    grad_clip: float | None = 1.0
+    """Clip the gradient's global norm to this (None: no clipping)."""
+
+    efcr_beta: float = 1e-5
+    """Weight of the EFCR contrastive term (0 turns it off: plain L1)."""
+
+    validate_every: int = 500
+    """Steps between validations (PSNR/SSIM on held-out pairs), when there are any."""
+
+    checkpoint_every: int = 500
+    """Steps between checkpoints; a killed run loses at most this many steps."""
+
+    seed: int = 0
+    """Seed of everything random: patches, blur, noise, re-blur. Step ``s`` uses (seed, s), so
+    a resumed run draws exactly the batches an uninterrupted one would."""
+
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+
+    amp: bool = True
+    """bf16/fp16 autocast on CUDA (ignored on the CPU)."""
+
+    normalization: IntensityNormalization = IntensityNormalization()
+    """Intensity normalisation of patches; recorded in the model file for inference."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        object.__setattr__(self, "betas", tuple(float(v) for v in self.betas))
+        if isinstance(self.normalization, dict):
+            object.__setattr__(self, "normalization", IntensityNormalization.from_dict(self.normalization))
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "validate_every": self.validate_every}
+        positive["checkpoint_every"] = self.checkpoint_every
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.patch_size < 16:
+            raise ConfigError(f"patch_size must be at least 16, got {self.patch_size}")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if not 0 < self.lr_min <= self.lr:
+            raise ConfigError(f"need 0 < lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.efcr_beta < 0:
+            raise ConfigError("weight_decay and efcr_beta must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scale_range"], data["betas"] = list(self.scale_range), list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"TrainConfig: unknown field(s) {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})

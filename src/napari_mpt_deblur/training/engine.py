@@ -1,0 +1,267 @@
+"""The training loop: one generator serving the CLI, the fine-tune dock and scripts.
+
+``iter_train`` yields a :class:`TrainProgress` after every step; stop iterating
+(or close it) and training stops cleanly between steps. Checkpoints are a model
+file (``OUT.safetensors``) and a training-state file (``OUT.state.pt``: optimizer
+state and step), both written atomically every ``checkpoint_every`` steps and at
+the end; ``resume=True`` continues exactly where the state file says.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write
+from ..losses.efcr import EFCRConfig, EFCRLoss
+from ..models.files import save_model
+from ..models.mpt import MPT
+from ..runtime import resolve_device
+from .config import TrainConfig
+from .patches import PairSampler
+
+STATE_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A training-state file that cannot be used to resume; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a training run stands, after a step."""
+
+    step: int
+    steps: int
+    losses: dict[str, float]
+    """The step's loss terms: total, l1, contrastive, positive, negative, extension."""
+    lr: float
+    elapsed_s: float
+    """Seconds spent in this process."""
+    remaining_s: float
+    """Estimate from this process's mean step time."""
+    validation: dict[str, float] | None = None
+    """PSNR/SSIM (and the input's) on the held-out pairs, at validation steps."""
+    checkpoint: Path | None = None
+    """The model file written at this step, if any."""
+
+
+def cosine_lr(step: int, config: TrainConfig) -> float:
+    """Learning rate of step ``step`` (0-based): cosine from ``lr`` to ``lr_min`` over the run."""
+    progress = min(step / max(1, config.steps - 1), 1.0)
+    return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def state_path(model_path: str | Path) -> Path:
+    """The training-state file beside a model file."""
+    path = Path(model_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def psnr(output: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> float:
+    mse = F.mse_loss(output.float(), target.float()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def ssim(output: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> float:
+    """Mean SSIM of (B, C, H, W) images (Gaussian window 11, sigma 1.5, as Wang et al.)."""
+    taps = torch.arange(11, dtype=torch.float32, device=output.device) - 5
+    window = torch.exp(-(taps**2) / (2 * 1.5**2))
+    window = (window / window.sum()).view(1, 1, 1, -1)
+    channels = output.shape[1]
+
+    def smooth(x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, window.expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(x, window.transpose(-1, -2).expand(channels, 1, -1, 1), groups=channels)
+
+    x, y = output.float(), target.float()
+    mu_x, mu_y = smooth(x), smooth(y)
+    var_x = smooth(x * x) - mu_x**2
+    var_y = smooth(y * y) - mu_y**2
+    cov = smooth(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+@dataclass
+class Validation:
+    """Held-out (blurry, sharp) patches, normalised like training patches: (N, 1, P, P) each."""
+
+    blurry: np.ndarray
+    sharp: np.ndarray
+    input_scores: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_sampler(cls, sampler: PairSampler, count: int, patch: int, seed: int = 12345) -> Validation:
+        """A fixed set drawn once from a sampler (fixed seed, no rescaling)."""
+        blurry, sharp = sampler.sample(np.random.default_rng(seed), count, patch, (1.0, 1.0))
+        return cls(blurry, sharp)
+
+    def evaluate(self, model: MPT, device: torch.device) -> dict[str, float]:
+        model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(self.blurry), 4):
+                outputs.append(model(torch.from_numpy(self.blurry[start : start + 4]).to(device)).float().cpu())
+        output, sharp, blurry = torch.cat(outputs), torch.from_numpy(self.sharp), torch.from_numpy(self.blurry)
+        # data range 1: patches are normalised so the blurry input spans about 0..1
+        if not self.input_scores:
+            self.input_scores = {"input_psnr": psnr(blurry, sharp), "input_ssim": ssim(blurry, sharp)}
+        return {"psnr": psnr(output, sharp), "ssim": ssim(output, sharp), **self.input_scores}
+
+
+def _step_generator(config: TrainConfig, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of one step: the same for a resumed run as for an uninterrupted one."""
+    numpy_rng = np.random.default_rng([config.seed, step])
+    torch_rng = torch.Generator().manual_seed(int(numpy_rng.integers(2**62)))
+    return numpy_rng, torch_rng
+
+
+def save_training_state(path: Path, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> None:
+    state = {"format": STATE_FORMAT, "step": step, "config": config.to_dict(), "optimizer": optimizer.state_dict()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """The state file's content (read with ``weights_only=True``: no code is ever unpickled)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{path}: not a readable training-state file ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "optimizer" not in state:
+        raise CheckpointError(f"{path}: not a napari-mpt-deblur training-state file (format {STATE_FORMAT})")
+    return state
+
+
+def iter_train(
+    model: MPT,
+    sampler: PairSampler,
+    output: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    validation: Validation | None = None,
+    resume: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> Generator[TrainProgress, None, MPT]:
+    """Train ``model`` on patches from ``sampler``, writing checkpoints to ``output``; yields after every step.
+
+    Parameters
+    ----------
+    model
+        The network to train (from :func:`~napari_mpt_deblur.build_model` or a model file).
+    sampler
+        Draws (blurry, sharp) batches (:class:`~.patches.LabeledPairs`, :class:`~.patches.SyntheticPairs`).
+    output
+        Model file to write (``.safetensors``); the training state goes beside it (``.state.pt``).
+    config
+        The recipe; with ``resume``, the state file's step count and schedule are kept.
+    validation
+        Held-out patches for PSNR/SSIM every ``validate_every`` steps and at the end.
+    resume
+        Continue from ``output`` and its state file when they exist.
+    provenance
+        Facts to record in the model file (what it was trained on).
+
+    Returns
+    -------
+    MPT
+        The trained model (in eval mode), also saved to ``output``.
+    """
+    config = config or TrainConfig()
+    output = Path(output)
+    device = resolve_device(config.device)
+    step = 0
+    optimizer_state = None
+    if resume and state_path(output).exists():
+        state = load_training_state(state_path(output))
+        saved = TrainConfig.from_dict(state["config"])
+        if saved.seed != config.seed or saved.steps != config.steps:
+            raise CheckpointError(
+                f"{state_path(output)}: was written for {saved.steps} steps with seed {saved.seed}; "
+                f"resume with the same --steps and --seed, or start a new output"
+            )
+        from ..models.files import load_model
+
+        trained = load_model(output)
+        if trained.config != model.config:
+            raise CheckpointError(f"{output}: its architecture differs from the model being trained")
+        model.load_state_dict(trained.state_dict())
+        step, optimizer_state = int(state["step"]), state["optimizer"]
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    if optimizer_state is not None:
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{state_path(output)}: optimizer state does not fit this model ({error})") from error
+    loss_fn = EFCRLoss(EFCRConfig(beta=config.efcr_beta))
+    autocast = device.type == "cuda" and config.amp
+    amp_dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast and amp_dtype == torch.float16)
+    record = {"trained_steps": config.steps, "train_config": config.to_dict(), **(provenance or {})}
+    started, first_step = time.perf_counter(), step
+
+    def checkpoint(at: int) -> Path:
+        model.eval()
+        save_model(
+            model,
+            output,
+            normalization=config.normalization,
+            provenance={**record, "step": at},
+            tile_size=getattr(getattr(model, "card", None), "tile_size", None),
+        )
+        save_training_state(state_path(output), optimizer, at, config)
+        model.train()
+        return output
+
+    while step < config.steps:
+        numpy_rng, torch_rng = _step_generator(config, step)
+        blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
+        blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
+        lr = cosine_lr(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
+            terms = loss_fn(model, blurry, sharp, generator=torch_rng)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms.total).backward()
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        losses = terms.as_floats()
+        if not math.isfinite(losses["total"]):
+            raise FloatingPointError(f"step {step}: the loss is {losses['total']}; lower the learning rate")
+        scores = None
+        if validation is not None and (step % config.validate_every == 0 or step == config.steps):
+            scores = validation.evaluate(model, device)
+            model.train()
+        written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
+        elapsed = time.perf_counter() - started
+        remaining = elapsed / (step - first_step) * (config.steps - step)
+        yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
+    model.eval()
+    return model
+
+
+def train(model: MPT, sampler: PairSampler, output: str | Path, config: TrainConfig | None = None, **kwargs) -> MPT:
+    """Run :func:`iter_train` to the end; returns the trained model."""
+    steps = iter_train(model, sampler, output, config, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value

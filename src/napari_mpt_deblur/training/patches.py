@@ -1,0 +1,171 @@
+"""Training patches: random crops of labeled pairs, or of sharp planes blurred on the fly.
+
+Every sampler draws from a ``numpy.random.Generator`` it is handed, so the
+training loop controls reproducibility (step ``s`` uses the seed ``(seed, s)``).
+Patches are normalised as the inference engine normalises planes: by the
+statistics of the *blurry* input, the target mapped with the same range, so the
+network learns the mapping it will be asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import IntensityNormalization
+from ..inference import normalization_range
+
+Batch = tuple[np.ndarray, np.ndarray]
+"""(blurry, sharp), each float32 of shape (B, 1, P, P)."""
+
+
+class PairSampler(Protocol):
+    """Anything that draws batches of (blurry, sharp) patches."""
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> Batch: ...
+
+
+def _as_planes(planes: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    """2-D float32 planes from a list of arrays or stacks (leading axes flattened)."""
+    result = []
+    for array in planes if isinstance(planes, (list, tuple)) else [planes]:
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim < 2:
+            raise ValueError(f"need 2-D planes or stacks, got shape {array.shape}")
+        result.extend(array.reshape(-1, *array.shape[-2:]))
+    if not result:
+        raise ValueError("no planes to sample from")
+    return result
+
+
+def _resize(plane: np.ndarray, size: int) -> np.ndarray:
+    if plane.shape == (size, size):
+        return plane
+    tensor = torch.from_numpy(np.ascontiguousarray(plane))[None, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+
+
+def _crop(rng: np.random.Generator, shape: tuple[int, int], side: int) -> tuple[slice, slice]:
+    """A random square window of ``side`` (or the whole axis where the plane is smaller)."""
+    window = []
+    for length in shape:
+        size = min(side, length)
+        start = int(rng.integers(0, length - size + 1))
+        window.append(slice(start, start + size))
+    return window[0], window[1]
+
+
+def _augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
+    """The same random flip and quarter turn for every plane."""
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    out = []
+    for plane in planes:
+        plane = np.rot90(plane, turns)
+        out.append(np.ascontiguousarray(plane[:, ::-1] if flip else plane))
+    return out
+
+
+def _normalise_pair(
+    blurry: np.ndarray, sharp: np.ndarray, normalization: IntensityNormalization
+) -> tuple[np.ndarray, np.ndarray]:
+    low, high = normalization_range(blurry, normalization)
+    scale = 1.0 / (high - low)
+    return (blurry - low) * scale, (sharp - low) * scale
+
+
+def _pick(rng: np.random.Generator, planes: list[np.ndarray]) -> np.ndarray:
+    """A plane, chosen with probability proportional to its area (every pixel equally likely)."""
+    areas = np.array([p.size for p in planes], dtype=np.float64)
+    return planes[int(rng.choice(len(planes), p=areas / areas.sum()))]
+
+
+class LabeledPairs:
+    """Random patches of blurry/sharp plane pairs (the user's, or a prepared set).
+
+    Parameters
+    ----------
+    blurry, sharp
+        Planes or stacks of equal shapes, pair by pair.
+    normalization
+        Intensity normalisation (by the blurry patch's statistics).
+    """
+
+    def __init__(
+        self,
+        blurry: Sequence[np.ndarray] | np.ndarray,
+        sharp: Sequence[np.ndarray] | np.ndarray,
+        normalization: IntensityNormalization | None = None,
+    ) -> None:
+        self.blurry, self.sharp = _as_planes(blurry), _as_planes(sharp)
+        if len(self.blurry) != len(self.sharp):
+            raise ValueError(f"{len(self.blurry)} blurry planes but {len(self.sharp)} sharp ones")
+        for index, (b, s) in enumerate(zip(self.blurry, self.sharp)):
+            if b.shape != s.shape:
+                raise ValueError(f"pair {index}: blurry {b.shape} and sharp {s.shape} differ in shape")
+        self.normalization = normalization or IntensityNormalization()
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> Batch:
+        blurry, sharp = [], []
+        areas = np.array([p.size for p in self.blurry], dtype=np.float64)
+        for _ in range(batch):
+            index = int(rng.choice(len(self.blurry), p=areas / areas.sum()))
+            side = max(8, round(patch / rng.uniform(*scale_range)))
+            window = _crop(rng, self.blurry[index].shape, side)
+            b, s = (_resize(plane[window], patch) for plane in (self.blurry[index], self.sharp[index]))
+            b, s = _augment(rng, *_normalise_pair(b, s, self.normalization))
+            blurry.append(b)
+            sharp.append(s)
+        return np.stack(blurry)[:, None].astype(np.float32), np.stack(sharp)[:, None].astype(np.float32)
+
+
+class SyntheticPairs:
+    """Patches of sharp planes, defocused on the fly (Gaussian, disk or widefield PSF, and noise).
+
+    Parameters
+    ----------
+    sharp
+        Sharp planes or stacks.
+    defocus
+        Ranges of the blur and noise (:class:`~napari_mpt_deblur.data.defocus.DefocusConfig`).
+    normalization
+        Intensity normalisation (by the blurry patch's statistics).
+    margin
+        Pixels of context around a patch so the blur near its border is a real one.
+    """
+
+    def __init__(
+        self,
+        sharp: Sequence[np.ndarray] | np.ndarray,
+        defocus=None,
+        normalization: IntensityNormalization | None = None,
+        margin: int = 32,
+    ) -> None:
+        from ..data.defocus import DefocusConfig
+
+        self.sharp = _as_planes(sharp)
+        self.defocus = defocus or DefocusConfig()
+        self.normalization = normalization or IntensityNormalization()
+        self.margin = margin
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> Batch:
+        from ..data.defocus import make_defocused
+
+        blurry, sharp = [], []
+        for _ in range(batch):
+            plane = _pick(rng, self.sharp)
+            scale = rng.uniform(*scale_range)
+            side = max(8, round((patch + 2 * self.margin) / scale))
+            crop = _resize(plane[_crop(rng, plane.shape, side)], patch + 2 * self.margin)
+            # the noise model counts photons: bring the sharp crop to 0..1 first
+            low, high = normalization_range(crop, IntensityNormalization())
+            crop = np.clip((crop - low) / (high - low), 0, None).astype(np.float32)
+            defocused, _ = make_defocused(crop, self.defocus, rng)
+            inner = slice(self.margin, self.margin + patch)
+            b, s = _augment(rng, *_normalise_pair(defocused[inner, inner], crop[inner, inner], self.normalization))
+            blurry.append(b)
+            sharp.append(s)
+        return np.stack(blurry)[:, None].astype(np.float32), np.stack(sharp)[:, None].astype(np.float32)

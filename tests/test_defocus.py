@@ -1,0 +1,318 @@
+"""Synthetic defocus: PSFs, FFT blur, camera noise and the random training degradation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_mpt_deblur.config import ConfigError
+from napari_mpt_deblur.data.defocus import (
+    DefocusConfig,
+    add_poisson_gaussian_noise,
+    blur,
+    disk_psf,
+    gaussian_psf,
+    make_defocused,
+    sample_psf,
+    widefield_psf,
+)
+
+
+def _second_moment_radius(psf: np.ndarray) -> float:
+    """sqrt(E[r^2]) about the centre pixel, in pixels."""
+    coords = np.arange(psf.shape[0]) - psf.shape[0] // 2
+    r_squared = coords[:, None] ** 2 + coords[None, :] ** 2
+    return float(np.sqrt((psf * r_squared).sum()))
+
+
+def _fwhm(psf: np.ndarray) -> float:
+    """Full width at half maximum of the central row, in pixels (linear interpolation)."""
+    centre = psf.shape[0] // 2
+    row = psf[centre] / psf[centre, centre]
+    i = centre
+    while row[i + 1] >= 0.5:
+        i += 1
+    crossing = i + (row[i] - 0.5) / (row[i] - row[i + 1])
+    return 2 * (crossing - centre)
+
+
+# --- PSFs ------------------------------------------------------------------------------------------------------------
+
+PSFS = {
+    "gaussian": lambda: gaussian_psf(1.7),
+    "disk": lambda: disk_psf(2.3),
+    "widefield": lambda: widefield_psf(1.5),
+    "gaussian-sized": lambda: gaussian_psf(1.0, size=15),
+    "disk-sized": lambda: disk_psf(3.0, size=11),
+    "widefield-sized": lambda: widefield_psf(-1.0, size=21),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PSFS))
+def test_psfs_are_odd_normalised_non_negative_and_centred(name):
+    psf = PSFS[name]()
+    assert psf.dtype == np.float64 and psf.ndim == 2
+    assert psf.shape[0] == psf.shape[1] and psf.shape[0] % 2 == 1 and psf.shape[0] <= 127
+    assert (psf >= 0).all()
+    assert psf.sum() == pytest.approx(1.0, abs=1e-12)
+    coords = np.arange(psf.shape[0]) - psf.shape[0] // 2
+    assert (psf.sum(axis=1) * coords).sum() == pytest.approx(0.0, abs=1e-12)  # centroid on the middle pixel
+    assert (psf.sum(axis=0) * coords).sum() == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(psf, psf[::-1, ::-1], atol=1e-15)
+    np.testing.assert_allclose(psf, psf.T, atol=1e-15)
+    if name.endswith("-sized"):
+        assert psf.shape[0] in (11, 15, 21)
+
+
+def test_default_sizes_grow_with_the_blur_and_are_capped():
+    assert gaussian_psf(0.5).shape[0] < gaussian_psf(2.0).shape[0]
+    assert disk_psf(1.0).shape[0] < disk_psf(4.0).shape[0]
+    assert widefield_psf(0.0).shape[0] < widefield_psf(3.0).shape[0]
+    assert gaussian_psf(40.0).shape == (127, 127)
+    assert disk_psf(100.0).shape == (127, 127)
+
+
+@pytest.mark.parametrize("make", [gaussian_psf, disk_psf])
+@pytest.mark.parametrize("size", [0, 4, -3, 2.0, True])
+def test_bad_sizes_are_refused(make, size):
+    with pytest.raises(ValueError, match="odd"):
+        make(1.0, size=size)
+
+
+@pytest.mark.parametrize("make", [gaussian_psf, disk_psf])
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_bad_blur_widths_are_refused(make, value):
+    with pytest.raises(ValueError):
+        make(value)
+
+
+def test_zero_blur_is_a_delta():
+    for psf in (gaussian_psf(0.0), disk_psf(0.0), disk_psf(0.01), gaussian_psf(0.0, size=5)):
+        assert psf[psf.shape[0] // 2, psf.shape[1] // 2] == 1.0 and psf.sum() == 1.0
+
+
+def test_gaussian_has_its_variance():
+    psf = gaussian_psf(2.0)
+    assert _second_moment_radius(psf) ** 2 == pytest.approx(2 * 2.0**2, rel=1e-3)  # E[x^2 + y^2] = 2 sigma^2
+
+
+def test_disk_is_anti_aliased_and_has_its_second_moment():
+    small, large = disk_psf(2.0, size=9), disk_psf(2.3, size=9)
+    assert np.abs(small - large).max() > 1e-3  # sub-pixel radii matter
+    for radius in (3.0, 4.5, 6.0):
+        # A uniform disk has E[r^2] = R^2 / 2; averaging over each pixel's area adds 1/12 per axis.
+        assert _second_moment_radius(disk_psf(radius)) ** 2 == pytest.approx(radius**2 / 2 + 1 / 6, rel=0.02)
+    flat = disk_psf(4.0)
+    assert flat[4, 4] == flat[5, 6] == flat.max()  # uniform inside
+
+
+def test_widefield_in_focus_is_the_airy_disk():
+    pixel = 0.05  # fine pixels, so the half-maximum is located precisely
+    for na, wavelength in ((0.8, 0.52), (1.2, 0.6)):
+        psf = widefield_psf(0.0, na=na, wavelength_um=wavelength, pixel_size_um=pixel)
+        ratio = _fwhm(psf) * pixel / (0.51 * wavelength / na)
+        assert ratio == pytest.approx(1.0, abs=0.05)  # measured ~1.01 (the exact Airy FWHM is 0.5145 lambda/NA)
+    # The default 0.2 um pixels give only ~1.7 pixels across the FWHM; interpolation still lands near.
+    coarse = widefield_psf(0.0)
+    assert _fwhm(coarse) * 0.2 / (0.51 * 0.52 / 0.8) == pytest.approx(1.0, abs=0.15)
+
+
+def test_widefield_widens_with_defocus_and_is_symmetric_in_its_sign():
+    radii = [_second_moment_radius(widefield_psf(z, size=65)) for z in (0.0, 1.0, 2.0, 4.0)]
+    assert all(a < b for a, b in zip(radii, radii[1:])), radii
+    for z in (0.7, 2.0):
+        np.testing.assert_allclose(widefield_psf(z, size=41), widefield_psf(-z, size=41), atol=1e-12)
+    # Defocus puts energy into rings: the centre is dimmer.
+    assert widefield_psf(2.0, size=41)[20, 20] < widefield_psf(0.0, size=41)[20, 20] / 4
+
+
+def test_widefield_refuses_undersampled_pixels():
+    with pytest.raises(ValueError, match="undersampled"):
+        widefield_psf(1.0, na=1.4, wavelength_um=0.5, refractive_index=1.515, pixel_size_um=0.2)
+    with pytest.raises(ValueError, match="refractive_index"):
+        widefield_psf(1.0, na=1.4, refractive_index=1.33, pixel_size_um=0.1)
+    with pytest.raises(ValueError):
+        widefield_psf(float("nan"))
+
+
+# --- blur ------------------------------------------------------------------------------------------------------------
+
+
+def test_blur_with_a_delta_returns_the_image():
+    image = np.random.default_rng(0).random((20, 27))
+    out = blur(image, gaussian_psf(0.0, size=7))
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, image, atol=1e-6)
+
+
+def test_blur_keeps_a_flat_image_flat():
+    image = np.full((32, 40), 0.37)
+    out = blur(image, disk_psf(3.3))
+    assert out[8:-8, 8:-8].mean() == pytest.approx(0.37, abs=1e-6)
+    np.testing.assert_allclose(out, 0.37, atol=1e-6)  # reflection keeps the border flat too
+
+
+@pytest.mark.parametrize("image_shape, psf_shape", [((24, 31), (7, 5)), ((5, 6), (11, 13))])
+def test_blur_matches_scipy_reflect_convolution(image_shape, psf_shape):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(1)
+    image = rng.random(image_shape)
+    psf = rng.random(psf_shape)  # asymmetric on purpose: convolution, not correlation
+    psf /= psf.sum()
+    expected = ndimage.convolve(image, psf, mode="reflect")
+    np.testing.assert_allclose(blur(image, psf), expected, atol=1e-5)
+
+
+def test_blur_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="2-D image"):
+        blur(np.zeros((2, 8, 8)), gaussian_psf(1.0))
+    with pytest.raises(ValueError, match="odd"):
+        blur(np.zeros((8, 8)), np.ones((4, 4)) / 16)
+
+
+# --- noise -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level, photons, read_noise", [(0.5, 1000.0, 0.01), (0.2, 200.0, 0.0), (0.8, 5000.0, 0.02)])
+def test_noise_variance_is_shot_plus_read(level, photons, read_noise):
+    rng = np.random.default_rng(2)
+    noisy = add_poisson_gaussian_noise(np.full((512, 512), level), photons, read_noise, rng)
+    assert noisy.dtype == np.float32 and noisy.shape == (512, 512)
+    assert noisy.mean() == pytest.approx(level, abs=1e-3)
+    assert noisy.var() == pytest.approx(level / photons + read_noise**2, rel=0.03)
+
+
+def test_noise_is_not_clipped_and_keeps_negative_values():
+    rng = np.random.default_rng(3)
+    image = np.array([[-0.1, 0.0], [1.0, 1.2]])
+    noisy = add_poisson_gaussian_noise(np.tile(image, (64, 64)), 1e9, 0.0, rng)
+    np.testing.assert_allclose(noisy, np.tile(image, (64, 64)), atol=1e-3)  # many photons: almost noise-free
+    dark = add_poisson_gaussian_noise(np.zeros((64, 64)), 100.0, 0.05, rng)
+    assert dark.min() < 0
+
+
+@pytest.mark.parametrize("photons, read_noise", [(0.0, 0.0), (-5.0, 0.0), (100.0, -0.1), (float("nan"), 0.0)])
+def test_noise_refuses_bad_parameters(photons, read_noise):
+    with pytest.raises(ValueError):
+        add_poisson_gaussian_noise(np.zeros((4, 4)), photons, read_noise, np.random.default_rng(0))
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_round_trip():
+    config = DefocusConfig()
+    assert config.kinds == ("gaussian", "disk", "widefield")
+    assert config.photons == (200.0, 5000.0)
+    assert DefocusConfig.from_dict(config.to_dict()) == config
+    assert DefocusConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # lists come back as tuples
+    custom = DefocusConfig(kinds=["disk"], disk_radius=[2, 2], noise_probability=0.0)
+    assert custom.kinds == ("disk",) and custom.disk_radius == (2.0, 2.0)
+    assert DefocusConfig.from_dict(custom.to_dict()) == custom
+    assert DefocusConfig.from_dict({"na": 1.0}).na == 1.0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kinds": []},
+        {"kinds": "disk"},
+        {"kinds": ["disk", "motion"]},
+        {"kinds": ["disk", "disk"]},
+        {"gaussian_sigma": (3.0, 1.0)},
+        {"disk_radius": (-1.0, 2.0)},
+        {"defocus_um": (0.5,)},
+        {"defocus_um": (0.5, float("inf"))},
+        {"photons": (0.0, 100.0)},
+        {"read_noise": (0.02, 0.01)},
+        {"na": 0.0},
+        {"na": 1.4},  # above the refractive index 1.33
+        {"wavelength_um": -0.5},
+        {"pixel_size_um": "0.2"},
+        {"pixel_size_um": 0.4},  # undersampled for the widefield model
+        {"noise_probability": 1.5},
+        {"noise_probability": None},
+        {"unknown_field": 1},
+    ],
+)
+def test_config_refuses_invalid_values(changes):
+    with pytest.raises(ConfigError):
+        DefocusConfig.from_dict({**DefocusConfig().to_dict(), **changes})
+
+
+def test_config_coarse_pixels_are_fine_without_widefield():
+    config = DefocusConfig(kinds=("gaussian", "disk"), pixel_size_um=0.4)
+    assert config.pixel_size_um == 0.4
+
+
+def test_config_from_dict_refuses_non_objects():
+    with pytest.raises(ConfigError):
+        DefocusConfig.from_dict([1, 2])
+
+
+# --- random degradation ----------------------------------------------------------------------------------------------
+
+
+def test_sample_psf_draws_every_kind_within_its_range():
+    config = DefocusConfig()
+    rng = np.random.default_rng(4)
+    seen: dict[str, list[float]] = {}
+    parameter = {"gaussian": "sigma", "disk": "radius", "widefield": "defocus_um"}
+    for _ in range(30):
+        psf, description = sample_psf(config, rng)
+        assert psf.sum() == pytest.approx(1.0) and psf.shape[0] % 2 == 1
+        kind = description["kind"]
+        assert set(description) == {"kind", parameter[kind]}
+        seen.setdefault(kind, []).append(description[parameter[kind]])
+    assert set(seen) == set(config.kinds)
+    assert all(0.8 <= s <= 3.0 for s in seen["gaussian"])
+    assert all(1.0 <= r <= 5.0 for r in seen["disk"])
+    assert all(0.5 <= abs(z) <= 3.0 for z in seen["widefield"])
+
+
+def test_sample_psf_honours_kinds_and_draws_both_defocus_signs():
+    config = DefocusConfig(kinds=("widefield",), defocus_um=(1.0, 1.0))
+    rng = np.random.default_rng(5)
+    draws = [sample_psf(config, rng)[1] for _ in range(12)]
+    assert {d["kind"] for d in draws} == {"widefield"}
+    assert {d["defocus_um"] for d in draws} == {-1.0, 1.0}
+
+
+def _sharp_plane() -> np.ndarray:
+    rng = np.random.default_rng(6)
+    plane = np.zeros((48, 40), dtype=np.float32)
+    plane[rng.integers(0, 48, 30), rng.integers(0, 40, 30)] = 1.0  # bright points, like beads
+    return plane
+
+
+def test_make_defocused_is_deterministic_for_a_seed():
+    config, sharp = DefocusConfig(), _sharp_plane()
+    first = make_defocused(sharp, config, np.random.default_rng(7))
+    second = make_defocused(sharp, config, np.random.default_rng(7))
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1] == second[1]
+    assert first[0].dtype == np.float32 and first[0].shape == sharp.shape
+    other = make_defocused(sharp, config, np.random.default_rng(8))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_make_defocused_without_noise_is_the_plain_blur():
+    config = DefocusConfig(kinds=("gaussian",), gaussian_sigma=(1.5, 1.5), noise_probability=0.0)
+    sharp = _sharp_plane()
+    blurry, description = make_defocused(sharp, config, np.random.default_rng(9))
+    assert description == {"kind": "gaussian", "sigma": 1.5, "photons": None, "read_noise": None}
+    np.testing.assert_array_equal(blurry, blur(sharp, gaussian_psf(1.5)))
+
+
+def test_make_defocused_adds_noise_within_the_ranges_and_does_not_clip():
+    config = DefocusConfig(kinds=("disk",), noise_probability=1.0, photons=(50.0, 100.0), read_noise=(0.05, 0.05))
+    rng = np.random.default_rng(10)
+    for _ in range(5):
+        blurry, description = make_defocused(_sharp_plane(), config, rng)
+        assert 50.0 <= description["photons"] <= 100.0
+        assert description["read_noise"] == 0.05
+        assert blurry.min() < 0  # read noise on dark pixels steps below zero and is kept
+    with pytest.raises(ValueError, match="2-D"):
+        make_defocused(np.zeros((2, 8, 8)), config, rng)

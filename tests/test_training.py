@@ -1,0 +1,137 @@
+"""The training engine: a tiny model learns, stops and resumes exactly, and its file drives inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from napari_mpt_deblur import MPT, load_model
+from napari_mpt_deblur.inference import deblur_array
+from napari_mpt_deblur.losses.efcr import gaussian_blur
+from napari_mpt_deblur.training.config import TrainConfig
+from napari_mpt_deblur.training.engine import CheckpointError, Validation, iter_train, state_path, train
+from napari_mpt_deblur.training.patches import LabeledPairs
+
+
+def pattern_pairs(count: int = 3, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Sharp synthetic cells (bright discs) and a Gaussian-blurred copy."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    sharp = np.zeros((count, size, size), np.float32)
+    for plane in sharp:
+        for _ in range(12):
+            cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(3, 7)
+            plane[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0.5, 1.0)
+    blurry = gaussian_blur(torch.from_numpy(sharp)[:, None], 9, 2.0)[:, 0].numpy()
+    return blurry, sharp
+
+
+FAST = dict(batch_size=2, patch_size=48, scale_range=(1.0, 1.0), lr=2e-3, lr_min=1e-4, efcr_beta=1e-3, device="cpu")
+
+
+def test_a_tiny_model_learns(tmp_path):
+    blurry, sharp = pattern_pairs()
+    sampler = LabeledPairs(blurry, sharp)
+    validation = Validation.from_sampler(sampler, 4, 48)
+    config = TrainConfig(steps=60, validate_every=30, checkpoint_every=30, **FAST)
+    events = list(iter_train(MPT(tiny_config()), sampler, tmp_path / "m.safetensors", config, validation=validation))
+    first = np.mean([e.losses["l1"] for e in events[:5]])
+    last = np.mean([e.losses["l1"] for e in events[-5:]])
+    assert last < 0.7 * first
+    scores = events[-1].validation
+    assert scores["psnr"] > scores["input_psnr"] + 1.0  # better than the blurry input
+    assert [e.checkpoint is not None for e in events].count(True) == 2
+    assert events[-1].remaining_s == 0 and events[0].lr == pytest.approx(2e-3)
+    model = load_model(tmp_path / "m.safetensors")
+    assert model.card.provenance["step"] == 60 and model.card.provenance["train_config"]["steps"] == 60
+    out = deblur_array(model, (blurry[0] * 1000).astype(np.uint16))  # the file drives the inference engine
+    assert out.shape == blurry[0].shape
+
+
+def test_stop_and_resume_gives_the_same_weights(tmp_path):
+    blurry, sharp = pattern_pairs(2, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    config = TrainConfig(steps=6, checkpoint_every=3, **FAST)
+    torch.manual_seed(0)
+    straight = train(MPT(tiny_config()), sampler, tmp_path / "straight.safetensors", config)
+
+    torch.manual_seed(0)
+    steps = iter_train(MPT(tiny_config()), sampler, tmp_path / "resumed.safetensors", config)
+    for event in steps:
+        if event.step == 4:  # killed after step 4: the checkpoint of step 3 survives
+            break
+    steps.close()
+    assert load_model(tmp_path / "resumed.safetensors").card.provenance["step"] == 3
+    torch.manual_seed(123)  # a different initialisation: resume must overwrite it
+    resumed = train(MPT(tiny_config()), sampler, tmp_path / "resumed.safetensors", config, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    blurry, sharp = pattern_pairs(1, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    config = TrainConfig(steps=2, checkpoint_every=1, **FAST)
+    output = tmp_path / "m.safetensors"
+    train(MPT(tiny_config()), sampler, output, config)
+    with pytest.raises(CheckpointError, match="same --steps"):
+        train(MPT(tiny_config()), sampler, output, config.replace(steps=5), resume=True)
+    with pytest.raises(CheckpointError, match="architecture differs"):
+        train(MPT(tiny_config(dim=16)), sampler, output, config, resume=True)
+    state_path(output).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable training-state file"):
+        train(MPT(tiny_config()), sampler, output, config, resume=True)
+
+
+def test_patches_are_reproducible_and_normalised():
+    blurry, sharp = pattern_pairs(2, 80)
+    sampler = LabeledPairs(blurry * 3000, sharp * 3000)  # raw intensities: normalised per patch
+    a = sampler.sample(np.random.default_rng(5), 4, 32, (0.8, 1.2))
+    b = sampler.sample(np.random.default_rng(5), 4, 32, (0.8, 1.2))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[0].shape == (4, 1, 32, 32) and a[0].dtype == np.float32
+    assert -0.1 < np.percentile(a[0], 1) < 0.1 and 0.9 < np.percentile(a[0], 99.8) < 1.1
+    with pytest.raises(ValueError, match="differ in shape"):
+        LabeledPairs(blurry, sharp[:, :40])
+
+
+def test_synthetic_pairs_defocus_sharp_planes_on_the_fly():
+    from napari_mpt_deblur.data.defocus import DefocusConfig
+    from napari_mpt_deblur.training.patches import SyntheticPairs
+
+    _, sharp = pattern_pairs(2, 96)
+    sampler = SyntheticPairs(sharp * 1000, DefocusConfig(kinds=("widefield",), noise_probability=0.0))
+    blurry, target = sampler.sample(np.random.default_rng(1), 3, 48, (1.0, 1.0))
+    assert blurry.shape == target.shape == (3, 1, 48, 48)
+    # defocus removes detail: the blurry patches have less gradient energy than their targets
+    energy = [np.abs(np.diff(x, axis=-1)).mean() for x in (blurry, target)]
+    assert energy[0] < 0.8 * energy[1]
+    again = sampler.sample(np.random.default_rng(1), 3, 48, (1.0, 1.0))
+    np.testing.assert_array_equal(again[0], blurry)
+
+
+def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
+    import tifffile
+
+    from napari_mpt_deblur.cli import main
+
+    blurry, sharp = pattern_pairs(2, 64)
+    for kind, planes in (("blurry", blurry), ("sharp", sharp)):
+        (tmp_path / "pairs" / kind).mkdir(parents=True)
+        for index, plane in enumerate(planes):
+            tifffile.imwrite(tmp_path / "pairs" / kind / f"p{index}.tif", (plane * 1000).astype(np.uint16))
+    model = tmp_path / "tiny.safetensors"
+    from napari_mpt_deblur import save_model
+
+    save_model(MPT(tiny_config()), model)
+    common = ["--model", str(model), "--steps", "2", "--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]
+    out = tmp_path / "from-pairs.safetensors"
+    assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), *common]) == 0
+    assert load_model(out).card.provenance["trained_on"]["pair_files"] == 2
+    assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), *common]) == 2  # exists
+    assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), *common, "--resume"]) == 0
+    out = tmp_path / "from-sharp.safetensors"
+    assert main(["train", "--sharp", str(tmp_path / "pairs" / "sharp"), "-o", str(out), *common]) == 0
+    assert load_model(out).card.provenance["trained_on"]["synthetic_defocus"] is True
