@@ -135,3 +135,38 @@ def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
     out = tmp_path / "from-sharp.safetensors"
     assert main(["train", "--sharp", str(tmp_path / "pairs" / "sharp"), "-o", str(out), *common]) == 0
     assert load_model(out).card.provenance["trained_on"]["synthetic_defocus"] is True
+
+
+def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):
+    """EFCR_ex + re-blur on the user's own stack; the tuned file drives the inference engine."""
+    import tifffile
+
+    from napari_mpt_deblur import save_model
+    from napari_mpt_deblur.cli import main
+
+    blurry, sharp = pattern_pairs(4, 64)
+    stack = np.concatenate([sharp, blurry]) * 1000  # a lab's stack: some planes in focus, some not
+    tifffile.imwrite(tmp_path / "mine.tif", stack.astype(np.uint16), photometric="minisblack")
+    start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors", provenance={"trained_on": "patterns"})
+    out = tmp_path / "tuned.safetensors"
+    args = ["finetune", "--model", str(start), "--unlabeled", str(tmp_path / "mine.tif"), "-o", str(out)]
+    common = ["--steps", "3", "--batch", "2", "--patch", "32", "--reblur", "0.5", "--device", "cpu", "--quiet"]
+    assert main([*args, *common, "--min-focus", "0.5"]) == 0
+    tuned = load_model(out)
+    record = tuned.card.provenance
+    assert record["fine_tuned_on"]["planes"] == 8 and record["trained_on"] == "patterns"
+    assert record["train_config"]["reblur_weight"] == 0.5
+    before = load_model(start).state_dict().values()
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), before))
+    assert deblur_array(tuned, stack[:2].astype(np.uint16)).shape == (2, 64, 64)
+
+
+def test_unlabeled_planes_keep_the_sharp_ones():
+    from napari_mpt_deblur.training.patches import UnlabeledPlanes
+
+    blurry, sharp = pattern_pairs(3, 64)
+    planes = UnlabeledPlanes(np.concatenate([blurry, sharp]), min_focus_quantile=0.5)
+    assert len(planes.planes) == 3
+    assert all(any(np.array_equal(p, s) for s in sharp) for p in planes.planes)
+    patches = planes.sample(np.random.default_rng(0), 2, 32, (1.0, 1.0))
+    assert patches.shape == (2, 1, 32, 32)

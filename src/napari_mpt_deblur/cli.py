@@ -225,14 +225,32 @@ def _tiffs(names: list[str]) -> list[Path]:
     return files
 
 
+def _pair_names(root: Path) -> list[str]:
+    """File names present in both ROOT/blurry and ROOT/sharp."""
+    names = {p.name for p in _tiffs([str(root / "blurry")])} & {p.name for p in _tiffs([str(root / "sharp")])}
+    if not names:
+        raise UsageError(f"{root}: no file name appears in both blurry/ and sharp/")
+    return sorted(names)
+
+
+def _labeled_pairs(root: Path, names: list[str], normalization):
+    from .training.patches import LabeledPairs
+
+    blurry = _read_planes([root / "blurry" / n for n in names])
+    sharp = _read_planes([root / "sharp" / n for n in names])
+    try:
+        return LabeledPairs(blurry, sharp, normalization)
+    except ValueError as error:
+        raise UsageError(f"{root}: {error}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
 
     from .models.files import load_model
     from .models.presets import build_model
     from .training.config import TrainConfig
     from .training.engine import Validation, iter_train, state_path
-    from .training.patches import LabeledPairs, SyntheticPairs
+    from .training.patches import SyntheticPairs
 
     output = Path(args.output)
     if not args.resume:
@@ -250,28 +268,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     if args.pairs:
         root = Path(args.pairs)
-        blurry_files, sharp_files = _tiffs([str(root / "blurry")]), _tiffs([str(root / "sharp")])
-        names = {p.name for p in blurry_files} & {p.name for p in sharp_files}
-        if not names:
-            raise UsageError(f"{root}: no file name appears in both blurry/ and sharp/")
-        names = sorted(names)
+        names = _pair_names(root)
         held_out = names[-1:] if len(names) > 1 else []
-        train_names = names[: len(names) - len(held_out)]
-        sampler = LabeledPairs(
-            _read_planes([root / "blurry" / n for n in train_names]),
-            _read_planes([root / "sharp" / n for n in train_names]),
-            config.normalization,
-        )
+        sampler = _labeled_pairs(root, names[: len(names) - len(held_out)], config.normalization)
+        validation_sampler = _labeled_pairs(root, held_out, config.normalization) if held_out else None
         source = {"pairs": str(root), "pair_files": len(names)}
-        validation_sampler = (
-            LabeledPairs(
-                _read_planes([root / "blurry" / n for n in held_out]),
-                _read_planes([root / "sharp" / n for n in held_out]),
-                config.normalization,
-            )
-            if held_out
-            else None
-        )
     else:
         planes = _read_planes(_tiffs(args.sharp))
         held = max(1, len(planes) // 10) if len(planes) > 1 else 0
@@ -288,9 +289,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     steps = iter_train(
         model, sampler, output, config, validation=validation, resume=args.resume, provenance={"trained_on": source}
     )
+    _run_with_bar(steps, output, args.quiet)
+
+
+def _run_with_bar(steps, output: Path, quiet: bool) -> None:
+    """Drive a training generator with a progress bar and print a summary."""
+    from tqdm import tqdm
+
     last = None
-    with tqdm(total=config.steps, unit="step", disable=args.quiet, dynamic_ncols=True) as bar:
+    with tqdm(unit="step", disable=quiet, dynamic_ncols=True) as bar:
         for event in steps:
+            bar.total = event.steps
             bar.n = event.step
             postfix = f"loss {event.losses['total']:.4f} lr {event.lr:.1e}"
             if event.validation:
@@ -298,7 +307,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             bar.set_postfix_str(postfix)
             bar.refresh()
             last = event
-    if last and not args.quiet:
+    if last and not quiet:
         minutes, loss = last.elapsed_s / 60, last.losses["total"]
         print(f"wrote {output} after {last.step} steps ({minutes:.1f} min in this run), final loss {loss:.4f}")
         if last.validation:
@@ -307,6 +316,61 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"validation: PSNR {v['psnr']:.2f} dB (input {v['input_psnr']:.2f}), "
                 f"SSIM {v['ssim']:.3f} (input {v['input_ssim']:.3f})"
             )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .data.focus import sharpest_planes
+    from .models.files import BUNDLED_MODELS, load_model
+    from .training.config import TrainConfig
+    from .training.engine import Validation, iter_train, state_path
+    from .training.patches import SyntheticPairs, UnlabeledPlanes
+
+    output = Path(args.output)
+    if not args.resume:
+        _check_output(output, args.overwrite)
+    if args.model == "default" and "default" not in BUNDLED_MODELS:
+        raise UsageError("this version ships no trained default model yet: pass --model FILE")
+    model = load_model(output if args.resume and state_path(output).exists() else args.model)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        patch_size=args.patch,
+        lr=args.lr,
+        lr_min=min(args.lr, TrainConfig.lr_min),
+        efcr_beta=args.beta,
+        reblur_weight=args.reblur,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        normalization=model.card.normalization,
+    )
+    own = _read_planes(_tiffs(args.unlabeled))
+    unlabeled = UnlabeledPlanes(own, config.normalization, min_focus_quantile=args.min_focus)
+    if args.pairs:
+        root = Path(args.pairs)
+        sampler = _labeled_pairs(root, _pair_names(root), config.normalization)
+        labeled = {"pairs": str(root)}
+    else:  # the user's own sharpest planes, defocused synthetically
+        sampler = SyntheticPairs(sharpest_planes(own, 0.25), normalization=config.normalization)
+        labeled = {"synthetic_from_sharpest_unlabeled_planes": 0.25}
+    validation = Validation.from_sampler(sampler, 8, config.patch_size)
+    provenance = {
+        **model.card.provenance,
+        "fine_tuned_from": str(args.model),
+        "fine_tuned_on": {"unlabeled": [str(u) for u in args.unlabeled], "planes": len(own), **labeled},
+    }
+    steps = iter_train(
+        model,
+        sampler,
+        output,
+        config,
+        validation=validation,
+        unlabeled=unlabeled,
+        resume=args.resume,
+        provenance=provenance,
+    )
+    _run_with_bar(steps, output, args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +454,33 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
     trainer.set_defaults(run=cmd_train)
+
+    tune = commands.add_parser(
+        "finetune",
+        help="fine-tune a model on your own unlabeled stacks (EFCR_ex)",
+        description="Fine-tune with EFCR_ex: L1 on labeled pairs (--pairs, or synthetic pairs made from the "
+        "sharpest of your own planes) plus beta * EFCR with Lext from your unlabeled planes, and optionally "
+        "the self-supervised re-blur term.",
+    )
+    tune.add_argument("--model", default="default", help="starting model: 'default', a model file or a checkpoint")
+    tune.add_argument("--unlabeled", nargs="+", required=True, metavar="PATH", help="your stacks (TIFFs or folders)")
+    tune.add_argument("--pairs", metavar="DIR", help="labeled pairs: blurry/ and sharp/ TIFFs matched by name")
+    tune.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    tune.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    tune.add_argument("--batch", type=int, default=4, help="patches per step")
+    tune.add_argument("--patch", type=int, default=128, help="patch side in pixels")
+    tune.add_argument("--lr", type=float, default=2e-5, help="initial learning rate (cosine decay)")
+    tune.add_argument("--beta", type=float, default=1e-3, help="EFCR_ex weight")
+    tune.add_argument("--reblur", type=float, default=0.0, help="weight of the self-supervised re-blur term")
+    tune.add_argument("--min-focus", type=float, default=0.0, help="use unlabeled planes above this focus quantile")
+    tune.add_argument("--seed", type=int, default=0, help="seed of patches, blur and noise")
+    tune.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    tune.add_argument("--checkpoint-every", type=int, default=100, help="steps")
+    tune.add_argument("--validate-every", type=int, default=100, help="steps")
+    tune.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(run=cmd_finetune)
 
     presets = commands.add_parser("presets", help="list the named network configurations")
     presets.set_defaults(run=cmd_presets)

@@ -40,7 +40,15 @@ class TrainConfig:
     """Clip the gradient's global norm to this (None: no clipping)."""
 
     efcr_beta: float = 1e-5
-    """Weight of the EFCR contrastive term (0 turns it off: plain L1)."""
+    """Weight of the EFCR contrastive term (0 turns it off: plain L1). With unlabeled
+    planes (fine-tuning), its Lext is taken from them: EFCR_ex."""
+
+    supervised_weight: float = 1.0
+    """Weight of the L1 term on labeled (or synthetic) pairs."""
+
+    reblur_weight: float = 0.0
+    """Weight of the self-supervised re-blur term when fine-tuning on unlabeled planes:
+    L1(net(reblur(U)), U), the unlabeled patch U as its own target (the reference code's)."""
 
     validate_every: int = 500
     """Steps between validations (PSNR/SSIM on held-out pairs), when there are any."""
@@ -80,8 +88,9 @@ class TrainConfig:
             raise ConfigError(f"need 0 < lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.efcr_beta < 0:
-            raise ConfigError("weight_decay and efcr_beta must be >= 0")
+        weights = (self.weight_decay, self.efcr_beta, self.supervised_weight, self.reblur_weight)
+        if min(weights) < 0:
+            raise ConfigError("weight_decay, efcr_beta, supervised_weight and reblur_weight must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
 

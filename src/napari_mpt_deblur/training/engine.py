@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write
-from ..losses.efcr import EFCRConfig, EFCRLoss
+from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
 from ..runtime import resolve_device
 from .config import TrainConfig
-from .patches import PairSampler
+from .patches import PairSampler, UnlabeledPlanes
 
 STATE_FORMAT = 1
 
@@ -119,6 +119,37 @@ class Validation:
         return {"psnr": psnr(output, sharp), "ssim": ssim(output, sharp), **self.input_scores}
 
 
+def objective(
+    model: MPT,
+    loss_fn: EFCRLoss,
+    config: TrainConfig,
+    blurry: torch.Tensor,
+    sharp: torch.Tensor,
+    unlabeled: torch.Tensor | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The step's loss and its terms.
+
+    ``supervised_weight * L1(net(B), S) + efcr_beta * L_CR`` on the labeled batch,
+    with Lext from the unlabeled batch when there is one (EFCR_ex), plus
+    ``reblur_weight * L1(net(reblur(U)), U)`` on the unlabeled batch.
+    """
+    if config.efcr_beta > 0:
+        terms = loss_fn(model, blurry, sharp, unlabeled=unlabeled, generator=generator)
+        total = config.supervised_weight * terms.l1 + config.efcr_beta * terms.contrastive
+        losses = terms.as_floats()
+    else:  # plain L1: no re-blurred forward passes
+        l1 = F.l1_loss(model(blurry), sharp)
+        total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
+    if unlabeled is not None and config.reblur_weight > 0:
+        reblurred = random_reblur(unlabeled, loss_fn.config.kernel_sizes, loss_fn.config.sigma, generator)
+        reblur = F.l1_loss(model(reblurred), unlabeled)
+        total = total + config.reblur_weight * reblur
+        losses["reblur"] = float(reblur.detach())
+    losses["total"] = float(total.detach())
+    return total, losses
+
+
 def _step_generator(config: TrainConfig, step: int) -> tuple[np.random.Generator, torch.Generator]:
     """The random streams of one step: the same for a resumed run as for an uninterrupted one."""
     numpy_rng = np.random.default_rng([config.seed, step])
@@ -149,6 +180,7 @@ def iter_train(
     config: TrainConfig | None = None,
     *,
     validation: Validation | None = None,
+    unlabeled: UnlabeledPlanes | None = None,
     resume: bool = False,
     provenance: dict[str, Any] | None = None,
 ) -> Generator[TrainProgress, None, MPT]:
@@ -166,6 +198,9 @@ def iter_train(
         The recipe; with ``resume``, the state file's step count and schedule are kept.
     validation
         Held-out patches for PSNR/SSIM every ``validate_every`` steps and at the end.
+    unlabeled
+        The user's own planes (fine-tuning): EFCR's Lext comes from them (EFCR_ex),
+        and the re-blur term uses them when ``config.reblur_weight`` > 0.
     resume
         Continue from ``output`` and its state file when they exist.
     provenance
@@ -232,17 +267,20 @@ def iter_train(
         lr = cosine_lr(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        own = None
+        if unlabeled is not None:
+            own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
+            own = torch.from_numpy(own).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            terms = loss_fn(model, blurry, sharp, generator=torch_rng)
+            total, losses = objective(model, loss_fn, config, blurry, sharp, own, torch_rng)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms.total).backward()
+        scaler.scale(total).backward()
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         step += 1
-        losses = terms.as_floats()
         if not math.isfinite(losses["total"]):
             raise FloatingPointError(f"step {step}: the loss is {losses['total']}; lower the learning rate")
         scores = None

@@ -169,3 +169,47 @@ class SyntheticPairs:
             blurry.append(b)
             sharp.append(s)
         return np.stack(blurry)[:, None].astype(np.float32), np.stack(sharp)[:, None].astype(np.float32)
+
+
+class UnlabeledPlanes:
+    """Random patches of the user's own (unlabeled) planes, for EFCR_ex and the re-blur term.
+
+    Parameters
+    ----------
+    planes
+        Planes or stacks from the user's microscope.
+    normalization
+        Intensity normalisation (each patch by its own statistics, as at inference).
+    min_focus_quantile
+        Keep only planes whose focus score is at least this quantile of the
+        stack's scores (0 keeps every plane; 0.5 the sharper half).
+    """
+
+    def __init__(
+        self,
+        planes: Sequence[np.ndarray] | np.ndarray,
+        normalization: IntensityNormalization | None = None,
+        min_focus_quantile: float = 0.0,
+    ) -> None:
+        from ..data.focus import focus_score
+
+        self.planes = _as_planes(planes)
+        if not 0 <= min_focus_quantile < 1:
+            raise ValueError(f"min_focus_quantile must be in [0, 1), got {min_focus_quantile}")
+        if min_focus_quantile > 0 and len(self.planes) > 1:
+            scores = np.array([focus_score(p) for p in self.planes])
+            threshold = np.quantile(scores, min_focus_quantile)
+            self.planes = [p for p, s in zip(self.planes, scores) if s >= threshold]
+        self.normalization = normalization or IntensityNormalization()
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> np.ndarray:
+        """(B, 1, P, P) float32 patches."""
+        patches = []
+        for _ in range(batch):
+            plane = _pick(rng, self.planes)
+            side = max(8, round(patch / rng.uniform(*scale_range)))
+            crop = _resize(plane[_crop(rng, plane.shape, side)], patch)
+            low, high = normalization_range(crop, self.normalization)
+            (crop,) = _augment(rng, (crop - low) / (high - low))
+            patches.append(crop)
+        return np.stack(patches)[:, None].astype(np.float32)
