@@ -170,3 +170,33 @@ def test_unlabeled_planes_keep_the_sharp_ones():
     assert all(any(np.array_equal(p, s) for s in sharp) for p in planes.planes)
     patches = planes.sample(np.random.default_rng(0), 2, 32, (1.0, 1.0))
     assert patches.shape == (2, 1, 32, 32)
+
+
+def test_distributed_data_parallel_with_two_gloo_processes(tmp_path):
+    """The same `mpt-deblur train` entry point under torchrun: 2 CPU processes, one model, one file."""
+    import subprocess
+    import sys
+
+    import tifffile
+
+    from napari_mpt_deblur import save_model
+
+    blurry, sharp = pattern_pairs(2, 64)
+    for kind, planes in (("blurry", blurry), ("sharp", sharp)):
+        (tmp_path / "pairs" / kind).mkdir(parents=True)
+        for index, plane in enumerate(planes):
+            tifffile.imwrite(tmp_path / "pairs" / kind / f"p{index}.tif", (plane * 1000).astype(np.uint16))
+    start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors")
+    out = tmp_path / "ddp.safetensors"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "napari_mpt_deblur.cli", "train", "--pairs", str(tmp_path / "pairs"), "-o", str(out),
+        "--model", str(start), "--steps", "3", "--batch", "1", "--patch", "32", "--device", "cpu",
+        "--checkpoint-every", "2", "--quiet",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = load_model(out)
+    assert trained.card.provenance["processes"] == 2 and trained.card.provenance["step"] == 3
+    before = load_model(start).state_dict().values()
+    assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), before))

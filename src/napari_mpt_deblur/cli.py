@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -296,6 +297,7 @@ def _run_with_bar(steps, output: Path, quiet: bool) -> None:
     """Drive a training generator with a progress bar and print a summary."""
     from tqdm import tqdm
 
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 reports
     last = None
     with tqdm(unit="step", disable=quiet, dynamic_ncols=True) as bar:
         for event in steps:

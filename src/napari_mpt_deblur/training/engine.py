@@ -10,6 +10,7 @@ the end; ``resume=True`` continues exactly where the state file says.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ class Validation:
 
 
 def objective(
-    model: MPT,
+    model: torch.nn.Module,
     loss_fn: EFCRLoss,
     config: TrainConfig,
     blurry: torch.Tensor,
@@ -150,9 +151,31 @@ def objective(
     return total, losses
 
 
-def _step_generator(config: TrainConfig, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The random streams of one step: the same for a resumed run as for an uninterrupted one."""
-    numpy_rng = np.random.default_rng([config.seed, step])
+def distributed_context(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins the process group when started by ``torchrun``.
+
+    Backend gloo on CPUs, NCCL on GPUs (each rank on the GPU of its ``LOCAL_RANK``).
+    A plain process is rank 0 of 1.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _step_generator(config: TrainConfig, step: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of one step: the same for a resumed run as for an uninterrupted one.
+
+    Every rank of a distributed run draws its own batch.
+    """
+    numpy_rng = np.random.default_rng([config.seed, step] if rank == 0 else [config.seed, step, rank])
     torch_rng = torch.Generator().manual_seed(int(numpy_rng.integers(2**62)))
     return numpy_rng, torch_rng
 
@@ -190,6 +213,8 @@ def iter_train(
     ----------
     model
         The network to train (from :func:`~napari_mpt_deblur.build_model` or a model file).
+        Under ``torchrun`` every process runs this same call; they train one
+        model with DistributedDataParallel and rank 0 writes the files.
     sampler
         Draws (blurry, sharp) batches (:class:`~.patches.LabeledPairs`, :class:`~.patches.SyntheticPairs`).
     output
@@ -232,6 +257,13 @@ def iter_train(
         model.load_state_dict(trained.state_dict())
         step, optimizer_state = int(state["step"]), state["optimizer"]
     model.to(device).train()
+    rank, world, device = distributed_context(device)
+    model.to(device)
+    network = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -245,9 +277,14 @@ def iter_train(
     amp_dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=autocast and amp_dtype == torch.float16)
     record = {"trained_steps": config.steps, "train_config": config.to_dict(), **(provenance or {})}
+    if world > 1:
+        record["processes"] = world  # each drew its own batch: the effective batch is batch_size x processes
     started, first_step = time.perf_counter(), step
 
-    def checkpoint(at: int) -> Path:
+    def checkpoint(at: int) -> Path | None:
+        if rank != 0:
+            _barrier(world)
+            return None
         model.eval()
         save_model(
             model,
@@ -258,10 +295,11 @@ def iter_train(
         )
         save_training_state(state_path(output), optimizer, at, config)
         model.train()
+        _barrier(world)
         return output
 
     while step < config.steps:
-        numpy_rng, torch_rng = _step_generator(config, step)
+        numpy_rng, torch_rng = _step_generator(config, step, rank)
         blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
         lr = cosine_lr(step, config)
@@ -272,7 +310,7 @@ def iter_train(
             own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
             own = torch.from_numpy(own).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            total, losses = objective(model, loss_fn, config, blurry, sharp, own, torch_rng)
+            total, losses = objective(network, loss_fn, config, blurry, sharp, own, torch_rng)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         if config.grad_clip is not None:
@@ -284,7 +322,7 @@ def iter_train(
         if not math.isfinite(losses["total"]):
             raise FloatingPointError(f"step {step}: the loss is {losses['total']}; lower the learning rate")
         scores = None
-        if validation is not None and (step % config.validate_every == 0 or step == config.steps):
+        if rank == 0 and validation is not None and (step % config.validate_every == 0 or step == config.steps):
             scores = validation.evaluate(model, device)
             model.train()
         written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
@@ -293,6 +331,13 @@ def iter_train(
         yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
     model.eval()
     return model
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def train(model: MPT, sampler: PairSampler, output: str | Path, config: TrainConfig | None = None, **kwargs) -> MPT:
