@@ -200,3 +200,13 @@ def test_distributed_data_parallel_with_two_gloo_processes(tmp_path):
     assert trained.card.provenance["processes"] == 2 and trained.card.provenance["step"] == 3
     before = load_model(start).state_dict().values()
     assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), before))
+
+
+def test_bundled_training_data_is_real_microscopy_and_excludes_the_evaluation_image():
+    from napari_mpt_deblur.data.bundled import evaluation_planes, training_planes
+
+    sources = training_planes()
+    assert len(sources) == 4 and all(planes for planes in sources.values())
+    assert all(p.ndim == 2 and p.dtype == np.float32 for planes in sources.values() for p in planes)
+    held_out = next(iter(evaluation_planes().values()))
+    assert not any(p.shape == held_out.shape and np.array_equal(p, held_out) for g in sources.values() for p in g)
