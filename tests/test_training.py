@@ -28,6 +28,17 @@ def pattern_pairs(count: int = 3, size: int = 96) -> tuple[np.ndarray, np.ndarra
     return blurry, sharp
 
 
+def write_pair_folders(root) -> None:
+    """ROOT/blurry and ROOT/sharp with two uint16 TIFFs each, matched by name."""
+    import tifffile
+
+    blurry, sharp = pattern_pairs(2, 64)
+    for kind, planes in (("blurry", blurry), ("sharp", sharp)):
+        (root / kind).mkdir(parents=True)
+        for index, plane in enumerate(planes):
+            tifffile.imwrite(root / kind / f"p{index}.tif", (plane * 1000).astype(np.uint16))
+
+
 FAST = dict(batch_size=2, patch_size=48, scale_range=(1.0, 1.0), lr=2e-3, lr_min=1e-4, efcr_beta=1e-3, device="cpu")
 
 
@@ -113,15 +124,10 @@ def test_synthetic_pairs_defocus_sharp_planes_on_the_fly():
 
 
 def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
-    import tifffile
 
     from napari_mpt_deblur.cli import main
 
-    blurry, sharp = pattern_pairs(2, 64)
-    for kind, planes in (("blurry", blurry), ("sharp", sharp)):
-        (tmp_path / "pairs" / kind).mkdir(parents=True)
-        for index, plane in enumerate(planes):
-            tifffile.imwrite(tmp_path / "pairs" / kind / f"p{index}.tif", (plane * 1000).astype(np.uint16))
+    write_pair_folders(tmp_path / "pairs")
     model = tmp_path / "tiny.safetensors"
     from napari_mpt_deblur import save_model
 
@@ -177,15 +183,9 @@ def test_distributed_data_parallel_with_two_gloo_processes(tmp_path):
     import subprocess
     import sys
 
-    import tifffile
-
     from napari_mpt_deblur import save_model
 
-    blurry, sharp = pattern_pairs(2, 64)
-    for kind, planes in (("blurry", blurry), ("sharp", sharp)):
-        (tmp_path / "pairs" / kind).mkdir(parents=True)
-        for index, plane in enumerate(planes):
-            tifffile.imwrite(tmp_path / "pairs" / kind / f"p{index}.tif", (plane * 1000).astype(np.uint16))
+    write_pair_folders(tmp_path / "pairs")
     start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors")
     out = tmp_path / "ddp.safetensors"
     command = [

@@ -375,6 +375,28 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _run_with_bar(steps, output, args.quiet)
 
 
+FINETUNE_DEFAULTS = TrainConfig(
+    steps=1000, batch_size=4, patch_size=128, lr=2e-5, efcr_beta=1e-3, checkpoint_every=100, validate_every=100
+)
+"""Fine-tuning starts from a trained model: fewer, gentler steps (provisional, pending the domain-shift experiment)."""
+
+
+def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The options `train` and `finetune` share, with their own defaults."""
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=defaults.batch_size, help="patches per step")
+    parser.add_argument("--patch", type=int, default=defaults.patch_size, help="patch side in pixels")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="initial learning rate (cosine decay)")
+    parser.add_argument("--beta", type=float, default=defaults.efcr_beta, help="EFCR weight (0: L1 only)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of patches, blur and noise")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps")
+    parser.add_argument("--validate-every", type=int, default=defaults.validate_every, help="steps")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpt-deblur", description="Defocus deblurring of microscopy images with the Multi-Pyramid Transformer."
@@ -443,18 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--preset", default="lite", help="start from a fresh preset network (default: lite)")
     start.add_argument("--model", help="start from this model file")
     trainer.add_argument("--pairing", default="aligned", choices=("aligned", "official"), help="for --preset")
-    trainer.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
-    trainer.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="patches per step")
-    trainer.add_argument("--patch", type=int, default=TrainConfig.patch_size, help="patch side in pixels")
-    trainer.add_argument("--lr", type=float, default=TrainConfig.lr, help="initial learning rate (cosine decay)")
-    trainer.add_argument("--beta", type=float, default=TrainConfig.efcr_beta, help="EFCR weight (0: L1 only)")
-    trainer.add_argument("--seed", type=int, default=0, help="seed of patches, blur and noise")
-    trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    trainer.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="steps")
-    trainer.add_argument("--validate-every", type=int, default=TrainConfig.validate_every, help="steps")
-    trainer.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
-    trainer.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    trainer.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_training_options(trainer, TrainConfig())
     trainer.set_defaults(run=cmd_train)
 
     tune = commands.add_parser(
@@ -468,20 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--unlabeled", nargs="+", required=True, metavar="PATH", help="your stacks (TIFFs or folders)")
     tune.add_argument("--pairs", metavar="DIR", help="labeled pairs: blurry/ and sharp/ TIFFs matched by name")
     tune.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
-    tune.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    tune.add_argument("--batch", type=int, default=4, help="patches per step")
-    tune.add_argument("--patch", type=int, default=128, help="patch side in pixels")
-    tune.add_argument("--lr", type=float, default=2e-5, help="initial learning rate (cosine decay)")
-    tune.add_argument("--beta", type=float, default=1e-3, help="EFCR_ex weight")
     tune.add_argument("--reblur", type=float, default=0.0, help="weight of the self-supervised re-blur term")
     tune.add_argument("--min-focus", type=float, default=0.0, help="use unlabeled planes above this focus quantile")
-    tune.add_argument("--seed", type=int, default=0, help="seed of patches, blur and noise")
-    tune.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    tune.add_argument("--checkpoint-every", type=int, default=100, help="steps")
-    tune.add_argument("--validate-every", type=int, default=100, help="steps")
-    tune.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_training_options(tune, FINETUNE_DEFAULTS)
     tune.set_defaults(run=cmd_finetune)
 
     presets = commands.add_parser("presets", help="list the named network configurations")

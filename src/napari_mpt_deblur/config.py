@@ -29,6 +29,19 @@ def _check_keys(cls: type, data: dict[str, Any]) -> None:
         raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
 
 
+def from_json_object(cls: type, data: Any, what: str) -> Any:
+    """``cls(**data)`` for a dict read from JSON; every problem becomes a :class:`ConfigError` naming ``what``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}")
+    _check_keys(cls, data)
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"invalid {what}: {error}") from error
+
+
 @dataclass(frozen=True)
 class MPTConfig:
     """Architecture of a Multi-Pyramid Transformer (spec section 1)."""
@@ -129,15 +142,7 @@ class MPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MPTConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"architecture must be a JSON object, got {type(data).__name__}")
-        _check_keys(cls, data)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"invalid architecture: {error}") from error
+        return from_json_object(cls, data, "architecture")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

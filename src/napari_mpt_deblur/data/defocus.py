@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_mpt_deblur.config import ConfigError, _check_keys
+from ..config import ConfigError, from_json_object
 
 KINDS: tuple[str, ...] = ("gaussian", "disk", "widefield")
 
@@ -372,15 +372,7 @@ class DefocusConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DefocusConfig:
         """Build (and validate) a config from a dict such as :meth:`to_dict` writes; missing fields get defaults."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"defocus config must be a JSON object, got {type(data).__name__}")
-        _check_keys(cls, data)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"invalid defocus config: {error}") from error
+        return from_json_object(cls, data, "defocus config")
 
 
 def sample_psf(config: DefocusConfig, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
