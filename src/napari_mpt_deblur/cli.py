@@ -105,13 +105,13 @@ def cmd_new(args: argparse.Namespace) -> None:
 
 def deblur_targets(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
     """(source, target) pairs: one file to a file, or several files / a folder of TIFFs to a folder."""
-    from .images import TIFF_SUFFIXES, ZARR_SUFFIXES
+    from .images import ZARR_SUFFIXES, tiff_files
 
     sources: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir() and not path.name.lower().endswith(ZARR_SUFFIXES):
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
+            found = tiff_files(path)
             if not found:
                 raise UsageError(f"{path}: a folder without .tif/.tiff files")
             sources += found
@@ -140,16 +140,11 @@ def cmd_deblur(args: argparse.Namespace) -> None:
 
     from .config import DeblurSettings, IntensityNormalization
     from .inference import Deblurrer, deblur_file
-    from .models.files import BUNDLED_MODELS, load_model
+    from .models.files import load_model
 
     pairs = deblur_targets(args.input, args.output)
     for _, target in pairs:
         _check_output(target, args.overwrite)
-    if args.model == "default" and "default" not in BUNDLED_MODELS:
-        raise UsageError(
-            "this version ships no trained default model yet: pass --model FILE "
-            "(a model file, or a reference checkpoint)"
-        )
     normalization = None
     if args.percentiles or args.per:
         low, high = args.percentiles or (1.0, 99.8)
@@ -212,11 +207,13 @@ def _read_planes(paths: list[Path]) -> list:
 
 
 def _tiffs(names: list[str]) -> list[Path]:
+    from .images import tiff_files
+
     files: list[Path] = []
     for name in names:
         path = Path(name)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+            files += tiff_files(path)
         elif path.exists():
             files.append(path)
         else:
@@ -246,7 +243,6 @@ def _labeled_pairs(root: Path, names: list[str], normalization):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-
     from .models.files import load_model
     from .models.presets import build_model
     from .training.config import TrainConfig
@@ -322,7 +318,7 @@ def _run_with_bar(steps, output: Path, quiet: bool) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .data.focus import sharpest_planes
-    from .models.files import BUNDLED_MODELS, load_model
+    from .models.files import load_model
     from .training.config import TrainConfig
     from .training.engine import Validation, iter_train, state_path
     from .training.patches import SyntheticPairs, UnlabeledPlanes
@@ -330,8 +326,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if not args.resume:
         _check_output(output, args.overwrite)
-    if args.model == "default" and "default" not in BUNDLED_MODELS:
-        raise UsageError("this version ships no trained default model yet: pass --model FILE")
     model = load_model(output if args.resume and state_path(output).exists() else args.model)
     config = TrainConfig(
         steps=args.steps,

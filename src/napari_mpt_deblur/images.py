@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +112,20 @@ def _plane_chunks(array: Any, axes: str) -> Any:
     return array.rechunk(tuple(-1 if a in "YXS" else 1 for a in axes))
 
 
+def tiff_files(folder: Path) -> list[Path]:
+    """The .tif/.tiff files in a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
+
+
 def as_image(data: Any, axes: str | None = None, name: str = "image") -> Image:
     """Wrap a numpy, dask or zarr array (or an :class:`Image`) as a lazy :class:`Image`."""
     import dask.array as da
 
     if isinstance(data, Image):
-        if axes is not None:
-            data.axes = check_axes(axes, data.shape)
-        return data
+        if axes is None:
+            return data
+        axes = check_axes(axes, data.shape)
+        return replace(data, data=_plane_chunks(data.data, axes), axes=axes)  # the caller's stays as is
     if isinstance(data, (str, os.PathLike)):
         return open_image(data, axes)
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):

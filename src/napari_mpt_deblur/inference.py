@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from .config import DeblurSettings, IntensityNormalization
-from .images import Image, ImageError, as_image, open_image, output_format, write_image
+from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT
-from .runtime import autocast_dtype, resolve_device
+from .runtime import autocast_dtype, resolve_device, run_to_end
 from .tiling import iter_tiled_forward, tile_grid
 
 DEFAULT_TILE = 512
@@ -374,12 +374,7 @@ def _deblur_block(
     block: np.ndarray, handle: ModelHandle, layout: PlaneLayout, ranges: np.ndarray | None, stat_index: int | None
 ) -> np.ndarray:
     """A dask task: one block, start to end."""
-    steps = handle.get().iter_block(block, layout, ranges, stat_index)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
+    return run_to_end(handle.get().iter_block(block, layout, ranges, stat_index))
 
 
 def _prepare(
@@ -469,7 +464,7 @@ def deblur_array(
     ``progress`` is called after every forward pass; raising from it (e.g.
     :class:`Cancelled`) stops the work between tiles.
     """
-    return _drive(iter_deblur(model, data, axes, settings, client=client), progress)
+    return run_to_end(iter_deblur(model, data, axes, settings, client=client), progress)
 
 
 def deblur_file(
@@ -489,15 +484,9 @@ def deblur_file(
     under ``target``. The input is only read.
     """
     target = Path(target)
-    try:
-        image = source if isinstance(source, Image) else open_image(source, axes)
-        if isinstance(source, Image) and axes:
-            image = as_image(source, axes)
-    except ImageError as error:
-        raise InputError(str(error)) from None
     if not isinstance(source, Image) and Path(source).resolve() == target.resolve():
         raise InputError(f"{target}: the output would replace the input; choose another name")
-    deblurrer, image, layout = _prepare(model, image, None, settings)
+    deblurrer, image, layout = _prepare(model, source, axes, settings)
     group = layout.group_axis
     tiff = output_format(target) == "tiff"
     if tiff and group is not None and image.axes[group] != "S" and image.axes[group + 1] != "Y":
@@ -516,20 +505,6 @@ def deblur_file(
         return write_image(target, blocks(), image.shape, image.dtype, image.axes, like=image)
     except ImageError as error:
         raise InputError(str(error)) from None
-
-
-def _drive(steps: Generator[DeblurProgress, None, np.ndarray], progress: Callable | None) -> np.ndarray:
-    while True:
-        try:
-            event = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        if progress:
-            try:
-                progress(event)
-            except BaseException:
-                steps.close()
-                raise
 
 
 def _iter_blocks(
@@ -574,20 +549,25 @@ def _iter_blocks_distributed(
     window = 2 * max(1, sum(client.nthreads().values()))
     in_flight: deque = deque()
     planes_total = layout.blocks
-    done = 0
+
+    submitted = 0
+
+    def collect_oldest() -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
+        index, future = in_flight.popleft()
+        yield index, future.result()
+        done = submitted - len(in_flight)
+        yield DeblurProgress(done, planes_total, done * per_block, planes_total * per_block)
+
     try:
         for index in layout.block_indices():
             block = read_block(image, index)
             future = client.submit(_deblur_block, block, handle, layout, ranges, layout.stat_index(index), pure=False)
             in_flight.append((index, future))
-            while len(in_flight) >= window:
-                yield in_flight[0][0], in_flight.popleft()[1].result()
-                done += 1
-                yield DeblurProgress(done, planes_total, done * per_block, planes_total * per_block)
+            submitted += 1
+            if len(in_flight) >= window:
+                yield from collect_oldest()
         while in_flight:
-            yield in_flight[0][0], in_flight.popleft()[1].result()
-            done += 1
-            yield DeblurProgress(done, planes_total, done * per_block, planes_total * per_block)
+            yield from collect_oldest()
     finally:
         if in_flight:
             client.cancel([future for _, future in in_flight])

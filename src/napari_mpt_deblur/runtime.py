@@ -9,10 +9,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -100,3 +103,23 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "bf16":
         return torch.bfloat16
     return torch.float16
+
+
+def run_to_end(steps: Generator[Any, None, T], on_step: Callable[[Any], None] | None = None) -> T:
+    """Run a compute generator to its end and return what it returns.
+
+    ``on_step`` sees every yielded item; if it raises (a cancel button, Ctrl-C),
+    the generator is closed first, so its ``finally`` blocks run before the error
+    propagates.
+    """
+    while True:
+        try:
+            item = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if on_step is not None:
+            try:
+                on_step(item)
+            except BaseException:
+                steps.close()
+                raise

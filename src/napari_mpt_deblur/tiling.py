@@ -20,6 +20,8 @@ from collections.abc import Callable, Generator
 import torch
 from torch import Tensor
 
+from .runtime import run_to_end
+
 Progress = Callable[[int, int], None]
 
 
@@ -129,10 +131,4 @@ def tiled_forward(
     stops the computation between tiles (cancellation).
     """
     steps = iter_tiled_forward(network, image, tile, overlap, batch)
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        if progress:
-            progress(done, total)
+    return run_to_end(steps, (lambda counts: progress(*counts)) if progress else None)

@@ -253,6 +253,11 @@ def load_model(
         path = bundled_model_path(source)
     else:
         path = Path(source)
+        if source == "default" and not path.exists():
+            raise ModelFileError(
+                "this version ships no trained default model yet: give a model file (--model FILE on the "
+                "command line), or a reference checkpoint"
+            )
         if not path.exists():
             bundled = ", ".join(sorted(BUNDLED_MODELS)) or "none in this version"
             raise ModelFileError(f"{source}: no such file, and not a bundled model name (bundled: {bundled})")

@@ -25,7 +25,7 @@ from ..atomic import atomic_write
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
-from ..runtime import resolve_device
+from ..runtime import resolve_device, run_to_end
 from .config import TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
 
@@ -342,9 +342,4 @@ def _barrier(world: int) -> None:
 
 def train(model: MPT, sampler: PairSampler, output: str | Path, config: TrainConfig | None = None, **kwargs) -> MPT:
     """Run :func:`iter_train` to the end; returns the trained model."""
-    steps = iter_train(model, sampler, output, config, **kwargs)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
+    return run_to_end(iter_train(model, sampler, output, config, **kwargs))
