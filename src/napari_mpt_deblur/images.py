@@ -8,13 +8,20 @@ a half-written file under the final name.
 Axes are letters: ``T`` (time), ``Z`` (depth), ``C`` (channel), ``Y``, ``X``
 and ``S`` (the samples of an RGB/RGBA pixel). tifffile's ``Q`` (unknown) and
 ``I`` (image sequence) are accepted as further plane axes.
+
+Physical sizes travel with an image as :class:`Image` ``pixel_size`` (Y, X),
+``z_spacing`` and their common ``unit``: read from ImageJ, OME, tifffile's JSON
+description, the TIFF resolution tags and OME-Zarr scales, and written back in
+the form each output holds (see :func:`write_tiff` and :func:`write_ome_zarr`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +37,8 @@ PLANE_AXES = "TZCQI"
 KNOWN_AXES = PLANE_AXES + "YXS"
 TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+ZARR_MARKERS = (".zgroup", ".zarray", ".zattrs", "zarr.json")
+"""Files whose presence makes a folder a Zarr store (Zarr v2 and v3)."""
 
 
 class ImageError(ValueError):
@@ -76,6 +85,93 @@ def check_axes(axes: str, shape: tuple[int, ...]) -> str:
     return axes
 
 
+# --- units ---------------------------------------------------------------------------------------------------------
+
+_LENGTH_SPELLINGS = {
+    "nanometer": ("nm", "nanometer", "nanometers", "nanometre", "nanometres"),
+    "micrometer": (
+        "um",
+        "\u00b5m",  # micro sign
+        "\u03bcm",  # Greek mu
+        "micron",
+        "microns",
+        "micrometer",
+        "micrometers",
+        "micrometre",
+        "micrometres",
+    ),
+    "millimeter": ("mm", "millimeter", "millimeters", "millimetre", "millimetres"),
+    "centimeter": ("cm", "centimeter", "centimeters", "centimetre", "centimetres"),
+    "meter": ("m", "meter", "meters", "metre", "metres"),
+    "inch": ("in", "inch", "inches"),
+}
+_LENGTH_UNITS = {spelling: name for name, spellings in _LENGTH_SPELLINGS.items() for spelling in spellings}
+_METRES = {"nanometer": 1e-9, "micrometer": 1e-6, "millimeter": 1e-3, "centimeter": 1e-2, "meter": 1.0, "inch": 0.0254}
+_IMAGEJ_UNITS = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm", "meter": "m"}
+_OME_UNITS = {
+    "micrometer": "\u00b5m",
+    "nanometer": "nm",
+    "millimeter": "mm",
+    "centimeter": "cm",
+    "meter": "m",
+    "inch": "in",
+}
+_NO_UNIT = ("", "pixel", "pixels", "px", "none")
+_RESOLUTION_UNITS = {"centimeter": "CENTIMETER", "inch": "INCH"}
+"""TIFF ResolutionUnit for a length unit; NONE for every other (the unit is then in the metadata)."""
+
+
+def length_unit(unit: str | None) -> str | None:
+    """The standard name of a length unit as a file spells it, or None when it is not a known length.
+
+    Parameters
+    ----------
+    unit
+        A unit as found in a file or a napari layer: ``'micron'``, ``'um'``,
+        ``'µm'``, ImageJ's ``'\\u00b5m'``, ``'nm'``, ``'centimeter'``...
+
+    Returns
+    -------
+    str or None
+        ``'nanometer'``, ``'micrometer'``, ``'millimeter'``, ``'centimeter'``,
+        ``'meter'`` or ``'inch'``: the names napari (pint) and OME-Zarr (UDUNITS-2) use.
+    """
+    unit = clean_unit(unit)
+    return None if unit is None else _LENGTH_UNITS.get(unit.lower())
+
+
+def clean_unit(unit: Any) -> str | None:
+    """A unit as text, with ImageJ's ``\\uXXXX`` escapes decoded; None for no unit (``''``, ``'pixel'``...)."""
+    if unit is None:
+        return None
+    text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda match: chr(int(match.group(1), 16)), str(unit)).strip()
+    return None if text.lower() in _NO_UNIT else text
+
+
+def convert_length(value: float, unit: str | None, to: str | None) -> float | None:
+    """``value`` in ``unit`` expressed in unit ``to``; None when the two cannot be related.
+
+    Two spellings of one unit (or no unit on either side) need no conversion;
+    two known lengths are converted; anything else is unrelated.
+    """
+    unit, to = clean_unit(unit), clean_unit(to)
+    if unit == to:
+        return value
+    known, target = length_unit(unit), length_unit(to)
+    if known is None or target is None:
+        return None
+    return value * _METRES[known] / _METRES[target]
+
+
+def _positive(value: Any) -> float | None:
+    """A finite, positive float, or None."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 @dataclass
 class Image:
     """An image of any dimension as a lazy dask array, with what we know about it."""
@@ -93,10 +189,14 @@ class Image:
     """(Y, X) pixel size in ``unit``, when the file records it."""
 
     unit: str | None = None
-    """Unit of ``pixel_size`` (e.g. ``'micron'``)."""
+    """Unit of ``pixel_size`` and ``z_spacing`` as the file spells it (e.g. ``'micron'``); None when unknown."""
 
     tiff: dict[str, Any] = field(default_factory=dict)
-    """TIFF details to carry over to a TIFF output: ``resolution``, ``resolutionunit``, ``imagej``."""
+    """TIFF details: ``resolution`` and ``resolutionunit`` (the tags as read) and ``imagej``, which makes
+    :func:`write_tiff` write an ImageJ hyperstack when the data allow."""
+
+    z_spacing: float | None = None
+    """Distance between Z planes in ``unit`` (the unit of ``pixel_size``), when the file records it."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -148,14 +248,37 @@ def open_image(path: str | os.PathLike, axes: str | None = None) -> Image:
     ----------
     path
         ``.tif``/``.tiff`` (incl. ``.ome.tif``, ImageJ hyperstacks) or an
-        OME-Zarr folder (``.zarr``).
+        OME-Zarr folder (``.zarr``, or any folder holding Zarr metadata).
     axes
         Overrides the axes the file records.
+
+    Returns
+    -------
+    Image
+        The lazy image with its axes and what the file records of its physical
+        size: ``pixel_size`` (OME ``PhysicalSizeX/Y``, OME-Zarr scale, or the
+        TIFF resolution tags), ``z_spacing`` (ImageJ ``spacing``, OME
+        ``PhysicalSizeZ``, tifffile's JSON ``spacing``, OME-Zarr Z scale; in the
+        unit of the pixel size, converted where needed) and ``unit``. A unit is
+        never guessed: resolution tags without a unit give ``unit=None``.
+
+    Raises
+    ------
+    ImageError
+        When the path is missing, is a folder that is not a Zarr store, or
+        cannot be read as an image; the message names the path and says why.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file or folder")
-    if path.is_dir() or path.name.lower().endswith(ZARR_SUFFIXES):
+    if path.is_dir():
+        if not is_zarr_store(path):
+            raise ImageError(
+                f"{path}: a folder that is not a Zarr store (it holds no {', '.join(ZARR_MARKERS)}); "
+                "open a .tif/.tiff file or an OME-Zarr folder"
+            )
+        image = _open_zarr(path)
+    elif path.name.lower().endswith(ZARR_SUFFIXES):
         image = _open_zarr(path)
     else:
         image = _open_tiff(path)
@@ -163,6 +286,12 @@ def open_image(path: str | os.PathLike, axes: str | None = None) -> Image:
         image.axes = check_axes(axes, image.shape)
         image.data = _plane_chunks(image.data, image.axes)
     return image
+
+
+def is_zarr_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding Zarr metadata (``.zgroup``, ``.zarray``, ``.zattrs`` or ``zarr.json``)."""
+    path = Path(path)
+    return path.is_dir() and any((path / marker).is_file() for marker in ZARR_MARKERS)
 
 
 def _stem(path: Path) -> str:
@@ -189,7 +318,7 @@ def _open_tiff(path: Path) -> Image:
             if "XResolution" in page.tags and "YResolution" in page.tags:
                 details["resolution"] = (page.tags["XResolution"].value, page.tags["YResolution"].value)
                 details["resolutionunit"] = page.tags["ResolutionUnit"].value if "ResolutionUnit" in page.tags else 1
-            pixel_size, unit = _tiff_pixel_size(tif, details)
+            pixel_size, unit, z_spacing = _tiff_physical_size(tif, details)
             # tifffile reads pages on demand through this store (it reopens the file when needed)
             array = da.from_zarr(zarr.open(series.aszarr(), mode="r"))
     except (OSError, tifffile.TiffFileError, ValueError, KeyError, IndexError) as error:
@@ -206,7 +335,7 @@ def _open_tiff(path: Path) -> Image:
         axes = check_axes(axes, array.shape)
     except ImageError as error:
         raise ImageError(f"{path}: {error}; pass the axes explicitly") from error
-    return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, details)
+    return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, details, z_spacing)
 
 
 @contextlib.contextmanager
@@ -221,27 +350,51 @@ def _tifffile_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _tiff_pixel_size(tif: Any, details: dict[str, Any]) -> tuple[tuple[float, float] | None, str | None]:
-    """(Y, X) pixel size and unit from OME metadata or the resolution tags."""
+def _tiff_physical_size(
+    tif: Any, details: dict[str, Any]
+) -> tuple[tuple[float, float] | None, str | None, float | None]:
+    """(Y, X) pixel size, unit and Z spacing of a TIFF.
+
+    OME metadata first (``PhysicalSizeX/Y/Z`` and their units, the Z spacing
+    converted to the X unit); otherwise the resolution tags, with the unit of
+    the ImageJ or tifffile JSON description when it names one, else the tags'
+    own ``ResolutionUnit`` (inch, centimeter; NONE gives no unit), and the Z
+    spacing of the description (``spacing``).
+    """
+    pixel_size = unit = z_spacing = None
+    if "resolution" in details:
+        (xn, xd), (yn, yd) = details["resolution"]
+        size_y, size_x = (_positive(yd / yn), _positive(xd / xn)) if xn and yn else (None, None)
+        if size_y and size_x:
+            pixel_size = (size_y, size_x)
+            unit = {2: "inch", 3: "centimeter"}.get(int(details["resolutionunit"]))
     if tif.is_ome:
         import xml.etree.ElementTree as ElementTree
 
         try:
             root = ElementTree.fromstring(tif.ome_metadata)
             pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
-            size_x, size_y = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
-            if size_x and size_y:
-                return (float(size_y), float(size_x)), pixels.get("PhysicalSizeXUnit", "µm")
-        except (ElementTree.ParseError, StopIteration, ValueError):
-            pass
-    if "resolution" in details:
-        (xn, xd), (yn, yd) = details["resolution"]
-        if xn and yn:
-            unit = {2: "inch", 3: "centimeter"}.get(int(details["resolutionunit"]))
-            if tif.is_imagej:
-                unit = (tif.imagej_metadata or {}).get("unit", unit)
-            return (yd / yn, xd / xn), unit
-    return None, None
+        except (ElementTree.ParseError, StopIteration, TypeError):
+            return pixel_size, unit, None
+        default = "\u00b5m"  # the OME default unit
+        size_x = _positive(pixels.get("PhysicalSizeX"))
+        unit_x = pixels.get("PhysicalSizeXUnit", default)
+        size_y = _positive(pixels.get("PhysicalSizeY"))
+        size_y = convert_length(size_y, pixels.get("PhysicalSizeYUnit", default), unit_x) if size_y else None
+        if size_x and size_y:
+            pixel_size, unit = (size_y, size_x), unit_x
+        size_z = _positive(pixels.get("PhysicalSizeZ"))
+        if size_z:
+            z_spacing = convert_length(size_z, pixels.get("PhysicalSizeZUnit", default), unit)
+        return pixel_size, unit, z_spacing
+    description: dict[str, Any] = {}
+    if tif.is_imagej:
+        description = tif.imagej_metadata or {}
+    elif tif.is_shaped and tif.shaped_metadata:
+        description = tif.shaped_metadata[0] or {}
+    if description.get("unit") is not None:
+        unit = clean_unit(description["unit"])
+    return pixel_size, unit, _positive(description.get("spacing"))
 
 
 def _open_zarr(path: Path) -> Image:
@@ -258,21 +411,35 @@ def _open_zarr(path: Path) -> Image:
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if not multiscales:
         raise ImageError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata")
-    meta = multiscales[0]
+    try:
+        return _ngff_image(path, group, multiscales[0])
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise ImageError(
+            f"{path}: unreadable OME-Zarr 'multiscales' metadata ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _ngff_image(path: Path, group: Any, meta: dict[str, Any]) -> Image:
+    """The first (full-resolution) level of an OME-Zarr multiscale image, with its axes, scale and units."""
+    import dask.array as da
+
     dataset = meta["datasets"][0]
     array = da.from_zarr(group[dataset["path"]])
     names = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", [])]
     axes = "".join("S" if n.lower() == "c" and names[-1].lower() == "c" else n.upper() for n in names)
     axes = check_axes(axes, array.shape) if axes else guess_axes(array.shape)
-    pixel_size = unit = None
+    pixel_size = z_spacing = None
+    units = {str(a.get("name", "")).upper(): a.get("unit") for a in meta.get("axes", []) if isinstance(a, dict)}
+    unit = clean_unit(units.get("X"))
     for transform in dataset.get("coordinateTransformations", []):
         if transform.get("type") == "scale":
-            scale = transform["scale"]
-            pixel_size = (float(scale[axes.index("Y")]), float(scale[axes.index("X")]))
-    space = [a for a in meta.get("axes", []) if isinstance(a, dict) and a.get("name", "").lower() == "x"]
-    if space:
-        unit = space[0].get("unit")
-    return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit)
+            scale = [_positive(v) for v in transform["scale"]]
+            size_y, size_x = scale[axes.index("Y")], scale[axes.index("X")]
+            if size_y and size_x:
+                pixel_size = (size_y, size_x)
+            if "Z" in axes and scale[axes.index("Z")]:
+                z_spacing = convert_length(scale[axes.index("Z")], units.get("Z"), unit)
+    return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, z_spacing=z_spacing)
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -307,10 +474,42 @@ def write_tiff(
 ) -> Path:
     """Stream blocks (whole planes, in C order) into a TIFF file, atomically.
 
-    BigTIFF when the data exceeds 2 GiB; OME-TIFF when the name ends in
-    ``.ome.tif``; an ImageJ hyperstack when ``like`` was one and its axes allow;
-    axes, resolution and pixel size of ``like`` are kept. Only axes where S, if
-    present, comes last can be written (the engine's output always is).
+    The file is written under a temporary name in the target folder and renamed
+    when complete: a failure leaves no file under ``target``, and an existing
+    one is replaced only by a complete new one.
+
+    Parameters
+    ----------
+    target
+        The file to write. A name ending in ``.ome.tif``/``.ome.tiff`` gives an
+        OME-TIFF; otherwise an ImageJ hyperstack when ``like.tiff["imagej"]`` is
+        set and ImageJ can hold the data (8/16-bit unsigned or float32, axes in
+        ImageJ's T, Z, C order, RGB only as 8-bit RGB, not BigTIFF); otherwise a
+        plain TIFF with tifffile's JSON description.
+    blocks
+        ``(index, values)`` pairs of whole planes, in C order.
+    shape, dtype, axes
+        Of the whole image. Only axes where S, if present, comes last can be
+        written (the engine's output always is).
+    like
+        The image whose physical size to record: its ``pixel_size`` (also as
+        the TIFF resolution tags), ``z_spacing`` (when ``axes`` has Z) and
+        ``unit``. The unit is written where the flavour keeps it (ImageJ
+        ``unit``, OME ``PhysicalSize*Unit``, JSON ``unit``); the resolution tags
+        are in pixels per that unit, with ResolutionUnit CENTIMETER or INCH for
+        those units and NONE for every other or none, so no reader takes
+        them for inches. OME-TIFF records sizes only with a length unit.
+
+    Returns
+    -------
+    Path
+        ``target``.
+
+    Raises
+    ------
+    ImageError
+        For axes or data the flavour cannot hold (S not last; int64, uint64,
+        float16 or an I axis in OME-TIFF).
     """
     import tifffile
 
@@ -319,32 +518,44 @@ def write_tiff(
     if "S" in axes and not axes.endswith("S"):
         raise ImageError(f"cannot write axes {axes!r} as TIFF: RGB samples must come last")
     rgb = axes.endswith("S")
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    bigtiff = needs_bigtiff(int(np.prod(shape)) * dtype.itemsize)
     ome = target.name.lower().endswith((".ome.tif", ".ome.tiff"))
-    like_tiff = like.tiff if like else {}
-    options: dict[str, Any] = {
-        "photometric": "rgb" if rgb else "minisblack",
-        "bigtiff": needs_bigtiff(nbytes),
-    }
+    pixel_size = like.pixel_size if like else None
+    unit = clean_unit(like.unit) if like else None
+    known_unit = length_unit(unit)
+    z_spacing = _positive(like.z_spacing) if like and "Z" in axes else None
+
+    options: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack", "bigtiff": bigtiff}
+    if pixel_size:
+        options["resolution"] = (1 / pixel_size[1], 1 / pixel_size[0])
+        options["resolutionunit"] = _RESOLUTION_UNITS.get(known_unit or "", "NONE")
     metadata: dict[str, Any] = {"axes": axes}
-    if like_tiff.get("resolution"):
-        options["resolution"] = like_tiff["resolution"]
-        options["resolutionunit"] = like_tiff.get("resolutionunit")
-    imagej = (
-        like_tiff.get("imagej")
-        and not ome
-        and not options["bigtiff"]
-        and dtype in (np.uint8, np.uint16, np.float32)
-        and _is_ordered_subsequence(axes, "TZCYXS")
-    )
     if ome:
+        if dtype.name in ("int64", "uint64", "float16") or "I" in axes:
+            raise ImageError(
+                f"{target}: OME-TIFF cannot hold {dtype} data or an 'I' axis (axes {axes}); "
+                "save it as a plain .tif, or convert the data"
+            )
         options["ome"] = True
-        if like and like.pixel_size:
-            metadata.update(PhysicalSizeY=like.pixel_size[0], PhysicalSizeX=like.pixel_size[1])
-    elif imagej:
+        ome_unit = _OME_UNITS.get(known_unit or "")
+        if ome_unit:  # OME sizes need a length unit; without one, Y/X live in the resolution tags alone
+            if pixel_size:
+                metadata.update(PhysicalSizeY=pixel_size[0], PhysicalSizeYUnit=ome_unit)
+                metadata.update(PhysicalSizeX=pixel_size[1], PhysicalSizeXUnit=ome_unit)
+            if z_spacing:
+                metadata.update(PhysicalSizeZ=z_spacing, PhysicalSizeZUnit=ome_unit)
+    elif like and like.tiff.get("imagej") and imagej_can_hold(dtype, axes, shape, bigtiff):
         options["imagej"] = True
-        if like and like.unit:
-            metadata["unit"] = like.unit
+        if unit:
+            metadata["unit"] = _imagej_unit(unit)
+        if z_spacing:
+            metadata["spacing"] = z_spacing
+    else:
+        options["ome"] = False
+        if unit:
+            metadata["unit"] = unit
+        if z_spacing:
+            metadata["spacing"] = z_spacing
     # One page per plane; RGB samples belong to their page.
     page_shape = shape[axes.index("Y") :]
 
@@ -357,6 +568,28 @@ def write_tiff(
 
     atomic_write(target, write)
     return target
+
+
+def imagej_can_hold(dtype: np.dtype, axes: str, shape: tuple[int, ...], bigtiff: bool = False) -> bool:
+    """Whether an ImageJ hyperstack can hold this data as it is.
+
+    8/16-bit unsigned or float32 data, axes in ImageJ's T, Z, C, Y, X order,
+    RGB samples only as 8-bit RGB, and no BigTIFF.
+    """
+    dtype = np.dtype(dtype)
+    if bigtiff or dtype not in (np.uint8, np.uint16, np.float32):
+        return False
+    if axes.endswith("S") and (dtype != np.uint8 or shape[-1] != 3):
+        return False
+    return _is_ordered_subsequence(axes, "TZCYXS")
+
+
+def _imagej_unit(unit: str) -> str:
+    """A unit as ImageJ writes it: its own names for the standard length names, ``\\uXXXX`` for non-ASCII."""
+    known = length_unit(unit)
+    if unit in _IMAGEJ_UNITS or (known and not unit.isascii()):
+        unit = _IMAGEJ_UNITS.get(known or unit, unit)
+    return "".join(c if c.isascii() else f"\\u{ord(c):04x}" for c in unit)
 
 
 def _is_ordered_subsequence(axes: str, order: str) -> bool:
@@ -379,8 +612,11 @@ def write_ome_zarr(
 
     NGFF allows at most T, C, Z, Y, X in that order: RGB samples (S) are stored
     as the channel axis and the array is stored in NGFF order, whatever the
-    input's axis order. The folder is written under a temporary name and
-    renamed when complete.
+    input's axis order. The scale transform holds ``like``'s pixel size (Y, X)
+    and Z spacing (1 where unknown); the space axes whose size is known get
+    ``like``'s unit when it is a known length (its UDUNITS-2 name, e.g.
+    ``'micrometer'``). The folder is written under a temporary name and renamed
+    when complete.
     """
     import zarr
 
@@ -393,21 +629,28 @@ def write_ome_zarr(
     ngff_axes = "".join(stored_axes[i] for i in order)
     ngff_shape = tuple(shape[i] for i in order)
     chunks = tuple(n if a in "YX" else 1 for a, n in zip(ngff_axes, ngff_shape))
+    scale = [1.0] * len(ngff_axes)
+    sized = set()  # the axes whose scale is a physical size
+    if like and like.pixel_size:
+        scale[ngff_axes.index("Y")], scale[ngff_axes.index("X")] = (float(v) for v in like.pixel_size)
+        sized |= {"Y", "X"}
+    z_spacing = _positive(like.z_spacing) if like else None
+    if z_spacing and "Z" in ngff_axes:
+        scale[ngff_axes.index("Z")] = z_spacing
+        sized.add("Z")
+    unit = length_unit(like.unit) if like else None
+    axis_meta = []
+    for a in ngff_axes:
+        entry = {"name": a.lower(), "type": NGFF_AXIS_TYPES[a]}
+        if a in sized and unit:
+            entry["unit"] = unit
+        axis_meta.append(entry)
 
     def write(folder: Path) -> None:
         group = zarr.open_group(str(folder), mode="w", zarr_format=2)
         array = group.create_array("0", shape=ngff_shape, chunks=chunks, dtype=dtype, fill_value=0)
         for index, block in blocks:
             array[tuple(index[i] for i in order)] = np.asarray(block, dtype=dtype).transpose(order)
-        scale = [1.0] * len(ngff_axes)
-        if like and like.pixel_size:
-            scale[ngff_axes.index("Y")], scale[ngff_axes.index("X")] = like.pixel_size
-        axis_meta = []
-        for a in ngff_axes:
-            entry = {"name": a.lower(), "type": NGFF_AXIS_TYPES[a]}
-            if a in "YX" and like and like.unit and like.unit in _NGFF_UNITS:
-                entry["unit"] = _NGFF_UNITS[like.unit]
-            axis_meta.append(entry)
         group.attrs["multiscales"] = [
             {
                 "version": "0.4",
@@ -419,19 +662,6 @@ def write_ome_zarr(
 
     atomic_write_folder(target, write)
     return target
-
-
-_NGFF_UNITS = {
-    "micron": "micrometer",
-    "µm": "micrometer",
-    "um": "micrometer",
-    "nm": "nanometer",
-    "micrometer": "micrometer",
-    "nanometer": "nanometer",
-    "mm": "millimeter",
-    "centimeter": "centimeter",
-    "inch": "inch",
-}
 
 
 def write_image(

@@ -69,8 +69,9 @@ def save_model(
         provenance=dict(provenance if provenance is not None else (previous.provenance if previous else {})),
         tile_size=tile_size if tile_size is not None else (previous.tile_size if previous else None),
     )
-    card.provenance.setdefault("saved", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    card.provenance.setdefault("software", f"napari-mpt-deblur {__version__}")
+    # when and by what this file was written (a fine-tuned copy must not keep its parent's)
+    card.provenance["saved"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    card.provenance["software"] = f"napari-mpt-deblur {__version__}"
     tensors, metadata = _tensors_and_metadata(model, card)
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -264,6 +264,8 @@ def iter_train(
         from torch.nn.parallel import DistributedDataParallel
 
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        network = torch.compile(network, dynamic=False)  # fixed patch size: one graph
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )

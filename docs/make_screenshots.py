@@ -1,0 +1,258 @@
+"""Take the screenshots of docs/napari.md from a running napari viewer.
+
+Opens a real viewer, loads the plugin's sample data, opens the Deblur and
+Fine-tune docks through the plugin manifest, drives them as a user would
+(setting their fields, clicking their buttons) and saves PNGs into
+``docs/images/``. Needs a display; on a machine without one::
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py
+
+Without ``--model`` the script saves a randomly initialised ``lite`` model
+(``build_model("lite")``) in a temporary folder and uses it: this version ships
+no trained model, so the deblurred images it shows are those of an untrained
+network. To keep it fast on a CPU, the sample stack is cropped to 3 planes
+(every 4th: -3, 0 and +3 um from focus) of 192 x 192 pixels around the cell,
+and the fine-tune runs a few steps on small patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+PLUGIN = "napari-mpt-deblur"
+DEBLUR = "Deblur"
+FINETUNE = "Fine-tune (EFCR_ex)"
+MAX_BYTES = 300_000
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="model file to use (default: a fresh, untrained lite model)")
+    parser.add_argument("--out", type=Path, default=HERE / "images", help="folder for the PNGs (docs/images)")
+    parser.add_argument(
+        "--crop",
+        type=int,
+        nargs=3,
+        default=(284, 330, 192),
+        metavar=("Y", "X", "SIZE"),
+        help="square crop of the sample's planes (default around the cell)",
+    )
+    parser.add_argument("--every", type=int, default=4, help="keep every n-th plane of the 9 (default 4: 3 planes)")
+    parser.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
+    parser.add_argument("--patch", type=int, default=64, help="fine-tuning patch size (default 64)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
+    parser.add_argument("--window", type=int, nargs=2, default=(1500, 1000), metavar=("W", "H"))
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for each run")
+    return parser.parse_args(argv)
+
+
+def save_png(image: np.ndarray, path: Path, max_bytes: int = MAX_BYTES) -> None:
+    """Write an RGB(A) array as a PNG under ``max_bytes``: lossless if it fits, else 256 colours, else smaller."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    attempts = [lambda p: p, lambda p: p.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)]
+    for attempt in attempts:
+        data = _png_bytes(attempt(picture))
+        if len(data) <= max_bytes:
+            break
+    while len(data) > max_bytes:  # last resort: shrink
+        picture = picture.resize((picture.width * 4 // 5, picture.height * 4 // 5), Image.Resampling.LANCZOS)
+        data = _png_bytes(attempts[1](picture))
+    path.write_bytes(data)
+    print(f"wrote {path} ({picture.width} x {picture.height}, {len(data) // 1000} kB)")
+
+
+def _png_bytes(picture) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def grab(widget, path: Path, down_to=None) -> None:
+    """Save a Qt widget as it is drawn on screen (only down to the bottom of the child ``down_to``, if given)."""
+    from qtpy.QtCore import QRect
+    from qtpy.QtGui import QImage
+
+    settle()
+    height = widget.height() if down_to is None else min(widget.height(), down_to.geometry().bottom() + 8)
+    image = widget.grab(QRect(0, 0, widget.width(), height)).toImage()
+    image = image.convertToFormat(QImage.Format.Format_RGBA8888)
+    width, height = image.width(), image.height()
+    pixels = np.frombuffer(image.constBits().asstring(image.sizeInBytes()), np.uint8)
+    pixels = pixels.reshape(height, image.bytesPerLine())[:, : width * 4].reshape(height, width, 4)
+    save_png(pixels, path)
+
+
+def wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Process Qt events until ``condition()`` holds."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    start = time.perf_counter()
+    while not condition():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
+
+
+def settle(seconds: float = 0.5) -> None:
+    """Let Qt repaint for a moment (docks, plots, canvas) before a screenshot."""
+    end = time.perf_counter() + seconds
+    wait(lambda: time.perf_counter() > end, seconds + 5, "settling")
+
+
+def window_shot(viewer, path: Path) -> None:
+    settle()
+    save_png(viewer.screenshot(canvas_only=False, flash=False), path)
+
+
+def grid(viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` since napari 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def side_by_side(viewer, active) -> None:
+    """Every visible layer in its own view, in one row (bottom layer of the list on the left)."""
+    viewer.layers.selection.active = active
+    grid(viewer).enabled = True
+    grid(viewer).shape = (1, sum(layer.visible for layer in viewer.layers))
+    viewer.reset_view()
+
+
+def untrained_model(folder: Path) -> Path:
+    import torch
+
+    from napari_mpt_deblur import build_model, save_model
+
+    torch.manual_seed(0)
+    return save_model(
+        build_model("lite"),
+        folder / "lite-untrained.safetensors",
+        provenance={"note": "randomly initialised, for the documentation's screenshots"},
+    )
+
+
+def crop_sample(viewer, crop: tuple[int, int, int], every: int) -> None:
+    """Crop both sample layers in place (same planes and window, so they still line up)."""
+    y, x, size = crop
+    for layer in viewer.layers:
+        scale = list(layer.scale)
+        layer.data = np.ascontiguousarray(layer.data[::every, y : y + size, x : x + size])
+        scale[0] *= every
+        layer.scale = scale
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix="mpt-screenshots-")
+    folder = Path(scratch.name)
+    model_path = args.model.resolve() if args.model else untrained_model(folder)
+    print(f"model: {model_path}{'' if args.model else ' (untrained)'}")
+
+    import napari
+
+    viewer = napari.Viewer(show=True, title="napari-mpt-deblur")
+    viewer.window.resize(*args.window)
+    viewer.open_sample(PLUGIN, "defocused_cells")
+    crop_sample(viewer, tuple(args.crop), args.every)
+    defocused = viewer.layers["defocused cells"]
+    print("sample:", [(layer.name, layer.data.shape, tuple(layer.scale)) for layer in viewer.layers])
+
+    # --- Deblur ----------------------------------------------------------------------------------------------------
+    deblur_dock, deblur = viewer.window.add_plugin_dock_widget(PLUGIN, DEBLUR)
+    deblur.model_file.value = model_path  # joins the model menu and is selected
+    deblur.layer.value = defocused
+    deblur.device.value = "cpu"
+    viewer.dims.set_current_step(0, 0)  # the first plane: -3 um from focus
+    settle()
+    print("deblur status:", deblur.status.value)
+
+    # lazily: the result layer appears at once; the plot shows the input's focus only
+    deblur.lazy.value = True
+    deblur.run_button.native.click()
+    wait(lambda: "input" in deblur.focus_plot.series, args.timeout, "the input's focus profile")
+    print("lazy: status:", deblur.status.value)
+    print("lazy: input focus:", [round(y, 5) for _, y in deblur.focus_plot.series["input"]])
+    grab(deblur.native, args.out / "deblur-lazy-widget.png", down_to=deblur.focus_plot)
+    viewer.layers.remove(viewer.layers[-1])
+
+    # all at once, with progress; the plot shows the input's and the output's focus
+    deblur.lazy.value = False
+    deblur.run_button.native.click()
+    wait(lambda: not deblur.running, args.timeout, "deblurring")
+    print("deblur status:", deblur.status.value)
+    result = viewer.layers[-1]
+    print("result:", result.name, result.data.shape, result.data.dtype, tuple(result.scale), result.contrast_limits)
+    print("result metadata:", result.metadata.get("napari_mpt_deblur"))
+    for name in ("input", "output"):
+        print(f"{name} focus:", [round(y, 5) for _, y in deblur.focus_plot.series[name]])
+
+    side_by_side(viewer, result)
+    window_shot(viewer, args.out / "deblur-window.png")
+    grab(deblur.native, args.out / "deblur-widget.png", down_to=deblur.focus_plot)
+
+    # --- Fine-tune -------------------------------------------------------------------------------------------------
+    grid(viewer).enabled = False
+    result.visible = False
+    deblur_dock.hide()
+    tune_dock, tune = viewer.window.add_plugin_dock_widget(PLUGIN, FINETUNE)
+    tune.model.value = str(Path(model_path).resolve())
+    tune.unlabeled.value = [defocused]
+    tune.steps.value = args.steps
+    tune.batch.value = 2
+    tune.patch.value = args.patch
+    tune.lr.value = args.lr
+    tune.device.value = "cpu"
+    viewer.layers.selection.active = defocused
+    settle()
+    tune.start_button.native.click()
+    wait(lambda: not tune.running, args.timeout, "fine-tuning")
+    print("fine-tune status:", tune.status.value)
+    if tune.tuned_model is None:
+        print("fine-tuning gave no model; see the messages above", file=sys.stderr)
+        return 1
+    tune.save_path.value = folder / "lite-tuned.safetensors"
+    tune.save_button.native.click()
+    settle()
+    print("fine-tune status:", tune.status.value)
+    from napari_mpt_deblur import read_model_card
+
+    print("fine-tuned provenance:", read_model_card(folder / "lite-tuned.safetensors").provenance)
+    window_shot(viewer, args.out / "finetune-window.png")
+    grab(tune.native, args.out / "finetune-widget.png")
+
+    # --- before / after --------------------------------------------------------------------------------------------
+    tune_dock.hide()
+    deblur_dock.show()
+    tuned_choice = str((folder / "lite-tuned.safetensors").resolve())
+    print("deblur model menu:", [str(choice) for choice in deblur.model.choices])
+    deblur.model.value = tuned_choice
+    deblur.run_button.native.click()
+    wait(lambda: not deblur.running, args.timeout, "deblurring with the fine-tuned model")
+    print("deblur status:", deblur.status.value)
+    tuned_result = viewer.layers[-1]
+    tuned_result.name = "defocused cells fine-tuned"
+    result.visible = True
+    side_by_side(viewer, tuned_result)
+    window_shot(viewer, args.out / "compare-window.png")
+
+    viewer.close()
+    scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

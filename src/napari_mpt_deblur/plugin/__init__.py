@@ -1,0 +1,1 @@
+"""The napari layer: widgets, reader, writer and sample data; everything here calls the headless API."""

@@ -1,0 +1,265 @@
+"""What one run of the Deblur widget does, checked before it starts (no Qt, no napari: testable headless).
+
+The widget reads a few attributes of the chosen layer, hands them to
+:meth:`DeblurJob.from_layer` (which refuses what the model cannot process with
+a message for the user), runs the job through the inference engine and adds the
+result with :func:`result_layer_kwargs`. :func:`focus_profile` draws the
+per-plane focus curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..config import DeblurSettings
+from ..data.focus import focus_score
+from ..images import Image, ImageError, check_axes
+from ..inference import DEFAULT_TILE, InputError, PlaneLayout
+from ..models.mpt import MPT
+from ..runtime import resolve_device
+
+LABEL_LETTERS = "TZCYX"
+"""Axis labels read as axes (case-insensitive); any other labels are ignored and the axes guessed."""
+
+_LEADING_AXES = {2: "", 3: "Z", 4: "TZ", 5: "TZC"}
+
+METADATA_KEY = "napari_mpt_deblur"
+"""Key of the result layer's metadata entry that records how it was made."""
+
+
+def layer_axes(ndim: int, rgb: bool, axis_labels: Sequence[str] | None) -> str:
+    """Axes letters (see :mod:`napari_mpt_deblur.images`) of a napari image layer.
+
+    Parameters
+    ----------
+    ndim
+        The layer's dimensions, without the RGB samples (napari's ``layer.ndim``).
+    rgb
+        Whether the data has a trailing axis of RGB(A) samples.
+    axis_labels
+        The layer's axis labels. Used when they are distinct single letters
+        among t, z, c, y, x (any case); otherwise the axes are guessed from
+        ``ndim``: 2-D ``YX``, 3-D ``ZYX``, 4-D ``TZYX``, 5-D ``TZCYX``.
+
+    Returns
+    -------
+    str
+        One upper-case letter per axis of the data, ``S`` last for RGB.
+
+    Raises
+    ------
+    InputError
+        When the labels name no axes and there are more than 5 (or fewer than 2) dimensions.
+    """
+    labels = [str(label).upper() for label in axis_labels] if axis_labels is not None else []
+    named = (
+        len(labels) == ndim
+        and all(len(label) == 1 and label in LABEL_LETTERS for label in labels)
+        and len(set(labels)) == ndim
+    )
+    if named:
+        axes = "".join(labels)
+    else:
+        leading = _LEADING_AXES.get(ndim)
+        if leading is None:
+            example = ", ".join(repr(a) for a in ("t", "z", "c", "y", "x")[-ndim:]) if ndim <= 5 else "'t', 'z', ..."
+            raise InputError(
+                f"cannot tell which axes of a {ndim}-D layer are which: set its axis labels to letters "
+                f"among t, z, c, y, x (e.g. layer.axis_labels = ({example}))"
+            )
+        axes = leading + "YX"
+    return axes + ("S" if rgb else "")
+
+
+@dataclass(frozen=True, eq=False)
+class DeblurJob:
+    """One validated deblurring run of a napari image layer.
+
+    Build it with :meth:`from_layer`, which checks everything that can be
+    checked without computing.
+    """
+
+    source: str
+    """Name of the layer it deblurs."""
+    data: Any = field(repr=False)
+    """The layer's data (numpy, dask or zarr; the full-resolution level of a multiscale layer)."""
+    axes: str
+    """Axes letters of ``data``."""
+    settings: DeblurSettings
+    """How the engine runs."""
+    model: MPT = field(repr=False)
+    """The network, a copy of the cached one when it runs on another device."""
+    lazy: bool = False
+    """True: a lazy result computed plane by plane when shown; False: everything at once."""
+    model_name: str = ""
+    """The model choice it came from (a bundled name or a file), for the record."""
+
+    @classmethod
+    def from_layer(
+        cls,
+        kind: str,
+        name: str,
+        data: Any,
+        ndim: int,
+        rgb: bool,
+        axis_labels: Sequence[str] | None,
+        model: MPT | None,
+        settings: DeblurSettings,
+        lazy: bool,
+        *,
+        model_name: str = "",
+        multiscale: bool = False,
+    ) -> DeblurJob:
+        """Check a layer against a model and settings; the job, or an :class:`InputError` saying what to do.
+
+        Parameters
+        ----------
+        kind
+            The layer type in lower case (``image``, ``labels``, ``points``, ...).
+        name, data, ndim, rgb, axis_labels
+            The layer's attributes of these names (``ndim`` without the RGB samples).
+        model
+            The network (None when no model is chosen yet).
+        settings
+            Engine settings; the device must be present on this machine.
+        lazy
+            Compute planes when shown instead of all at once.
+        model_name
+            The model choice, recorded in the result's metadata.
+        multiscale
+            The layer holds a resolution pyramid; its full-resolution level is deblurred.
+
+        Raises
+        ------
+        InputError
+            For a layer that is not an image, an empty one, a pixel type other
+            than integers or floating point, axes that cannot be told apart, a
+            3-channel model on grey data, no model, or a device that is missing.
+        """
+        if kind != "image":
+            what = "meshes" if kind == "surface" else "annotations"
+            raise InputError(
+                f"layer {name!r} is a {kind} layer: choose an image layer; {kind} layers hold {what}, not intensities"
+            )
+        if multiscale:
+            data = data[0]
+        try:
+            axes = check_axes(layer_axes(ndim, rgb, axis_labels), tuple(data.shape))
+        except ImageError as error:
+            raise InputError(f"layer {name!r}: {error}") from None
+        if model is None:
+            raise InputError(
+                "no model chosen: pick a model file (.safetensors) or a reference checkpoint (.pth) under 'model file'"
+            )
+        try:
+            PlaneLayout.of(Image(data, axes, name), model.config.in_channels)
+        except InputError as error:
+            raise InputError(f"layer {name!r}: {error}") from None
+        return cls(name, data, axes, settings, _model_for_device(model, settings.device), lazy, model_name)
+
+    def provenance(self) -> dict[str, Any]:
+        """What made the result: model choice and card, settings and axes (JSON-ready), for its metadata."""
+        card = getattr(self.model, "card", None)
+        normalization = self.settings.normalization or (card.normalization if card else None)
+        tile = self.settings.tile
+        if tile is None:
+            tile = (card.tile_size if card else None) or DEFAULT_TILE
+        return {
+            "source": self.source,
+            "model": self.model_name,
+            "model_provenance": dict(card.provenance) if card else {},
+            "normalization": asdict(normalization) if normalization else None,
+            "tile": tile,
+            "settings": asdict(self.settings),
+            "axes": self.axes,
+            "mode": "lazy" if self.lazy else "eager",
+            "software": f"napari-mpt-deblur {__version__}",
+        }
+
+
+def _model_for_device(model: MPT, device: str) -> MPT:
+    """The model itself when it already lives on ``device``, else a copy.
+
+    The engine moves its model to the device in place; the registry's cached
+    model is shared by every layer and widget, so a GPU run must not move it
+    away from under a lazy layer that computes on the CPU.
+    """
+    try:
+        target = resolve_device(device)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    current = next(iter(model.parameters()), None)
+    if current is None or current.device == target:
+        return model
+    return copy.deepcopy(model)
+
+
+def result_layer_kwargs(source: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``viewer.add_image`` of a result that lies exactly over its source.
+
+    Parameters
+    ----------
+    source
+        The source layer's state (``layer.as_layer_data_tuple()[1]``).
+    provenance
+        How the result was made (:meth:`DeblurJob.provenance`), stored under
+        ``metadata["napari_mpt_deblur"]``.
+
+    Returns
+    -------
+    dict
+        ``name`` (``"<source> deblurred"``), the source's placement (scale,
+        translate, rotate, shear, affine), axis labels and units, display
+        (contrast limits, so a lazy result is not computed to find them; RGB;
+        colormap for grey data; blending) and metadata.
+    """
+    kwargs: dict[str, Any] = {"name": f"{source.get('name', 'image')} deblurred"}
+    for key in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units", "rgb", "blending"):
+        if source.get(key) is not None:
+            kwargs[key] = source[key]
+    if source.get("contrast_limits") is not None:
+        kwargs["contrast_limits"] = list(source["contrast_limits"])
+    if not source.get("rgb") and source.get("colormap") is not None:
+        kwargs["colormap"] = source["colormap"]
+    metadata = dict(source.get("metadata") or {})
+    metadata[METADATA_KEY] = dict(provenance or {})
+    kwargs["metadata"] = metadata
+    return kwargs
+
+
+def focus_profile(data: Any, axes: str) -> np.ndarray:
+    """Focus score (:func:`~napari_mpt_deblur.data.focus.focus_score`) of every plane.
+
+    Parameters
+    ----------
+    data
+        A numpy, dask or zarr array; a dask array is computed one plane at a time.
+    axes
+        Its axes letters; Y and X (then S, if any) come last.
+
+    Returns
+    -------
+    numpy.ndarray
+        One score per plane, planes in C order over every axis before Y
+        (RGB planes scored on the mean of their samples); NaN for planes
+        smaller than 3 x 3 pixels.
+    """
+    try:
+        axes = check_axes(axes, tuple(data.shape))
+    except ImageError as error:
+        raise ValueError(str(error)) from None
+    outer = tuple(data.shape[: axes.index("Y")])
+    scores = np.empty(math.prod(outer), dtype=np.float64)
+    for position, index in enumerate(np.ndindex(*outer)):
+        plane = np.asarray(data[index])
+        if "S" in axes:
+            plane = plane.mean(axis=-1)
+        scores[position] = focus_score(plane) if min(plane.shape) >= 3 else np.nan
+    return scores

@@ -1,0 +1,288 @@
+"""What the plugin's docks share (Qt here; what they compute stays in Qt-free modules): the device and model
+pickers, progress, a thread worker that reports every error, and stopping the work when the dock closes."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar
+from napari.utils import progress
+from napari.utils.notifications import show_error
+from superqt.utils import GeneratorWorker
+
+from ..models.files import ModelFileError
+from ..runtime import available_devices, resolve_device
+from . import models
+
+MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt);;All files (*)"
+
+
+def device_choices() -> list[tuple[str, str]]:
+    """(label, device setting) for every device present, ``auto`` first, labelled with what it is.
+
+    For example ``("auto (CPU)", "auto")`` or ``("cuda:0 (NVIDIA H100)", "cuda:0")``.
+    """
+    auto = str(resolve_device("auto"))
+    what = _describe_device(auto) if auto in ("cpu", "mps") else f"{auto}, {_describe_device(auto)}"
+    return [(f"{name} ({what if name == 'auto' else _describe_device(name)})", name) for name in available_devices()]
+
+
+def _describe_device(name: str) -> str:
+    if name.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(int(name.split(":")[1]) if ":" in name else torch.cuda.current_device())
+    return {"cpu": "CPU", "mps": "Apple GPU"}.get(name, name)
+
+
+def device_box(value: str = "auto") -> ComboBox:
+    """The ``device`` menu (:func:`device_choices`), set to ``value`` when present here, else to ``auto``."""
+    choices, tip = device_choices(), "auto: the first GPU if there is one, else the CPU."
+    value = value if value in [setting for _, setting in choices] else "auto"
+    return ComboBox(name="device", label="device", choices=choices, value=value, tooltip=tip)
+
+
+def progress_and_status(label: str = "", value: str = "") -> tuple[ProgressBar, Label]:
+    """A dock's progress bar and its (word-wrapped) status line."""
+    status = Label(name="status", label=label, value=value)
+    status.native.setWordWrap(True)
+    return ProgressBar(name="progress_bar", label="progress", min=0, max=1, value=0), status
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error says the CPU or a GPU ran out of memory."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+def model_choices(_: Any = None) -> list[tuple[str, str]]:
+    """(label, choice) for the registry's models: a file's name, its full path when two share a name."""
+    choices = models.REGISTRY.choices()
+    names = [Path(choice).name for choice in choices]
+    return [(name if names.count(name) == 1 else choice, choice) for name, choice in zip(names, choices)]
+
+
+class ModelPicker:
+    """A dock's model menu (:attr:`combo`) and model-file box (:attr:`file`), following the shared registry.
+
+    The menu follows every change of the registry (a model saved by the Fine-tune dock, a file picked in any dock),
+    which holds the picker weakly: it lives as long as the session and must keep no closed dock alive. A picked file
+    is loaded first: one that loads joins the registry and is chosen; one that does not is reported (a notification
+    and ``status``), stays out of the menu, and is the :attr:`problem` (docks refuse to start) until a model is chosen.
+    """
+
+    def __init__(self, status: Label, *, label: str, tooltip: str) -> None:
+        self.status = status
+        self.problem: str | None = None
+        self.combo = ComboBox(name="model", label=label, choices=model_choices, tooltip=tooltip)
+        self.file = FileEdit(
+            name="model_file",
+            label="model file",
+            mode="r",
+            filter=MODEL_FILTER,
+            nullable=True,
+            tooltip="A napari-mpt-deblur model (.safetensors) or a reference MPT checkpoint (.pth).",
+        )
+        self.combo.changed.connect(self._chosen)
+        self.file.changed.connect(self._picked)
+        picker = weakref.ref(self)
+
+        def registry_changed() -> None:
+            alive = picker()
+            if alive is None:
+                unsubscribe()
+            else:
+                alive.refresh()
+
+        self.unsubscribe = unsubscribe = models.REGISTRY.subscribe(registry_changed)
+
+    def refresh(self) -> None:
+        """List the registry's models again (the menu emits ``changed`` when its value changes)."""
+        try:
+            self.combo.reset_choices()
+        except RuntimeError:  # "wrapped C/C++ object has been deleted": the viewer closed first
+            self.unsubscribe()
+
+    def _chosen(self, _: Any) -> None:
+        self.problem = None
+
+    def _picked(self, path: Path | None) -> None:
+        if path is None or not Path(path).is_file():
+            return  # typing a path: wait until it names a file
+        try:
+            models.REGISTRY.load(str(path))
+        except (ModelFileError, OSError) as error:
+            self.problem = f"Model file failed to load: {str(error).rstrip('. ')}. Pick another model file."
+            self.status.value = self.problem
+            show_error(self.problem)
+            return
+        self.problem = None
+        self.combo.value = models.REGISTRY.add_file(path)  # refreshes every widget's menu, this one's included
+
+
+class _CarriedError(Exception):
+    """Carries a RuntimeError raised by the work (its ``__cause__``) to ``errored`` (see :func:`start_worker`)."""
+
+
+def _carry(steps: Generator) -> Generator:
+    try:
+        return (yield from steps)
+    except RuntimeError as error:
+        raise _CarriedError(error) from error
+
+
+def _call(function: Callable[[], Any]) -> Generator[None, None, Any]:
+    """Work that yields nothing and returns ``function()``: one worker class for both kinds of work."""
+    return function()
+    yield  # unreachable: makes this a generator function
+
+
+class _Worker(GeneratorWorker):
+    """superqt's generator worker, closing its generator in its own thread as it stops (see :func:`start_worker`)."""
+
+    def __init__(self, steps: Generator) -> None:
+        super().__init__(_carry, steps)
+        self._steps = steps
+
+    def work(self) -> Any:
+        try:
+            return super().work()
+        finally:
+            self._steps.close()
+
+
+def _weak(callback: Callable[..., Any] | None) -> Callable[..., None]:
+    """``callback``, holding a bound method's object weakly (a dead one is not called)."""
+    if not inspect.ismethod(callback):
+        return callback or (lambda *_: None)
+    method = weakref.WeakMethod(callback)
+    return lambda *args: None if (alive := method()) is None else alive(*args)
+
+
+def start_worker(
+    work: Generator | Callable[[], Any],
+    *,
+    on_yield: Callable[[Any], Any] | None = None,
+    on_return: Callable[[Any], Any] | None = None,
+    on_error: Callable[[BaseException], Any] | None = None,
+    on_finished: Callable[[], Any] | None = None,
+) -> GeneratorWorker:
+    """Run ``work`` (a generator, or a function of no arguments) in Qt's thread pool; callbacks run in the GUI thread.
+
+    Yielded values go to ``on_yield``, the return value to ``on_return``, every error (as raised) to ``on_error``,
+    then ``on_finished`` in every case. After ``worker.quit()`` the work stops at its next ``yield`` and neither
+    ``on_return`` nor ``on_error`` is called. Bound methods are held weakly: a worker keeps no closed dock alive.
+    Workarounds:
+
+    - superqt's ``GeneratorWorker`` takes any ``RuntimeError`` for a deleted worker and then emits neither
+      ``errored`` nor ``finished``, and torch raises many (out of memory included): they travel wrapped.
+    - superqt's class, not napari's, which posts every error as a traceback notification on top of the dock's
+      message; not napari's ``create_worker``, which files the worker (and what its slots hold) in the viewer's
+      task list for the session.
+    - ``quit()`` leaves the generator suspended. Closed later in another thread (the GUI's, the garbage collector's),
+      it would leave the thread-local state it entered (torch's inference mode) on in the pool's thread, breaking
+      the next work run there (training: "does not require grad"): the worker closes it in its own thread.
+    """
+    steps = work if isinstance(work, Generator) else _call(work)
+    worker = _Worker(steps)
+    report = _weak(on_error)
+
+    def errored(error: BaseException) -> None:
+        report(error.__cause__ if isinstance(error, _CarriedError) else error)
+
+    worker.yielded.connect(_weak(on_yield))
+    worker.returned.connect(_weak(on_return))
+    worker.errored.connect(errored)
+    worker.finished.connect(_weak(on_finished))
+    worker.start()
+    return worker
+
+
+@dataclass(eq=False)
+class DockState:
+    """What a dock shares with its worker's slots and its clean-up: never the widget itself.
+
+    Qt keeps slots as long as the widget's Qt objects, and workers and the registry outlive a closed dock: what they
+    hold must not hold the widget (nor its viewer). The dock's own slots are bound methods, called while it lives.
+    """
+
+    worker: GeneratorWorker | None = None  # the running worker (None when idle)
+    pbar: progress | None = None  # its bar in napari's activity dock
+    docked: bool = False
+    closed: bool = False  # taken out of the viewer (dock closed) or destroyed: no new work, running work stops
+    deleted: bool = False  # the Qt widgets are gone: handlers must not touch them
+    disconnects: list[Callable[[], None]] = field(default_factory=list)  # undo outside connections (on close)
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(
+        self, work: Generator, task: str, total: int = 0, *, on_finished: Callable[[], Any] | None = None, **callbacks
+    ) -> GeneratorWorker:
+        """:func:`start_worker` with a napari progress bar named ``task``; idle again, before ``on_finished``."""
+        self.pbar = progress(total=total, desc=task)
+        done = _weak(on_finished)
+
+        def finished() -> None:
+            pbar, self.worker, self.pbar = self.pbar, None, None
+            done()
+            if pbar is not None:
+                pbar.close()
+
+        self.worker = start_worker(work, on_finished=finished, **callbacks)
+        return self.worker
+
+    def show_progress(self, bar: ProgressBar, done: int, total: int, description: str | None = None) -> None:
+        """``done`` of ``total`` in the dock's ``bar``, then in napari's; handlers call it last, as napari's bars and
+        notifications may process Qt events (and so run the worker's next signals) while they update."""
+        if not self.deleted:
+            bar.max, bar.value = max(1, total), done
+        pbar = self.pbar
+        if pbar is not None:
+            if pbar.total != total:
+                pbar.total = total
+            if description:
+                pbar.set_description(description)
+            pbar.update(done - pbar.n)
+
+    def stop(self) -> None:
+        """Ask the running work to stop at its next step."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def close(self) -> None:
+        """Stop running work and undo outside connections (the dock closed or the widget was destroyed)."""
+        self.closed = True
+        self.stop()
+        for disconnect in self.disconnects:
+            with contextlib.suppress(RuntimeError, ValueError, TypeError):  # the viewer went first
+                disconnect()
+        self.disconnects.clear()
+
+
+def stop_when_closed(widget: Container, state: DockState) -> None:
+    """:meth:`DockState.close` when napari takes ``widget`` out of its dock (closing it: the parent becomes None)
+    or its Qt widget is destroyed (the viewer closing; the Python object may live on). The slots hold ``state``."""
+    widget.native_parent_changed.connect(partial(_parent_changed, state))
+    widget.native.destroyed.connect(partial(_destroyed, state))
+
+
+def _parent_changed(state: DockState, parent: Any) -> None:
+    if parent is not None:
+        state.docked = True
+    elif state.docked:
+        state.close()
+
+
+def _destroyed(state: DockState, *_: Any) -> None:
+    state.deleted = True
+    state.close()

@@ -1,0 +1,564 @@
+"""The Deblur dock widget: headless job checks, then the widget in a real viewer with tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from napari_mpt_deblur import build_model, load_model, save_model
+from napari_mpt_deblur.config import DeblurSettings, IntensityNormalization
+from napari_mpt_deblur.data.focus import focus_score
+from napari_mpt_deblur.inference import InputError, deblur_array
+from napari_mpt_deblur.plugin.deblur_job import (
+    METADATA_KEY,
+    DeblurJob,
+    focus_profile,
+    layer_axes,
+    result_layer_kwargs,
+)
+
+CPU = DeblurSettings(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def grey_model_file(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(1)
+    return save_model(build_model(tiny_config()), tmp_path_factory.mktemp("models") / "grey.safetensors")
+
+
+@pytest.fixture(scope="module")
+def rgb_model_file(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(2)
+    model = build_model(tiny_config(in_channels=3, out_channels=3))
+    return save_model(model, tmp_path_factory.mktemp("models") / "rgb.safetensors")
+
+
+def stack(shape: tuple[int, ...], dtype=np.uint16, seed: int = 0) -> np.ndarray:
+    """A blurry-ish random image: smooth blobs plus noise, in the dtype's range."""
+    rng = np.random.default_rng(seed)
+    values = rng.random(shape)
+    values = (values + np.roll(values, 1, -1) + np.roll(values, 1, -2)) / 3
+    top = 255 if np.dtype(dtype) == np.uint8 else 4000
+    return (values * top).astype(dtype)
+
+
+# --- headless: deblur_job ---------------------------------------------------------------------------------------------
+
+
+def test_layer_axes_use_letter_labels_else_guess():
+    assert layer_axes(3, False, ("z", "y", "x")) == "ZYX"
+    assert layer_axes(4, False, ("T", "c", "y", "x")) == "TCYX"
+    assert layer_axes(3, False, ("-3", "-2", "-1")) == "ZYX"  # napari's default labels
+    assert layer_axes(3, False, ("z", "z", "x")) == "ZYX"  # repeated letters name nothing
+    assert layer_axes(2, False, None) == "YX"
+    assert layer_axes(4, False, None) == "TZYX"
+    assert layer_axes(5, False, ("0", "1", "2", "3", "4")) == "TZCYX"
+    assert layer_axes(2, True, ("y", "x")) == "YXS"
+    assert layer_axes(3, True, None) == "ZYXS"
+    with pytest.raises(InputError, match="axis labels"):
+        layer_axes(6, False, None)
+
+
+def test_job_refuses_what_the_model_cannot_process(grey_model_file, rgb_model_file):
+    grey, rgb = load_model(grey_model_file), load_model(rgb_model_file)
+    good = stack((2, 32, 32))
+
+    def job(kind="image", data=good, model=grey, labels=None, rgb_flag=False, settings=CPU):
+        ndim = data.ndim - (1 if rgb_flag else 0)
+        return DeblurJob.from_layer(kind, "cells", data, ndim, rgb_flag, labels, model, settings, False)
+
+    with pytest.raises(InputError, match="choose an image layer; labels layers hold annotations, not intensities"):
+        job(kind="labels")
+    with pytest.raises(InputError, match=r"'cells': the image is empty \(shape \(0, 32, 32\)\)"):
+        job(data=np.zeros((0, 32, 32), np.uint16))
+    with pytest.raises(InputError, match="unsupported pixel type bool"):
+        job(data=np.zeros((2, 32, 32), bool))
+    with pytest.raises(InputError, match="3-channel model needs RGB data"):
+        job(model=rgb)
+    with pytest.raises(InputError, match="only S .* may follow Y and X"):
+        job(labels=("y", "x", "z"))
+    with pytest.raises(InputError, match="no model chosen"):
+        job(model=None)
+    with pytest.raises(InputError, match="cuda:99"):
+        job(settings=DeblurSettings(device="cuda:99"))
+    # an RGB layer with a 3-channel model, and C of 3 named by the labels, are fine
+    assert job(data=stack((32, 32, 3), np.uint8), model=rgb, rgb_flag=True).axes == "YXS"
+    assert job(data=stack((3, 32, 32)), model=rgb, labels=("c", "y", "x")).axes == "CYX"
+    # a multiscale layer: its full-resolution level
+    pyramid = [stack((2, 32, 32)), stack((2, 16, 16))]
+    full = DeblurJob.from_layer("image", "big", pyramid, 3, False, None, grey, CPU, True, multiscale=True)
+    assert full.data is pyramid[0]
+
+
+def test_job_records_how_the_result_was_made(grey_model_file):
+    model = load_model(grey_model_file)
+    settings = DeblurSettings(tile=64, overlap=8, device="cpu")
+    job = DeblurJob.from_layer(
+        "image", "cells", stack((2, 32, 32)), 3, False, None, model, settings, True, model_name=str(grey_model_file)
+    )
+    assert job.model is model  # already on the CPU: shared, not copied
+    record = job.provenance()
+    assert record["source"] == "cells" and record["model"] == str(grey_model_file)
+    assert record["mode"] == "lazy" and record["axes"] == "ZYX" and record["tile"] == 64
+    assert record["settings"]["overlap"] == 8
+    assert record["normalization"] == {"mode": "percentile", "low": 1.0, "high": 99.8, "per": "plane"}
+    assert record["model_provenance"]["software"].startswith("napari-mpt-deblur")
+
+
+def test_result_layer_kwargs_keep_placement_and_display():
+    source = {
+        "name": "cells",
+        "scale": [2.0, 0.5, 0.5],
+        "translate": [1.0, 2.0, 3.0],
+        "axis_labels": ("z", "y", "x"),
+        "units": ("um", "um", "um"),
+        "contrast_limits": [10.0, 900.0],
+        "rgb": False,
+        "colormap": "magma",
+        "blending": "additive",
+        "metadata": {"origin": "microscope"},
+    }
+    kwargs = result_layer_kwargs(source, {"model": "m.safetensors"})
+    assert kwargs["name"] == "cells deblurred"
+    for key in ("scale", "translate", "axis_labels", "units", "colormap", "blending"):
+        assert kwargs[key] == source[key]
+    assert kwargs["contrast_limits"] == [10.0, 900.0]
+    assert kwargs["metadata"] == {"origin": "microscope", METADATA_KEY: {"model": "m.safetensors"}}
+    rgb = result_layer_kwargs({**source, "rgb": True, "colormap": "gray"})
+    assert rgb["rgb"] is True and "colormap" not in rgb
+
+
+def test_focus_profile_per_plane_numpy_and_dask():
+    sharp = stack((32, 32), np.float32, seed=1)
+    flat = np.full((32, 32), 100.0, np.float32)
+    data = np.stack([np.stack([sharp, flat]), np.stack([flat, sharp])])  # T=2, Z=2
+    scores = focus_profile(data, "TZYX")
+    assert scores.shape == (4,)
+    assert scores[0] == pytest.approx(focus_score(sharp)) and scores[3] == scores[0]
+    assert scores[1] < scores[0] / 100
+    lazy = da.from_array(data, chunks=(1, 1, 32, 32))
+    np.testing.assert_allclose(focus_profile(lazy, "TZYX"), scores)
+    rgb = stack((2, 32, 32, 3), np.uint8)
+    np.testing.assert_allclose(focus_profile(rgb, "ZYXS"), [focus_score(p.mean(axis=-1)) for p in rgb])
+
+
+# --- the widget in a viewer -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A fresh model registry for the widget (the one the plugin's widgets share), empty."""
+    from napari_mpt_deblur.plugin import deblur_widget, models
+
+    fresh = models.ModelRegistry()
+    monkeypatch.setattr(models, "REGISTRY", fresh)
+    monkeypatch.setattr(deblur_widget, "REGISTRY", fresh)
+    return fresh
+
+
+@pytest.fixture
+def records():
+    """The notifications napari receives during the test."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    return lambda: notification_manager.records[start:]
+
+
+def errors(records) -> list[str]:
+    return [str(n.message) for n in records() if str(n.severity).lower().endswith("error")]
+
+
+@pytest.fixture
+def viewer_and_widget(make_napari_viewer, registry, grey_model_file):
+    from napari_mpt_deblur.plugin.deblur_widget import DeblurWidget
+
+    registry.add_file(grey_model_file)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    assert isinstance(widget, DeblurWidget)
+    widget.device.value = "cpu"
+    return viewer, widget
+
+
+def wait_idle(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def test_widget_opens_through_the_manifest(viewer_and_widget, grey_model_file):
+    viewer, widget = viewer_and_widget
+    assert widget.model.value == str(grey_model_file.resolve())
+    assert widget.model.current_choice == "grey.safetensors"
+    assert widget.layer.value is None and widget.run_button.enabled and not widget.cancel_button.enabled
+    assert widget.tile.value == 512 and widget.overlap.value == 64  # no tile size in the model card
+    assert (widget.low.value, widget.high.value) == (1.0, 99.8)
+    assert widget.device.choices[0] == "auto" and "cpu" in widget.device.choices
+    assert widget.device.current_choice == "cpu (CPU)"
+    assert widget.focus_plot.parent() is widget.native
+    # the image list follows the viewer: added, renamed, removed; labels are not offered
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="masks")
+    layer = viewer.add_image(stack((8, 8)), name="cells")
+    assert widget.layer.choices == (layer,)
+    layer.name = "nuclei"
+    assert widget.layer.current_choice == "nuclei"
+    viewer.layers.remove(layer)
+    assert widget.layer.choices == ()
+
+
+def test_eager_deblur_adds_a_matching_layer(qtbot, viewer_and_widget, grey_model_file, records):
+    viewer, widget = viewer_and_widget
+    data = stack((3, 48, 48))
+    source = viewer.add_image(
+        data, name="cells", scale=(2.0, 0.5, 0.5), translate=(1.0, 2.0, 3.0), axis_labels=("z", "y", "x")
+    )
+    widget.layer.value = source
+    widget.run_button.native.click()
+    assert widget.running and not widget.run_button.enabled and widget.cancel_button.enabled
+    wait_idle(qtbot, widget)
+    assert errors(records) == []
+    assert len(viewer.layers) == 2
+    result = viewer.layers["cells deblurred"]
+    assert result.data.shape == data.shape and result.data.dtype == data.dtype
+    np.testing.assert_array_equal(result.scale, source.scale)
+    np.testing.assert_array_equal(result.translate, source.translate)
+    assert result.axis_labels == source.axis_labels
+    assert result.contrast_limits == source.contrast_limits
+    expected = deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings())
+    np.testing.assert_array_equal(result.data, expected)
+    assert not np.array_equal(expected, data)
+    assert result.metadata[METADATA_KEY]["model"] == str(grey_model_file.resolve())
+    assert result.metadata[METADATA_KEY]["mode"] == "eager"
+    assert widget.progress_bar.value == widget.progress_bar.max == 3  # one tile per plane
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert "done" in widget.status.value
+    assert [len(widget.focus_plot.series[name]) for name in ("input", "output")] == [3, 3]
+
+
+def test_lazy_deblur_is_dask_and_equals_eager(qtbot, viewer_and_widget, grey_model_file, records):
+    viewer, widget = viewer_and_widget
+    data = stack((3, 48, 48), seed=3)
+    source = viewer.add_image(data, name="cells", scale=(3.0, 1.0, 1.0))
+    widget.layer.value = source
+    widget.lazy.value = True
+    widget.run_button.native.click()
+    assert not widget.running  # added at once, nothing runs in the background
+    result = viewer.layers["cells deblurred"]
+    assert isinstance(result.data, da.Array) and result.data.shape == data.shape
+    np.testing.assert_array_equal(result.scale, source.scale)
+    assert result.metadata[METADATA_KEY]["mode"] == "lazy"
+    qtbot.waitUntil(lambda: "input" in widget.focus_plot.series, timeout=30_000)
+    assert "output" not in widget.focus_plot.series and "every plane" in widget.status.value
+    lazy = np.asarray(result.data)
+    widget.lazy.value = False
+    widget.run()
+    wait_idle(qtbot, widget)
+    eager = viewer.layers["cells deblurred [1]"].data
+    np.testing.assert_array_equal(lazy, eager)
+    np.testing.assert_array_equal(lazy, deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings()))
+    assert errors(records) == []
+
+
+def test_rgb_layer_with_a_grey_model(qtbot, viewer_and_widget, grey_model_file, records):
+    viewer, widget = viewer_and_widget
+    data = stack((48, 48, 3), np.uint8)
+    widget.layer.value = viewer.add_image(data, name="slide", rgb=True)
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert errors(records) == []
+    result = viewer.layers["slide deblurred"]
+    assert result.rgb and result.data.shape == data.shape and result.data.dtype == np.uint8
+    np.testing.assert_array_equal(result.data, deblur_array(load_model(grey_model_file), data, "YXS", CPU))
+
+
+def test_cancel_mid_run_adds_nothing(qtbot, viewer_and_widget, records):
+    from napari.utils import progress
+
+    viewer, widget = viewer_and_widget
+    widget.layer.value = viewer.add_image(stack((6, 64, 64)), name="cells")
+    widget.tile.value = 32  # 9 tiles per plane, 54 in all
+    assert widget.overlap.value == 8
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget.progress_bar.value > 0, timeout=30_000)
+    (bar,) = [bar for bar in progress._all_instances if bar.desc == "Deblurring cells"]  # napari's activity dock
+    widget.cancel_button.native.click()
+    wait_idle(qtbot, widget)
+    assert bar.total == 54 and bar.n < 10  # stopped within a tile or two, not run to the end
+    assert widget.progress_bar.value == 0 and widget.status.value == "cancelled"
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert not any(bar.desc == "Deblurring cells" for bar in progress._all_instances)
+    assert errors(records) == []
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # napari, empty layer
+def test_bad_layers_notify_and_leave_the_viewer_alone(viewer_and_widget, rgb_model_file, registry, records):
+    viewer, widget = viewer_and_widget
+    labels = viewer.add_labels(np.zeros((3, 48, 48), np.uint8), name="masks")
+    empty = viewer.add_image(np.zeros((0, 48, 48), np.uint16), name="empty", contrast_limits=(0, 1))
+    grey = viewer.add_image(stack((3, 48, 48)), name="grey")
+    names = [layer.name for layer in viewer.layers]
+    widget.run(labels)
+    widget.run(empty)
+    registry.add_file(rgb_model_file)
+    assert widget.model.current_choice == "grey.safetensors"  # the user's choice stays
+    widget.model.value = str(rgb_model_file.resolve())
+    widget.run(grey)
+    messages = errors(records)
+    assert len(messages) == 3
+    assert "choose an image layer; labels layers hold annotations, not intensities" in messages[0]
+    assert "the image is empty" in messages[1]
+    assert "3-channel model needs RGB data" in messages[2]
+    assert all(type(n).__name__ == "Notification" for n in records())  # a message, not a traceback
+    assert [layer.name for layer in viewer.layers] == names and not widget.running
+    assert widget.status.value == messages[2]
+
+
+def test_errors_in_the_worker_notify_and_return_to_idle(qtbot, viewer_and_widget, records):
+    viewer, widget = viewer_and_widget
+    data = np.ones((2, 48, 48), np.float32)
+    data[1, 3, 3] = np.nan
+    widget.layer.value = viewer.add_image(data, name="holes", contrast_limits=(0, 1))
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert any("NaN" in message for message in errors(records))
+    assert [layer.name for layer in viewer.layers] == ["holes"]
+    assert widget.run_button.enabled and "NaN" in widget.status.value
+
+
+def test_registry_and_model_file_feed_the_model_list(qtbot, make_napari_viewer, registry, tmp_path, records):
+    from napari_mpt_deblur.plugin.deblur_widget import DeblurWidget
+
+    widget = DeblurWidget(make_napari_viewer())
+    assert widget.model.choices == () and "pick a model file" in widget.status.value
+    widget.run(widget.viewer.add_image(stack((32, 32)), name="cells"))
+    assert "no model chosen" in errors(records)[-1]
+    # a model saved elsewhere (the Fine-tune dock) appears in the list, with its defaults
+    model = build_model(tiny_config())
+    saved = save_model(
+        model,
+        tmp_path / "finetuned.safetensors",
+        tile_size=128,
+        normalization=IntensityNormalization(low=2.0, high=99.0),
+    )
+    registry.add_file(saved)
+    assert widget.model.choices == (str(saved.resolve()),)
+    assert widget.model.current_choice == "finetuned.safetensors"
+    assert (widget.tile.value, widget.overlap.value, widget.low.value, widget.high.value) == (128, 32, 2.0, 99.0)
+    # the overlap follows the tile until the user sets it
+    widget.tile.value = 256
+    assert widget.overlap.value == 64
+    widget.overlap.value = 10
+    widget.tile.value = 64
+    assert widget.overlap.value == 10 and widget.settings().overlap == 10
+    # a file picked in the widget is added and chosen; a broken one is refused
+    other = save_model(model, tmp_path / "other" / "finetuned.safetensors")
+    widget.model_file.value = other
+    assert widget.model.value == str(other.resolve())
+    assert set(widget.model.choices) == {str(saved.resolve()), str(other.resolve())}
+    assert str(other.resolve()) in widget.model.current_choice  # same file names: full paths shown
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    widget.model_file.value = broken
+    assert "broken.safetensors" in errors(records)[-1] and len(widget.model.choices) == 2
+    # changed percentiles override the model's normalisation, the defaults do not
+    widget.model.value = str(saved.resolve())
+    assert widget.settings().normalization is None
+    widget.low.value = 5.0
+    assert widget.settings().normalization == IntensityNormalization(low=5.0, high=99.0)
+
+
+def test_closing_the_dock_mid_run_stops_quietly(qtbot, viewer_and_widget, records):
+    from napari.utils import progress
+
+    viewer, widget = viewer_and_widget
+    widget.layer.value = viewer.add_image(stack((6, 64, 64)), name="cells")
+    widget.tile.value = 32
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value > 0, timeout=30_000)
+    (bar,) = [bar for bar in progress._all_instances if bar.desc == "Deblurring cells"]
+    viewer.window.remove_dock_widget(widget.native)
+    wait_idle(qtbot, widget)
+    assert bar.n < 10  # the work stopped with the dock
+    qtbot.wait(50)
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+    assert errors(records) == []
+    assert not widget.run_button.enabled  # taken out of the viewer: it runs nothing more
+    widget.native.deleteLater()
+    qtbot.wait(50)
+
+
+def test_deleting_the_widget_mid_run_stops_quietly(qtbot, make_napari_viewer, registry, grey_model_file, records):
+    from napari_mpt_deblur.plugin.deblur_widget import DeblurWidget
+
+    registry.add_file(grey_model_file)
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    widget.device.value = "cpu"
+    widget.tile.value = 32
+    widget.run(viewer.add_image(stack((6, 64, 64)), name="cells"))
+    qtbot.waitUntil(lambda: widget.progress_bar.value > 0, timeout=30_000)
+    widget.native.deleteLater()  # e.g. the viewer closing with the dock
+    wait_idle(qtbot, widget)
+    qtbot.wait(50)
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+    assert errors(records) == []
+    registry.add_file(grey_model_file)  # the registry no longer calls into the deleted widget
+
+
+def test_engine_messages_and_out_of_memory_reach_the_user(qtbot, viewer_and_widget, monkeypatch, records):
+    import torch
+    from napari.utils.notifications import notification_manager
+
+    from napari_mpt_deblur.inference import DeblurProgress
+    from napari_mpt_deblur.plugin import deblur_widget
+
+    def out_of_memory(*args, **kwargs):
+        yield DeblurProgress(0, 2, 1, 4, "out of GPU memory: retrying with 2 tile(s) per batch")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(deblur_widget, "iter_deblur", out_of_memory)
+    viewer, widget = viewer_and_widget
+    widget.run(viewer.add_image(stack((2, 48, 48)), name="cells"))
+    wait_idle(qtbot, widget)
+    infos = [str(n.message) for n in notification_manager.records if str(n.severity).lower().endswith("info")]
+    assert "out of GPU memory: retrying with 2 tile(s) per batch" in infos
+    (message,) = errors(records)
+    assert "try smaller tiles or the CPU" in message and "Tried to allocate" in message
+    assert [layer.name for layer in viewer.layers] == ["cells"] and widget.run_button.enabled
+
+
+# --- helpers shared with the Fine-tune dock (widgets_common) ----------------------------------------------------------
+
+
+def test_worker_errors_reach_on_error_and_the_dock_returns_to_idle(qtbot):
+    from napari.utils import progress
+
+    from napari_mpt_deblur.plugin.widgets_common import DockState, start_worker
+
+    failure = RuntimeError("CUDA error: an illegal memory access")  # superqt alone would swallow it
+
+    def work():
+        yield 1
+        raise failure
+
+    calls = []
+    state = DockState()
+    state.start(
+        work(),
+        "failing work",
+        on_yield=lambda value: calls.append(("yield", value)),
+        on_return=lambda value: calls.append(("return", value)),
+        on_error=lambda error: calls.append(("error", error)),
+        on_finished=lambda: calls.append(("finished", state.running)),
+    )
+    assert state.running
+    qtbot.waitUntil(lambda: ("finished", False) in calls, timeout=10_000)
+    assert calls == [("yield", 1), ("error", failure), ("finished", False)]  # the error as raised, not wrapped
+    assert state.worker is None and state.pbar is None
+    assert not any(bar.desc == "failing work" for bar in progress._all_instances)
+
+    # a plain function, and an error other than a RuntimeError
+    calls.clear()
+    start_worker(lambda: 1 / 0, on_return=calls.append, on_error=calls.append, on_finished=lambda: calls.append("end"))
+    qtbot.waitUntil(lambda: "end" in calls, timeout=10_000)
+    assert [type(x) for x in calls] == [ZeroDivisionError, str]
+
+
+def test_quitting_a_worker_closes_its_generator_in_the_worker_thread(qtbot):
+    import threading
+
+    from napari_mpt_deblur.plugin.widgets_common import start_worker
+
+    closed_in = []
+
+    def endless():
+        try:
+            while True:
+                yield
+        finally:  # e.g. the engine leaving torch.inference_mode, which is per thread
+            closed_in.append(threading.get_ident())
+
+    calls = []
+    worker = start_worker(
+        endless(),
+        on_yield=lambda _: worker.quit(),
+        on_return=calls.append,
+        on_error=calls.append,
+        on_finished=lambda: calls.append("end"),
+    )
+    qtbot.waitUntil(lambda: "end" in calls, timeout=10_000)
+    assert calls == ["end"] and len(closed_in) == 1 and closed_in[0] != threading.get_ident()
+
+    class Sink:  # a worker holds a bound method's object weakly: a gone widget is not called
+        def take(self, value):
+            calls.append(value)
+
+    sink = Sink()
+    start_worker(lambda: "late", on_return=sink.take, on_finished=lambda: calls.append("end 2"))
+    del sink
+    qtbot.waitUntil(lambda: "end 2" in calls, timeout=10_000)
+    assert "late" not in calls
+
+
+def test_the_dock_state_closes_when_the_dock_closes_or_the_widget_dies(qtbot):
+    from magicgui.widgets import Container
+    from qtpy.QtWidgets import QWidget
+
+    from napari_mpt_deblur.plugin.widgets_common import DockState, stop_when_closed
+
+    def endless():
+        while True:
+            yield
+
+    widget, dock, state = Container(), QWidget(), DockState()
+    stop_when_closed(widget, state)
+    disconnected = []
+    state.disconnects.append(lambda: disconnected.append(True))
+    widget.native.setParent(None)  # not docked yet: nothing happens
+    assert not state.closed
+    widget.native.setParent(dock)
+    worker = state.start(endless(), "endless")
+    widget.native.setParent(None)  # napari closing the dock
+    assert state.closed and not state.deleted and worker.abort_requested and disconnected == [True]
+    qtbot.waitUntil(lambda: not state.running, timeout=10_000)
+
+    other, other_state = Container(), DockState()
+    stop_when_closed(other, other_state)
+    worker = other_state.start(endless(), "endless")
+    other.native.deleteLater()  # the viewer closing with the dock
+    qtbot.waitUntil(lambda: other_state.deleted, timeout=10_000)
+    assert other_state.closed and worker.abort_requested
+    qtbot.waitUntil(lambda: not other_state.running, timeout=10_000)
+    dock.deleteLater()
+
+
+def test_model_picker_follows_the_registry_weakly_and_refuses_broken_files(registry, grey_model_file, tmp_path):
+    import gc
+
+    from magicgui.widgets import Label
+
+    from napari_mpt_deblur.plugin.widgets_common import ModelPicker
+
+    status = Label()
+    picker = ModelPicker(status, label="model", tooltip="")
+    registry.add_file(grey_model_file)
+    assert picker.combo.value == str(grey_model_file.resolve())
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    picker.file.value = broken
+    assert "broken.safetensors" in picker.problem and "Pick another model file" in picker.problem
+    assert status.value == picker.problem and picker.combo.choices == (str(grey_model_file.resolve()),)
+    picker.file.value = grey_model_file
+    assert picker.problem is None
+    del picker
+    gc.collect()
+    registry.add_file(grey_model_file)  # the registry kept no picker alive, and drops its listener
+    assert registry._listeners == []
