@@ -246,24 +246,13 @@ def _labeled_pairs(root: Path, names: list[str], normalization):
 def cmd_train(args: argparse.Namespace) -> None:
     from .models.files import load_model
     from .models.presets import build_model
-    from .training.config import TrainConfig
     from .training.engine import Validation, iter_train, state_path
     from .training.patches import SyntheticPairs
 
     output = Path(args.output)
     if not args.resume:
         _check_output(output, args.overwrite)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        patch_size=args.patch,
-        lr=args.lr,
-        efcr_beta=args.beta,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every,
-    )
+    config = _train_config(args)
     if args.pairs:
         root = Path(args.pairs)
         names = _pair_names(root)
@@ -339,18 +328,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if not args.resume:
         _check_output(output, args.overwrite)
     model = load_model(output if args.resume and state_path(output).exists() else args.model)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        patch_size=args.patch,
-        lr=args.lr,
+    config = _train_config(
+        args,
         lr_min=min(args.lr, TrainConfig.lr_min),
-        efcr_beta=args.beta,
         reblur_weight=args.reblur,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every,
         normalization=model.card.normalization,
     )
     own = _read_planes(_tiffs(args.unlabeled))
@@ -380,6 +361,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         provenance=provenance,
     )
     _run_with_bar(steps, output, args.quiet)
+
+
+def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    """The recipe from the options `add_training_options` defines, plus command-specific fields."""
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        patch_size=args.patch,
+        lr=args.lr,
+        efcr_beta=args.beta,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        **extra,
+    )
 
 
 def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:

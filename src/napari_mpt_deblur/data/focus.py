@@ -11,22 +11,10 @@ BAND_SIGMAS = (1.0, 2.0)
 first, above the pixel-to-pixel scale where shot and read noise dominate."""
 
 
-def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian smoothing with reflected borders (numpy only)."""
-    radius = max(1, int(3 * sigma + 0.5))
-    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
-    taps /= taps.sum()
-    for axis in (0, 1):
-        padding = [(0, 0), (0, 0)]
-        padding[axis] = (radius, radius)
-        padded = np.pad(x, padding, mode="reflect")
-        n = x.shape[axis]
-        x = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(taps))
-    return x
-
-
 def _band(x: np.ndarray) -> np.ndarray:
-    return _gaussian(x, BAND_SIGMAS[0]) - _gaussian(x, BAND_SIGMAS[1])
+    from .defocus import blur, gaussian_psf
+
+    return blur(x, gaussian_psf(BAND_SIGMAS[0])).astype(np.float64) - blur(x, gaussian_psf(BAND_SIGMAS[1]))
 
 
 @functools.cache
