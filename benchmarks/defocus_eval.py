@@ -77,15 +77,15 @@ def richardson_lucy_best(blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray)
     return best
 
 
-def evaluate(model, cases: list[dict], with_rl: bool = True) -> list[dict]:
-    """Input, model output and (optionally) Richardson-Lucy scores for every case."""
+def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu") -> list[dict]:
+    """Input, model output (fp32 on ``device``) and (optionally) Richardson-Lucy scores for every case."""
     from napari_mpt_deblur.config import DeblurSettings
     from napari_mpt_deblur.inference import deblur_array
 
     rows = []
     for case in cases:
         axes = "YXS" if case["blurry"].ndim == 3 else "YX"
-        output = deblur_array(model, case["blurry"], axes=axes, settings=DeblurSettings(tile=0, device="cpu"))
+        output = deblur_array(model, case["blurry"], axes=axes, settings=DeblurSettings(tile=0, device=device, precision="fp32"))
         row = {
             "image": case["image"],
             "defocus_um": case["defocus_um"],

@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.25), help="random patch rescaling range")
+    parser.add_argument("--denoise-targets", action="store_true", help="suppress the sharp planes' camera noise")
+    parser.add_argument("--defocus", default="{}", help="DefocusConfig fields as JSON, e.g. '{\"gaussian_sigma\": [0, 3]}'")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--validate-every", type=int, help="steps between validations (default: a quarter of the run)")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--model-out", help="keep the trained model file here")
     parser.add_argument("--json", help="write the results here")
@@ -45,6 +50,7 @@ def main() -> None:
 
     from napari_mpt_deblur import build_model
     from napari_mpt_deblur.data.bundled import evaluation_planes, training_planes
+    from napari_mpt_deblur.data.defocus import DefocusConfig
     from napari_mpt_deblur.runtime import tune_cpu_allocator
     from napari_mpt_deblur.training.config import TrainConfig
     from napari_mpt_deblur.training.engine import Validation, iter_train
@@ -55,18 +61,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     planes = [p for group in training_planes().values() for p in group]
-    sampler = SyntheticPairs(planes)
-    validation = Validation.from_sampler(SyntheticPairs(list(evaluation_planes().values())), 8, args.patch)
+    defocus = DefocusConfig.from_dict(json.loads(args.defocus))
+    sampler = SyntheticPairs(planes, defocus, denoise_targets=args.denoise_targets)
+    held_out = SyntheticPairs(list(evaluation_planes().values()), defocus)
+    validation = Validation.from_sampler(held_out, 8, args.patch)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch,
         patch_size=args.patch,
         lr=args.lr,
         lr_min=args.lr / 100,
+        scale_range=tuple(args.scale),
         efcr_beta=args.beta,
         seed=args.seed,
-        device="cpu",
-        validate_every=max(1, args.steps // 4),
+        device=args.device,
+        validate_every=args.validate_every or max(1, args.steps // 4),
         checkpoint_every=args.steps,
     )
     model = build_model(args.preset, pairing=args.pairing)
@@ -74,12 +83,13 @@ def main() -> None:
     curve, started = [], time.perf_counter()
     for event in iter_train(model, sampler, out, config, validation=validation):
         if event.validation:
-            curve.append({"step": event.step, **event.validation, "loss": event.losses["total"]})
+            elapsed = time.perf_counter() - started
+            curve.append({"step": event.step, **event.validation, "loss": event.losses["total"], "elapsed_s": elapsed})
             score, before = event.validation["psnr"], event.validation["input_psnr"]
             print(f"step {event.step}: validation PSNR {score:.2f} dB (input {before:.2f})", flush=True)
     train_s = time.perf_counter() - started
 
-    rows = evaluate(model, defocus_cases(evaluation_planes()))
+    rows = evaluate(model, defocus_cases(evaluation_planes()), device=args.device)
     result = {
         "arm": {
             "preset": args.preset,
@@ -90,6 +100,10 @@ def main() -> None:
             "patch": args.patch,
             "lr": args.lr,
             "seed": args.seed,
+            "scale_range": list(args.scale),
+            "denoise_targets": args.denoise_targets,
+            "defocus": defocus.to_dict(),
+            "device": args.device,
         },
         "train_seconds": train_s,
         "seconds_per_step": train_s / args.steps,

@@ -48,6 +48,16 @@ def test_gaussian_blur_keeps_mean_and_reblur_is_reproducible():
     assert not torch.equal(a, x)
 
 
+def test_reblur_under_autocast_keeps_the_input_dtype():
+    """Mixed-precision training: the half-precision convolution must not break the float32 output."""
+    x = torch.rand(4, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reblurred = random_reblur(x, (3, 5, 7), generator=torch.Generator().manual_seed(1))
+    assert reblurred.dtype == torch.float32
+    plain = random_reblur(x, (3, 5, 7), generator=torch.Generator().manual_seed(1))
+    assert (reblurred - plain).abs().max() < 0.02  # bf16 rounding only
+
+
 def _numpy_efcr(output, sharp, blurry, reblurred, reblurred_output):
     """EFCR written directly from the formulas, with pywt."""
 

@@ -125,12 +125,14 @@ def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
     assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), *common]) == 2  # exists
     assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), *common, "--resume"]) == 0
     out = tmp_path / "from-sharp.safetensors"
-    assert main(["train", "--sharp", str(tmp_path / "pairs" / "sharp"), "-o", str(out), *common]) == 0
-    assert load_model(out).card.provenance["trained_on"]["synthetic_defocus"] is True
+    sharp_folder = str(tmp_path / "pairs" / "sharp")
+    assert main(["train", "--sharp", sharp_folder, "--denoise-targets", "-o", str(out), *common]) == 0
+    trained_on = load_model(out).card.provenance["trained_on"]
+    assert trained_on["synthetic_defocus"] is True and trained_on["denoised_targets"] is True
     out = tmp_path / "from-bundled.safetensors"
     assert main(["train", "--bundled", "-o", str(out), *common, "--validate-every", "1"]) == 0
     trained_on = load_model(out).card.provenance["trained_on"]
-    assert trained_on["bundled"] and trained_on["synthetic_defocus"] is True
+    assert trained_on["bundled"] and trained_on["synthetic_defocus"] and trained_on["denoised_targets"]
 
 
 def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):

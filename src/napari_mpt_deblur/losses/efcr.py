@@ -82,7 +82,8 @@ def random_reblur(
     for index, size in enumerate(kernel_sizes):
         selected = choice == index
         if selected.any():
-            out[selected] = gaussian_blur(x[selected], size, sigma)
+            # under autocast the convolution comes back in half precision
+            out[selected] = gaussian_blur(x[selected], size, sigma).to(out.dtype)
     return out
 
 

@@ -135,6 +135,10 @@ class SyntheticPairs:
         Intensity normalisation (by the blurry patch's statistics).
     margin
         Pixels of context around a patch so the blur near its border is a real one.
+    denoise_targets
+        Suppress the camera noise of the sharp planes first
+        (:func:`~napari_mpt_deblur.data.defocus.denoise_target`): with noisy
+        targets the network learns to sharpen noise. Needs scikit-image.
     """
 
     def __init__(
@@ -143,10 +147,13 @@ class SyntheticPairs:
         defocus=None,
         normalization: IntensityNormalization | None = None,
         margin: int = 32,
+        denoise_targets: bool = False,
     ) -> None:
-        from ..data.defocus import DefocusConfig
+        from ..data.defocus import DefocusConfig, denoise_target
 
         self.sharp = _as_planes(sharp)
+        if denoise_targets:
+            self.sharp = [denoise_target(plane) for plane in self.sharp]
         self.defocus = defocus or DefocusConfig()
         self.normalization = normalization or IntensityNormalization()
         self.margin = margin
