@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="'default' or a model file")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--no-rl", action="store_true", help="skip Richardson-Lucy (it does not depend on the model)")
     args = parser.parse_args()
 
     import torch
@@ -42,7 +43,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    rows = evaluate(model, defocus_cases(stardist_images()))
+    rows = evaluate(model, defocus_cases(stardist_images()), with_rl=not args.no_rl)
     print(f"model {args.model} (step {model.card.provenance.get('step', '?')}):")
     print_table(rows)
     if args.json:

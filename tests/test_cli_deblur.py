@@ -120,7 +120,9 @@ def test_every_bad_input_is_one_clear_line(tmp_path, model_file, rgb_model_file,
     assert "overlap" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--tile", "64", "--overlap", "40"])
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in run_error(capsys, ["deblur", str(good), "-o", out, *model, "--device", "cuda"])
-    assert "no trained default model" in run_error(capsys, ["deblur", str(good), "-o", out])
+    assert "not a bundled model name (bundled: default)" in run_error(
+        capsys, ["deblur", str(good), "-o", out, "--model", "defualt"]
+    )
     assert "cannot connect" in run_error(
         capsys, ["deblur", str(good), "-o", out, *model, "--scheduler", "tcp://127.0.0.1:9"]
     )

@@ -155,12 +155,16 @@ def test_focus_profile_per_plane_numpy_and_dask():
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A fresh model registry for the widget (the one the plugin's widgets share), empty."""
-    from napari_mpt_deblur.plugin import deblur_widget, models
+    """A fresh model registry for the widget (the one the plugin's widgets share), empty: no bundled models either."""
+    from napari_mpt_deblur.models import files
+    from napari_mpt_deblur.plugin import deblur_widget, finetune_widget, models
 
+    for name in list(files.BUNDLED_MODELS):
+        monkeypatch.delitem(files.BUNDLED_MODELS, name)
     fresh = models.ModelRegistry()
     monkeypatch.setattr(models, "REGISTRY", fresh)
     monkeypatch.setattr(deblur_widget, "REGISTRY", fresh)
+    monkeypatch.setattr(finetune_widget, "REGISTRY", fresh)
     return fresh
 
 
@@ -308,8 +312,7 @@ def test_bad_layers_notify_and_leave_the_viewer_alone(viewer_and_widget, rgb_mod
     widget.run(labels)
     widget.run(empty)
     registry.add_file(rgb_model_file)
-    assert widget.model.current_choice == "grey.safetensors"  # the user's choice stays
-    widget.model.value = str(rgb_model_file.resolve())
+    assert widget.model.value == str(rgb_model_file.resolve())  # a model just added is chosen
     widget.run(grey)
     messages = errors(records)
     assert len(messages) == 3
@@ -373,6 +376,55 @@ def test_registry_and_model_file_feed_the_model_list(qtbot, make_napari_viewer, 
     assert widget.settings().normalization is None
     widget.low.value = 5.0
     assert widget.settings().normalization == IntensityNormalization(low=5.0, high=99.0)
+
+
+def test_a_model_just_opened_comes_first_and_is_chosen_in_every_picker(
+    make_napari_viewer, registry, grey_model_file, rgb_model_file, monkeypatch
+):
+    from napari_mpt_deblur.models import files
+
+    monkeypatch.setitem(files.BUNDLED_MODELS, "default", "default.safetensors")  # a bundled model is listed too
+    viewer = make_napari_viewer()
+    _, deblur = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    _, finetune = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Fine-tune (EFCR_ex)")
+    grey, rgb = str(grey_model_file.resolve()), str(rgb_model_file.resolve())
+    assert deblur.model.value == finetune.model.value == "default"
+    assert deblur.model_file.value is None  # a bundled model has no file to show
+
+    finetune.model_file.value = grey_model_file  # "open..." in one dock
+    assert deblur.model.choices == finetune.model.choices == (grey, "default")
+    assert deblur.model.value == finetune.model.value == grey
+    assert deblur.model_file.value == finetune.model_file.value == Path(grey)
+    registry.add_file(rgb_model_file)  # as the Fine-tune dock's Save does
+    assert deblur.model.choices == finetune.model.choices == (rgb, grey, "default")
+    assert deblur.model.value == finetune.model.value == rgb
+    assert deblur.model_file.value == finetune.model_file.value == Path(rgb)
+    deblur.model_file.value = grey_model_file  # opened again: first again
+    assert deblur.model.choices == finetune.model.choices == (grey, rgb, "default")
+    assert finetune.model.value == grey
+
+
+def test_the_model_file_box_shows_the_chosen_model(
+    make_napari_viewer, registry, grey_model_file, rgb_model_file, monkeypatch
+):
+    from napari_mpt_deblur.models import files
+
+    monkeypatch.setitem(files.BUNDLED_MODELS, "default", "default.safetensors")
+    viewer = make_napari_viewer()
+    _, deblur = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    _, finetune = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Fine-tune (EFCR_ex)")
+    registry.add_file(rgb_model_file)
+    deblur.model_file.value = grey_model_file
+    grey, rgb = str(grey_model_file.resolve()), str(rgb_model_file.resolve())
+    assert deblur.model.value == grey and deblur.model_file.value == Path(grey)
+
+    deblur.model.value = rgb  # chosen in the menu: the box follows, in that dock only
+    assert deblur.model_file.value == Path(rgb) and finetune.model_file.value != Path(rgb)
+    deblur.model.value = "default"
+    assert deblur.model_file.value is None  # a bundled model has no file
+    assert deblur.model.value == "default" and deblur._models.problem is None
+    finetune.model.value = rgb
+    assert finetune.model_file.value == Path(rgb) and deblur.model_file.value is None
 
 
 def test_closing_the_dock_mid_run_stops_quietly(qtbot, viewer_and_widget, records):

@@ -84,9 +84,17 @@ def test_prepare_finetune_makes_synthetic_or_labeled_pairs_and_records_them():
 
     data = prepare_finetune(model, stack[None], config=config)  # any N-D: leading axes are planes
     assert isinstance(data.sampler, SyntheticPairs)
-    sharp_planes = data.sampler.sharp  # the sharpest quarter of the 8 planes: 2 of the in-focus ones
-    assert len(sharp_planes) == 2 and all(any(np.array_equal(p, s) for s in sharp) for p in sharp_planes)
-    assert data.provenance == {"planes": 8, "planes_for_efcr": 8, "synthetic_from_sharpest_unlabeled_planes": 0.25}
+    from napari_mpt_deblur.data.defocus import denoise_target
+
+    sharp_planes = data.sampler.sharp  # the sharpest quarter of the 8 planes: 2 of the in-focus ones, denoised
+    assert len(sharp_planes) == 2
+    assert all(any(np.array_equal(p, denoise_target(s)) for s in sharp) for p in sharp_planes)
+    assert data.provenance == {
+        "planes": 8,
+        "planes_for_efcr": 8,
+        "synthetic_from_sharpest_unlabeled_planes": 0.25,
+        "denoised_targets": True,
+    }
     assert data.config.normalization == model.card.normalization != config.normalization
     assert data.validation.blurry.shape == (8, 1, 32, 32)
 
@@ -145,6 +153,7 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     stack = np.concatenate([sharp, blurry])
     layer = viewer.add_image(stack, name="lab stack")
     dock, widget = open_dock(viewer)
+    _, deblur = viewer.window.add_plugin_dock_widget(PLUGIN, "Deblur")
     assert type(widget).__name__ == "FinetuneWidget" and layer in widget.unlabeled.choices
     defaults = FINETUNE_DEFAULTS  # small values survive the spin boxes' decimals
     assert (widget.lr.value, widget.beta.value, widget.steps.value) == (defaults.lr, defaults.efcr_beta, defaults.steps)
@@ -160,14 +169,20 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     assert log.step == 4 and len(log.psnr) == 4  # the dock validates every step of a short run
     assert [x for x, _ in widget.loss_plot.series["loss"]] == [1, 2, 3, 4]
     assert len(widget.psnr_plot.series["network"]) == 4
-    assert widget.progress_bar.value == 4 and "finished after 4/4" in widget.status.value
+    assert widget.progress_bar.value == 4 and widget.status.value.startswith("finished after 4/4")
     assert widget.save_button.enabled and widget.start_button.enabled and not widget.stop_button.enabled
+    summary = widget.status.value.removesuffix(". Save the model to use it.")
+    assert f"kept the weights of step {log.best_step}" in summary
 
     widget.save_path.value = tmp_path / "tuned"  # the suffix is added
     widget.save_button.native.click()
     saved = tmp_path / "tuned.safetensors"
-    assert saved.exists() and str(saved) in widget.status.value
-    assert str(saved.resolve()) in REGISTRY.choices() and str(saved.resolve()) in widget.model.choices
+    assert saved.exists() and widget.status.value == f"{summary} — saved to tuned.safetensors"
+    # the saved model comes first and is chosen in both docks' menus, their model-file boxes showing it
+    assert REGISTRY.choices()[0] == str(saved.resolve())
+    for picker in (widget, deblur):
+        assert picker.model.choices[0] == picker.model.value == str(saved.resolve())
+        assert picker.model_file.value == saved.resolve()
     record = load_model(saved).card.provenance
     assert record["trained_on"] == "discs" and record["fine_tuned_from"] == str(model_file.resolve())
     assert record["fine_tuned_on"]["unlabeled_layers"] == ["lab stack"] and record["fine_tuned_on"]["planes"] == 6
@@ -241,9 +256,10 @@ def test_bad_input_gives_a_notification_and_leaves_the_viewer_untouched(
     def attempt() -> str:
         count = len(notifications.messages())
         widget.start_button.native.click()
-        assert not widget.running and widget.worker is None
+        assert not widget.running and widget.worker is None and widget.start_button.enabled
         messages = notifications.messages()
         assert len(messages) == count + 1
+        assert widget.status.value == messages[-1]  # the dock's status line says it too
         return messages[-1]
 
     widget.unlabeled.value = []
@@ -272,6 +288,19 @@ def test_an_unreadable_model_file_is_reported_and_the_dock_returns_to_idle(
     assert any("broken.safetensors" in m and "Pick another model file" in m for m in notifications.messages())
     assert widget.tuned_model is None and not widget.save_button.enabled and widget.start_button.enabled
     assert "failed" in widget.status.value
+
+
+def test_a_failed_run_says_why_on_the_status_line(make_napari_viewer, qtbot, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(cell_planes(2)[1], name="stack")
+    _, widget = open_dock(viewer)
+    rgb = save_model(MPT(tiny_config(in_channels=3, out_channels=3)), tmp_path / "rgb.safetensors")
+    configure(widget, rgb, layer, steps=3)  # loads, but fine-tuning needs a grayscale model: the run fails
+    widget.start_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert notifications.errors() and "grayscale" in notifications.errors()[-1]
+    assert widget.status.value == f"failed: {notifications.errors()[-1]}"
+    assert widget.tuned_model is None and widget.start_button.enabled and not widget.save_button.enabled
 
 
 def test_closing_the_dock_mid_run_stops_the_worker(make_napari_viewer, qtbot, model_file):

@@ -351,7 +351,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         source = {"pairs": str(root)}
     try:
         data = prepare_finetune(model, own, labeled=labeled, config=config, min_focus_quantile=args.min_focus)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         raise UsageError(f"{args.pairs or ', '.join(args.unlabeled)}: {error}") from None
     provenance = {
         **model.card.provenance,

@@ -39,7 +39,8 @@ METADATA_KEY = "napari_mpt_deblur"
 FORMAT_VERSION = 1
 
 # Bundled model name -> file inside the package's ``weights`` folder.
-BUNDLED_MODELS: dict[str, str] = {}
+BUNDLED_MODELS: dict[str, str] = {"default": "default.safetensors"}
+"""``default``: the ``lite`` network trained on the bundled microscopy (docs/training.md has its command)."""
 
 # The reference code feeds 8-bit images / 255 and 16-bit images min-max normalised per image.
 REFERENCE_NORMALIZATION = IntensityNormalization(mode="minmax", per="plane")
@@ -252,13 +253,10 @@ def load_model(
     """
     if isinstance(source, str) and source in BUNDLED_MODELS:
         path = bundled_model_path(source)
+        if not path.exists():
+            raise ModelFileError(f"the bundled model {source!r} is missing from this installation ({path}); reinstall")
     else:
         path = Path(source)
-        if source == "default" and not path.exists():
-            raise ModelFileError(
-                "this version ships no trained default model yet: give a model file (--model FILE on the "
-                "command line), or a reference checkpoint"
-            )
         if not path.exists():
             bundled = ", ".join(sorted(BUNDLED_MODELS)) or "none in this version"
             raise ModelFileError(f"{source}: no such file, and not a bundled model name (bundled: {bundled})")

@@ -70,6 +70,10 @@ class _Run:
     start_provenance: dict[str, Any] = field(default_factory=dict)
     data_record: dict[str, Any] = field(default_factory=dict)
     failed: bool = False
+    error: str = ""
+    """The message for the user of the error that ended the run (empty: none)."""
+    summary: str = ""
+    """What the run did and which weights the model kept (the status line's, after the run)."""
     done: bool = False
     """The worker has stopped and the run is cleaned up."""
 
@@ -317,12 +321,13 @@ class FinetuneWidget(Container):
         return None
 
     def start(self) -> None:
-        """Check the inputs, then fine-tune in a thread worker (a notification says what is wrong, if anything)."""
+        """Check the inputs, then fine-tune in a thread worker (a warning and the status line say what is wrong,
+        if anything)."""
         if self.running or self._state.closed:
             return
         problem = self.check_inputs()
         if problem:
-            show_warning(problem)
+            self._refuse(problem)
             return
         steps = int(self.steps.value)
         validate_every, checkpoint_every = dock_schedule(steps)
@@ -341,7 +346,7 @@ class FinetuneWidget(Container):
                 checkpoint_every=checkpoint_every,
             )
         except ValueError as error:  # ConfigError
-            show_warning(f"Settings: {error}")
+            self._refuse(f"Settings: {error}")
             return
         labeled = None
         if self.blurry.value is not None:
@@ -373,6 +378,12 @@ class FinetuneWidget(Container):
             on_error=self._on_errored,
             on_finished=self._on_finished,
         )
+
+    def _refuse(self, problem: str) -> None:
+        """Start found a problem: nothing starts, and the warning and the status line say why."""
+        self.status.value = problem
+        self._set_running(False)
+        show_warning(problem)
 
     def stop(self) -> None:
         """Stop between steps; the model keeps the weights of its best validation so far."""
@@ -413,7 +424,10 @@ class FinetuneWidget(Container):
         )
 
     def _on_errored(self, error: BaseException) -> None:
-        show_error(hint_for(error))
+        message = hint_for(error)
+        if self._run is not None:
+            self._run.error = message
+        show_error(message)
 
     def _on_finished(self) -> None:
         run, self._run = self._run, None
@@ -433,11 +447,15 @@ class FinetuneWidget(Container):
             kept = f"; kept the weights of step {log.weights_step}"
             if log.best_psnr is not None:
                 kept += f" (val PSNR {log.best_psnr:.2f} dB, input {log.input_psnr:.2f})"
-            self.status.value = f"{what} after {log.step}/{log.steps} steps{kept}. Save the model to use it."
+            run.summary = f"{what} after {log.step}/{log.steps} steps{kept}"
+            self.status.value = f"{run.summary}. Save the model to use it."
             if not _chosen_file(self.save_path.value):
                 self.save_path.value = _suggest_path(run)
         else:
-            self.status.value = "failed; see the notification" if run.failed else "stopped before the first step"
+            self.status.value = "stopped before the first step"
+        if run.failed:
+            failure = f"failed: {run.error or 'see the notification'}"
+            self.status.value = f"{failure}\n{self.status.value}" if usable else failure
         self._set_running(False)
 
     def close_dock(self) -> None:
@@ -456,7 +474,8 @@ class FinetuneWidget(Container):
         except (OSError, ValueError) as error:
             show_error(f"Could not save the model to {path}: {error}")
             return
-        self.status.value = f"saved to {saved}; the Deblur widget lists it"
+        summary = self._last.summary if self._last is not None else ""
+        self.status.value = f"{summary} — saved to {saved.name}" if summary else f"saved to {saved.name}"
         show_info(f"Fine-tuned model saved to {saved}")
 
     def save(self, path: str | Path) -> Path:

@@ -26,8 +26,8 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def choices(self) -> list[str]:
-        """Bundled model names, then files saved or opened in this session (newest first)."""
-        return sorted(BUNDLED_MODELS) + [str(path) for path in reversed(self._session_files)]
+        """Files saved or opened in this session (newest first), then the bundled model names."""
+        return [str(path) for path in reversed(self._session_files)] + sorted(BUNDLED_MODELS)
 
     def add_file(self, path: str | os.PathLike) -> str:
         """Remember a model file (saved by the Fine-tune dock, or picked by the user); returns its choice."""

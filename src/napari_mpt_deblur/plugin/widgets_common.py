@@ -17,7 +17,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error
 from superqt.utils import GeneratorWorker
 
-from ..models.files import ModelFileError
+from ..models.files import BUNDLED_MODELS, ModelFileError
 from ..runtime import available_devices, resolve_device
 from . import models
 
@@ -74,9 +74,11 @@ class ModelPicker:
     """A dock's model menu (:attr:`combo`) and model-file box (:attr:`file`), following the shared registry.
 
     The menu follows every change of the registry (a model saved by the Fine-tune dock, a file picked in any dock),
-    which holds the picker weakly: it lives as long as the session and must keep no closed dock alive. A picked file
-    is loaded first: one that loads joins the registry and is chosen; one that does not is reported (a notification
-    and ``status``), stays out of the menu, and is the :attr:`problem` (docks refuse to start) until a model is chosen.
+    which holds the picker weakly: it lives as long as the session and must keep no closed dock alive. The model just
+    added comes first and is chosen, in every picker. A picked file is loaded first: one that loads joins the
+    registry; one that does not is reported (a notification and ``status``), stays out of the menu, and is the
+    :attr:`problem` (docks refuse to start) until a model is chosen. The box shows the chosen model's file (empty for
+    a bundled model), except after such a refused file.
     """
 
     def __init__(self, status: Label, *, label: str, tooltip: str) -> None:
@@ -91,6 +93,8 @@ class ModelPicker:
             nullable=True,
             tooltip="A napari-mpt-deblur model (.safetensors) or a reference MPT checkpoint (.pth).",
         )
+        self._showing = False  # the box is being set to the chosen model's file: not a pick
+        self._show_file(self.combo.value)
         self.combo.changed.connect(self._chosen)
         self.file.changed.connect(self._picked)
         picker = weakref.ref(self)
@@ -105,18 +109,40 @@ class ModelPicker:
         self.unsubscribe = unsubscribe = models.REGISTRY.subscribe(registry_changed)
 
     def refresh(self) -> None:
-        """List the registry's models again (the menu emits ``changed`` when its value changes)."""
+        """List the registry's models again, in its order, and choose the first: the one just added.
+
+        The menu emits ``changed`` once, when its value changes.
+        """
+        combo = self.combo
         try:
-            self.combo.reset_choices()
+            before = combo.value
+            with combo.changed.blocked():
+                if list(combo.choices) != [choice for _, choice in model_choices()]:
+                    combo.native.clear()  # magicgui keeps listed items in place and appends new ones at the end
+                combo.reset_choices()
+                if combo.choices:
+                    combo.value = combo.choices[0]
+            if combo.value != before:
+                combo.changed.emit(combo.value)
         except RuntimeError:  # "wrapped C/C++ object has been deleted": the viewer closed first
             self.unsubscribe()
 
-    def _chosen(self, _: Any) -> None:
+    def _chosen(self, choice: str | None) -> None:
         self.problem = None
+        self._show_file(choice)
+
+    def _show_file(self, choice: str | None) -> None:
+        path = None if not choice or choice in BUNDLED_MODELS else Path(choice)
+        if self.file.value != path:
+            self._showing = True
+            try:
+                self.file.value = path
+            finally:
+                self._showing = False
 
     def _picked(self, path: Path | None) -> None:
-        if path is None or not Path(path).is_file():
-            return  # typing a path: wait until it names a file
+        if self._showing or path is None or not Path(path).is_file():
+            return  # following the menu, or typing a path: wait until it names a file
         try:
             models.REGISTRY.load(str(path))
         except (ModelFileError, OSError) as error:
@@ -125,7 +151,8 @@ class ModelPicker:
             show_error(self.problem)
             return
         self.problem = None
-        self.combo.value = models.REGISTRY.add_file(path)  # refreshes every widget's menu, this one's included
+        choice = models.REGISTRY.add_file(path)  # first and chosen in every picker's menu, this one's included
+        self._show_file(choice)  # already chosen (no ``changed``): the box still shows the path as typed
 
 
 class _CarriedError(Exception):

@@ -154,8 +154,11 @@ def prepare_finetune(
         sampler = LabeledPairs(blurry, sharp, config.normalization)
         record["labeled_pairs"] = len(blurry)
     else:
-        sampler = SyntheticPairs(sharpest_planes(own, SHARPEST_FRACTION), normalization=config.normalization)
+        # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
+        sharpest = sharpest_planes(own, SHARPEST_FRACTION)
+        sampler = SyntheticPairs(sharpest, normalization=config.normalization, denoise_targets=True)
         record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
+        record["denoised_targets"] = True
     validation = Validation.from_sampler(sampler, VALIDATION_PATCHES, config.patch_size)
     return FinetuneData(sampler, validation, unlabeled, config, record)
 
