@@ -85,7 +85,8 @@ def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu"
     rows = []
     for case in cases:
         axes = "YXS" if case["blurry"].ndim == 3 else "YX"
-        output = deblur_array(model, case["blurry"], axes=axes, settings=DeblurSettings(tile=0, device=device, precision="fp32"))
+        settings = DeblurSettings(tile=0, device=device, precision="fp32")
+        output = deblur_array(model, case["blurry"], axes=axes, settings=settings)
         row = {
             "image": case["image"],
             "defocus_um": case["defocus_um"],

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.25), help="random patch rescaling range")
     parser.add_argument("--denoise-targets", action="store_true", help="suppress the sharp planes' camera noise")
-    parser.add_argument("--defocus", default="{}", help="DefocusConfig fields as JSON, e.g. '{\"gaussian_sigma\": [0, 3]}'")
+    parser.add_argument("--defocus", default="{}", help="DefocusConfig fields as JSON")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--validate-every", type=int, help="steps between validations (default: a quarter of the run)")
     parser.add_argument("--threads", type=int, help="torch threads")

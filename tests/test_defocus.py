@@ -268,9 +268,10 @@ def test_sample_psf_draws_every_kind_within_its_range():
         assert set(description) == {"kind", parameter[kind]}
         seen.setdefault(kind, []).append(description[parameter[kind]])
     assert set(seen) == set(config.kinds)
-    assert all(0.8 <= s <= 3.0 for s in seen["gaussian"])
-    assert all(1.0 <= r <= 5.0 for r in seen["disk"])
-    assert all(0.5 <= abs(z) <= 3.0 for z in seen["widefield"])
+    assert all(config.gaussian_sigma[0] <= s <= config.gaussian_sigma[1] for s in seen["gaussian"])
+    assert all(config.disk_radius[0] <= r <= config.disk_radius[1] for r in seen["disk"])
+    assert all(config.defocus_um[0] <= abs(z) <= config.defocus_um[1] for z in seen["widefield"])
+    assert config.gaussian_sigma == (0.0, 3.0) and config.disk_radius == (0.0, 5.0) and config.defocus_um == (0.0, 3.0)
 
 
 def test_sample_psf_honours_kinds_and_draws_both_defocus_signs():
@@ -348,7 +349,6 @@ def test_bundled_nuclei_planes_are_the_in_focus_middle_of_the_stack():
 
 def test_denoise_target_removes_camera_noise_and_keeps_the_structure():
     from conftest import pattern_pairs
-
     from napari_mpt_deblur.data.focus import focus_score
 
     clean = 200 + 3000 * blur(pattern_pairs(1, 128)[1][0], gaussian_psf(0.7))  # cells in counts, slightly soft

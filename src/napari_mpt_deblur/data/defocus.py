@@ -304,7 +304,9 @@ def denoise_target(plane: np.ndarray) -> np.ndarray:
     try:
         from skimage.restoration import denoise_wavelet
     except ImportError:
-        raise ImportError("denoising training targets needs scikit-image: pip install 'napari-mpt-deblur[train]'") from None
+        raise ImportError(
+            "denoising training targets needs scikit-image: pip install 'napari-mpt-deblur[train]'"
+        ) from None
     plane = np.asarray(plane, dtype=np.float64)
     if plane.ndim != 2:
         raise ValueError(f"denoise_target expects a 2-D plane, got shape {plane.shape}")
