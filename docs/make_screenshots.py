@@ -7,12 +7,10 @@ Fine-tune docks through the plugin manifest, drives them as a user would
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py
 
-Without ``--model`` the script saves a randomly initialised ``lite`` model
-(``build_model("lite")``) in a temporary folder and uses it: this version ships
-no trained model, so the deblurred images it shows are those of an untrained
-network. To keep it fast on a CPU, the sample stack is cropped to 3 planes
-(every 4th: -3, 0 and +3 um from focus) of 192 x 192 pixels around the cell,
-and the fine-tune runs a few steps on small patches.
+Without ``--model`` the docks use the bundled default model. To keep it fast
+on a CPU, the sample stack is cropped to 3 planes (every 4th: -3, 0 and +3 um
+from focus) of 192 x 192 pixels around the cell, and the fine-tune runs a few
+steps on small patches.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="model file to use (default: a fresh, untrained lite model)")
+    parser.add_argument("--model", type=Path, help="model file to use (default: the bundled default model)")
     parser.add_argument("--out", type=Path, default=HERE / "images", help="folder for the PNGs (docs/images)")
     parser.add_argument(
         "--crop",
@@ -49,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=4, help="keep every n-th plane of the 9 (default 4: 3 planes)")
     parser.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
     parser.add_argument("--patch", type=int, default=64, help="fine-tuning patch size (default 64)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
+    parser.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate (default 2e-5)")
     parser.add_argument("--window", type=int, nargs=2, default=(1500, 1000), metavar=("W", "H"))
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for each run")
     return parser.parse_args(argv)
@@ -131,19 +129,6 @@ def side_by_side(viewer, active) -> None:
     viewer.reset_view()
 
 
-def untrained_model(folder: Path) -> Path:
-    import torch
-
-    from napari_mpt_deblur import build_model, save_model
-
-    torch.manual_seed(0)
-    return save_model(
-        build_model("lite"),
-        folder / "lite-untrained.safetensors",
-        provenance={"note": "randomly initialised, for the documentation's screenshots"},
-    )
-
-
 def crop_sample(viewer, crop: tuple[int, int, int], every: int) -> None:
     """Crop both sample layers in place (same planes and window, so they still line up)."""
     y, x, size = crop
@@ -159,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(prefix="mpt-screenshots-")
     folder = Path(scratch.name)
-    model_path = args.model.resolve() if args.model else untrained_model(folder)
-    print(f"model: {model_path}{'' if args.model else ' (untrained)'}")
+    model_choice = str(args.model.resolve()) if args.model else "default"
+    print(f"model: {model_choice}")
 
     import napari
 
@@ -173,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- Deblur ----------------------------------------------------------------------------------------------------
     deblur_dock, deblur = viewer.window.add_plugin_dock_widget(PLUGIN, DEBLUR)
-    deblur.model_file.value = model_path  # joins the model menu and is selected
+    if args.model:
+        deblur.model_file.value = args.model.resolve()  # joins the model menu and is selected
+    else:
+        deblur.model.value = model_choice
     deblur.layer.value = defocused
     deblur.device.value = "cpu"
     viewer.dims.set_current_step(0, 0)  # the first plane: -3 um from focus
@@ -209,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     result.visible = False
     deblur_dock.hide()
     tune_dock, tune = viewer.window.add_plugin_dock_widget(PLUGIN, FINETUNE)
-    tune.model.value = str(Path(model_path).resolve())
+    tune.model.value = model_choice
     tune.unlabeled.value = [defocused]
     tune.steps.value = args.steps
     tune.batch.value = 2
