@@ -59,3 +59,22 @@ def pattern_pairs(count: int = 3, size: int = 96, seed: int = 0, discs: int = 12
             plane[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0.5, 1.0)
     blurry = gaussian_blur(torch.from_numpy(sharp)[:, None], 9, 2.0)[:, 0].numpy()
     return blurry, sharp
+
+
+@pytest.fixture(scope="session")
+def stardist_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small 2-D StarDist model folder trained on synthetic nuclei (about 30 s, in a separate process)."""
+    import subprocess
+    import sys
+
+    from synthetic_nuclei import MODEL_NAME
+
+    folder = tmp_path_factory.mktemp("stardist")
+    script = Path(__file__).with_name("synthetic_nuclei.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=900, check=False
+    )
+    model = folder / MODEL_NAME
+    if done.returncode != 0 or not (model / "config.json").is_file():
+        pytest.fail(f"training the test StarDist model failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return model

@@ -148,12 +148,12 @@ def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):
     start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors", provenance={"trained_on": "patterns"})
     out = tmp_path / "tuned.safetensors"
     args = ["finetune", "--model", str(start), "--unlabeled", str(tmp_path / "mine.tif"), "-o", str(out)]
-    common = ["--steps", "3", "--batch", "2", "--patch", "32", "--reblur", "0.5", "--device", "cpu", "--quiet"]
-    assert main([*args, *common, "--min-focus", "0.5"]) == 0
+    common = ["--steps", "3", "--batch", "2", "--patch", "32", "--reblur", "0.5", "--beta", "1e-3", "--device", "cpu"]
+    assert main([*args, *common, "--quiet", "--min-focus", "0.5"]) == 0
     tuned = load_model(out)
     record = tuned.card.provenance
     assert record["fine_tuned_on"]["planes"] == 8 and record["trained_on"] == "patterns"
-    assert record["train_config"]["reblur_weight"] == 0.5
+    assert record["train_config"]["reblur_weight"] == 0.5 and record["train_config"]["efcr_beta"] == 1e-3
     before = load_model(start).state_dict().values()
     assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), before))
     assert deblur_array(tuned, stack[:2].astype(np.uint16)).shape == (2, 64, 64)

@@ -180,6 +180,152 @@ def cmd_deblur(args: argparse.Namespace) -> None:
             client.close()
 
 
+def _detection_settings(args: argparse.Namespace):
+    from .detection.engine import DetectionSettings
+
+    try:
+        return DetectionSettings(
+            model=args.stardist_model, prob_thresh=args.prob_thresh, nms_thresh=args.nms_thresh, max_tile=args.max_tile
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _plane_bar(description: str, quiet: bool):
+    """A progress bar over planes, and the callback that moves it."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="plane", disable=quiet, dynamic_ncols=True, delay=0.5)
+
+    def progress(event) -> None:
+        bar.total = event.planes_total
+        if event.image:
+            bar.set_description(f"{description} ({event.image})")
+        bar.set_postfix_str(f"{event.objects} objects")
+        bar.update(event.planes_done - bar.n)
+
+    return bar, progress
+
+
+def _write_labels(target: Path, labels, like) -> None:
+    """Labels as a TIFF (atomically) with the source image's pixel size and axes, minus any RGB axis.
+
+    16-bit when the numbers fit, so that ImageJ/Fiji open the file as a hyperstack.
+    """
+    import itertools
+
+    import numpy as np
+
+    from .images import write_image
+
+    if labels.max(initial=0) < 2**16:
+        labels = labels.astype(np.uint16)
+    axes = like.axes.replace("S", "")
+    leading = [range(n) for axis, n in zip(axes, labels.shape) if axis not in "YX"]
+    blocks = ((index, labels[index]) for index in itertools.product(*leading))
+    write_image(target, blocks, labels.shape, labels.dtype, axes, like)
+
+
+def cmd_detect(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .detection.engine import detect
+    from .images import open_image
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    _check_output(target, args.overwrite)
+    settings = _detection_settings(args)
+    image = open_image(source, args.axes)
+    bar, progress = _plane_bar(source.name, args.quiet)
+    with bar:
+        labels = detect(image, settings=settings, progress=progress)
+    _write_labels(target, labels, image)
+    if not args.quiet:
+        per_plane = labels.reshape(-1, *labels.shape[-2:])
+        counts = [int(len(np.unique(plane)) - (0 in plane)) for plane in per_plane]
+        planes = f" in {len(counts)} planes" if len(counts) > 1 else ""
+        print(f"wrote {target}: {sum(counts)} objects{planes} ({settings.model})")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .detection.engine import compare
+    from .images import open_image
+
+    for name in (args.blurry, args.deblurred, args.sharp, args.labels):
+        if name is not None and not Path(name).exists():
+            raise UsageError(f"{name}: no such file or folder")
+    outputs = [Path(p) for p in (args.json, args.csv) if p]
+    for path in outputs:
+        _check_output(path, args.overwrite)
+    settings = _detection_settings(args)
+    blurry = open_image(args.blurry, args.axes)
+    if args.deblurred:
+        deblurred = open_image(args.deblurred, args.axes)
+    else:
+        deblurred = _deblur_in_memory(blurry, args.model, args.quiet)
+    sharp = open_image(args.sharp, args.axes) if args.sharp else None
+    truth = np.asarray(open_image(args.labels).data) if args.labels else None
+    if truth is not None and not np.issubdtype(truth.dtype, np.integer):
+        raise UsageError(f"{args.labels}: ground-truth labels must be an integer label image")
+    bar, progress = _plane_bar("detecting", args.quiet)
+    with bar:
+        result = compare(blurry, deblurred, sharp, truth, settings=settings, progress=progress)
+    print(result.comparison.table())
+    if args.json:
+        from .atomic import atomic_write
+
+        text = json.dumps({"stardist_model": settings.model, **result.comparison.to_dict()}, indent=2)
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.json}")
+    if args.csv:
+        _write_csv(Path(args.csv), result.comparison.rows())
+        print(f"wrote {args.csv}")
+    if args.save_labels:
+        folder = Path(args.save_labels)
+        for name, labels in result.labels.items():
+            target = folder / f"{name}-labels.tif"
+            _check_output(target, args.overwrite)
+            _write_labels(target, labels, blurry)
+        print(f"wrote {', '.join(f'{name}-labels.tif' for name in result.labels)} in {folder}")
+
+
+def _deblur_in_memory(image, model_name: str, quiet: bool):
+    """Deblur ``image`` with ``model_name`` for a comparison (no --deblurred given)."""
+    from tqdm import tqdm
+
+    from .inference import deblur_array
+    from .models.files import load_model
+
+    model = load_model(model_name)
+    with tqdm(desc=f"deblurring with {model_name}", unit="tile", disable=quiet, dynamic_ncols=True, delay=0.5) as bar:
+
+        def progress(event) -> None:
+            bar.total = event.tiles_total
+            bar.update(event.tiles_done - bar.n)
+
+        return deblur_array(model, image, progress=progress)
+
+
+def _write_csv(target: Path, rows: list[dict]) -> None:
+    import csv
+
+    from .atomic import atomic_write
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(target, write)
+
+
 def _connect(address: str):
     try:
         from distributed import Client
@@ -409,6 +555,24 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_detection_options(parser: argparse.ArgumentParser) -> None:
+    """StarDist options shared by ``detect`` and ``compare``."""
+    from .detection.engine import DEFAULT_STARDIST_MODEL, PRETRAINED_MODELS
+
+    parser.add_argument(
+        "--stardist-model",
+        default=DEFAULT_STARDIST_MODEL,
+        metavar="NAME|FOLDER",
+        help=f"pretrained StarDist model ({', '.join(PRETRAINED_MODELS)}) or a folder with a model you trained "
+        f"(default: {DEFAULT_STARDIST_MODEL})",
+    )
+    parser.add_argument("--prob-thresh", type=float, help="object probability threshold (default: the model's)")
+    parser.add_argument("--nms-thresh", type=float, help="overlap threshold (default: the model's)")
+    parser.add_argument("--max-tile", type=int, default=1024, help="planes larger than this are predicted in tiles")
+    parser.add_argument("--axes", help="axes of the input, e.g. TZYX or YXS (default: from the file)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpt-deblur", description="Defocus deblurring of microscopy images with the Multi-Pyramid Transformer."
@@ -508,6 +672,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(tune, FINETUNE_DEFAULTS)
     tune.set_defaults(run=cmd_finetune)
 
+    detector = commands.add_parser(
+        "detect",
+        help="label cells with StarDist, plane by plane (needs the [stardist] extra)",
+        description="Run StarDist 2-D on every plane of an image or stack and write a label image. StarDist runs "
+        "in its own process; pretrained models are downloaded once and cached, or give a model folder.",
+    )
+    detector.add_argument("input", help="image file (.tif, .ome.tif, .zarr)")
+    detector.add_argument("-o", "--output", required=True, help="label image to write (.tif)")
+    add_detection_options(detector)
+    detector.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    detector.set_defaults(run=cmd_detect)
+
+    comparer = commands.add_parser(
+        "compare",
+        help="detect cells before and after deblurring and compare (counts, sizes, AP against ground truth)",
+        description="Detect with StarDist on the blurry and deblurred image (and a sharp one, if you have it), "
+        "then print object counts, sizes and shapes and, against ground-truth labels (--labels) or else the "
+        "sharp image's detections, precision, recall, F1 and AP at IoU 0.5, 0.7, 0.9. Without --deblurred the "
+        "blurry image is deblurred first with --model.",
+    )
+    comparer.add_argument("--blurry", required=True, help="the blurry image")
+    comparer.add_argument("--deblurred", help="the deblurred image (default: deblur --blurry with --model)")
+    comparer.add_argument("--sharp", help="a sharp image of the same field (optional)")
+    comparer.add_argument("--labels", help="ground-truth labels of the field (optional integer label image)")
+    comparer.add_argument("--model", default="default", help="MPT model used when --deblurred is not given")
+    add_detection_options(comparer)
+    comparer.add_argument("--json", help="write every figure (per plane and overall) to this JSON file")
+    comparer.add_argument("--csv", help="write one row per image and plane to this CSV file")
+    comparer.add_argument("--save-labels", metavar="FOLDER", help="write the label images into this folder")
+    comparer.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    comparer.set_defaults(run=cmd_compare)
+
     presets = commands.add_parser("presets", help="list the named network configurations")
     presets.set_defaults(run=cmd_presets)
 
@@ -524,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpt-deblur``; returns the exit code."""
+    from .detection.worker import DetectionError
     from .images import ImageError
     from .inference import InputError
     from .models.files import ModelFileError
@@ -534,7 +731,16 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     try:
         args.run(args)
-    except (UsageError, ModelFileError, InputError, ImageError, ConfigError, CheckpointError, OSError) as error:
+    except (
+        UsageError,
+        ModelFileError,
+        InputError,
+        ImageError,
+        ConfigError,
+        CheckpointError,
+        DetectionError,
+        OSError,
+    ) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -213,9 +213,14 @@ class FinetuneWidget(Container):
         self.patch = SpinBox(label="patch", value=defaults.patch_size, min=32, max=1024, step=16)
         self.lr = _float_box("learning rate", defaults.lr, 1e-6, 1e-2, 1e-6, 7)
         self.beta = _float_box("EFCR_ex weight", defaults.efcr_beta, 0.0, 1.0, 1e-4, 6)
-        self.beta.tooltip = "Weight of the contrastive EFCR_ex term (0: plain L1 on the pairs)."
+        self.beta.tooltip = (
+            "Weight of the contrastive EFCR_ex term (0: off, plain L1 on the pairs; the paper uses 1e-5). "
+            "Off by default: on a new domain it added nothing measurable (docs/benchmarks.md, experiment 3)."
+        )
         self.reblur = _float_box("re-blur weight", defaults.reblur_weight, 0.0, 10.0, 0.05, 3)
-        self.reblur.tooltip = "Weight of the self-supervised re-blur term on your planes (0: off)."
+        self.reblur.tooltip = (
+            "Weight of the self-supervised re-blur term on your planes (0: off; it cost up to 0.6 dB on a new domain)."
+        )
         self.min_focus = _float_box("min focus quantile", 0.0, 0.0, 0.95, 0.05, 2)
         self.min_focus.tooltip = "Use only your planes whose focus score is at least this quantile (0: all)."
         self.device = device_box(defaults.device)

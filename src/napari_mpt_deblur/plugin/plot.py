@@ -1,4 +1,5 @@
-"""A small line plot drawn with QPainter: focus scores and training curves without a plotting library."""
+"""Small plots drawn with QPainter, without a plotting library: lines (focus scores, training curves) and bars
+(detection scores)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,95 @@ class LinePlot(QWidget):
                 painter.drawEllipse(polygon[0], 2.5, 2.5)
             painter.drawText(int(legend_x), int(area.top()) + line, name)
             legend_x += metrics.horizontalAdvance(name) + 14
+
+
+class BarPlot(QWidget):
+    """Named values as vertical bars from zero, each with its value above and its name below.
+
+    Parameters
+    ----------
+    title
+        Shown at the top left.
+    """
+
+    def __init__(self, title: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.title = title
+        self.bars: list[tuple[str, float]] = []
+        self.maximum: float | None = None
+        self.digits = 3
+        self.setMinimumHeight(140)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+    def set_bars(
+        self,
+        bars: Sequence[tuple[str, float]],
+        title: str | None = None,
+        maximum: float | None = None,
+        digits: int = 3,
+    ) -> None:
+        """Show these (name, value) bars (values that are not finite are left out) and repaint.
+
+        Parameters
+        ----------
+        bars
+            In the order drawn, left to right.
+        title
+            A new title (None keeps it).
+        maximum
+            The value at the top of the axis (e.g. 1 for scores); None: the largest bar.
+        digits
+            Significant digits of the values printed above the bars.
+        """
+        self.bars = [(str(name), float(value)) for name, value in bars if math.isfinite(float(value))]
+        if title is not None:
+            self.title = title
+        self.maximum, self.digits = maximum, digits
+        self.update()
+
+    def clear(self) -> None:
+        self.bars = []
+        self.update()
+
+    def top(self) -> float:
+        """The value at the top of the axis."""
+        largest = max((value for _, value in self.bars), default=0.0)
+        top = max(self.maximum or 0.0, largest)
+        return top if top > 0 else 1.0
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        text = self.palette().windowText().color()
+        painter.setPen(text)
+        metrics = painter.fontMetrics()
+        line = metrics.height()
+        painter.drawText(4, line, self.title)
+        # room for the values above the bars and the names below them
+        area = QRectF(8, 2 * line + 8, max(10, self.width() - 16), max(10, self.height() - 4 * line - 12))
+        painter.setPen(QPen(QColor(text.red(), text.green(), text.blue(), 90)))
+        painter.drawLine(QPointF(area.left(), area.bottom()), QPointF(area.right(), area.bottom()))
+        if not self.bars:
+            painter.drawText(area, Qt.AlignmentFlag.AlignCenter, "no data yet")
+            return
+        top = self.top()
+        slot = area.width() / len(self.bars)
+        width = min(slot * 0.6, 80.0)
+        for i, (colour, (name, value)) in enumerate(zip(_cycle(COLOURS, len(self.bars)), self.bars)):
+            centre = area.left() + slot * (i + 0.5)
+            height = max(0.0, value) / top * area.height()
+            bar = QRectF(centre - width / 2, area.bottom() - height, width, height)
+            painter.fillRect(bar, QColor(colour))
+            painter.setPen(text)
+            label = f"{value:.{self.digits}g}"
+            painter.drawText(
+                QRectF(centre - slot / 2, bar.top() - line - 2, slot, line), Qt.AlignmentFlag.AlignCenter, label
+            )
+            shown = metrics.elidedText(name, Qt.TextElideMode.ElideMiddle, int(slot) - 4)
+            painter.drawText(
+                QRectF(centre - slot / 2, area.bottom() + 4, slot, line), Qt.AlignmentFlag.AlignCenter, shown
+            )
+
+
+def _cycle(colours: Sequence[str], count: int) -> list[str]:
+    return [colours[i % len(colours)] for i in range(count)]

@@ -1,0 +1,425 @@
+"""What the Compare detections dock checks, runs and shows (no Qt: testable without a window).
+
+The dock reads the chosen layers into a :class:`Selection`;
+:func:`selection_problem` refuses what cannot be compared with a message for
+the user; a :class:`CompareRun` holds one run's inputs, and
+:func:`compare_steps` (the worker's generator) deblurs first when asked, then
+detects and compares with :func:`~napari_mpt_deblur.detection.iter_compare`
+(StarDist in its own process). :func:`table_cells`, :func:`plot_bars` and
+:func:`summary` turn the :class:`~napari_mpt_deblur.detection.Comparison`
+into what the dock shows; :func:`detections_layer_kwargs` places each image's
+detections over it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import napari.layers
+import numpy as np
+
+from .. import __version__
+from ..config import ConfigError
+from ..detection.engine import PRETRAINED_MODELS, CompareResult, DetectionSettings, iter_compare
+from ..detection.metrics import BLURRY, DEBLURRED, SHARP, Comparison
+from ..detection.worker import DetectionCancelled, DetectionError, ModelInfo, pretrained_cache_folder, shared_worker
+from ..images import ImageError
+from ..inference import InputError, iter_deblur
+from ..models.files import ModelFileError
+from .deblur_job import METADATA_KEY, DeblurJob, layer_axes
+from .widgets_common import out_of_memory
+
+logger = logging.getLogger(__name__)
+
+ROLES = {BLURRY: "before", DEBLURRED: "after", SHARP: "sharp"}
+"""The dock's word for each image the engine compares."""
+PLACEMENT = ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units")
+"""What a detections layer copies from its source, so that it lies exactly over it."""
+RGB_MODELS = {"2D_versatile_he": 3}
+"""Input channels of the pretrained models that do not take one (grey) channel."""
+INSTALL_HINT = (
+    "StarDist is not installed: pip install 'napari-mpt-deblur[stardist]' (it runs in its own process, "
+    "so napari need not restart)"
+)
+
+_FOLDERS: list[str] = []
+"""StarDist model folders chosen since napari started, oldest first (every Compare dock offers them)."""
+
+
+# --- layers and choices (no Qt) -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The napari layers to compare (None where none is chosen)."""
+
+    before: Any
+    """The blurry image."""
+    after: Any = None
+    """Its deblurred version (ignored when the dock deblurs first)."""
+    sharp: Any = None
+    """An in-focus image of the same field (optional)."""
+    truth: Any = None
+    """Ground-truth labels (optional): a Labels layer, or an image of integer labels."""
+
+
+def pixels(layer: Any) -> Any:
+    """The layer's full-resolution array (not read here)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def layer_shape(layer: Any) -> tuple[int, ...]:
+    """The shape of the layer's full-resolution data (RGB samples included)."""
+    return tuple(int(n) for n in pixels(layer).shape)
+
+
+def labels_shape_of(layer: Any) -> tuple[int, ...]:
+    """The shape of the detections of an image layer: its shape without RGB samples."""
+    shape = layer_shape(layer)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def is_label_image(layer: Any) -> bool:
+    """Whether a layer can hold ground truth: a Labels layer, or a grey image of integers (as read from a file)."""
+    if isinstance(layer, napari.layers.Labels):
+        return True
+    return (
+        isinstance(layer, napari.layers.Image)
+        and not layer.rgb
+        and np.issubdtype(np.dtype(pixels(layer).dtype), np.integer)
+    )
+
+
+def stardist_channels(model: str) -> int | None:
+    """Input channels of a StarDist model (a pretrained name or a folder), read without TensorFlow; None if unknown."""
+    if model in PRETRAINED_MODELS:
+        return RGB_MODELS.get(model, 1)
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        return int(config.get("n_channel_in", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def stardist_choices(_: Any = None) -> list[tuple[str, str]]:
+    """(label, choice) for the StarDist menu: folders chosen so far (newest first), then the pretrained names.
+
+    A folder is labelled with its name, or its full path when two share a name.
+    """
+    folders = list(reversed(_FOLDERS))
+    names = [Path(folder).name for folder in folders]
+    labelled = [(name if names.count(name) == 1 else folder, folder) for name, folder in zip(names, folders)]
+    return labelled + [(name, name) for name in PRETRAINED_MODELS]
+
+
+def remember_folder(folder: str | Path) -> str:
+    """Offer a StarDist model folder in every Compare dock's menu from now on; returns its choice."""
+    choice = str(Path(folder).expanduser().resolve())
+    if choice in _FOLDERS:
+        _FOLDERS.remove(choice)
+    _FOLDERS.append(choice)
+    return choice
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why a folder is not a StarDist model folder, or None."""
+    if not (folder / "config.json").is_file():
+        return (
+            f"{folder.name} is not a StarDist model folder: it has no config.json. Pick the folder that holds "
+            "config.json and the weights (weights_best.h5), or choose a pretrained model."
+        )
+    return None
+
+
+def describe_stardist(choice: str) -> str:
+    """A status line for a StarDist model choice: what it takes and whether it is on this computer."""
+    channels = stardist_channels(choice)
+    kind = {1: "grey images", 3: "RGB images"}.get(channels or 0, "unknown input")
+    if choice in PRETRAINED_MODELS:
+        where = "on this computer" if pretrained_cache_folder(choice).is_dir() else "downloaded on first use"
+        return f"StarDist model: {choice} (pretrained, for {kind}; {where})"
+    return f"StarDist model: {Path(choice).name} (your folder, for {kind})"
+
+
+def _image_problem(role: str, layer: Any) -> str | None:
+    name = layer.name
+    if not isinstance(layer, napari.layers.Image):
+        kind = layer.__class__.__name__.lower()
+        what = "segmentations" if kind == "labels" else "annotations"
+        return (
+            f"'{name}' ({role}) is a {kind} layer: choose an image layer; {kind} layers hold {what}, not intensities."
+        )
+    shape = layer_shape(layer)
+    if 0 in shape:
+        return f"'{name}' ({role}) is empty (shape {shape}): choose a layer with pixels."
+    return None
+
+
+def _described(layer: Any) -> str:
+    return f"{layer_shape(layer)}{' RGB' if layer.rgb else ''}"
+
+
+def selection_problem(selection: Selection, deblur_first: bool, channels: int | None) -> str | None:
+    """What is wrong with the chosen layers (a message for the user), or None.
+
+    Parameters
+    ----------
+    selection
+        The chosen layers.
+    deblur_first
+        The dock makes the *after* image itself (``selection.after`` is ignored).
+    channels
+        The StarDist model's input channels (None when unknown).
+    """
+    before = selection.before
+    if before is None:
+        return "No 'before' image: open the blurry image (or the sample) and choose it under 'before'."
+    if not deblur_first and selection.after is None:
+        return "No 'after' image: choose the deblurred layer under 'after', or click 'Deblur, then detect'."
+    images = [("before", before)]
+    if not deblur_first:
+        images.append(("after", selection.after))
+    if selection.sharp is not None:
+        images.append(("sharp", selection.sharp))
+    for role, layer in images:
+        problem = _image_problem(role, layer)
+        if problem:
+            return problem
+    for i, (role, layer) in enumerate(images):
+        for other_role, other in images[:i]:
+            if layer is other:
+                return (
+                    f"'{layer.name}' is chosen as both '{other_role}' and '{role}': choose a different layer for each."
+                )
+        if layer_shape(layer) != layer_shape(before) or bool(layer.rgb) != bool(before.rgb):
+            return (
+                f"'{layer.name}' ({role}) is {_described(layer)} but '{before.name}' (before) is {_described(before)}: "
+                "the layers to compare must show the same field, with the same shape."
+            )
+    try:
+        axes = {layer_axes(layer.ndim, bool(layer.rgb), layer.axis_labels) for _, layer in images}
+    except InputError as error:
+        return f"{str(error).rstrip('.')}."
+    if len(axes) > 1:
+        return f"The layers' axis labels name different axes ({', '.join(sorted(axes))}): set them alike."
+    if channels == 3 and not before.rgb:
+        return (
+            "This StarDist model takes RGB images (stained slides such as H&E), but the layers are grey: "
+            "choose a fluorescence model such as 2D_versatile_fluo."
+        )
+    truth = selection.truth
+    if truth is not None:
+        if not is_label_image(truth):
+            return (
+                f"'{truth.name}' (ground truth) is not a label image: choose a Labels layer, or an image of integer "
+                "labels (0 = background), or 'none'."
+            )
+        if layer_shape(truth) != labels_shape_of(before):
+            return (
+                f"'{truth.name}' (ground truth) has shape {layer_shape(truth)}, but the images need labels of shape "
+                f"{labels_shape_of(before)}."
+            )
+    return None
+
+
+def rgb_note(selection: Selection, channels: int | None) -> str | None:
+    """A warning when a grey (fluorescence) model will see RGB layers as the mean of their samples."""
+    if channels == 1 and selection.before is not None and getattr(selection.before, "rgb", False):
+        return (
+            f"'{selection.before.name}' is RGB and this StarDist model takes grey images: it detects on the mean of "
+            "the red, green and blue samples. For stained slides (H&E), choose 2D_versatile_he."
+        )
+    return None
+
+
+def suggest_after(names: list[str], before: str | None) -> str | None:
+    """An image to compare with ``before``: its newest deblurred result, else any deblurred layer, else another."""
+    others = [name for name in names if name != before]
+    for candidates in (
+        [name for name in others if before and name.startswith(f"{before} deblurred")],
+        [name for name in others if "deblurred" in name],
+        others,
+    ):
+        if candidates:
+            return candidates[-1]
+    return None
+
+
+# --- results (no Qt) ------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """The results table: a column per image, a row per measurement (all planes pooled)."""
+
+    columns: list[str]
+    """Each image's layer name and role, e.g. ``cells (before)``."""
+    rows: list[str]
+    """What each row measures: ``objects``, ``mean area (px)``, ..., ``mean AP``, ``F1@0.5``."""
+    cells: list[list[str]]
+    """``cells[row][column]``, formatted; empty where there is nothing to show."""
+
+
+def table_cells(comparison: Comparison, names: Mapping[str, str]) -> Table:
+    """The results table of a comparison; ``names`` gives each engine image (``blurry``, ...) its layer's name.
+
+    Scores (AP at each IoU threshold, mean AP, F1 at the first threshold) appear when there is a reference.
+    """
+    reports = list(comparison.reports.values())
+    rows = ["objects", "mean area (px)", "diameter (px)"]
+    columns: list[list[str]] = [
+        [str(r.stats.objects), _fmt(r.stats.mean_area, 1), _fmt(r.stats.mean_diameter, 1)] for r in reports
+    ]
+    if any(report.scores for report in reports):
+        first = comparison.thresholds[0]
+        rows += [f"AP@{t:g}" for t in comparison.thresholds] + ["mean AP", f"F1@{first:g}"]
+        for column, report in zip(columns, reports):
+            scores = report.scores or []
+            column += [_fmt(score.ap, 3) for score in scores] or [""] * len(comparison.thresholds)
+            column += [_fmt(report.mean_ap, 3), _fmt(scores[0].f1, 3) if scores else ""]
+    headers = [f"{names.get(key, key)} ({ROLES.get(key, key)})" for key in comparison.reports]
+    return Table(headers, rows, [list(row) for row in zip(*columns)])
+
+
+def plot_bars(comparison: Comparison, names: Mapping[str, str]) -> tuple[str, list[tuple[str, float]], float | None]:
+    """(title, bars, axis maximum) for the bar plot: mean AP per image when scored, else object counts."""
+    reports = comparison.reports
+    if comparison.reference:
+        bars = [(names.get(key, key), report.mean_ap) for key, report in reports.items() if report.mean_ap is not None]
+        return f"mean AP against the {comparison.reference}", bars, 1.0
+    return "objects detected", [(names.get(key, key), float(r.stats.objects)) for key, r in reports.items()], None
+
+
+def summary(comparison: Comparison, info: ModelInfo | None = None, settings: DetectionSettings | None = None) -> str:
+    """What the comparison shows, in a line or two for the status line."""
+    reports = comparison.reports
+    if comparison.reference:
+        scores = ", ".join(f"{ROLES.get(key, key)} {_fmt(r.mean_ap, 3)}" for key, r in reports.items())
+        lines = [f"mean AP against the {comparison.reference}: {scores}"]
+        gap = comparison.gap_recovered
+        if gap is not None:
+            lines.append(f"deblurring recovers {100 * gap:.0f}% of the blurry-to-sharp gap in mean AP")
+        elif SHARP in reports:
+            lines.append("before and sharp score alike: no gap for deblurring to recover")
+    else:
+        counts = ", ".join(f"{ROLES.get(key, key)} {r.stats.objects}" for key, r in reports.items())
+        lines = [f"objects: {counts} (add a sharp layer or ground truth to score them)"]
+    if info is not None:
+        prob = settings.prob_thresh if settings and settings.prob_thresh is not None else info.prob_thresh
+        nms = settings.nms_thresh if settings and settings.nms_thresh is not None else info.nms_thresh
+        lines.append(f"StarDist {Path(info.name).name}: probability {prob:.2f}, overlap {nms:.2f}")
+    return "\n".join(lines)
+
+
+def hint_for(error: BaseException) -> str:
+    """A message for the user for an error that stopped a comparison, with what to try."""
+    text = (str(error) or type(error).__name__).strip().rstrip(".")
+    if isinstance(error, DetectionError):  # WorkerCrashed included: its message says it restarts next time
+        return f"Detection failed: {text}."
+    if isinstance(error, ModelFileError):
+        return f"{text}. Pick another deblurring model."
+    if out_of_memory(error):
+        return f"Out of memory ({text}): crop the layers, or deblur on the CPU."
+    if isinstance(error, (InputError, ImageError, ConfigError, ValueError)):
+        return f"{text}. Check the chosen layers and settings."
+    logger.error("comparing detections failed", exc_info=error)
+    return f"Detection failed: {type(error).__name__}: {text}. The Python log has the details."
+
+
+def detections_layer_kwargs(source: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``viewer.add_labels`` of an image's detections, lying exactly over the image.
+
+    Parameters
+    ----------
+    source
+        The image layer's state (``layer.as_layer_data_tuple()[1]``).
+    record
+        How the detections were made, stored under ``metadata["napari_mpt_deblur"]``.
+    """
+    kwargs: dict[str, Any] = {"name": f"{source.get('name', 'image')} detections"}
+    kwargs.update({key: source[key] for key in PLACEMENT if source.get(key) is not None})
+    kwargs["metadata"] = {METADATA_KEY: dict(record)}
+    return kwargs
+
+
+# --- the work (in the worker thread) --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deblurred:
+    """Yielded once the *before* image is deblurred: the dock adds it as a layer while detection goes on."""
+
+    data: np.ndarray
+
+
+@dataclass(eq=False)
+class CompareRun:
+    """One comparison: its inputs and what the worker leaves behind (no Qt widgets, no layers)."""
+
+    sources: dict[str, dict[str, Any]]
+    """Engine image -> its layer's state (name and placement; the full state for the deblurred one's source)."""
+    data: dict[str, Any]
+    truth: Any
+    axes: str
+    settings: DetectionSettings
+    deblur: DeblurJob | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.perf_counter)
+    info: ModelInfo | None = None
+    detecting: bool = False
+    """In a StarDist call, which only the worker's interrupt stops at once."""
+
+
+def detection_record(run: CompareRun, key: str) -> dict[str, Any]:
+    """How an image's detections were made (JSON-ready), for their layer's metadata."""
+    settings, info = run.settings, run.info
+    return {
+        "detections_of": run.sources[key].get("name", key),
+        "role": ROLES.get(key, key),
+        "stardist_model": settings.model,
+        "prob_thresh": settings.prob_thresh or (info.prob_thresh if info else None),
+        "nms_thresh": settings.nms_thresh or (info.nms_thresh if info else None),
+        "software": f"napari-mpt-deblur {__version__}",
+    }
+
+
+def compare_steps(run: CompareRun) -> Generator[Any, None, CompareResult]:
+    """Deblur first (when asked), then detect and compare; yields progress, status strings and :class:`Deblurred`."""
+    job = run.deblur
+    if job is not None:
+        result = yield from iter_deblur(job.model, job.data, job.axes, job.settings)
+        run.data[DEBLURRED] = result
+        yield Deblurred(result)
+    worker = shared_worker()
+    yield "loading the StarDist model" + ("" if worker.alive else " (its first start takes a while)") + "..."
+    run.detecting = True
+    try:
+        run.info = worker.load(run.settings.model)
+        if run.stop.is_set():
+            raise DetectionCancelled("detection stopped")
+        truth = None if run.truth is None else np.asarray(run.truth)
+        data = run.data
+        steps = iter_compare(
+            data[BLURRY],
+            data[DEBLURRED],
+            data.get(SHARP),
+            truth,
+            run.axes,
+            run.settings,
+            worker,
+            should_stop=run.stop.is_set,
+        )
+        return (yield from steps)
+    finally:
+        run.detecting = False

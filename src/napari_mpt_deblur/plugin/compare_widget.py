@@ -1,0 +1,522 @@
+"""The Compare detections dock: does deblurring help a segmentation? StarDist on the image before and after.
+
+Choose the blurry layer (*before*) and its deblurred version (*after*), or let
+the dock deblur it first; optionally a sharp layer and ground-truth labels to
+score against. The dock runs the headless comparison
+(:func:`~napari_mpt_deblur.detection.iter_compare`, StarDist in its own
+process) in a thread worker, adds each image's detections as a Labels layer
+over its source, and shows the measurements in a table and a bar plot.
+
+What is not Qt (checks, the run, the numbers shown) lives in
+:mod:`.compare_job`; this module wires it to widgets, the worker and napari's
+progress and notifications, with the helpers shared with the other docks
+(:mod:`.widgets_common`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import napari.layers
+import napari.viewer
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, PushButton
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+
+from ..config import ConfigError, DeblurSettings
+from ..detection.engine import CompareResult, DetectionProgress, DetectionSettings
+from ..detection.metrics import BLURRY, DEBLURRED, SHARP
+from ..detection.worker import DetectionCancelled, shared_worker
+from ..inference import DeblurProgress, InputError
+from ..models.files import ModelFileError
+from .compare_job import (
+    INSTALL_HINT,
+    ROLES,
+    CompareRun,
+    Deblurred,
+    Selection,
+    Table,
+    compare_steps,
+    describe_stardist,
+    detection_record,
+    detections_layer_kwargs,
+    folder_problem,
+    hint_for,
+    is_label_image,
+    pixels,
+    plot_bars,
+    remember_folder,
+    rgb_note,
+    selection_problem,
+    stardist_channels,
+    stardist_choices,
+    suggest_after,
+    summary,
+    table_cells,
+)
+from .deblur_job import METADATA_KEY, DeblurJob, layer_axes, result_layer_kwargs
+from .models import REGISTRY
+from .plot import BarPlot
+from .widgets_common import DockState, ModelPicker, device_box, progress_and_status, stop_when_closed
+
+
+@dataclass(eq=False)
+class _CompareState(DockState):
+    """The dock's state, with the running comparison's (never the widget itself)."""
+
+    run: CompareRun | None = None
+    cancel_requested: bool = False
+
+    def stop(self) -> None:
+        """Stop now: between tiles when deblurring, within the plane when StarDist works (its process restarts)."""
+        run = self.run
+        if run is not None:
+            run.stop.set()
+            if run.detecting:
+                shared_worker().interrupt()
+        super().stop()
+
+
+# --- the dock -------------------------------------------------------------------------------------------------------
+
+
+class CompareWidget(Container):
+    """Detect objects with StarDist on an image before and after deblurring, and compare the detections.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer whose layers are offered and where the detections are added.
+
+    Attributes
+    ----------
+    before, after, sharp, truth
+        The layers to compare (magicgui menus; set their ``value`` to drive the widget from code).
+    stardist_model, stardist_folder, prob_thresh, nms_thresh
+        The StarDist model (a pretrained name or a folder) and its thresholds (0: the model's own).
+    model, model_file, device
+        The deblurring model and device for *Deblur, then detect*.
+    compare_button, deblur_button, cancel_button, progress_bar, status
+        Controls and feedback.
+    table, bar_plot
+        The results of the last comparison.
+    result
+        The last :class:`~napari_mpt_deblur.detection.CompareResult` (None before the first).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        self.viewer = napari_viewer
+        self._state = _CompareState()
+        self._folder_problem: str | None = None
+        self.result: CompareResult | None = None
+
+        self.progress_bar, self.status = progress_and_status()
+        self.before = ComboBox(name="before", label="before", choices=self._images, tooltip="The blurry image layer.")
+        self.after = ComboBox(
+            name="after",
+            label="after",
+            choices=self._images,
+            tooltip="Its deblurred version (not used by 'Deblur, then detect', which makes it).",
+        )
+        self.sharp = ComboBox(
+            name="sharp",
+            label="sharp (optional)",
+            choices=self._optional_images,
+            tooltip="An in-focus image of the same field. Without ground truth, its detections are the reference.",
+        )
+        self.truth = ComboBox(
+            name="truth",
+            label="ground truth (optional)",
+            choices=self._label_images,
+            tooltip="Labels of the true objects (a Labels layer, or an image of integer labels, 0 = background).",
+        )
+        self.stardist_model = ComboBox(
+            name="stardist_model",
+            label="StarDist model",
+            choices=stardist_choices,
+            tooltip="StarDist's pretrained models (downloaded once) and the model folders chosen below.",
+        )
+        self.stardist_folder = FileEdit(
+            name="stardist_folder",
+            label="model folder",
+            mode="d",
+            nullable=True,
+            tooltip="A StarDist model you trained: the folder holding config.json and weights_best.h5.",
+        )
+        self.prob_thresh = _threshold_box(
+            "prob_thresh", "probability threshold", "Objects less likely than this are dropped (higher: fewer)."
+        )
+        self.nms_thresh = _threshold_box(
+            "nms_thresh", "overlap threshold", "Candidates overlapping more than this are merged (higher: more kept)."
+        )
+        self.compare_button = PushButton(name="compare_button", text="Detect and compare")
+        self._models = ModelPicker(
+            self.status,
+            label="deblur model",
+            tooltip="The model 'Deblur, then detect' uses (the Deblur dock's list).",
+        )
+        self.model, self.model_file = self._models.combo, self._models.file
+        self.device = device_box()
+        self.deblur_button = PushButton(name="deblur_button", text="Deblur, then detect")
+        self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
+        super().__init__(
+            widgets=[
+                self.before,
+                self.after,
+                self.sharp,
+                self.truth,
+                self.stardist_model,
+                self.stardist_folder,
+                self.prob_thresh,
+                self.nms_thresh,
+                self.compare_button,
+                self.model,
+                self.model_file,
+                self.device,
+                self.deblur_button,
+                self.cancel_button,
+                self.progress_bar,
+                self.status,
+            ]
+        )
+        self.table = QTableWidget(0, 0)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self._show_table(None)
+        self.bar_plot = BarPlot("mean AP, or objects, per image")
+        self.native.layout().addWidget(self.table)
+        self.native.layout().addWidget(self.bar_plot)
+
+        self.stardist_model.changed.connect(self._on_stardist_chosen)
+        self.stardist_folder.changed.connect(self._on_folder_picked)
+        self.compare_button.changed.connect(self._on_compare_clicked)
+        self.deblur_button.changed.connect(self._on_deblur_clicked)
+        self.cancel_button.changed.connect(self.cancel)
+        self._state.disconnects.append(self._models.unsubscribe)
+        stop_when_closed(self, self._state)
+        self._suggest_after()
+        self.status.value = (
+            INSTALL_HINT if not _stardist_installed() else describe_stardist(str(self.stardist_model.value))
+        )
+
+    # --- choices ----------------------------------------------------------------------------------------------------
+
+    def _images(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)]
+
+    def _optional_images(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [("none", None), *self._images()]
+
+    def _label_images(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [("none", None), *((layer.name, layer) for layer in self.viewer.layers if is_label_image(layer))]
+
+    def reset_choices(self, *args: Any) -> None:
+        """Follow the viewer's layers (napari calls this as layers come, go or are renamed)."""
+        super().reset_choices(*args)
+        self._suggest_after()
+
+    def _suggest_after(self) -> None:
+        """Never offer the same layer as before and after when another image is there."""
+        before, after = self.before.value, self.after.value
+        if before is None or (after is not None and after is not before):
+            return
+        names = [name for name, _ in self._images()]
+        suggestion = suggest_after(names, before.name)
+        if suggestion is not None:
+            self.after.value = self.viewer.layers[suggestion]
+
+    def selection(self) -> Selection:
+        """The layers chosen in the menus."""
+        return Selection(self.before.value, self.after.value, self.sharp.value, self.truth.value)
+
+    def _on_stardist_chosen(self, choice: str | None) -> None:
+        self._folder_problem = None
+        if choice and not self._state.deleted and not self._state.running:
+            self.status.value = describe_stardist(choice)
+
+    def _on_folder_picked(self, path: Path | None) -> None:
+        if path is None or str(path) in ("", "."):
+            self._folder_problem = None
+            return
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            return  # typing a path: wait until it names a folder
+        self._folder_problem = folder_problem(folder)
+        if self._folder_problem:
+            self.status.value = self._folder_problem  # a notification when a run is refused, not at every keystroke
+            return
+        choice = remember_folder(folder)
+        combo = self.stardist_model
+        with combo.changed.blocked():
+            combo.native.clear()  # magicgui keeps listed items in place and appends new ones: list them in order
+            combo.reset_choices()
+        combo.value = choice
+        self._on_stardist_chosen(choice)
+
+    def settings(self) -> DetectionSettings:
+        """The detection settings the widget shows (a threshold of 0: the model's own).
+
+        Raises
+        ------
+        ValueError
+            For settings the engine refuses.
+        """
+        return DetectionSettings(
+            model=str(self.stardist_model.value or ""),
+            prob_thresh=float(self.prob_thresh.value) or None,
+            nms_thresh=float(self.nms_thresh.value) or None,
+        )
+
+    # --- running ----------------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether a comparison is in progress."""
+        return self._state.running
+
+    def _on_compare_clicked(self) -> None:
+        self.detect_and_compare()
+
+    def _on_deblur_clicked(self) -> None:
+        self.deblur_then_detect()
+
+    def detect_and_compare(self, selection: Selection | None = None) -> None:
+        """Detect on the *before*, *after* (and *sharp*) layers and compare; problems become notifications.
+
+        Parameters
+        ----------
+        selection
+            The layers to use (default: those chosen in the menus).
+        """
+        self._start(selection or self.selection(), deblur_first=False)
+
+    def deblur_then_detect(self, selection: Selection | None = None) -> None:
+        """Deblur the *before* layer with the chosen model, add the result, then detect on both and compare.
+
+        Parameters
+        ----------
+        selection
+            The layers to use (default: those chosen in the menus; *after* is not used).
+        """
+        self._start(selection or self.selection(), deblur_first=True)
+
+    def _start(self, selection: Selection, deblur_first: bool) -> None:
+        state = self._state
+        if state.running or state.closed:
+            return
+        problem = self._problem(selection, deblur_first)
+        if problem:
+            self._refuse(problem)
+            return
+        try:
+            settings = self.settings()
+            job = self._deblur_job(selection.before) if deblur_first else None
+        except (InputError, ModelFileError, ConfigError, OSError, ValueError) as error:
+            self._refuse(f"{str(error).rstrip('.')}.")
+            return
+        before = selection.before
+        images = {BLURRY: before, DEBLURRED: None if deblur_first else selection.after, SHARP: selection.sharp}
+        sources = {key: layer.as_layer_data_tuple()[1] for key, layer in images.items() if layer is not None}
+        run = CompareRun(
+            sources=sources,
+            data={key: pixels(layer) for key, layer in images.items() if layer is not None},
+            truth=None if selection.truth is None else pixels(selection.truth),
+            axes=layer_axes(before.ndim, bool(before.rgb), before.axis_labels),
+            settings=settings,
+            deblur=job,
+        )
+        state.run, state.cancel_requested = run, False
+        self.result = None
+        self.compare_button.enabled = self.deblur_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress_bar.max, self.progress_bar.value = 1, 0
+        self._show_table(None)
+        self.bar_plot.clear()
+        self.status.value = f"deblurring {before.name} ..." if job else "starting ..."
+        state.start(
+            compare_steps(run),
+            f"Deblurring {before.name}" if job else "Detecting objects",
+            on_yield=self._on_yielded,
+            on_return=self._on_returned,
+            on_error=self._on_error,
+            on_finished=self._on_finished,
+        )
+        note = rgb_note(selection, stardist_channels(settings.model))
+        if note:  # last: a notification may process Qt events
+            show_warning(note)
+
+    def _problem(self, selection: Selection, deblur_first: bool) -> str | None:
+        if not _stardist_installed():
+            return f"{INSTALL_HINT}."
+        if self._folder_problem:
+            return self._folder_problem
+        if not self.stardist_model.value:
+            return "Choose a StarDist model: a pretrained one, or your model's folder under 'model folder'."
+        if deblur_first and self._models.problem:
+            return self._models.problem
+        return selection_problem(selection, deblur_first, stardist_channels(str(self.stardist_model.value)))
+
+    def _deblur_job(self, layer: Any) -> DeblurJob:
+        choice = self.model.value
+        model = REGISTRY.load(choice) if choice else None
+        return DeblurJob.from_layer(
+            "image",
+            layer.name,
+            layer.data,
+            layer.ndim,
+            bool(layer.rgb),
+            layer.axis_labels,
+            model,
+            DeblurSettings(device=str(self.device.value)),
+            False,
+            model_name=choice or "",
+            multiscale=bool(layer.multiscale),
+        )
+
+    def _refuse(self, message: str) -> None:
+        self.status.value = message
+        show_error(message)
+
+    def cancel(self) -> None:
+        """Stop the running comparison now (StarDist within its plane); no detections are added."""
+        state = self._state
+        if state.worker is None:
+            return
+        state.cancel_requested = True
+        state.stop()
+        if not state.deleted:
+            self.cancel_button.enabled = False
+            self.status.value = "cancelling ..."
+
+    # napari's progress bars and notifications may process Qt events while they update, so the worker's next
+    # signals can run inside these handlers: each one reads what it needs first and updates napari last.
+    # The worker's slots are called while the widget lives (see start_worker); its Qt widgets may be gone.
+
+    def _on_yielded(self, event: Any) -> None:
+        state = self._state
+        run = state.run
+        if state.worker is None or run is None:
+            return  # delivered after the run ended
+        if isinstance(event, Deblurred):
+            self._add_deblurred(run, event.data)
+        elif isinstance(event, str):
+            if not state.deleted:
+                self.status.value = event
+        elif isinstance(event, DeblurProgress):
+            if not state.deleted:
+                plane = min(event.planes_done + 1, event.planes_total)
+                self.status.value = (
+                    f"deblurring: plane {plane}/{event.planes_total}, tile {event.tiles_done}/{event.tiles_total}"
+                )
+            state.show_progress(self.progress_bar, event.tiles_done, event.tiles_total)
+        elif isinstance(event, DetectionProgress):
+            name = run.sources.get(event.image, {}).get("name", event.image)
+            if not state.deleted:
+                self.status.value = (
+                    f"detecting: plane {event.planes_done}/{event.planes_total} "
+                    f"({ROLES.get(event.image, event.image)}: {name}, {event.objects} objects)"
+                )
+            phase = "Detecting objects" if run.deblur is not None else None  # the bar was named for deblurring
+            state.show_progress(self.progress_bar, event.planes_done, event.planes_total, phase)
+
+    def _add_deblurred(self, run: CompareRun, data: np.ndarray) -> None:
+        if self._state.closed or run.deblur is None:
+            return
+        layer = self.viewer.add_image(data, **result_layer_kwargs(run.sources[BLURRY], run.deblur.provenance()))
+        run.sources[DEBLURRED] = layer.as_layer_data_tuple()[1]
+        if not self._state.deleted:
+            self.after.reset_choices()
+            self.after.value = layer  # 'Detect and compare' runs on it next time
+
+    def _on_returned(self, result: CompareResult) -> None:
+        state = self._state
+        run = state.run
+        if state.cancel_requested or state.closed or run is None:
+            return  # stopped after the last plane, or the dock is gone: the user asked for nothing
+        self.result = result
+        names = {key: source.get("name", key) for key, source in run.sources.items()}
+        seconds = time.perf_counter() - run.started
+        text = f"done in {seconds:.1f} s\n{summary(result.comparison, run.info, run.settings)}"
+        self._show_table(table_cells(result.comparison, names))
+        title, bars, maximum = plot_bars(result.comparison, names)
+        self.bar_plot.set_bars(bars, title, maximum)
+        self.status.value = text
+        for key, labels in result.labels.items():
+            self._add_detections(labels, run, key)
+
+    def _show_table(self, table: Table | None) -> None:
+        """Fill the table (None empties it), as high as its rows: the bar plot stays in view."""
+        widget = self.table
+        widget.clear()
+        widget.setColumnCount(len(table.columns) if table else 0)
+        widget.setRowCount(len(table.rows) if table else 0)
+        if table is not None:
+            widget.setHorizontalHeaderLabels([column.replace(" (", "\n(") for column in table.columns])
+            widget.setVerticalHeaderLabels(table.rows)
+            for r, row in enumerate(table.cells):
+                for c, cell in enumerate(row):
+                    item = QTableWidgetItem(cell)
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                    widget.setItem(r, c, item)
+            widget.resizeRowsToContents()
+        header = widget.horizontalHeader().sizeHint().height() if table else 0
+        rows = sum(widget.rowHeight(r) for r in range(widget.rowCount()))
+        widget.setFixedHeight(header + rows + 2 * widget.frameWidth() + 2)
+
+    def _add_detections(self, labels: np.ndarray, run: CompareRun, key: str) -> None:
+        """Add an image's detections over it, or update the layer that an earlier run made for it."""
+        kwargs = detections_layer_kwargs(run.sources[key], detection_record(run, key))
+        name = kwargs.pop("name")
+        earlier = next(
+            (
+                layer
+                for layer in self.viewer.layers
+                if isinstance(layer, napari.layers.Labels)
+                and layer.name == name
+                and "detections_of" in layer.metadata.get(METADATA_KEY, {})
+                and layer.ndim == labels.ndim
+            ),
+            None,
+        )
+        if earlier is None:
+            self.viewer.add_labels(labels, name=name, **kwargs)
+            return
+        earlier.data = labels
+        for key_, value in kwargs.items():
+            setattr(earlier, key_, value)
+
+    def _on_error(self, error: BaseException) -> None:
+        if isinstance(error, DetectionCancelled):
+            return  # the user's Cancel, or the dock closing: _on_finished says so
+        message = hint_for(error)
+        if not self._state.deleted:
+            self.status.value = message.split("\n", 1)[0]  # the notification keeps the rest (the worker's log)
+        show_error(message)
+
+    def _on_finished(self) -> None:
+        state = self._state
+        state.run = None
+        if not state.deleted:
+            self.compare_button.enabled = self.deblur_button.enabled = not state.closed
+            self.cancel_button.enabled = False
+            if state.cancel_requested:
+                self.progress_bar.value = 0
+                self.status.value = "cancelled"
+
+
+def _threshold_box(name: str, label: str, tooltip: str) -> FloatSpinBox:
+    box = FloatSpinBox(name=name, label=label, min=0.0, max=0.99, step=0.05, value=0.0)
+    box.native.setDecimals(2)
+    box.native.setSpecialValueText("model's own")  # shown for 0, the minimum
+    box.tooltip = f"{tooltip} 'model's own': the threshold the model was trained or tuned with."
+    return box
+
+
+def _stardist_installed() -> bool:
+    return importlib.util.find_spec("stardist") is not None

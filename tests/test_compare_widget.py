@@ -1,0 +1,463 @@
+"""The Compare detections dock: its headless checks and numbers, then the dock in a real viewer with a real StarDist
+model (trained on synthetic nuclei, in the worker process) and the bundled deblurring model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import napari.layers
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion, gaussian_filter
+
+from napari_mpt_deblur.detection import DetectionError, WorkerCrashed, compare_labels, shared_worker
+from napari_mpt_deblur.inference import InputError
+from napari_mpt_deblur.models.files import ModelFileError
+from napari_mpt_deblur.plugin import compare_job
+from napari_mpt_deblur.plugin.compare_job import (
+    Selection,
+    Table,
+    folder_problem,
+    hint_for,
+    plot_bars,
+    remember_folder,
+    rgb_note,
+    selection_problem,
+    stardist_channels,
+    stardist_choices,
+    suggest_after,
+    summary,
+    table_cells,
+)
+from napari_mpt_deblur.plugin.deblur_job import METADATA_KEY
+from synthetic_nuclei import synthetic_nuclei
+
+PLUGIN, DOCK = "napari-mpt-deblur", "Compare detections"
+MEASURES = ["objects", "mean area (px)", "diameter (px)"]
+WAIT_MS = 240_000  # a first detection starts TensorFlow in the worker process, on 2 busy CPU cores
+
+
+def nuclei(count: int = 2, size: int = 128, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(blurry, sharp, truth): synthetic nuclei, the same blurred (Gaussian, sigma 3) with noise, and their labels."""
+    sharp, truth = synthetic_nuclei(count, size, seed)
+    rng = np.random.default_rng(seed)
+    blurry = np.stack([gaussian_filter(plane, 3) for plane in sharp]) + rng.normal(0, 0.02, sharp.shape)
+    return blurry.astype(np.float32), sharp, truth
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_stardist_process():
+    yield
+    shared_worker().close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_folders(monkeypatch):
+    """StarDist folders remembered by one test are not offered in the next."""
+    monkeypatch.setattr(compare_job, "_FOLDERS", [])
+
+
+@pytest.fixture
+def records():
+    """The notifications napari receives during the test."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    return lambda: notification_manager.records[start:]
+
+
+def messages(records, severity: str) -> list[str]:
+    return [str(n.message) for n in records() if str(n.severity).lower().endswith(severity)]
+
+
+# --- headless: compare_job --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # napari, empty layer
+def test_selection_problems_say_what_to_choose():
+    blurry, sharp, truth = nuclei(2, 32)
+    before = napari.layers.Image(blurry, name="cells")
+    after = napari.layers.Image(sharp, name="cells deblurred")
+    labels = napari.layers.Labels(truth, name="truth")
+    grey_truth = napari.layers.Image(truth.astype(np.uint16), name="truth from a file")
+    rgb = napari.layers.Image(np.zeros((32, 32, 3), np.uint8), name="slide", rgb=True)
+
+    def problem(deblur_first=False, channels=1, **chosen):
+        return selection_problem(Selection(**{"before": before, "after": after, **chosen}), deblur_first, channels)
+
+    assert problem() is None and problem(sharp=napari.layers.Image(sharp, name="sharp"), truth=labels) is None
+    assert problem(truth=grey_truth) is None  # integer images read from files are labels too
+    assert "No 'before' image" in problem(before=None)
+    assert "No 'after' image" in problem(after=None) and problem(after=None, deblur_first=True) is None
+    assert "'truth' (before) is a labels layer: choose an image layer" in problem(before=labels)
+    empty = napari.layers.Image(np.zeros((0, 32, 32), np.float32), name="empty", contrast_limits=(0, 1))
+    assert "'empty' (after) is empty (shape (0, 32, 32))" in problem(after=empty)
+    assert "chosen as both 'before' and 'after'" in problem(after=before)
+    small = napari.layers.Image(blurry[:, :16], name="crop")
+    assert "'crop' (after) is (2, 16, 32) but 'cells' (before) is (2, 32, 32)" in problem(after=small)
+    assert "same shape" in problem(sharp=small)
+    assert "RGB" in problem(
+        before=rgb, after=napari.layers.Image(np.zeros((32, 32, 3), np.float32), name="grey", rgb=False)
+    )
+    assert "takes RGB images" in problem(channels=3)
+    float_truth = napari.layers.Image(truth.astype(np.float32), name="probabilities")
+    assert "'probabilities' (ground truth) is not a label image" in problem(truth=float_truth)
+    assert "has shape (2, 16, 32)" in problem(truth=napari.layers.Labels(truth[:, :16], name="t"))
+    # a grey model on RGB layers: a warning, not a refusal
+    rgb_after = napari.layers.Image(np.ones((32, 32, 3), np.uint8), name="slide deblurred", rgb=True)
+    assert problem(before=rgb, after=rgb_after) is None
+    assert "mean of the red, green and blue" in rgb_note(Selection(rgb, rgb_after), 1)
+    assert rgb_note(Selection(rgb, rgb_after), 3) is None and rgb_note(Selection(before, after), 1) is None
+
+
+def test_stardist_choices_remember_folders(tmp_path):
+    assert [choice for _, choice in stardist_choices()] == ["2D_versatile_fluo", "2D_versatile_he", "2D_paper_dsb2018"]
+    assert stardist_channels("2D_versatile_fluo") == 1 and stardist_channels("2D_versatile_he") == 3
+    assert stardist_channels(str(tmp_path)) is None  # no config.json
+    assert "has no config.json" in folder_problem(tmp_path)
+    first, second = tmp_path / "a" / "nuclei", tmp_path / "b" / "nuclei"
+    for folder, channels in ((first, 1), (second, 3)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"n_channel_in": channels, "n_dim": 2}))
+        assert folder_problem(folder) is None
+    remember_folder(first)
+    assert stardist_choices()[0] == ("nuclei", str(first.resolve()))
+    remember_folder(second)
+    remember_folder(first)  # chosen again: first again, once
+    labels = [label for label, _ in stardist_choices()]
+    assert labels[:2] == [str(first.resolve()), str(second.resolve())]  # same names: full paths
+    assert len(labels) == 5 and stardist_channels(str(second)) == 3
+
+
+def test_suggested_after_layer():
+    assert suggest_after(["cells", "other", "cells deblurred", "cells deblurred [1]"], "cells") == "cells deblurred [1]"
+    assert suggest_after(["cells", "x deblurred", "other"], "cells") == "x deblurred"
+    assert suggest_after(["cells", "other"], "cells") == "other"
+    assert suggest_after(["cells"], "cells") is None
+
+
+def scored_comparison(with_truth: bool = True):
+    """A comparison of real label images: 'blurry' misses objects and shrinks the rest, 'deblurred' shrinks them."""
+    _, _, truth = nuclei(2, 96, seed=1)
+    shrunk = np.stack([np.where(binary_erosion(plane > 0, iterations=2), plane, 0) for plane in truth])
+    missing = np.where(np.isin(shrunk, [1, 2, 3, 4, 5]), 0, shrunk)
+    labels = {"blurry": missing, "deblurred": shrunk, "sharp": truth}
+    return compare_labels(labels, truth if with_truth else None, ["z=0", "z=1"])
+
+
+def test_table_plot_and_summary_show_the_comparison():
+    comparison = scored_comparison()
+    names = {"blurry": "cells", "deblurred": "cells deblurred", "sharp": "cells sharp"}
+    table = table_cells(comparison, names)
+    assert table.columns == ["cells (before)", "cells deblurred (after)", "cells sharp (sharp)"]
+    assert table.rows == [*MEASURES, "AP@0.5", "AP@0.7", "AP@0.9", "mean AP", "F1@0.5"]
+    reports = comparison.reports
+    for column, report in zip(zip(*table.cells), reports.values()):
+        assert int(column[0]) == report.stats.objects
+        assert float(column[1]) == pytest.approx(report.stats.mean_area, abs=0.051)
+        assert float(column[6]) == pytest.approx(report.mean_ap, abs=5e-4)
+    assert [row[2] for row in table.cells[3:]] == ["1.000"] * 5  # the truth against itself
+    assert float(table.cells[6][0]) < float(table.cells[6][1]) < 1.0
+
+    title, bars, maximum = plot_bars(comparison, names)
+    assert title == "mean AP against the ground truth" and maximum == 1.0
+    assert [name for name, _ in bars] == list(names.values())
+    assert [value for _, value in bars] == [report.mean_ap for report in reports.values()]
+    text = summary(comparison)
+    gap = comparison.gap_recovered
+    assert 0 < gap < 1 and f"deblurring recovers {100 * gap:.0f}% of the blurry-to-sharp gap" in text
+    assert f"before {reports['blurry'].mean_ap:.3f}" in text
+
+    counts = compare_labels({"blurry": np.zeros((2, 8, 8), np.int32)})
+    assert table_cells(counts, {}) == Table(["blurry (before)"], MEASURES, [["0"], [""], [""]])
+    title, bars, maximum = plot_bars(counts, {"blurry": "cells"})
+    assert (title, bars, maximum) == ("objects detected", [("cells", 0.0)], None)
+    assert "add a sharp layer or ground truth" in summary(counts)
+
+
+def test_errors_become_hints(caplog):
+    assert hint_for(WorkerCrashed("the StarDist process stopped unexpectedly (signal 9)")).startswith(
+        "Detection failed: the StarDist process stopped unexpectedly"
+    )
+    assert hint_for(DetectionError("unknown StarDist model 'x'.")) == "Detection failed: unknown StarDist model 'x'."
+    assert hint_for(ModelFileError("broken.safetensors: not a model")).endswith("Pick another deblurring model.")
+    assert hint_for(InputError("layer 'x': no Y axis")).endswith("Check the chosen layers and settings.")
+    assert "Out of memory" in hint_for(MemoryError("out of memory"))
+    assert hint_for(KeyError("x")).startswith("Detection failed: KeyError") and "comparing detections" in caplog.text
+
+
+# --- the dock in a viewer ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def viewer_and_dock(make_napari_viewer, stardist_model_dir):
+    from napari_mpt_deblur.plugin.compare_widget import CompareWidget
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, DOCK)
+    assert isinstance(widget, CompareWidget)
+    widget.stardist_folder.value = stardist_model_dir  # joins the StarDist menu and is chosen
+    widget.device.value = "cpu"
+    return viewer, widget
+
+
+def shown_table(widget) -> Table:
+    """What the dock's table shows."""
+    table = widget.table
+    columns = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    rows = [table.verticalHeaderItem(r).text() for r in range(table.rowCount())]
+    cells = [[table.item(r, c).text() for c in range(len(columns))] for r in range(len(rows))]
+    return Table(columns, rows, cells)
+
+
+def wait_idle(qtbot, widget, timeout: int = WAIT_MS) -> None:
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def add_nuclei(viewer, count: int = 2, size: int = 128, **placement):
+    """Blurry, sharp and truth layers (plus a less blurred 'after') of the same synthetic nuclei."""
+    blurry, sharp, truth = nuclei(count, size)
+    after = np.stack([gaussian_filter(plane, 1) for plane in sharp])
+    layers = (
+        viewer.add_image(blurry, name="blurry", **placement),
+        viewer.add_image(after, name="blurry deblurred", **placement),
+        viewer.add_image(sharp, name="sharp", **placement),
+        viewer.add_labels(truth, name="truth", **placement),
+    )
+    return layers
+
+
+def test_dock_opens_through_the_manifest_and_follows_the_layers(viewer_and_dock, stardist_model_dir, records):
+    viewer, widget = viewer_and_dock
+    folder = str(stardist_model_dir.resolve())
+    assert widget.stardist_model.value == folder and widget.stardist_model.current_choice == "synthetic_nuclei"
+    assert widget.stardist_model.choices == (folder, "2D_versatile_fluo", "2D_versatile_he", "2D_paper_dsb2018")
+    assert "synthetic_nuclei (your folder, for grey images)" in widget.status.value
+    assert widget.prob_thresh.native.text() == widget.nms_thresh.native.text() == "model's own"
+    assert widget.settings().prob_thresh is None and widget.settings().nms_thresh is None
+    widget.prob_thresh.value = 0.6
+    assert widget.settings().prob_thresh == 0.6
+    assert widget.model.value == "default" and widget.compare_button.enabled and not widget.cancel_button.enabled
+    assert widget.table.parent() is widget.native and widget.bar_plot.parent() is widget.native
+    # the menus follow the viewer: images for the images, labels (and integer images) for the truth
+    blurry, deblurred, sharp, truth = add_nuclei(viewer)
+    viewer.add_image(np.zeros((8, 8), np.float32), name="float")
+    assert widget.before.value is blurry and widget.after.value is deblurred  # its deblurred version, suggested
+    assert widget.sharp.value is None and None in widget.sharp.choices
+    assert widget.truth.choices == (None, truth)
+    masks = viewer.add_image(np.zeros((8, 8), np.uint16), name="masks from a file")
+    assert widget.truth.choices == (None, truth, masks)
+    # a folder that is not a StarDist model: said at once, refused on run, until a model is chosen
+    widget.stardist_folder.value = stardist_model_dir.parent
+    assert "has no config.json" in widget.status.value
+    widget.detect_and_compare()
+    assert "has no config.json" in messages(records, "error")[-1] and not widget.running
+    widget.stardist_model.value = "2D_versatile_fluo"
+    assert widget._folder_problem is None and "2D_versatile_fluo (pretrained" in widget.status.value
+
+
+def test_detect_and_compare_with_ground_truth(qtbot, viewer_and_dock, records):
+    from napari.utils import progress
+
+    viewer, widget = viewer_and_dock
+    placement = {"scale": (2.0, 0.5, 0.5), "translate": (1.0, 2.0, 3.0)}
+    blurry, deblurred, sharp, truth = add_nuclei(viewer, **placement)
+    widget.sharp.value, widget.truth.value = sharp, truth
+    widget.compare_button.native.click()
+    assert widget.running and not widget.compare_button.enabled and widget.cancel_button.enabled
+    wait_idle(qtbot, widget)
+    assert messages(records, "error") == []
+    assert not any(bar.desc == "Detecting objects" for bar in progress._all_instances)
+    result = widget.result.comparison
+    names = ["blurry detections", "blurry deblurred detections", "sharp detections"]
+    assert [layer.name for layer in viewer.layers][-3:] == names
+    for name, source in zip(names, (blurry, deblurred, sharp)):
+        layer = viewer.layers[name]
+        assert isinstance(layer, napari.layers.Labels) and layer.data.shape == source.data.shape
+        np.testing.assert_array_equal(layer.scale, source.scale)
+        np.testing.assert_array_equal(layer.translate, source.translate)
+        assert layer.metadata[METADATA_KEY]["detections_of"] == source.name
+        assert layer.metadata[METADATA_KEY]["prob_thresh"] == pytest.approx(0.78, abs=0.1)  # the model's own
+    assert viewer.layers["sharp detections"].data.max() > 0
+    # the table: every image's APs; the sharp image scores better than the blurry one
+    table = shown_table(widget)
+    assert table.columns == ["blurry\n(before)", "blurry deblurred\n(after)", "sharp\n(sharp)"]
+    assert table.rows == [*MEASURES, "AP@0.5", "AP@0.7", "AP@0.9", "mean AP", "F1@0.5"]
+    assert all(0 <= float(value) <= 1 for row in table.cells[3:] for value in row)
+    mean_ap = dict(zip(["blurry", "blurry deblurred", "sharp"], map(float, table.cells[6])))
+    assert mean_ap["sharp"] > mean_ap["blurry"] + 0.05
+    assert mean_ap["sharp"] == pytest.approx(result.reports["sharp"].mean_ap, abs=5e-4)
+    assert [name for name, _ in widget.bar_plot.bars] == ["blurry", "blurry deblurred", "sharp"]
+    assert [value for _, value in widget.bar_plot.bars] == pytest.approx([mean_ap[n] for n in mean_ap], abs=5e-4)
+    assert widget.bar_plot.title == "mean AP against the ground truth" and widget.bar_plot.maximum == 1.0
+    assert widget.status.value.startswith("done in") and "mean AP against the ground truth" in widget.status.value
+    if result.gap_recovered is not None:
+        assert "of the blurry-to-sharp gap" in widget.status.value
+    assert "StarDist synthetic_nuclei: probability 0.78" in widget.status.value
+    # again, with a threshold of its own: the same layers are updated, not added
+    count = len(viewer.layers)
+    widget.prob_thresh.value = 0.95
+    widget.detect_and_compare()
+    wait_idle(qtbot, widget)
+    assert len(viewer.layers) == count
+    assert viewer.layers["sharp detections"].metadata[METADATA_KEY]["prob_thresh"] == 0.95
+    assert widget.result.comparison.reports["sharp"].stats.objects <= result.reports["sharp"].stats.objects
+
+
+def test_deblur_then_detect_in_one_click(qtbot, viewer_and_dock, records):
+    viewer, widget = viewer_and_dock
+    blurry, _, truth = nuclei(2, 128)
+    before = viewer.add_image(blurry, name="cells", scale=(3.0, 1.0, 1.0))
+    viewer.add_labels(truth, name="truth", scale=(3.0, 1.0, 1.0))
+    widget.before.value = before
+    widget.truth.value = viewer.layers["truth"]
+    widget.deblur_button.native.click()
+    assert widget.running
+    wait_idle(qtbot, widget)
+    assert messages(records, "error") == []
+    deblurred = viewer.layers["cells deblurred"]
+    assert isinstance(deblurred, napari.layers.Image) and deblurred.data.shape == blurry.shape
+    assert not np.array_equal(deblurred.data, blurry)
+    assert deblurred.metadata[METADATA_KEY]["model"] == "default"
+    np.testing.assert_array_equal(deblurred.scale, before.scale)
+    for name in ("cells detections", "cells deblurred detections"):
+        assert viewer.layers[name].data.shape == blurry.shape
+        np.testing.assert_array_equal(viewer.layers[name].scale, before.scale)
+    assert set(widget.result.labels) == {"blurry", "deblurred"}
+    assert widget.after.value is deblurred  # 'Detect and compare' now compares with it
+    assert shown_table(widget).columns == ["cells\n(before)", "cells deblurred\n(after)"]
+    assert "mean AP against the ground truth: before" in widget.status.value
+
+
+@pytest.fixture
+def slow_second_plane(monkeypatch):
+    """StarDist's second plane lasts until the run is asked to stop (at most a minute): a long plane, on cue.
+
+    Returns an event set once that plane is in the worker process. The real worker and process do the work.
+    """
+    worker = shared_worker()
+    real_predict, calls, started = worker.predict, [0], threading.Event()
+
+    def predict(*args, should_stop=None, **kwargs):
+        calls[0] += 1
+        second = calls[0] == 2
+
+        def stop_requested() -> bool:
+            if second:
+                started.set()
+                deadline = time.monotonic() + 60
+                while not should_stop() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return should_stop()
+
+        return real_predict(*args, should_stop=stop_requested, **kwargs)
+
+    monkeypatch.setattr(worker, "predict", predict)
+    return started
+
+
+def test_cancel_stops_within_a_plane_and_leaves_the_viewer_usable(qtbot, viewer_and_dock, records, slow_second_plane):
+    from napari.utils import progress
+
+    viewer, widget = viewer_and_dock
+    add_nuclei(viewer, count=3, size=96)
+    widget.detect_and_compare()
+    qtbot.waitUntil(slow_second_plane.is_set, timeout=WAIT_MS)
+    (bar,) = [bar for bar in progress._all_instances if bar.desc == "Detecting objects"]
+    assert shared_worker().alive
+    widget.cancel_button.native.click()
+    wait_idle(qtbot, widget, 30_000)
+    assert bar.total == 6 and bar.n == 1  # stopped in the second plane
+    assert not shared_worker().alive  # TensorFlow cannot be interrupted: its process was stopped
+    assert widget.status.value == "cancelled" and widget.progress_bar.value == 0
+    assert not any(layer.name.endswith("detections") for layer in viewer.layers)
+    assert widget.compare_button.enabled and widget.deblur_button.enabled and not widget.cancel_button.enabled
+    assert messages(records, "error") == [] and widget.result is None
+    # the next run works, in a new StarDist process
+    widget.detect_and_compare()
+    wait_idle(qtbot, widget)
+    assert "blurry detections" in viewer.layers and messages(records, "error") == []
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # napari, empty layer
+def test_bad_layers_notify_and_leave_the_viewer_alone(qtbot, viewer_and_dock, records):
+    viewer, widget = viewer_and_dock
+    blurry, deblurred, _, truth = add_nuclei(viewer, size=64)
+    empty = viewer.add_image(np.zeros((0, 64, 64), np.float32), name="empty", contrast_limits=(0, 1))
+    crop = viewer.add_image(blurry.data[:, :32], name="crop")
+    names = [layer.name for layer in viewer.layers]
+    widget.detect_and_compare(Selection(truth, deblurred))
+    widget.detect_and_compare(Selection(blurry, empty))
+    widget.detect_and_compare(Selection(blurry, crop))
+    widget.stardist_model.value = "2D_versatile_he"  # an RGB model: refused before anything loads
+    widget.detect_and_compare(Selection(blurry, deblurred))
+    errors = messages(records, "error")
+    assert len(errors) == 4
+    assert "'truth' (before) is a labels layer: choose an image layer" in errors[0]
+    assert "'empty' (after) is empty" in errors[1]
+    assert "the layers to compare must show the same field, with the same shape" in errors[2]
+    assert "takes RGB images" in errors[3] and widget.status.value == errors[3]
+    assert all(type(n).__name__ == "Notification" for n in records())  # messages, not tracebacks
+    assert [layer.name for layer in viewer.layers] == names and not widget.running
+    # RGB layers with a grey model: a warning, then detections on the mean of the samples
+    widget.stardist_model.value = widget.stardist_model.choices[0]  # the folder: chosen folders come first
+    rgb = np.repeat(blurry.data[0][..., None], 3, axis=-1)
+    slide = viewer.add_image(rgb, name="slide", rgb=True)
+    slide_after = viewer.add_image(np.repeat(deblurred.data[0][..., None], 3, axis=-1), name="slide 2", rgb=True)
+    widget.detect_and_compare(Selection(slide, slide_after))
+    assert "mean of the red, green and blue" in messages(records, "warning")[-1]
+    wait_idle(qtbot, widget)
+    assert len(messages(records, "error")) == 4
+    assert viewer.layers["slide detections"].data.shape == (64, 64)
+
+
+def test_a_crashed_stardist_process_is_reported_and_the_next_run_works(qtbot, viewer_and_dock, records, monkeypatch):
+    viewer, widget = viewer_and_dock
+    add_nuclei(viewer, count=3, size=96)
+    worker = shared_worker()
+    real_predict, killed = worker.predict, []
+
+    def predict(*args, should_stop=None, **kwargs):
+        def kill_while_it_works() -> bool:  # the second plane: the process dies in the middle of the run
+            if calls[0] == 2 and not killed:
+                os.kill(worker.pid, signal.SIGKILL)
+                killed.append(True)
+            return bool(should_stop and should_stop())
+
+        calls[0] += 1
+        return real_predict(*args, should_stop=kill_while_it_works, **kwargs)
+
+    calls = [0]
+    monkeypatch.setattr(worker, "predict", predict)
+    widget.detect_and_compare()
+    wait_idle(qtbot, widget)
+    assert killed
+    (error,) = messages(records, "error")
+    assert "the StarDist process stopped unexpectedly (signal 9)" in error and "starts again" in error
+    assert error.startswith(widget.status.value) and "signal 9" in widget.status.value and widget.result is None
+    assert not any(layer.name.endswith("detections") for layer in viewer.layers)
+    assert widget.compare_button.enabled and not widget.cancel_button.enabled
+    widget.detect_and_compare()  # a new process
+    wait_idle(qtbot, widget)
+    assert len(messages(records, "error")) == 1 and widget.status.value.startswith("done in")
+    assert "blurry detections" in viewer.layers and calls[0] == 2 + 6  # 3 planes of 2 images
+
+
+def test_closing_the_dock_mid_run_stops_quietly(qtbot, viewer_and_dock, records, slow_second_plane):
+    viewer, widget = viewer_and_dock
+    add_nuclei(viewer, count=3, size=96)
+    widget.detect_and_compare()
+    qtbot.waitUntil(slow_second_plane.is_set, timeout=WAIT_MS)
+    viewer.window.remove_dock_widget(widget.native)
+    wait_idle(qtbot, widget, 30_000)
+    qtbot.wait(50)
+    assert not shared_worker().alive  # the work stopped with the dock, StarDist's plane included
+    assert not any(layer.name.endswith("detections") for layer in viewer.layers)
+    assert messages(records, "error") == []
+    assert not widget.compare_button.enabled  # taken out of the viewer: it runs nothing more
+    widget.native.deleteLater()
+    qtbot.wait(50)
