@@ -71,7 +71,6 @@ class _CompareState(DockState):
     """The dock's state, with the running comparison's (never the widget itself)."""
 
     run: CompareRun | None = None
-    cancel_requested: bool = False
 
     def stop(self) -> None:
         """Stop now: between tiles when deblurring, within the plane when StarDist works (its process restarts)."""
@@ -385,12 +384,7 @@ class CompareWidget(Container):
 
     def cancel(self) -> None:
         """Stop the running comparison now (StarDist within its plane); no detections are added."""
-        state = self._state
-        if state.worker is None:
-            return
-        state.cancel_requested = True
-        state.stop()
-        if not state.deleted:
+        if self._state.cancel():
             self.cancel_button.enabled = False
             self.status.value = "cancelling ..."
 

@@ -55,7 +55,6 @@ class _RunState(DockState):
     source_state: dict[str, Any] = field(default_factory=dict)
     job: DeblurJob | None = None
     started: float = 0.0
-    cancel_requested: bool = False
 
 
 class DeblurWidget(Container):
@@ -330,12 +329,7 @@ class DeblurWidget(Container):
 
     def cancel(self) -> None:
         """Stop the running computation after the current tile; nothing is added."""
-        state = self._state
-        if state.worker is None:
-            return
-        state.cancel_requested = True
-        state.stop()
-        if not state.deleted:
+        if self._state.cancel():
             self.cancel_button.enabled = False
             self.status.value = "cancelling after the current tile ..."
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
@@ -59,13 +60,7 @@ class LinePlot(QWidget):
         return min(xs), max(xs), min(ys), max(ys)
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        text = self.palette().windowText().color()
-        painter.setPen(text)
-        metrics = painter.fontMetrics()
-        line = metrics.height()
-        painter.drawText(4, line, self.title)
+        painter, text, metrics, line = _begin(self, self.title)
         area = QRectF(44, line + 6, max(10, self.width() - 52), max(10, self.height() - 2 * line - 14))
         painter.setPen(QPen(QColor(text.red(), text.green(), text.blue(), 90)))
         painter.drawRect(area)
@@ -166,13 +161,7 @@ class BarPlot(QWidget):
         return top if top > 0 else 1.0
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        text = self.palette().windowText().color()
-        painter.setPen(text)
-        metrics = painter.fontMetrics()
-        line = metrics.height()
-        painter.drawText(4, line, self.title)
+        painter, text, metrics, line = _begin(self, self.title)
         # room for the values above the bars and the names below them
         area = QRectF(8, 2 * line + 8, max(10, self.width() - 16), max(10, self.height() - 4 * line - 12))
         painter.setPen(QPen(QColor(text.red(), text.green(), text.blue(), 90)))
@@ -201,3 +190,15 @@ class BarPlot(QWidget):
 
 def _cycle(colours: Sequence[str], count: int) -> list[str]:
     return [colours[i % len(colours)] for i in range(count)]
+
+
+def _begin(widget: QWidget, title: str) -> tuple[QPainter, QColor, Any, int]:
+    """A painter on ``widget`` in the palette's text colour, with ``title`` drawn: (painter, colour, metrics, line)."""
+    painter = QPainter(widget)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    text = widget.palette().windowText().color()
+    painter.setPen(text)
+    metrics = painter.fontMetrics()
+    line = metrics.height()
+    painter.drawText(4, line, title)
+    return painter, text, metrics, line

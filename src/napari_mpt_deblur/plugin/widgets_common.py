@@ -245,6 +245,7 @@ class DockState:
     pbar: progress | None = None  # its bar in napari's activity dock
     docked: bool = False
     closed: bool = False  # taken out of the viewer (dock closed) or destroyed: no new work, running work stops
+    cancel_requested: bool = False  # the user asked the running work to stop (nothing of it is kept)
     deleted: bool = False  # the Qt widgets are gone: handlers must not touch them
     disconnects: list[Callable[[], None]] = field(default_factory=list)  # undo outside connections (on close)
 
@@ -280,6 +281,14 @@ class DockState:
             if description:
                 pbar.set_description(description)
             pbar.update(done - pbar.n)
+
+    def cancel(self) -> bool:
+        """The user's Cancel: stop the running work and remember why; True when the dock should show it."""
+        if self.worker is None:
+            return False
+        self.cancel_requested = True
+        self.stop()
+        return not self.deleted
 
     def stop(self) -> None:
         """Ask the running work to stop at its next step."""
