@@ -61,8 +61,10 @@ def scores(output: np.ndarray, sharp: np.ndarray) -> tuple[float, float]:
     )
 
 
-def richardson_lucy_best(blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray) -> tuple[float, float, int]:
-    """(PSNR, SSIM, iterations) of the best Richardson-Lucy result given the true PSF."""
+def richardson_lucy_best(
+    blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray
+) -> tuple[float, float, int, np.ndarray]:
+    """(PSNR, SSIM, iterations, restored image) of the best Richardson-Lucy result given the true PSF."""
     from skimage.restoration import richardson_lucy
 
     best = None
@@ -73,7 +75,7 @@ def richardson_lucy_best(blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray)
         )
         psnr, ssim = scores(restored, sharp)
         if best is None or psnr > best[0]:
-            best = (psnr, ssim, iterations)
+            best = (psnr, ssim, iterations, restored)
     return best
 
 

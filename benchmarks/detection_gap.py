@@ -258,15 +258,6 @@ def detector(args: argparse.Namespace) -> dict[str, Any]:
 # --- evaluation -----------------------------------------------------------------------------------------------------
 
 
-def richardson_lucy_image(blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray) -> tuple[np.ndarray, int]:
-    """Richardson-Lucy with the true PSF at the iteration count ``defocus_eval`` finds best; and that count."""
-    from skimage.restoration import richardson_lucy
-
-    iterations = richardson_lucy_best(blurry, psf, sharp)[2]
-    restored = richardson_lucy(np.clip(blurry, 0, None).astype(np.float64), psf, num_iter=iterations, clip=False)
-    return restored.astype(np.float32), iterations
-
-
 def summary(comparison: Any) -> dict[str, Any]:
     """Mean AP and AP@0.5 per image, and the gap recovered."""
     return {
@@ -318,7 +309,8 @@ def evaluate_detection(
             row["mpt_detail"] = result.comparison.to_dict()
             print(f"\n{case['defocus_um']:g} um, MPT:\n{result.comparison.table()}", flush=True)
             if with_rl:
-                restored, iterations = richardson_lucy_image(case["blurry"], case["psf"], case["sharp"])
+                _, _, iterations, restored = richardson_lucy_best(case["blurry"], case["psf"], case["sharp"])
+                restored = restored.astype(np.float32)
                 labels = {
                     BLURRY: result.labels[BLURRY],
                     DEBLURRED: detect(restored, "YX", settings, worker),

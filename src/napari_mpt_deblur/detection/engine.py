@@ -86,6 +86,8 @@ class CompareResult:
 
     comparison: Comparison
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    model: ModelInfo | None = None
+    """The StarDist model that detected them (its own thresholds included)."""
 
 
 # --- planes ---------------------------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def iter_compare(
         for step in _detect_image(image, settings, worker, info, key, labels[key], should_stop):
             yield DetectionProgress(order * per_image + step.planes_done, total, key, step.objects)
     comparison = compare_labels(labels, truth, plane_names(first), thresholds)
-    return CompareResult(comparison, labels)
+    return CompareResult(comparison, labels, info)
 
 
 def compare(

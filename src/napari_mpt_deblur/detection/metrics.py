@@ -104,14 +104,13 @@ class Comparison:
         """One flat row per image and plane, plus an ``all`` row per image (for CSV)."""
         rows = []
         for name, report in self.reports.items():
-            planes: list[tuple[str, ObjectStats, list[MatchScores] | None]] = [
-                (label, report.plane_stats[i], report.plane_scores[i] if report.plane_scores else None)
-                for i, label in enumerate(self.plane_labels)
-            ]
-            if len(planes) != 1:
-                planes.append(("all", report.stats, report.scores))
-            else:
-                planes = [("all", report.stats, report.scores)]
+            planes: list[tuple[str, ObjectStats, list[MatchScores] | None]] = []
+            if len(self.plane_labels) > 1:  # a single plane is its own total
+                planes = [
+                    (label, report.plane_stats[i], report.plane_scores[i] if report.plane_scores else None)
+                    for i, label in enumerate(self.plane_labels)
+                ]
+            planes.append(("all", report.stats, report.scores))
             for plane, stats, scores in planes:
                 row: dict[str, Any] = {"image": name, "plane": plane, **asdict(stats)}
                 if scores:

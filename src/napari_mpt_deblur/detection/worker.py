@@ -133,7 +133,7 @@ class StarDistWorker:
         env[_AUTHKEY_ENV] = authkey.hex()
         env[_GPU_ENV] = "1" if self.use_gpu else ""
         # TensorFlow's and StarDist's chatter goes to a log, quoted when the process dies
-        log = tempfile.NamedTemporaryFile(prefix="mpt-deblur-stardist-", suffix=".log", delete=False)  # noqa: SIM115
+        log = tempfile.NamedTemporaryFile(prefix="mpt-deblur-stardist-", suffix=".log", delete=False)
         with log:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -150,9 +150,11 @@ class StarDistWorker:
             if process.poll() is None:
                 process.kill()
             process.wait()
+            tail = self._log_tail()
+            self._discard()  # removes the log
             raise WorkerCrashed(
                 f"the StarDist process could not start (exit code {process.returncode}); check that stardist and "
-                f"tensorflow are installed: pip install 'napari-mpt-deblur[stardist]'.{self._log_tail()}"
+                f"tensorflow are installed: pip install 'napari-mpt-deblur[stardist]'.{tail}"
             )
         self._process, self._conn = process, accepted[0]
 
@@ -309,6 +311,8 @@ def _accept(listener: Listener, accepted: list[Any]) -> None:
 
 def _serve(conn: Any, use_gpu: bool) -> None:
     """The worker's loop: answer requests until told to close or the parent goes away."""
+    if use_gpu:
+        _grow_gpu_memory()  # before TensorFlow touches a GPU: only then can it be set
     models: dict[str, Any] = {}
     handlers = {"load": _load, "predict": _predict}
     while True:
@@ -319,8 +323,6 @@ def _serve(conn: Any, use_gpu: bool) -> None:
         if command == "close":
             return
         try:
-            if use_gpu:
-                _grow_gpu_memory()
             result = handlers[command](models, **kwargs)
             reply = ("ok", result)
         except DetectionError as error:

@@ -29,7 +29,7 @@ from .. import __version__
 from ..config import ConfigError
 from ..detection.engine import PRETRAINED_MODELS, CompareResult, DetectionSettings, iter_compare
 from ..detection.metrics import BLURRY, DEBLURRED, SHARP, Comparison
-from ..detection.worker import DetectionCancelled, DetectionError, ModelInfo, pretrained_cache_folder, shared_worker
+from ..detection.worker import DetectionError, ModelInfo, pretrained_cache_folder, shared_worker
 from ..images import ImageError
 from ..inference import InputError, iter_deblur
 from ..models.files import ModelFileError
@@ -377,8 +377,7 @@ class CompareRun:
     stop: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
     info: ModelInfo | None = None
-    detecting: bool = False
-    """In a StarDist call, which only the worker's interrupt stops at once."""
+    """The StarDist model that detected, once the comparison is done."""
 
 
 def detection_record(run: CompareRun, key: str) -> dict[str, Any]:
@@ -403,23 +402,18 @@ def compare_steps(run: CompareRun) -> Generator[Any, None, CompareResult]:
         yield Deblurred(result)
     worker = shared_worker()
     yield "loading the StarDist model" + ("" if worker.alive else " (its first start takes a while)") + "..."
-    run.detecting = True
-    try:
-        run.info = worker.load(run.settings.model)
-        if run.stop.is_set():
-            raise DetectionCancelled("detection stopped")
-        truth = None if run.truth is None else np.asarray(run.truth)
-        data = run.data
-        steps = iter_compare(
-            data[BLURRY],
-            data[DEBLURRED],
-            data.get(SHARP),
-            truth,
-            run.axes,
-            run.settings,
-            worker,
-            should_stop=run.stop.is_set,
-        )
-        return (yield from steps)
-    finally:
-        run.detecting = False
+    truth = None if run.truth is None else np.asarray(run.truth)
+    data = run.data
+    steps = iter_compare(
+        data[BLURRY],
+        data[DEBLURRED],
+        data.get(SHARP),
+        truth,
+        run.axes,
+        run.settings,
+        worker,
+        should_stop=run.stop.is_set,  # checked while StarDist loads and works: it stops within a plane
+    )
+    result = yield from steps
+    run.info = result.model
+    return result

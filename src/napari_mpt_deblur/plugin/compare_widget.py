@@ -32,7 +32,7 @@ from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableW
 from ..config import ConfigError, DeblurSettings
 from ..detection.engine import CompareResult, DetectionProgress, DetectionSettings
 from ..detection.metrics import BLURRY, DEBLURRED, SHARP
-from ..detection.worker import DetectionCancelled, shared_worker
+from ..detection.worker import DetectionCancelled
 from ..inference import DeblurProgress, InputError
 from ..models.files import ModelFileError
 from .compare_job import (
@@ -74,11 +74,8 @@ class _CompareState(DockState):
 
     def stop(self) -> None:
         """Stop now: between tiles when deblurring, within the plane when StarDist works (its process restarts)."""
-        run = self.run
-        if run is not None:
-            run.stop.set()
-            if run.detecting:
-                shared_worker().interrupt()
+        if self.run is not None:
+            self.run.stop.set()
         super().stop()
 
 
