@@ -153,8 +153,20 @@ def test_layout_indices_are_permutations(pairing, shifted):
         assert torch.equal(layout.queries[layout.output], everything)
 
 
-def test_batched_forward_equals_per_sample():
-    model = MPT(tiny_config(heads=(2, 2, 2, 4))).eval()
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_scale_one_orders_queries_like_keys(pairing, shifted):
+    """At scale 1, CSWA projects and gathers Q, K and V together: their orders must agree."""
+    from napari_mpt_deblur.models.mpt import window_layout
+
+    layout = window_layout(32, 48, 1, 8, shifted, pairing, torch.device("cpu"))
+    assert layout.query_groups is None
+    assert torch.equal(layout.queries, layout.keys)
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_batched_forward_equals_per_sample(pairing):
+    model = MPT(tiny_config(heads=(2, 2, 2, 4), pairing=pairing)).eval()
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         together = model(x)
