@@ -32,10 +32,10 @@ PACKAGE = "src/napari_mpt_deblur"
 
 def import_revision(revision: str, folder: Path):
     """The ``models.presets`` module of ``revision``, imported as package ``mpt_deblur_baseline``."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", revision, PACKAGE], cwd=REPO, capture_output=True, check=True
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    result = subprocess.run(["git", "archive", "--format=tar", revision, PACKAGE], cwd=REPO, capture_output=True)
+    if result.returncode:
+        sys.exit(f"cannot read {PACKAGE} at {revision!r}: {result.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
         tar.extractall(folder, filter="data")
     (folder / PACKAGE).rename(folder / "mpt_deblur_baseline")
     sys.path.insert(0, str(folder))
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=12, help="forward passes of each network")
     args = parser.parse_args()
+    if args.pairs < 2:
+        parser.error("--pairs must be at least 2 (the ratios' quartiles need two)")
 
     import torch
 
@@ -67,20 +69,20 @@ def main() -> None:
         current = build_model(args.preset, pairing=args.pairing, channels=args.channels).eval()
         current.load_state_dict(baseline.state_dict())
         x = torch.rand(1, args.channels, args.size, args.size)
-        times = {"baseline": [], "current": []}
+        baseline_times: list[float] = []
+        current_times: list[float] = []
+        timed = [(baseline, baseline_times), (current, current_times)]
         with torch.inference_mode():
             difference = (baseline(x) - current(x)).abs().max().item()  # also the warm-up
             for index in range(args.pairs):
-                order = ("baseline", "current") if index % 2 == 0 else ("current", "baseline")
-                for name in order:
-                    network = baseline if name == "baseline" else current
+                for network, times in timed if index % 2 == 0 else reversed(timed):
                     start = time.perf_counter()
                     network(x)
-                    times[name].append(time.perf_counter() - start)
-    ratios = [new / old for new, old in zip(times["current"], times["baseline"])]
+                    times.append(time.perf_counter() - start)
+    ratios = [new / old for new, old in zip(current_times, baseline_times)]
     print(f"{args.preset} {args.pairing} 1x{args.channels}x{args.size}x{args.size}, {args.threads} threads")
-    print(f"  {args.against:>12s}: median {statistics.median(times['baseline']):.3f} s")
-    print(f"  {'working tree':>12s}: median {statistics.median(times['current']):.3f} s")
+    print(f"  {args.against:>12s}: median {statistics.median(baseline_times):.3f} s")
+    print(f"  {'working tree':>12s}: median {statistics.median(current_times):.3f} s")
     quartiles = statistics.quantiles(ratios, n=4)
     print(
         f"  paired time ratio (working tree / {args.against}): median {statistics.median(ratios):.3f} "
