@@ -12,7 +12,12 @@ from napari_mpt_deblur.config import ConfigError, MPTConfig
 from napari_mpt_deblur.models.mpt import CrossScaleWindowAttention
 
 
-def test_reference_vectors_reproduced_through_load_model(reference_dir, reference_scales):
+@pytest.mark.parametrize("strip_bytes", [None, 20_000], ids=["as-shipped", "in-strips"])
+def test_reference_vectors_reproduced_through_load_model(reference_dir, reference_scales, strip_bytes, monkeypatch):
+    if strip_bytes is not None:  # every level in row strips and window chunks
+        from napari_mpt_deblur.models import mpt
+
+        monkeypatch.setattr(mpt, "STRIP_BYTES", strip_bytes)
     model = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
     assert model.config.pairing == "official"
     assert not model.training
@@ -213,6 +218,54 @@ def test_inference_path_equals_training_path(pairing):
     slow = model(x)
     assert slow.requires_grad
     assert (fast - slow.detach()).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_strips_and_window_chunks_equal_whole_maps(pairing, monkeypatch):
+    """Without autograd, wide maps go in row strips and attention in window chunks; same result."""
+    from napari_mpt_deblur.models import mpt
+
+    # Small strips, so that this small input splits at levels 1-3, into strips of unequal height.
+    monkeypatch.setattr(mpt, "STRIP_BYTES", 200_000)
+    pieces = {"rows": [], "windows": []}
+
+    def recorded(kind, original):
+        def recording(*args):
+            ranges = original(*args)
+            pieces[kind].append(len(ranges))
+            return ranges
+
+        return recording
+
+    monkeypatch.setattr(mpt, "row_strips", recorded("rows", mpt.row_strips))
+    monkeypatch.setattr(mpt, "window_chunks", recorded("windows", mpt.window_chunks))
+    # Level 1 has a plain block at s=4 and a shifted one at s=1; level 2 shifted ones at s=2.
+    config = tiny_config(pairing=pairing, scales=((1 / 4, 1.0), (1 / 2, 1 / 2), (1.0, 1.0), (1.0, 1.0)))
+    model = MPT(config)
+    x = torch.rand(2, 1, 100, 120)
+    with torch.no_grad():
+        split = model(x)
+    assert max(pieces["rows"]) > 1 and max(pieces["windows"]) > 1
+    pieces["rows"].clear()
+    pieces["windows"].clear()
+    whole = model(x)
+    assert set(pieces["rows"]) == set(pieces["windows"]) == {1}
+    assert (split - whole.detach()).abs().max() < 1e-5
+
+
+def test_cache_sized_ranges_cover_every_row_once():
+    from napari_mpt_deblur.models.mpt import STRIP_BYTES, cache_sized_ranges
+
+    like = torch.zeros(1)
+    with torch.no_grad():
+        ranges = cache_sized_ranges(250, 7 * STRIP_BYTES, like)
+        assert len(ranges) == 7
+        assert [r.start for r in ranges[1:]] == [r.stop for r in ranges[:-1]]
+        assert (ranges[0].start, ranges[-1].stop) == (0, 250)
+        assert len({r.stop - r.start for r in ranges[:-1]}) == 1  # equal, but for the last
+        assert len(cache_sized_ranges(20, 100 * STRIP_BYTES, like, min_length=8)) == 2  # at least 8 rows each
+        assert cache_sized_ranges(250, STRIP_BYTES, like) == [slice(0, 250)]  # too small to split
+    assert cache_sized_ranges(250, 7 * STRIP_BYTES, like) == [slice(0, 250)]  # autograd keeps whole maps
 
 
 def test_sizes_first_seen_in_inference_mode_still_train():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -53,6 +54,67 @@ def pointwise(tokens: Tensor, weight: Tensor) -> Tensor:
     return to_tokens(F.conv2d(to_nchw(tokens), weight[:, :, None, None]))
 
 
+def pointwise_depthwise(
+    tokens: Tensor, weight: Tensor, dw_weight: Tensor, rows: slice, norm: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """depthwise_conv3x3(pointwise(norm(tokens), weight), dw_weight)[:, rows] of a (B, H, W, C) map.
+
+    Only the rows asked for (and the one above and below that the 3x3 kernel
+    reads) are normalised and projected.
+    """
+    height = tokens.shape[1]
+    first, stop = max(rows.start - 1, 0), min(rows.stop + 1, height)
+    tokens = tokens[:, first:stop]
+    hidden = to_nchw(pointwise(tokens if norm is None else norm(tokens), weight))
+    out = F.conv2d(hidden, dw_weight, padding=1, groups=hidden.shape[1])
+    return to_tokens(out[:, :, rows.start - first : rows.stop - first])
+
+
+STRIP_BYTES = 4 * 2**20
+"""Bytes of one strip of a wide map (see :func:`cache_sized_ranges`): a share of a CPU's L3 cache."""
+
+MIN_STRIPS = 2
+"""Maps smaller than this many strips are computed whole: splitting them gains nothing."""
+
+
+def cache_sized_ranges(length: int, total_bytes: int, like: Tensor, min_length: int = 1) -> list[slice]:
+    """Split ``length`` rows (or windows) whose maps take ``total_bytes`` into strips of about STRIP_BYTES.
+
+    Large maps do not fit in a CPU's caches, so every operation on them streams
+    from memory. Computed strip by strip, each strip is still in cache when the
+    next operation reads it: at level 1 of a 256x256 plane ISCA and the FEFN
+    get up to a quarter faster (less when other processes fill the shared
+    cache), and maps of 32 MB and more (larger planes), which glibc would map
+    and fault in afresh on every allocation, are never allocated.
+    On a GPU, under autograd (training keeps the whole maps anyway) and for
+    maps under MIN_STRIPS strips the whole range is one strip.
+    """
+    if like.device.type != "cpu" or torch.is_grad_enabled() or total_bytes < MIN_STRIPS * STRIP_BYTES:
+        return [slice(0, length)]
+    count = min(-(-total_bytes // STRIP_BYTES), max(1, length // min_length))
+    size = -(-length // count)  # equal strips, the last one perhaps shorter
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def row_strips(tokens: Tensor, channels: int) -> list[slice]:
+    """Row ranges for computing ``channels``-wide maps of a (B, H, W, *) map (at least 8 rows each)."""
+    b, height, width, _ = tokens.shape
+    return cache_sized_ranges(height, b * height * width * channels * tokens.element_size(), tokens, min_length=8)
+
+
+def assemble_rows(strips: list[slice], compute: Callable[[slice], Tensor]) -> Tensor:
+    """The (B, H, W, C) map whose rows ``strip`` are ``compute(strip)``, for every strip."""
+    if len(strips) == 1:
+        return compute(strips[0])
+    out = None
+    for strip in strips:
+        part = compute(strip)
+        if out is None:
+            out = part.new_empty(part.shape[0], strips[-1].stop, *part.shape[2:])
+        out[:, strip].copy_(part)
+    return out
+
+
 def project_add(residual: Tensor, tokens: Tensor, weight: Tensor) -> Tensor:
     """residual + F.linear(tokens, weight).
 
@@ -75,9 +137,12 @@ def gather_tokens(tokens: Tensor, order: Tensor) -> Tensor:
     than ``index_select`` along dim 1 of the 3-D tensor.
     """
     b, n, c = tokens.shape
-    if b > 1:
-        order = (order + n * torch.arange(b, device=order.device)[:, None]).flatten()
-    return tokens.reshape(b * n, c).index_select(0, order).view(b, -1, c)
+    return tokens.reshape(b * n, c).index_select(0, batch_rows(order, b, n)).view(b, -1, c)
+
+
+def batch_rows(order: Tensor, b: int, n: int) -> Tensor:
+    """Rows ``order`` of every sample of a (B*N, C) matrix, sample after sample."""
+    return order if b == 1 else (order + n * torch.arange(b, device=order.device)[:, None]).flatten()
 
 
 def stack(tensors: list[Tensor], dim: int) -> Tensor:
@@ -167,26 +232,45 @@ class IntraScaleChannelAttention(nn.Module):
     def forward(self, y: Tensor, residual: Tensor) -> Tensor:
         """residual + ISCA(y), both (B, H, W, C)."""
         b, h, w, c = y.shape
-        d = c // self.heads
-        qkv = depthwise_conv3x3(pointwise(y, self.to_qkv), self.qkv_dwconv).reshape(b, h * w, 3 * c)
-        q, k, v = qkv.split(c, dim=-1)
+        heads, d = self.heads, c // self.heads
+        strips = row_strips(y, 2 * c)
+        # A whole map gets Q, K and V in one projection; in strips, V waits for pass 2.
+        first_rows = 3 * c if len(strips) == 1 else 2 * c
+        to_first, first_dwconv = self.to_qkv[:first_rows], self.qkv_dwconv[:first_rows]
+        # Pass 1, strip by strip: Q^T K and the squared norms of Q's and K's channels.
         # Normalising Q and K over H*W only rescales rows/columns of Q^T K, so the
         # small (d x d) product is rescaled instead of the two full maps.
-        # One pass over Q and K together (cheaper here than linalg.vector_norm over dim 1).
-        norms = qkv[..., : 2 * c].square().sum(dim=1).sqrt().clamp_min(1e-12)
-        q_norm = norms[:, :c].reshape(b, self.heads, d, 1)
-        k_norm = norms[:, c:].reshape(b, self.heads, 1, d)
-        qh = q.view(b, h * w, self.heads, d).permute(0, 2, 3, 1)  # (B, heads, d, HW)
-        kh = k.view(b, h * w, self.heads, d).permute(0, 2, 1, 3)  # (B, heads, HW, d)
-        logits = (qh @ kh) / (q_norm * k_norm) * self.temperature.view(1, -1, 1, 1)
-        attn = logits.softmax(dim=-1)  # (B, heads, d, d)
+        squares = y.new_zeros(b, 2 * c)
+        products = y.new_zeros(b, heads, d, d)
+        for strip in strips:
+            first = pointwise_depthwise(y, to_first, first_dwconv, strip).reshape(b, -1, first_rows)
+            n = first.shape[1]
+            squares = squares + first[..., : 2 * c].square().sum(dim=1)  # Q and K in one pass
+            qh = first[..., :c].reshape(b, n, heads, d).permute(0, 2, 3, 1)  # (B, heads, d, n)
+            kh = first[..., c : 2 * c].reshape(b, n, heads, d).permute(0, 2, 1, 3)  # (B, heads, n, d)
+            products = products + qh @ kh
+        norms = squares.sqrt().clamp_min(1e-12)
+        q_norm = norms[:, :c].reshape(b, heads, d, 1)
+        k_norm = norms[:, c:].reshape(b, heads, 1, d)
+        attn = (products / (q_norm * k_norm) * self.temperature.view(1, -1, 1, 1)).softmax(dim=-1)
         # out = project_out(attn @ V) == V @ (project_out @ blockdiag(attn))^T: one GEMM on the map.
         mixing = torch.zeros(b, c, c, dtype=attn.dtype, device=attn.device)
-        for head in range(self.heads):
+        for head in range(heads):
             rows = slice(head * d, (head + 1) * d)
             mixing[:, rows, rows] = attn[:, head]
         mixing = self.project_out @ mixing
-        return torch.baddbmm(residual.reshape(b, h * w, c), v, mixing.transpose(1, 2)).view(b, h, w, c)
+
+        def mix_values(strip: slice) -> Tensor:  # pass 2
+            if len(strips) == 1:
+                v = first[..., 2 * c :]
+            else:
+                v = pointwise_depthwise(y, self.to_qkv[2 * c :], self.qkv_dwconv[2 * c :], strip)
+            part = residual[:, strip]
+            if b == 1:
+                return project_add(part, v, mixing[0])
+            return torch.baddbmm(part.reshape(b, -1, c), v.reshape(b, -1, c), mixing.transpose(1, 2)).view(part.shape)
+
+        return assemble_rows(strips, mix_values)
 
 
 class CrossScaleWindowAttention(nn.Module):
@@ -231,36 +315,62 @@ class CrossScaleWindowAttention(nn.Module):
     def forward(self, y: Tensor, residual: Tensor) -> Tensor:
         """residual + CSWA(y), both (B, H, W, C)."""
         b, h, w, c = y.shape
-        s, ws, heads = self.stride, self.window_size, self.heads
-        d = c // heads
+        s, ws = self.stride, self.window_size
         hp, wp = h // s, w // s
 
         layout = window_layout(h, w, s, ws, self.shifted, self.pairing, y.device)
+        n_queries = s * s * ws * ws  # per pooled window
         if s == 1:
             # Q, K and V come from the same map in the same token order: one
             # projection, one depthwise conv and one gather serve all three.
-            qkv = pointwise(y, torch.cat([self.to_q, self.to_kv]))
-            qkv = depthwise_conv3x3(qkv, torch.cat([self.q_dwconv, self.kv_dwconv]))
-            q, kv = gather_tokens(qkv.reshape(b, h * w, 3 * c), layout.queries).split([c, 2 * c], dim=-1)
+            to_qkv, qkv_dwconv = torch.cat([self.to_q, self.to_kv]), torch.cat([self.q_dwconv, self.kv_dwconv])
+            qkv = assemble_rows(row_strips(y, 3 * c), lambda rows: pointwise_depthwise(y, to_qkv, qkv_dwconv, rows))
+            qkv = qkv.reshape(b, h * w, 3 * c)
+
+            def gather_windows(windows: slice) -> tuple[Tensor, Tensor]:
+                tokens = gather_tokens(qkv, layout.queries[windows.start * n_queries : windows.stop * n_queries])
+                return tokens.split([c, 2 * c], dim=-1)
         else:
             pooled = F.avg_pool2d(to_nchw(y), kernel_size=s, stride=s).permute(0, 2, 3, 1)
             pooled = pooled + pointwise(pooled, self.pool_proj)
             kv = depthwise_conv3x3(pointwise(pooled, self.to_kv), self.kv_dwconv)
             kv = gather_tokens(kv.reshape(b, hp * wp, 2 * c), layout.keys)
-            q = pointwise(y, self.to_q)
-            if layout.query_groups is not None:
-                q = gather_tokens(q.view(b, h * w, c), layout.query_groups).view(b * s * s, hp, wp, c)
-            q = gather_tokens(depthwise_conv3x3(q, self.q_dwconv).reshape(b, h * w, c), layout.queries)
-        n_windows = hp * wp // ws**2
-        n_queries = s * s * ws * ws
+            if layout.query_groups is None:  # the 3x3 conv runs on the map itself
+                q = assemble_rows(row_strips(y, c), lambda rows: pointwise_depthwise(y, self.to_q, self.q_dwconv, rows))
+            else:  # official: on the s^2 group images
+                q = gather_tokens(pointwise(y, self.to_q).view(b, h * w, c), layout.query_groups)
+                q = depthwise_conv3x3(q.view(b * s * s, hp, wp, c), self.q_dwconv)
+            q = q.reshape(b, h * w, c)
 
-        # Cosine attention: unit q and k per head, the temperature folded into q's scale.
-        q = q.view(b, n_windows, n_queries, heads, d)
-        k, v = kv.view(b, n_windows, ws * ws, 2, heads, d).unbind(dim=3)
+            def gather_windows(windows: slice) -> tuple[Tensor, Tensor]:
+                queries = gather_tokens(q, layout.queries[windows.start * n_queries : windows.stop * n_queries])
+                return queries, kv[:, windows.start * ws * ws : windows.stop * ws * ws]
+
+        mask = self._shift_mask(hp, wp, y.device)
+        chunks = window_chunks(y, hp * wp // ws**2, n_queries * ws * ws)
+        if len(chunks) == 1:
+            out = gather_tokens(self._attend(*gather_windows(chunks[0]), mask), layout.output)
+        else:
+            # Each chunk's logits stay in cache; its outputs go straight to their place in the map.
+            out = y.new_empty(b * h * w, c)
+            for windows in chunks:
+                rows = batch_rows(layout.output_rows[windows.start * n_queries : windows.stop * n_queries], b, h * w)
+                chunk_mask = mask.restricted_to(windows) if mask is not None else None
+                out.index_copy_(0, rows, self._attend(*gather_windows(windows), chunk_mask).reshape(-1, c))
+        return project_add(residual, out, self.project_out)
+
+    def _attend(self, q: Tensor, kv: Tensor, mask: ShiftMask | None) -> Tensor:
+        """Cosine attention in n pooled windows: (B, n*s^2*64, C) queries, (B, n*64, 2C) keys and values."""
+        b, c = q.shape[0], q.shape[-1]
+        heads, ws, s = self.heads, self.window_size, self.stride
+        d = c // heads
+        n_windows = kv.shape[1] // (ws * ws)
+        # Unit q and k per head, the temperature folded into q's scale.
+        q = q.view(b, n_windows, s * s * ws * ws, heads, d)
+        k, v = kv.reshape(b, n_windows, ws * ws, 2, heads, d).unbind(dim=3)
         q = q * (self.temperature.view(heads, 1) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
         k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
         bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
-        mask = self._shift_mask(hp, wp, y.device)
         per_sample = []
         for sample in range(b):
             per_head = []
@@ -275,9 +385,12 @@ class CrossScaleWindowAttention(nn.Module):
                     attention = logits.softmax(dim=-1)
                 per_head.append(torch.bmm(attention, v[sample, :, :, head]))
             per_sample.append(stack(per_head, dim=2))
-        out = stack(per_sample, dim=0)  # (B, nWp, s^2*64, heads, d)
-        out = gather_tokens(out.view(b, h * w, c), layout.output)
-        return project_add(residual, out, self.project_out)
+        return stack(per_sample, dim=0).view(b, -1, c)  # (B, n*s^2*64, C)
+
+
+def window_chunks(tokens: Tensor, n_windows: int, logits_per_window: int) -> list[slice]:
+    """Ranges of pooled windows for CSWA's attention, so that the logits of one head stay in cache."""
+    return cache_sized_ranges(n_windows, n_windows * logits_per_window * tokens.element_size(), tokens)
 
 
 class WindowLayout(NamedTuple):
@@ -291,6 +404,8 @@ class WindowLayout(NamedTuple):
     """Pooled map -> keys ordered (pooled window, 64 tokens), shift included."""
     output: Tensor
     """Attention output in query order -> full map, shift back included."""
+    output_rows: Tensor
+    """The inverse of ``output``: the map row of every attention output row."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -333,7 +448,8 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
         output = window_reverse(numbered(h * w // ws**2, ws * ws).view(1, -1, ws * ws, 1), ws, h, w)
         if shifted:
             output = shift(output, ws // 2)
-        return WindowLayout(query_groups, queries, keys, output.flatten())
+        output = output.flatten()
+        return WindowLayout(query_groups, queries, keys, output, torch.argsort(output))
 
     # Aligned: each full window reads the pooled window covering it; the full map
     # shifts by s*ws/2, the same physical offset as the pooled map's ws/2.
@@ -342,7 +458,7 @@ def _window_layout(h: int, w: int, s: int, ws: int, shifted: bool, pairing: str,
         full = shift(full, -s * ws // 2)
     queries = group_by_pooled_window(full[0, :, :, 0], s, ws).flatten()
     output = torch.argsort(queries)  # the output returns every token to where its query came from
-    return WindowLayout(None, queries, keys, output)
+    return WindowLayout(None, queries, keys, output, queries)
 
 
 class ShiftMask(NamedTuple):
@@ -352,6 +468,11 @@ class ShiftMask(NamedTuple):
     """Indices of the pooled windows whose tokens span several shift regions."""
     values: Tensor
     """(len(windows), s*s*ws*ws, ws*ws): -100 between query and key tokens of different regions, else 0."""
+
+    def restricted_to(self, windows: slice) -> ShiftMask:
+        """The mask of the pooled windows ``windows`` alone, numbered from ``windows.start``."""
+        inside = (self.windows >= windows.start) & (self.windows < windows.stop)
+        return ShiftMask(self.windows[inside] - windows.start, self.values[inside])
 
 
 @functools.lru_cache(maxsize=64)
@@ -394,15 +515,23 @@ class FrequencyEnhancedFFN(nn.Module):
         self.spatial_in = nn.Parameter(torch.empty(hidden, dim))
         self.project_out = nn.Parameter(torch.empty(dim, hidden))
 
-    def forward(self, context: Tensor, spatial: Tensor, residual: Tensor) -> Tensor:
-        """residual + FEFN(context, spatial), all (B, H, W, C)."""
-        hidden = depthwise_conv3x3(pointwise(context, self.context_in), self.context_dwconv)
-        spatial = pointwise(spatial, self.spatial_in)
-        if inference_only(hidden):  # reuse the wide hidden map instead of allocating two more
-            gated = torch.ops.aten.gelu_(hidden).mul_(spatial)
-        else:
-            gated = F.gelu(hidden) * spatial
-        return project_add(residual, gated, self.project_out)
+    def forward(self, x0: Tensor, x1: Tensor, norm0: nn.Module, norm1: nn.Module) -> Tensor:
+        """x0 + FEFN(norm0(x0), norm1(x1)), all (B, H, W, C).
+
+        The norms are applied here, strip by strip with the rest, so that their
+        outputs are never written out whole.
+        """
+
+        def compute(strip: slice) -> Tensor:
+            hidden = pointwise_depthwise(x0, self.context_in, self.context_dwconv, strip, norm=norm0)
+            gate = pointwise(norm1(x1[:, strip]), self.spatial_in)
+            if inference_only(hidden):  # reuse the wide hidden map instead of allocating two more
+                gated = torch.ops.aten.gelu_(hidden).mul_(gate)
+            else:
+                gated = F.gelu(hidden) * gate
+            return project_add(x0[:, strip], gated, self.project_out)
+
+        return assemble_rows(row_strips(x0, self.context_in.shape[0]), compute)
 
 
 class PyramidSubBlock(nn.Module):
@@ -423,7 +552,7 @@ class PyramidSubBlock(nn.Module):
         y = self.norm1(x)
         x0 = self.isca(y, residual=x)
         x1 = self.cswa(y, residual=x)
-        return self.ffn(self.norm2a(x0), self.norm2b(x1), residual=x0)
+        return self.ffn(x0, x1, self.norm2a, self.norm2b)
 
 
 class Stage(nn.Sequential):
