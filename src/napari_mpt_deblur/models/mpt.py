@@ -65,9 +65,8 @@ def pointwise_depthwise(
     height = tokens.shape[1]
     first, stop = max(rows.start - 1, 0), min(rows.stop + 1, height)
     tokens = tokens[:, first:stop]
-    hidden = to_nchw(pointwise(tokens if norm is None else norm(tokens), weight))
-    out = F.conv2d(hidden, dw_weight, padding=1, groups=hidden.shape[1])
-    return to_tokens(out[:, :, rows.start - first : rows.stop - first])
+    hidden = pointwise(tokens if norm is None else norm(tokens), weight)
+    return depthwise_conv3x3(hidden, dw_weight)[:, rows.start - first : rows.stop - first]
 
 
 STRIP_BYTES = 4 * 2**20
@@ -346,21 +345,25 @@ class CrossScaleWindowAttention(nn.Module):
                 queries = gather_tokens(q, layout.queries[windows.start * n_queries : windows.stop * n_queries])
                 return queries, kv[:, windows.start * ws * ws : windows.stop * ws * ws]
 
+        bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         mask = self._shift_mask(hp, wp, y.device)
         chunks = window_chunks(y, hp * wp // ws**2, n_queries * ws * ws)
         if len(chunks) == 1:
-            out = gather_tokens(self._attend(*gather_windows(chunks[0]), mask), layout.output)
+            out = gather_tokens(self._attend(*gather_windows(chunks[0]), bias, mask), layout.output)
         else:
             # Each chunk's logits stay in cache; its outputs go straight to their place in the map.
             out = y.new_empty(b * h * w, c)
             for windows in chunks:
                 rows = batch_rows(layout.output_rows[windows.start * n_queries : windows.stop * n_queries], b, h * w)
                 chunk_mask = mask.restricted_to(windows) if mask is not None else None
-                out.index_copy_(0, rows, self._attend(*gather_windows(windows), chunk_mask).reshape(-1, c))
+                out.index_copy_(0, rows, self._attend(*gather_windows(windows), bias, chunk_mask).reshape(-1, c))
         return project_add(residual, out, self.project_out)
 
-    def _attend(self, q: Tensor, kv: Tensor, mask: ShiftMask | None) -> Tensor:
-        """Cosine attention in n pooled windows: (B, n*s^2*64, C) queries, (B, n*64, 2C) keys and values."""
+    def _attend(self, q: Tensor, kv: Tensor, bias: Tensor, mask: ShiftMask | None) -> Tensor:
+        """Cosine attention in n pooled windows: (B, n*s^2*64, C) queries, (B, n*64, 2C) keys and values.
+
+        ``bias`` is (heads, s^2*64, 64), the relative position bias of every query sub-window.
+        """
         b, c = q.shape[0], q.shape[-1]
         heads, ws, s = self.heads, self.window_size, self.stride
         d = c // heads
@@ -370,7 +373,6 @@ class CrossScaleWindowAttention(nn.Module):
         k, v = kv.reshape(b, n_windows, ws * ws, 2, heads, d).unbind(dim=3)
         q = q * (self.temperature.view(heads, 1) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
         k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
-        bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         per_sample = []
         for sample in range(b):
             per_head = []
