@@ -334,16 +334,27 @@ class CrossScaleWindowAttention(nn.Module):
             pooled = pooled + pointwise(pooled, self.pool_proj)
             kv = depthwise_conv3x3(pointwise(pooled, self.to_kv), self.kv_dwconv)
             kv = gather_tokens(kv.reshape(b, hp * wp, 2 * c), layout.keys)
-            if layout.query_groups is None:  # the 3x3 conv runs on the map itself
+            if layout.query_groups is None:  # aligned: the 3x3 conv runs on the map itself
                 q = assemble_rows(row_strips(y, c), lambda rows: pointwise_depthwise(y, self.to_q, self.q_dwconv, rows))
-            else:  # official: on the s^2 group images
-                q = gather_tokens(pointwise(y, self.to_q).view(b, h * w, c), layout.query_groups)
-                q = depthwise_conv3x3(q.view(b * s * s, hp, wp, c), self.q_dwconv)
-            q = q.reshape(b, h * w, c)
+                q = q.reshape(b, h * w, c)
+
+                def chunk_queries(windows: slice) -> Tensor:
+                    return gather_tokens(q, layout.queries[windows.start * n_queries : windows.stop * n_queries])
+            else:  # official: on the s^2 group images, only on those that a chunk of windows reads
+                tokens, group_pixels, group_windows = y.reshape(b, h * w, c), hp * wp, hp * wp // ws**2
+
+                def chunk_queries(windows: slice) -> Tensor:
+                    # Query window m = g * group_windows + p reads pooled window m // s^2.
+                    first = windows.start * s * s // group_windows
+                    stop = -(-windows.stop * s * s // group_windows)
+                    groups = gather_tokens(tokens, layout.query_groups[first * group_pixels : stop * group_pixels])
+                    groups = groups.view(b * (stop - first), hp, wp, c)
+                    q = depthwise_conv3x3(pointwise(groups, self.to_q), self.q_dwconv).reshape(b, -1, c)
+                    order = layout.queries[windows.start * n_queries : windows.stop * n_queries]
+                    return gather_tokens(q, order - first * group_pixels)
 
             def gather_windows(windows: slice) -> tuple[Tensor, Tensor]:
-                queries = gather_tokens(q, layout.queries[windows.start * n_queries : windows.stop * n_queries])
-                return queries, kv[:, windows.start * ws * ws : windows.stop * ws * ws]
+                return chunk_queries(windows), kv[:, windows.start * ws * ws : windows.stop * ws * ws]
 
         bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         mask = self._shift_mask(hp, wp, y.device)
