@@ -9,6 +9,7 @@ Examples::
     python benchmarks/bench_model.py --preset paper --pairing official --sizes 256 --threads 2
     python benchmarks/bench_model.py --preset lite --sizes 256 512 1024 --json lite.json
     python benchmarks/bench_model.py --preset paper --device cuda --dtype bf16 --sizes 256 1024 --batch 4
+    python benchmarks/bench_model.py --preset paper --pairing official --sizes 256 --per-level
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     median = statistics.median(times)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    levels = time_per_level(model, forward, args.repeats, synchronize) if args.per_level else None
     return {
         "preset": args.preset,
         "pairing": args.pairing,
@@ -77,7 +80,47 @@ def measure(args: argparse.Namespace) -> dict:
         "megapixels_per_s": args.batch * args.size**2 / median / 1e6,
         "peak_memory_mb": peak_mb,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "per_level_ms": levels,
     }
+
+
+def time_per_level(model, forward, repeats: int, synchronize) -> dict:
+    """Milliseconds spent in each level's blocks (encoder and decoder together) in the fastest of ``repeats`` forwards.
+
+    Timed with hooks around every stage, so these forwards are not the ones in
+    the table; ``other`` is the stem, the head, the resampling convs and padding.
+    """
+    levels = [*range(1, 4), 4, *range(3, 0, -1)]
+    stages = [*model.encoders, model.latent, *model.decoders]
+    spent: dict[str, float] = {}
+    started: list[float] = []
+
+    def begin(module, inputs) -> None:
+        synchronize()
+        started.append(time.perf_counter())
+
+    def end_for(level: int):
+        def end(module, inputs, output) -> None:
+            synchronize()
+            spent[f"level {level}"] = spent.get(f"level {level}", 0.0) + time.perf_counter() - started.pop()
+
+        return end
+
+    handles = [stage.register_forward_pre_hook(begin) for stage in stages]
+    handles += [stage.register_forward_hook(end_for(level)) for stage, level in zip(stages, levels)]
+    runs = []
+    try:
+        for _ in range(repeats):
+            spent.clear()
+            start = time.perf_counter()
+            forward()
+            total = time.perf_counter() - start
+            runs.append({**spent, "other": total - sum(spent.values()), "total": total})
+    finally:
+        for handle in handles:
+            handle.remove()
+    fastest = min(runs, key=lambda run: run["total"])
+    return {name: round(seconds * 1000, 1) for name, seconds in sorted(fastest.items())}
 
 
 def key(row: dict) -> tuple:
@@ -98,6 +141,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time not counted)")
     parser.add_argument(
         "--default-allocator", action="store_true", help="skip tune_cpu_allocator (glibc defaults, as a bare script)"
+    )
+    parser.add_argument(
+        "--per-level", action="store_true", help="then time each level's blocks (hooked forwards, fastest of --repeats)"
     )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--baseline", help="compare with figures written earlier by --json")
@@ -135,6 +181,8 @@ def main() -> None:
         if key(row) in baseline:
             line += f"  x{row['median_s'] / baseline[key(row)]['median_s']:.2f} time"
         print(line)
+        if row.get("per_level_ms"):
+            print("    ms per level:", ", ".join(f"{name} {ms:.0f}" for name, ms in row["per_level_ms"].items()))
     if rows:
         print(
             f"({rows[0]['parameters']:,} parameters, {rows[0]['threads']} threads, "
