@@ -90,7 +90,7 @@ def time_per_level(model, forward, repeats: int, synchronize) -> dict:
     Timed with hooks around every stage, so these forwards are not the ones in
     the table; ``other`` is the stem, the head, the resampling convs and padding.
     """
-    levels = [*range(1, 4), 4, *range(3, 0, -1)]
+    levels = [1, 2, 3, 4, 3, 2, 1]  # encoders, latent, decoders
     stages = [*model.encoders, model.latent, *model.decoders]
     spent: dict[str, float] = {}
     started: list[float] = []
