@@ -319,6 +319,11 @@ class CrossScaleWindowAttention(nn.Module):
 
         layout = window_layout(h, w, s, ws, self.shifted, self.pairing, y.device)
         n_queries = s * s * ws * ws  # per pooled window
+
+        def query_order(windows: slice) -> Tensor:
+            """The tokens that the queries of pooled windows ``windows`` are taken from, in order."""
+            return layout.queries[windows.start * n_queries : windows.stop * n_queries]
+
         if s == 1:
             # Q, K and V come from the same map in the same token order: one
             # projection, one depthwise conv and one gather serve all three.
@@ -327,7 +332,7 @@ class CrossScaleWindowAttention(nn.Module):
             qkv = qkv.reshape(b, h * w, 3 * c)
 
             def gather_windows(windows: slice) -> tuple[Tensor, Tensor]:
-                tokens = gather_tokens(qkv, layout.queries[windows.start * n_queries : windows.stop * n_queries])
+                tokens = gather_tokens(qkv, query_order(windows))
                 return tokens.split([c, 2 * c], dim=-1)
         else:
             pooled = F.avg_pool2d(to_nchw(y), kernel_size=s, stride=s).permute(0, 2, 3, 1)
@@ -339,7 +344,7 @@ class CrossScaleWindowAttention(nn.Module):
                 q = q.reshape(b, h * w, c)
 
                 def chunk_queries(windows: slice) -> Tensor:
-                    return gather_tokens(q, layout.queries[windows.start * n_queries : windows.stop * n_queries])
+                    return gather_tokens(q, query_order(windows))
             else:  # official: on the s^2 group images, only on those that a chunk of windows reads
                 tokens, group_pixels, group_windows = y.reshape(b, h * w, c), hp * wp, hp * wp // ws**2
 
@@ -350,7 +355,7 @@ class CrossScaleWindowAttention(nn.Module):
                     groups = gather_tokens(tokens, layout.query_groups[first * group_pixels : stop * group_pixels])
                     groups = groups.view(b * (stop - first), hp, wp, c)
                     q = depthwise_conv3x3(pointwise(groups, self.to_q), self.q_dwconv).reshape(b, -1, c)
-                    order = layout.queries[windows.start * n_queries : windows.stop * n_queries]
+                    order = query_order(windows)
                     return gather_tokens(q, order - first * group_pixels)
 
             def gather_windows(windows: slice) -> tuple[Tensor, Tensor]:
