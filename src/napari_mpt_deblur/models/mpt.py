@@ -363,17 +363,27 @@ class CrossScaleWindowAttention(nn.Module):
 
         bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         mask = self._shift_mask(hp, wp, y.device)
+
+        def attend_projected(windows: slice, mask: ShiftMask | None) -> Tensor:
+            """project_out(attention) of pooled windows ``windows``, (B, tokens, C) in query order.
+
+            The projection is per token, so it runs here, on outputs still in cache,
+            before they are put back in map order.
+            """
+            attended = self._attend(*gather_windows(windows), bias, mask)
+            return pointwise(attended.unsqueeze(2), self.project_out).view(attended.shape)
+
         chunks = window_chunks(y, hp * wp // ws**2, n_queries * ws * ws)
         if len(chunks) == 1:
-            out = gather_tokens(self._attend(*gather_windows(chunks[0]), bias, mask), layout.output)
+            out = gather_tokens(attend_projected(chunks[0], mask), layout.output)
         else:
             # Each chunk's logits stay in cache; its outputs go straight to their place in the map.
             out = y.new_empty(b * h * w, c)
             for windows in chunks:
                 rows = batch_rows(layout.output_rows[windows.start * n_queries : windows.stop * n_queries], b, h * w)
                 chunk_mask = mask.restricted_to(windows) if mask is not None else None
-                out.index_copy_(0, rows, self._attend(*gather_windows(windows), bias, chunk_mask).reshape(-1, c))
-        return project_add(residual, out, self.project_out)
+                out.index_copy_(0, rows, attend_projected(windows, chunk_mask).reshape(-1, c))
+        return out.view(residual.shape).add_(residual)
 
     def _attend(self, q: Tensor, kv: Tensor, bias: Tensor, mask: ShiftMask | None) -> Tensor:
         """Cosine attention in n pooled windows: (B, n*s^2*64, C) queries, (B, n*64, 2C) keys and values.
