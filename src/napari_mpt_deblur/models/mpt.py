@@ -364,13 +364,13 @@ class CrossScaleWindowAttention(nn.Module):
         bias = self._position_bias().repeat(1, s * s, 1)  # every query sub-window uses the window's bias
         mask = self._shift_mask(hp, wp, y.device)
 
-        def attend_projected(windows: slice, mask: ShiftMask | None) -> Tensor:
+        def attend_projected(windows: slice, windows_mask: ShiftMask | None) -> Tensor:
             """project_out(attention) of pooled windows ``windows``, (B, tokens, C) in query order.
 
             The projection is per token, so it runs here, on outputs still in cache,
             before they are put back in map order.
             """
-            attended = self._attend(*gather_windows(windows), bias, mask)
+            attended = self._attend(*gather_windows(windows), bias, windows_mask)
             return pointwise(attended.unsqueeze(2), self.project_out).view(attended.shape)
 
         chunks = window_chunks(y, hp * wp // ws**2, n_queries * ws * ws)
