@@ -234,3 +234,148 @@ def test_the_bundled_default_model_ships_and_deblurs_an_image_it_never_saw():
         return 10 * np.log10(1 / np.mean((np.clip(image, 0, 1) - sharp) ** 2))
 
     assert psnr(restored) > psnr(blurry) + 0.3  # measured: 18.58 vs 18.00 dB
+
+
+def _with_card(model_file: Path, target: Path, change) -> Path:
+    """A copy of ``model_file`` whose model card (the parsed JSON) ``change`` edits or replaces."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_file), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    card = json.loads(metadata["napari_mpt_deblur"])
+    card = change(card) or card
+    text = card if isinstance(card, str) else json.dumps(card)
+    save_file(tensors, str(target), metadata={**metadata, "napari_mpt_deblur": text})
+    return target
+
+
+def _architecture(**changes):
+    def change(card):
+        card["architecture"].update(changes)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_architecture(window_size=1e9), "window_size must be between"),
+        (_architecture(window_size=64, scales=[[1 / 64] * 2, [1 / 2] * 2, [1.0] * 2, [1.0] * 2]), "pad to multiples"),
+        (_architecture(ffn_expansion=float("nan")), "ffn_expansion must be a finite number"),
+        (_architecture(ffn_expansion=1e6), r"ffn_expansion must be in \(0, 16\]"),
+        (_architecture(dim=4096), "dim must be between 2 and 256"),
+        (_architecture(dim="8"), "dim must be an integer"),
+        (_architecture(in_channels=True, out_channels=True), "in_channels must be an integer"),
+        (_architecture(num_blocks=[10**9] * 4), "num_blocks must be between"),
+        (_architecture(heads={"a": 1}), "heads must be a list"),
+        (_architecture(scales=[[1e-300] * 2] * 4), "scale"),
+        (_architecture(num_blocks=[2, 2, 2, 2], scales=[[0.5] * 2, [0.5] * 2, [1.0] * 2, [1e400] * 2]), "scale"),
+        (lambda card: {**card, "tile_size": 10**12}, "tile_size must be between"),
+        (lambda card: {**card, "normalization": {"mode": "minmax", "low": float("nan")}}, "finite number"),
+        (lambda card: [card], "a JSON list, not an object"),
+        (lambda card: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (lambda card: {**card, "provenance": [[1]]}, "provenance must be a JSON object"),
+        (lambda card: {**card, "provenance": {"x": json.loads("[" * 40 + "]" * 40)}}, "nested more than 32"),
+        (lambda card: {**card, "format_version": "1"}, "invalid format_version '1'"),
+        (lambda card: {**card, "format_version": True}, "invalid format_version True"),
+        (lambda card: {k: v for k, v in card.items() if k != "format_version"}, "invalid format_version None"),
+    ],
+)
+def test_hostile_or_absurd_cards_give_one_model_file_error_line(model_file, tmp_path, change, message):
+    """Every card a careless or hostile user can write is refused in one line, before any network is built."""
+    path = _with_card(model_file, tmp_path / "hostile.safetensors", change)
+    with pytest.raises(ModelFileError, match=message) as refused:
+        load_model(path)
+    assert "\n" not in str(refused.value)
+
+
+def _small_file_with_a_huge_card(path: Path) -> Path:
+    """Every tensor the card's network has, each of one value: a few kB whose card asks for 3.2 GB."""
+    from napari_mpt_deblur.config import ModelCard, MPTConfig
+    from napari_mpt_deblur.models.files import expected_shapes
+
+    config = MPTConfig(dim=256)  # the paper's layout at the largest width allowed: 811 M parameters
+    card = json.dumps({"format_version": 1, **ModelCard(config).to_dict()})
+    tensors = {key: torch.zeros(1) for key in expected_shapes(config)}
+    save_file(tensors, str(path), metadata={"format": "pt", "napari_mpt_deblur": card})
+    return path
+
+
+def test_a_card_that_does_not_describe_the_files_tensors_builds_no_network(tmp_path, monkeypatch):
+    """A small file whose card asks for a network of gigabytes fails from its header: only a shapeless
+    (meta-device) network is built, so opening it costs about the file's size."""
+    import napari_mpt_deblur.models.files as files
+
+    path = _small_file_with_a_huge_card(tmp_path / "huge.safetensors")
+    devices = []
+
+    def spy(config):
+        devices.append(torch.empty(0).device.type)  # "meta" inside `with torch.device("meta")`
+        return MPT(config)
+
+    monkeypatch.setattr(files, "MPT", spy)
+    with pytest.raises(ModelFileError, match="has shape"):
+        load_model(path)
+    assert devices == ["meta"]
+
+
+@pytest.mark.slow
+def test_opening_a_file_with_a_huge_card_stays_small_in_memory(tmp_path):
+    """Peak memory of a process that opens the file above, measured by the kernel (not a timing)."""
+    import subprocess
+    import sys
+
+    path = _small_file_with_a_huge_card(tmp_path / "huge.safetensors")
+    script = (
+        "import resource, sys\n"
+        "from napari_mpt_deblur import ModelFileError, load_model\n"
+        "try:\n    load_model(sys.argv[1])\nexcept ModelFileError:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"  # KiB on Linux
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) < 1.5 * 2**20  # torch itself takes about 0.4 GB; the network 3.2 GB
+
+
+def test_compressed_torch_zip_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
+    """torch.save never compresses: a deflated entry is a crafted file (a zip bomb), refused unread."""
+    import zipfile
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"inproj.weight": torch.zeros(64, 1, 3, 3)}, plain)
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry))
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called on a compressed checkpoint")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ModelFileError, match="is compressed; torch.save never compresses"):
+        load_model(deflated)
+
+
+def test_a_model_save_on_a_full_disk_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as a SafetensorError ("... (os error 28)"): it becomes an OSError
+    naming the file, `mpt-deblur` prints one line, and nothing is left behind."""
+    from safetensors import SafetensorError
+
+    import napari_mpt_deblur.models.files as files
+    from napari_mpt_deblur.cli import main
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", full_disk)
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(OSError, match=r"model\.safetensors: cannot write.*(disk is full|No space left)"):
+        save_model(MPT(tiny_config()), target)
+    assert list(tmp_path.iterdir()) == []
+
+    assert main(["new", "lite", "-o", str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "model.safetensors: cannot write" in error
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import torch
 
 from conftest import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model
+from napari_mpt_deblur.config import IntensityNormalization
 from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.training.config import TrainConfig
 from napari_mpt_deblur.training.engine import CheckpointError, Validation, iter_train, state_path, train
@@ -194,11 +195,176 @@ def test_distributed_data_parallel_with_two_gloo_processes(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), before))
 
 
-def test_bundled_training_data_is_real_microscopy_and_excludes_the_evaluation_image():
-    from napari_mpt_deblur.data.bundled import evaluation_planes, training_planes
+def _run_and_keep_state_of(step_to_keep, output, **kwargs) -> bytes:
+    """Train to the end; return the state file's bytes as they were right after checkpoint ``step_to_keep``."""
+    kept = b""
+    for event in iter_train(MPT(tiny_config()), output=output, **kwargs):
+        if event.step == step_to_keep:
+            kept = state_path(output).read_bytes()
+    return kept
 
-    sources = training_planes()
-    assert len(sources) == 4 and all(planes for planes in sources.values())
-    assert all(p.ndim == 2 and p.dtype == np.float32 for planes in sources.values() for p in planes)
-    held_out = next(iter(evaluation_planes().values()))
-    assert not any(p.shape == held_out.shape and np.array_equal(p, held_out) for g in sources.values() for p in g)
+
+def test_resume_without_its_state_file_is_refused_and_the_model_kept(tmp_path):
+    """A missing state file would restart at step 0 and replace the trained model: refused, with what to do."""
+    blurry, sharp = pattern_pairs(1, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    config = TrainConfig(steps=2, checkpoint_every=1, **FAST)
+    output = tmp_path / "m.safetensors"
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(MPT(tiny_config()), sampler, output, config, resume=True)
+    train(MPT(tiny_config()), sampler, output, config)
+    trained = output.read_bytes()
+    state_path(output).unlink()
+    with pytest.raises(CheckpointError, match="state.pt is missing.*drop --resume and pass --overwrite"):
+        train(MPT(tiny_config()), sampler, output, config, resume=True)
+    assert output.read_bytes() == trained
+
+
+def test_a_model_file_and_a_state_file_of_different_checkpoints_are_refused(tmp_path):
+    """A kill between the two renames leaves files of different steps: resuming them would mix weights."""
+    blurry, sharp = pattern_pairs(1, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    config = TrainConfig(steps=4, checkpoint_every=2, **FAST)
+    output = tmp_path / "m.safetensors"
+    state_of_step_2 = _run_and_keep_state_of(2, output, sampler=sampler, config=config)
+    assert load_model(output).card.provenance["step"] == 4
+    state_path(output).write_bytes(state_of_step_2)  # the model file of step 4 beside the state of step 2
+    with pytest.raises(CheckpointError, match=r"\(step 4\) and .*\(step 2\) are not one checkpoint"):
+        train(MPT(tiny_config()), sampler, output, config, resume=True)
+
+    other = tmp_path / "other.safetensors"  # same step, another run: the run ids differ
+    train(MPT(tiny_config()), sampler, other, config)
+    state_path(output).write_bytes(state_path(other).read_bytes())
+    with pytest.raises(CheckpointError, match="not one checkpoint"):
+        train(MPT(tiny_config()), sampler, output, config, resume=True)
+
+
+def test_cli_resume_never_replaces_a_model_without_overwrite(tmp_path, capsys):
+    from napari_mpt_deblur import save_model
+    from napari_mpt_deblur.cli import main
+
+    write_pair_folders(tmp_path / "pairs")
+    start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors")
+    out = tmp_path / "out.safetensors"
+    common = ["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), "--model", str(start), "--steps", "2"]
+    common += ["--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]
+    assert main(common) == 0
+    trained = out.read_bytes()
+    state_path(out).unlink()
+    assert main([*common, "--resume"]) == 2
+    assert "drop --resume and pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == trained
+    assert main([*common, "--resume", "--overwrite"]) == 0  # asked explicitly: no state file, so start over
+    assert state_path(out).exists() and out.read_bytes() != trained
+
+
+def test_blank_planes_are_skipped_and_constant_patches_train_safely():
+    """Empty planes at the ends of stacks: left out (and counted); a constant patch from a plane
+    with content gives finite gradients and a range that divides by no zero."""
+    from napari_mpt_deblur.training.patches import SyntheticPairs, UnlabeledPlanes, safe_range
+
+    blurry, sharp = pattern_pairs(2, 64)
+    blank = np.zeros((3, 64, 64), np.float32)
+    constant = np.full((1, 64, 64), 500, np.float32)
+    pairs = LabeledPairs(np.concatenate([blank, blurry, constant]), np.concatenate([blank, sharp, constant]))
+    assert pairs.blank_planes == 4 and len(pairs.blurry) == 2
+    assert SyntheticPairs(np.concatenate([blank, sharp])).blank_planes == 3
+    assert UnlabeledPlanes(np.concatenate([sharp, blank])).blank_planes == 3
+    with pytest.raises(ValueError, match="all 3 planes are blank"):
+        LabeledPairs(blank, blank)
+
+    spots = np.zeros((32, 32), np.float32)
+    spots[3, 4] = spots[20, 9] = 4000  # percentiles 1 and 99.8 are both 0
+    low, high = safe_range(spots, IntensityNormalization())
+    assert (spots.max() - low) / (high - low) <= 1.0
+    assert safe_range(np.full((8, 8), 7.0, np.float32), IntensityNormalization()) == (7.0, 8.0)
+
+    model = MPT(tiny_config()).train()
+    torch.nn.functional.l1_loss(model(torch.zeros(2, 1, 32, 32)), torch.zeros(2, 1, 32, 32)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_non_finite_loss_names_its_likely_cause(tmp_path):
+    class PoisonedPairs:
+        def sample(self, rng, batch, patch, scale_range):
+            patches = np.ones((batch, 1, patch, patch), np.float32)
+            patches[0, 0, 0, 0] = np.nan
+            return patches, patches
+
+    config = TrainConfig(steps=2, **FAST)
+    with pytest.raises(FloatingPointError, match="training patches hold NaN or infinite values"):
+        train(MPT(tiny_config()), PoisonedPairs(), tmp_path / "m.safetensors", config)
+
+
+def test_cli_skips_blank_planes_and_reports_them(tmp_path, capsys):
+    import tifffile
+
+    from napari_mpt_deblur import save_model
+    from napari_mpt_deblur.cli import main
+
+    _, sharp = pattern_pairs(3, 64)
+    stack = np.concatenate([np.zeros((2, 64, 64)), sharp * 1000, np.zeros((4, 64, 64))]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    start = save_model(MPT(tiny_config()), tmp_path / "start.safetensors")
+    out = tmp_path / "out.safetensors"
+    args = ["train", "--sharp", str(tmp_path / "stack.tif"), "-o", str(out), "--model", str(start), "--steps", "2"]
+    assert main([*args, "--batch", "2", "--patch", "32", "--device", "cpu", "--beta", "1e-3"]) == 0
+    assert "skipped 6 blank (constant) planes" in capsys.readouterr().out
+    assert load_model(out).card.provenance["trained_on"]["blank_planes_skipped"] == 6
+
+    tuned = tmp_path / "tuned.safetensors"
+    args = ["finetune", "--model", str(start), "--unlabeled", str(tmp_path / "stack.tif"), "-o", str(tuned)]
+    assert main([*args, "--steps", "2", "--batch", "2", "--patch", "32", "--device", "cpu"]) == 0
+    assert "skipped 6 blank (constant) planes" in capsys.readouterr().out
+    assert load_model(tuned).card.provenance["fine_tuned_on"]["blank_planes_skipped"] == 6
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """torch's own writer reports a full disk as "unexpected pos ..."; the state file is written by Python."""
+    import builtins
+    import errno
+
+    import napari_mpt_deblur.training.engine as engine
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(engine, "open", full_disk_open, raising=False)
+    blurry, sharp = pattern_pairs(1, 64)
+    config = TrainConfig(steps=1, **FAST)
+    with pytest.raises(OSError, match=r"m\.state\.pt: cannot write"):
+        train(MPT(tiny_config()), LabeledPairs(blurry, sharp), tmp_path / "m.safetensors", config)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_train_preset_seed_sets_the_initial_weights(tmp_path):
+    from napari_mpt_deblur.cli import main
+
+    write_pair_folders(tmp_path / "pairs")
+
+    def trained_with_seed(seed: int, name: str) -> dict:
+        out = tmp_path / name
+        args = ["train", "--pairs", str(tmp_path / "pairs"), "-o", str(out), "--preset", "lite", "--seed", str(seed)]
+        assert main([*args, "--steps", "1", "--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]) == 0
+        return load_model(out).state_dict()
+
+    first, again = trained_with_seed(1, "a.safetensors"), trained_with_seed(1, "b.safetensors")
+    other = trained_with_seed(2, "c.safetensors")
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)

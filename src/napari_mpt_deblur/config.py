@@ -38,8 +38,42 @@ def from_json_object(cls: type, data: Any, what: str) -> Any:
         return cls(**data)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ConfigError(f"invalid {what}: {error}") from error
+
+
+# Bounds of every architecture field. Model cards come from files users are handed, so a card must
+# not be able to ask for a network of hundreds of gigabytes: each bound is several times the largest
+# sensible value (the paper's network has dim 40, 6 blocks per level, 8 heads, window 8, FFN 2.6).
+MAX_CHANNELS = 4
+MAX_DIM = 256
+MAX_BLOCKS = 32
+MAX_HEADS = 64
+MAX_WINDOW = 64
+MAX_FFN_EXPANSION = 16.0
+MIN_SCALE = 1 / 64
+MAX_SIZE_MULTIPLE = 2048
+"""Largest padding multiple (``window_size * 2**level / scale``) a network may need; the paper's needs 128."""
+MAX_TILE_SIZE = 8192
+"""Largest preferred tile a model card may record."""
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in [low, high]; floats like 6.0 from JSON are accepted, booleans and 6.5 are not."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite float (NaN, infinities, booleans and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -81,10 +115,24 @@ class MPTConfig:
     reference code and its released checkpoints)."""
 
     def __post_init__(self) -> None:
-        # Normalise sequences so JSON lists and tuples compare equal.
-        object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
-        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
-        object.__setattr__(self, "scales", tuple(tuple(float(r) for r in level) for level in self.scales))
+        # Normalise sequences so JSON lists and tuples compare equal; bound every number first, so that
+        # no card can ask for an absurd network (the checks below, and MPT itself, trust these ranges).
+        for name in ("num_blocks", "heads", "scales"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"{name} must be a list of 4 entries, got {getattr(self, name)!r}")
+        object.__setattr__(self, "in_channels", _integer("in_channels", self.in_channels, 1, MAX_CHANNELS))
+        object.__setattr__(self, "out_channels", _integer("out_channels", self.out_channels, 1, MAX_CHANNELS))
+        object.__setattr__(self, "dim", _integer("dim", self.dim, 2, MAX_DIM))
+        object.__setattr__(self, "num_blocks", tuple(_integer("num_blocks", n, 1, MAX_BLOCKS) for n in self.num_blocks))
+        object.__setattr__(self, "heads", tuple(_integer("heads", h, 1, MAX_HEADS) for h in self.heads))
+        scales = []
+        for level in self.scales:
+            if not isinstance(level, (list, tuple)) or len(level) > MAX_BLOCKS:
+                raise ConfigError(f"scales must hold one list of at most {MAX_BLOCKS} numbers per level, got {level!r}")
+            scales.append(tuple(_real("scale", r) for r in level))
+        object.__setattr__(self, "scales", tuple(scales))
+        object.__setattr__(self, "ffn_expansion", _real("ffn_expansion", self.ffn_expansion))
+        object.__setattr__(self, "window_size", _integer("window_size", self.window_size, 2, MAX_WINDOW))
         self._validate()
 
     def _validate(self) -> None:
@@ -113,12 +161,21 @@ class MPTConfig:
                 inverse = 1.0 / r if r > 0 else 0.0
                 if not (0 < r <= 1) or abs(inverse - round(inverse)) > 1e-9 or not _is_power_of_two(round(inverse)):
                     raise ConfigError(f"level {level + 1}: scale {r} is not 1, 1/2, 1/4, 1/8, ...")
-        if self.ffn_expansion <= 0:
-            raise ConfigError(f"ffn_expansion must be positive, got {self.ffn_expansion}")
+                if r < MIN_SCALE:
+                    raise ConfigError(
+                        f"level {level + 1}: scale {r} is below the smallest allowed, 1/{1 / MIN_SCALE:g}"
+                    )
+        if not 0 < self.ffn_expansion <= MAX_FFN_EXPANSION:
+            raise ConfigError(f"ffn_expansion must be in (0, {MAX_FFN_EXPANSION:g}], got {self.ffn_expansion}")
         if self.window_size < 2 or self.window_size % 2:
             raise ConfigError(f"window_size must be an even integer >= 2, got {self.window_size}")
         if self.pairing not in PAIRINGS:
             raise ConfigError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        if self.size_multiple > MAX_SIZE_MULTIPLE:
+            raise ConfigError(
+                f"window_size and scales make inputs pad to multiples of {self.size_multiple} pixels "
+                f"(at most {MAX_SIZE_MULTIPLE} allowed)"
+            )
 
     @property
     def size_multiple(self) -> int:
@@ -176,6 +233,8 @@ class IntensityNormalization:
     """Whether statistics are taken per 2-D plane or over the whole stack."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "low", _real("normalization low", self.low))
+        object.__setattr__(self, "high", _real("normalization high", self.high))
         if self.mode not in ("percentile", "minmax", "fixed"):
             raise ConfigError(f"normalization mode must be percentile, minmax or fixed, got {self.mode!r}")
         if self.per not in ("plane", "stack"):
@@ -226,8 +285,8 @@ class ModelCard:
         if not isinstance(provenance, dict):
             raise ConfigError("provenance must be a JSON object")
         tile_size = data.get("tile_size")
-        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 8):
-            raise ConfigError(f"tile_size must be an integer >= 8 or null, got {tile_size!r}")
+        if tile_size is not None:
+            tile_size = _integer("tile_size", tile_size, 8, MAX_TILE_SIZE)
         return cls(
             architecture=MPTConfig.from_dict(data["architecture"]),
             normalization=IntensityNormalization.from_dict(data.get("normalization", {})),
@@ -271,7 +330,9 @@ class DeblurSettings:
         if self.tile is not None and self.tile != 0 and self.tile < 16:
             raise ConfigError(f"tile must be 0 (whole planes) or at least 16 pixels, got {self.tile}")
         if self.overlap is not None and (self.overlap < 0 or (self.tile and self.overlap > self.tile // 2)):
-            raise ConfigError(f"overlap must be between 0 and half the tile ({self.tile}), got {self.overlap}")
+            # without a tile size here (the model file's applies), only the lower bound can be checked
+            bound = f"between 0 and half the tile ({self.tile // 2})" if self.tile else "at least 0"
+            raise ConfigError(f"overlap must be {bound}, got {self.overlap}")
         if self.batch is not None and self.batch < 1:
             raise ConfigError(f"batch must be at least 1, got {self.batch}")
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):

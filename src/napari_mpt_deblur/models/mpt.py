@@ -248,7 +248,9 @@ class IntraScaleChannelAttention(nn.Module):
             qh = first[..., :c].reshape(b, n, heads, d).permute(0, 2, 3, 1)  # (B, heads, d, n)
             kh = first[..., c : 2 * c].reshape(b, n, heads, d).permute(0, 2, 1, 3)  # (B, heads, n, d)
             products = products + qh @ kh
-        norms = squares.sqrt().clamp_min(1e-12)
+        # clamp before the root: sqrt's gradient at 0 is infinite, and 0 * inf made every gradient NaN
+        # for a constant (blank) patch; the values are those of max(norm, 1e-12), as F.normalize's
+        norms = squares.clamp_min(1e-24).sqrt()
         q_norm = norms[:, :c].reshape(b, heads, d, 1)
         k_norm = norms[:, c:].reshape(b, heads, 1, d)
         attn = (products / (q_norm * k_norm) * self.temperature.view(1, -1, 1, 1)).softmax(dim=-1)

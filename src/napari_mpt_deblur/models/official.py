@@ -225,6 +225,16 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: MPTConfig) -> d
     return converted
 
 
+_OTHER_FORMATS = {
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"\x89PNG": "a PNG image",
+    b"\x89HDF": "an HDF5 file",
+    b"\xff\xd8\xff": "a JPEG image",
+}
+"""Leading bytes of files people pass by mistake; torch's own error would blame 'Python objects'."""
+
+
 def load_reference_state_dict(path: str) -> tuple[dict[str, Tensor], str]:
     """Read a reference checkpoint without unpickling code (``weights_only=True``).
 
@@ -232,7 +242,12 @@ def load_reference_state_dict(path: str) -> tuple[dict[str, Tensor], str]:
     """
     try:
         data = Path(path).read_bytes()
+        kind = next((name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), None)
+        if kind is not None:
+            raise CheckpointImportError(f"not a PyTorch checkpoint: the file is {kind}")
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointImportError:
+        raise
     except Exception as error:  # torch raises many types for bad files
         if "Weights only load failed" in str(error):
             reason = "it holds Python objects besides tensors, which are never unpickled here"

@@ -4,14 +4,18 @@
 (or close it) and training stops cleanly between steps. Checkpoints are a model
 file (``OUT.safetensors``) and a training-state file (``OUT.state.pt``: optimizer
 state and step), both written atomically every ``checkpoint_every`` steps and at
-the end; ``resume=True`` continues exactly where the state file says.
+the end; ``resume=True`` continues exactly where the state file says. Both files
+record the checkpoint's step and the run's id, and a resume refuses a pair that
+does not belong together (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
+import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,16 @@ def state_path(model_path: str | Path) -> Path:
     """The training-state file beside a model file."""
     path = Path(model_path)
     return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def best_path(model_path: str | Path) -> Path:
+    """The best checkpoint so far, beside a model file (``OUT.best.safetensors``).
+
+    Written when the validation has a ``selection_score`` (the held-out suite does): the
+    checkpoint with the highest score so far, never one it refuses (score ``None``).
+    """
+    path = Path(model_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".best.safetensors")
 
 
 def psnr(output: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> float:
@@ -180,9 +194,38 @@ def _step_generator(config: TrainConfig, step: int, rank: int = 0) -> tuple[np.r
     return numpy_rng, torch_rng
 
 
-def save_training_state(path: Path, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> None:
+def save_training_state(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    best: dict[str, float] | None = None,
+    run_id: str | None = None,
+) -> None:
+    """Write the optimizer state, step, recipe and run id atomically.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be written (a full disk...), naming the file; nothing is left behind.
+    """
     state = {"format": STATE_FORMAT, "step": step, "config": config.to_dict(), "optimizer": optimizer.state_dict()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if best is not None:
+        state["best"] = best  # the kept checkpoint's step and score, so a resumed run keeps selecting against it
+    state["run_id"] = run_id
+    # Serialised in memory (about twice the weights' size) and written by Python: torch's own file
+    # writer reports a full disk as "unexpected pos 576 vs 534"; Python's write raises ENOSPC.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
+    def write(tmp: Path) -> None:
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(buffer.getbuffer())
+        except OSError as error:
+            raise OSError(error.errno, f"{path}: cannot write the training state: {error.strerror}") from error
+
+    atomic_write(path, write)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -194,6 +237,48 @@ def load_training_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "optimizer" not in state:
         raise CheckpointError(f"{path}: not a napari-mpt-deblur training-state file (format {STATE_FORMAT})")
     return state
+
+
+def load_checkpoint(output: str | Path) -> tuple[MPT, dict[str, Any]]:
+    """The model file and training state of an interrupted run, checked to be the same checkpoint.
+
+    Parameters
+    ----------
+    output
+        The run's model file; its state file is :func:`state_path` of it.
+
+    Returns
+    -------
+    tuple
+        The model (from the model file) and the state file's content.
+
+    Raises
+    ------
+    CheckpointError
+        When the state file or the model file is missing (resuming would start from step 0 and
+        replace a trained model), or when their steps or run ids differ (a run killed between
+        writing the two, or files of different runs: resuming would continue from wrong weights).
+    """
+    from ..models.files import load_model
+
+    output = Path(output)
+    state_file = state_path(output)
+    start_over = f"to start over (replacing {output}), drop --resume and pass --overwrite"
+    if not state_file.exists():
+        if output.exists():
+            raise CheckpointError(f"{state_file} is missing, so {output} cannot be resumed; {start_over}")
+        raise CheckpointError(f"nothing to resume: neither {output} nor {state_file} exists; drop --resume")
+    if not output.exists():
+        raise CheckpointError(f"{output} is missing beside its state file {state_file}; {start_over}")
+    state = load_training_state(state_file)
+    trained = load_model(output)
+    recorded = trained.card.provenance
+    if recorded.get("step") != state.get("step") or recorded.get("run_id") != state.get("run_id"):
+        raise CheckpointError(
+            f"{output} (step {recorded.get('step')}) and {state_file} (step {state.get('step')}) are not one "
+            f"checkpoint (a run killed while writing them, or files of different runs); {start_over}"
+        )
+    return trained, state
 
 
 def iter_train(
@@ -227,7 +312,8 @@ def iter_train(
         The user's own planes (fine-tuning): EFCR's Lext comes from them (EFCR_ex),
         and the re-blur term uses them when ``config.reblur_weight`` > 0.
     resume
-        Continue from ``output`` and its state file when they exist.
+        Continue from ``output`` and its state file: both must exist and be one checkpoint
+        (:func:`load_checkpoint`), or a :class:`CheckpointError` says what to do.
     provenance
         Facts to record in the model file (what it was trained on).
 
@@ -241,21 +327,22 @@ def iter_train(
     device = resolve_device(config.device)
     step = 0
     optimizer_state = None
-    if resume and state_path(output).exists():
-        state = load_training_state(state_path(output))
+    best: dict[str, float] | None = None  # {"step", "score"} of the checkpoint kept at best_path(output)
+    run_id = uuid.uuid4().hex  # written into both files of every checkpoint: they must agree on resume
+    if resume:
+        trained, state = load_checkpoint(output)
         saved = TrainConfig.from_dict(state["config"])
         if saved.seed != config.seed or saved.steps != config.steps:
             raise CheckpointError(
                 f"{state_path(output)}: was written for {saved.steps} steps with seed {saved.seed}; "
                 f"resume with the same --steps and --seed, or start a new output"
             )
-        from ..models.files import load_model
-
-        trained = load_model(output)
         if trained.config != model.config:
             raise CheckpointError(f"{output}: its architecture differs from the model being trained")
         model.load_state_dict(trained.state_dict())
         step, optimizer_state = int(state["step"]), state["optimizer"]
+        run_id = state.get("run_id") or run_id  # state files of earlier versions have none
+        best = state.get("best")
     model.to(device).train()
     rank, world, device = distributed_context(device)
     model.to(device)
@@ -288,14 +375,17 @@ def iter_train(
             _barrier(world)
             return None
         model.eval()
+        # The state file first, then the model file. A kill between the two leaves the model file of the
+        # previous checkpoint (complete, and what the user already had) beside a newer state file; both
+        # record the step and run id, so a resume refuses the pair instead of mixing them.
+        save_training_state(state_path(output), optimizer, at, config, best, run_id)
         save_model(
             model,
             output,
             normalization=config.normalization,
-            provenance={**record, "step": at},
+            provenance={**record, "step": at, "run_id": run_id},
             tile_size=getattr(getattr(model, "card", None), "tile_size", None),
         )
-        save_training_state(state_path(output), optimizer, at, config)
         model.train()
         _barrier(world)
         return output
@@ -322,10 +412,21 @@ def iter_train(
         scaler.update()
         step += 1
         if not math.isfinite(losses["total"]):
-            raise FloatingPointError(f"step {step}: the loss is {losses['total']}; lower the learning rate")
+            raise FloatingPointError(_diverged_message(step, losses["total"], blurry, sharp, own, config))
         scores = None
         if rank == 0 and validation is not None and (step % config.validate_every == 0 or step == config.steps):
             scores = validation.evaluate(model, device)
+            select = getattr(validation, "selection_score", None)
+            score = select(scores) if select is not None else None
+            if score is not None and (best is None or score > best["score"]):
+                best = {"step": step, "score": float(score)}
+                save_model(
+                    model,
+                    best_path(output),
+                    normalization=config.normalization,
+                    provenance={**record, "step": step, "validation": scores},
+                    tile_size=getattr(getattr(model, "card", None), "tile_size", None),
+                )
             model.train()
         written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
         elapsed = time.perf_counter() - started
@@ -333,6 +434,28 @@ def iter_train(
         yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
     model.eval()
     return model
+
+
+def _diverged_message(
+    step: int,
+    loss: float,
+    blurry: torch.Tensor,
+    sharp: torch.Tensor,
+    own: torch.Tensor | None,
+    config: TrainConfig,
+) -> str:
+    """What a non-finite loss means, naming the cause when the batch shows it."""
+    batches = [blurry, sharp] if own is None else [blurry, sharp, own]
+    if not all(bool(torch.isfinite(batch).all()) for batch in batches):
+        return (
+            f"step {step}: the loss is {loss}: the training patches hold NaN or infinite values; "
+            "check the images (a damaged file, or NaN written by another program)"
+        )
+    return (
+        f"step {step}: the loss is {loss}. Possible causes: a learning rate too high for this model and data "
+        f"(lr {config.lr:g}: try a tenth of it), weights that were already diverged, or fp16 overflow on a GPU "
+        "without bf16 (TrainConfig amp=False)"
+    )
 
 
 def _barrier(world: int) -> None:

@@ -59,6 +59,8 @@ class FinetuneData:
         must be normalised as the model's inference normalises planes).
     provenance
         What was used, for the model file's ``fine_tuned_on`` record.
+    blank_planes
+        Blank (constant) planes left out, unlabeled planes and labeled pairs together.
     """
 
     sampler: PairSampler
@@ -66,6 +68,7 @@ class FinetuneData:
     unlabeled: UnlabeledPlanes
     config: TrainConfig
     provenance: dict[str, Any] = field(default_factory=dict)
+    blank_planes: int = 0
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -131,12 +134,12 @@ def prepare_finetune(
     Raises
     ------
     ValueError
-        For no planes, a labeled pair of mismatched shapes, a quantile outside [0, 1)
-        or a model that is not grayscale; the message says which.
+        For no planes, only blank (constant) planes, a labeled pair of mismatched shapes, a
+        quantile outside [0, 1) or a model that is not grayscale; the message says which.
     """
     from ..data.focus import sharpest_planes
     from .engine import Validation
-    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes
+    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, drop_blank_planes
 
     if model.config.in_channels != 1:
         raise ValueError(f"fine-tuning needs a grayscale (1-channel) model; this one reads {model.config.in_channels}")
@@ -146,23 +149,30 @@ def prepare_finetune(
     own = as_planes(unlabeled_planes)
     if not own:
         raise ValueError("no unlabeled planes to fine-tune on")
+    # blank planes (empty ends of a stack) are left out before anything ranks planes by focus
+    own, blank = drop_blank_planes(own)
+    if not own:
+        raise ValueError(f"all {blank} unlabeled planes are blank (constant): nothing to fine-tune on")
     quantile = float(min_focus_quantile or 0.0)
     unlabeled = UnlabeledPlanes(own, config.normalization, min_focus_quantile=quantile)
-    record: dict[str, Any] = {"planes": len(own), "planes_for_efcr": len(unlabeled.planes)}
+    record: dict[str, Any] = {"planes": len(own) + blank, "planes_for_efcr": len(unlabeled.planes)}
     if quantile > 0:
         record["min_focus_quantile"] = quantile
     if labeled is not None:
         blurry, sharp = (as_planes(part) for part in labeled)
         sampler = LabeledPairs(blurry, sharp, config.normalization)
         record["labeled_pairs"] = len(blurry)
+        blank += sampler.blank_planes
     else:
         # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
         sharpest = sharpest_planes(own, SHARPEST_FRACTION)
         sampler = SyntheticPairs(sharpest, normalization=config.normalization, denoise_targets=True)
         record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
         record["denoised_targets"] = True
+    if blank:
+        record["blank_planes_skipped"] = blank
     validation = Validation.from_sampler(sampler, VALIDATION_PATCHES, config.patch_size)
-    return FinetuneData(sampler, validation, unlabeled, config, record)
+    return FinetuneData(sampler, validation, unlabeled, config, record, blank)
 
 
 @dataclass

@@ -42,6 +42,44 @@ def _as_planes(planes: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
     return result
 
 
+def drop_blank_planes(planes: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """The planes that are not constant, and how many were.
+
+    Blank planes (empty planes at the ends of a stack, a shutter closed) teach nothing; their
+    intensity range is zero, and a network fed only constant patches learns nothing from them.
+    """
+    kept = [plane for plane in planes if not _is_blank(plane)]
+    return kept, len(planes) - len(kept)
+
+
+def _is_blank(plane: np.ndarray) -> bool:
+    # a plane holding NaN is not blank: it is kept, and the loss tells of it
+    return plane.size == 0 or bool(np.ptp(plane) == 0)
+
+
+def _check_content(kept: list[np.ndarray], blank: int) -> None:
+    if not kept:
+        raise ValueError(f"all {blank} planes are blank (constant): nothing to train on")
+
+
+MIN_RANGE_FRACTION = 1e-3
+"""A patch's normalisation range is at least this fraction of its full extent (maximum - minimum)."""
+
+
+def safe_range(values: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
+    """``normalization_range`` made safe for any patch: never a zero range, never one that blows values up.
+
+    A constant patch maps to 0 (the range floor of ``normalization_range``). A patch whose
+    percentiles coincide although it has content (a few bright spots on a dark background) is
+    normalised by its full extent instead, so its spots do not become values in the thousands.
+    """
+    low, high = normalization_range(values, normalization)
+    extent = float(values.max() - values.min())
+    if high - low < MIN_RANGE_FRACTION * extent:
+        high = low + extent
+    return low, high
+
+
 def _resize(plane: np.ndarray, size: int) -> np.ndarray:
     if plane.shape == (size, size):
         return plane
@@ -72,15 +110,16 @@ def _augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
 def _normalise_pair(
     blurry: np.ndarray, sharp: np.ndarray, normalization: IntensityNormalization
 ) -> tuple[np.ndarray, np.ndarray]:
-    low, high = normalization_range(blurry, normalization)
+    low, high = safe_range(blurry, normalization)
     scale = 1.0 / (high - low)
     return (blurry - low) * scale, (sharp - low) * scale
 
 
-def _pick(rng: np.random.Generator, planes: list[np.ndarray]) -> np.ndarray:
-    """A plane, chosen with probability proportional to its area (every pixel equally likely)."""
-    areas = np.array([p.size for p in planes], dtype=np.float64)
-    return planes[int(rng.choice(len(planes), p=areas / areas.sum()))]
+def _pick(rng: np.random.Generator, planes: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """A plane, chosen by ``weights``, or with probability proportional to its area (every pixel equally likely)."""
+    if weights is None:
+        weights = np.array([p.size for p in planes], dtype=np.float64)
+    return planes[int(rng.choice(len(planes), p=weights / weights.sum()))]
 
 
 class LabeledPairs:
@@ -106,6 +145,10 @@ class LabeledPairs:
         for index, (b, s) in enumerate(zip(self.blurry, self.sharp)):
             if b.shape != s.shape:
                 raise ValueError(f"pair {index}: blurry {b.shape} and sharp {s.shape} differ in shape")
+        pairs = [(b, s) for b, s in zip(self.blurry, self.sharp) if not (_is_blank(b) or _is_blank(s))]
+        self.blank_planes = len(self.blurry) - len(pairs)  # pairs left out: one of their planes is constant
+        _check_content(pairs, self.blank_planes)
+        self.blurry, self.sharp = [b for b, _ in pairs], [s for _, s in pairs]
         self.normalization = normalization or IntensityNormalization()
 
     def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> Batch:
@@ -139,6 +182,9 @@ class SyntheticPairs:
         Suppress the camera noise of the sharp planes first
         (:func:`~napari_mpt_deblur.data.defocus.denoise_target`): with noisy
         targets the network learns to sharpen noise. Needs scikit-image.
+    weights
+        Relative chance of drawing each plane (one per plane after stacks are
+        flattened); by default proportional to its area.
     """
 
     def __init__(
@@ -148,10 +194,17 @@ class SyntheticPairs:
         normalization: IntensityNormalization | None = None,
         margin: int = 32,
         denoise_targets: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> None:
         from ..data.defocus import DefocusConfig, denoise_target
 
-        self.sharp = _as_planes(sharp)
+        planes = _as_planes(sharp)
+        if weights is not None and len(weights) != len(planes):
+            raise ValueError(f"need one weight per plane ({len(planes)}), got {len(weights)}")
+        keep = [not _is_blank(plane) for plane in planes]
+        self.weights = None if weights is None else np.array([w for w, k in zip(weights, keep) if k], np.float64)
+        self.sharp, self.blank_planes = drop_blank_planes(planes)
+        _check_content(self.sharp, self.blank_planes)
         if denoise_targets:
             self.sharp = [denoise_target(plane) for plane in self.sharp]
         self.defocus = defocus or DefocusConfig()
@@ -163,12 +216,12 @@ class SyntheticPairs:
 
         blurry, sharp = [], []
         for _ in range(batch):
-            plane = _pick(rng, self.sharp)
+            plane = _pick(rng, self.sharp, self.weights)
             scale = rng.uniform(*scale_range)
             side = max(8, round((patch + 2 * self.margin) / scale))
             crop = _resize(plane[_crop(rng, plane.shape, side)], patch + 2 * self.margin)
             # the noise model counts photons: bring the sharp crop to 0..1 first
-            low, high = normalization_range(crop, IntensityNormalization())
+            low, high = safe_range(crop, IntensityNormalization())
             crop = np.clip((crop - low) / (high - low), 0, None).astype(np.float32)
             defocused, _ = make_defocused(crop, self.defocus, rng)
             inner = slice(self.margin, self.margin + patch)
@@ -200,7 +253,8 @@ class UnlabeledPlanes:
     ) -> None:
         from ..data.focus import focus_score
 
-        self.planes = _as_planes(planes)
+        self.planes, self.blank_planes = drop_blank_planes(_as_planes(planes))
+        _check_content(self.planes, self.blank_planes)
         if not 0 <= min_focus_quantile < 1:
             raise ValueError(f"min_focus_quantile must be in [0, 1), got {min_focus_quantile}")
         if min_focus_quantile > 0 and len(self.planes) > 1:
@@ -216,7 +270,7 @@ class UnlabeledPlanes:
             plane = _pick(rng, self.planes)
             side = max(8, round(patch / rng.uniform(*scale_range)))
             crop = _resize(plane[_crop(rng, plane.shape, side)], patch)
-            low, high = normalization_range(crop, self.normalization)
+            low, high = safe_range(crop, self.normalization)
             (crop,) = _augment(rng, (crop - low) / (high - low))
             patches.append(crop)
         return np.stack(patches)[:, None].astype(np.float32)

@@ -1,0 +1,185 @@
+"""Validate a model on the held-out suite, next to the classical restorations.
+
+The suite (``napari_mpt_deblur.training.suite``) is seven images no model trains
+on (fluorescence, colour histology, brightfield, a soft retina photograph, sparse
+puncta), each through its own microscope at five strengths (in focus, mild,
+moderate, strong widefield defocus, and a pillbox), with fixed, seeded noise.
+For every strength the table gives mean PSNR and SSIM of:
+
+* the blurry input;
+* the model (whole planes, fp32; colour channel by channel);
+* Richardson-Lucy given the true PSF (best of 5-100 iterations, scored against the truth);
+* Richardson-Lucy given a Gaussian of the PSF's 80 %-energy width (best iterations);
+* a Wiener filter given the true PSF (noise-to-signal ratio tuned against the truth).
+
+It then names every case where the model is worse than its input and every
+strength where it is behind Richardson-Lucy with the Gaussian, and writes a crop
+gallery (PNG) of the worst case: truth, input, model, Richardson-Lucy, so
+artefacts are seen and not averaged away. The classical figures do not depend on
+the model: they are cached (``--baselines``) and recomputed when the suite changes.
+
+Examples::
+
+    python benchmarks/validate.py --model default
+    python benchmarks/validate.py --model model-training/default/default.best.safetensors \\
+        --json runs/suite.json --gallery runs/worst.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from classical import best_richardson_lucy, best_wiener, gaussian_of_width
+
+METHODS = ("input", "model", "rl_true", "rl_gaussian", "wiener")
+LABELS = {
+    "input": "input",
+    "model": "model",
+    "rl_true": "RL true PSF",
+    "rl_gaussian": "RL Gaussian",
+    "wiener": "Wiener",
+}
+DEFAULT_BASELINES = Path(__file__).parent / "baselines" / "suite-classical.json"
+
+
+def ssim(output: np.ndarray, sharp: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    channel_axis = -1 if sharp.ndim == 3 else None
+    output = np.clip(output, 0, 1).astype(np.float64)
+    return float(structural_similarity(sharp.astype(np.float64), output, data_range=1.0, channel_axis=channel_axis))
+
+
+def classical_rows(cases, cache: Path, recompute: bool) -> list[dict]:
+    """Input, Richardson-Lucy and Wiener figures per case, from the cache when it is of this suite."""
+    from napari_mpt_deblur.training.suite import SUITE_VERSION, psnr
+
+    if cache.exists() and not recompute:
+        stored = json.loads(cache.read_text())
+        if stored.get("suite_version") == SUITE_VERSION and len(stored["rows"]) == len(cases):
+            return stored["rows"]
+    rows = []
+    for number, case in enumerate(cases, 1):
+        started = time.perf_counter()
+        row = {"image": case.image, "strength": case.strength}
+        row["input"] = [psnr(case.blurry, case.sharp), ssim(case.blurry, case.sharp)]
+        for name, psf in (("rl_true", case.psf), ("rl_gaussian", gaussian_of_width(case.psf))):
+            best = best_richardson_lucy(case.blurry, psf, case.sharp, psnr)
+            row[name] = [best["psnr"], ssim(best["output"], case.sharp)]
+            row[f"{name}_iterations"] = best["iterations"]
+        best = best_wiener(case.blurry, case.psf, case.sharp, psnr)
+        row["wiener"], row["wiener_nsr"] = [best["psnr"], ssim(best["output"], case.sharp)], best["nsr"]
+        rows.append(row)
+        print(
+            f"  classical {number}/{len(cases)}: {case.image}, {case.strength} ({time.perf_counter() - started:.1f} s)"
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"suite_version": SUITE_VERSION, "rows": rows}, indent=1))
+    return rows
+
+
+def print_tables(rows: list[dict], per_case: bool) -> None:
+    strengths = list(dict.fromkeys(row["strength"] for row in rows))
+    header = " ".join(f"{LABELS[m]:>12s}" for m in METHODS)
+    for metric, index in (("PSNR dB", 0), ("SSIM", 1)):
+        print(f"\nmean {metric} over {len(rows) // len(strengths)} images")
+        print(f"{'strength':10s} {header}")
+        for strength in strengths:
+            chosen = [row for row in rows if row["strength"] == strength]
+            means = [np.mean([row[m][index] for row in chosen]) for m in METHODS]
+            print(f"{strength:10s} " + " ".join(f"{v:12.3f}" if index else f"{v:12.2f}" for v in means))
+    if per_case:
+        print(f"\nPSNR dB per case\n{'image':48s} {'strength':10s} {header}")
+        for row in rows:
+            print(f"{row['image']:48s} {row['strength']:10s} " + " ".join(f"{row[m][0]:12.2f}" for m in METHODS))
+
+
+def verdict(rows: list[dict]) -> dict:
+    """What the targets ask: never below the input, above RL with a Gaussian at every strength."""
+    below_input = [
+        f"{r['image']}, {r['strength']}: {r['model'][0] - r['input'][0]:+.2f} dB"
+        for r in rows
+        if r["model"][0] < r["input"][0]
+    ]
+    strengths = list(dict.fromkeys(row["strength"] for row in rows))
+    behind_gaussian, behind_true = [], []
+    for strength in strengths:
+        chosen = [row for row in rows if row["strength"] == strength]
+        model = np.mean([row["model"][0] for row in chosen])
+        for name, bucket in (("rl_gaussian", behind_gaussian), ("rl_true", behind_true)):
+            other = np.mean([row[name][0] for row in chosen])
+            if model < other:
+                bucket.append(f"{strength}: {model - other:+.2f} dB")
+    print("\nworse than its input:", "; ".join(below_input) if below_input else "never")
+    print("behind RL with a Gaussian of the PSF's width:", "; ".join(behind_gaussian) if behind_gaussian else "nowhere")
+    print("behind RL with the true PSF:", "; ".join(behind_true) if behind_true else "nowhere")
+    return {"below_input": below_input, "behind_rl_gaussian": behind_gaussian, "behind_rl_true": behind_true}
+
+
+def gallery(case, output: np.ndarray, path: Path, crop: int = 96) -> None:
+    """Truth, input, model and Richardson-Lucy (true PSF) crops where the model's error is largest."""
+    from classical import best_richardson_lucy
+    from skimage.io import imsave
+
+    from napari_mpt_deblur.training.suite import psnr
+
+    rl = best_richardson_lucy(case.blurry, case.psf, case.sharp, psnr)["output"]
+    error = np.abs(np.clip(output, 0, 1) - case.sharp)
+    error = error.mean(axis=-1) if error.ndim == 3 else error
+    # the crop with the largest summed error: box sums from an integral image
+    size = min(crop, *error.shape)
+    integral = np.pad(error, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    boxes = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    y, x = np.unravel_index(int(np.argmax(boxes)), boxes.shape)
+    panels = [np.clip(image[y : y + size, x : x + size], 0, 1) for image in (case.sharp, case.blurry, output, rl)]
+    gap = np.ones((size, 4) + panels[0].shape[2:], np.float32)
+    strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+    strip = np.repeat(np.repeat(strip, 3, axis=0), 3, axis=1)  # nearest-neighbour zoom: pixels stay visible
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, (strip * 255).round().astype(np.uint8), check_contrast=False)
+    print(f"gallery of the worst case ({case.image}, {case.strength}): truth | input | model | RL true PSF -> {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="'default' or a model file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--baselines", type=Path, default=DEFAULT_BASELINES, help="cache of the classical figures")
+    parser.add_argument("--recompute-baselines", action="store_true")
+    parser.add_argument("--per-case", action="store_true", help="also print PSNR per image and strength")
+    parser.add_argument("--gallery", type=Path, default=Path("benchmarks/results/suite-worst.png"))
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+
+    import torch
+
+    from napari_mpt_deblur import load_model
+    from napari_mpt_deblur.training.suite import deblur_case, psnr, suite_cases
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = suite_cases()
+    rows = classical_rows(cases, args.baselines, args.recompute_baselines)
+    model = load_model(args.model)
+    outputs = []
+    for case, row in zip(cases, rows):
+        output = deblur_case(model, case, args.device)
+        row["model"] = [psnr(output, case.sharp), ssim(output, case.sharp)]
+        outputs.append(output)
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')})")
+    print_tables(rows, args.per_case)
+    result = verdict(rows)
+    worst = min(range(len(rows)), key=lambda i: rows[i]["model"][0] - rows[i]["input"][0])
+    gallery(cases[worst], outputs[worst], args.gallery)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "rows": rows, **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

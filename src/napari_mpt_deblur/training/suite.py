@@ -1,0 +1,165 @@
+"""The held-out validation suite: fixed, seeded defocus of images no model trains on.
+
+Every suite image (:func:`~napari_mpt_deblur.data.bundled.suite_images`), its
+grain removed as training targets' is (``denoise_target``), is seen through its
+own microscope (a fixed NA, medium, wavelength and pixel size) and defocused at
+five strengths, then given camera noise:
+
+* ``in focus``: the Airy pattern only; a model must not make it worse;
+* ``mild``, ``moderate``, ``strong``: widefield defocus whose 80 %-encircled-energy
+  radius is 3, 7 and 13 pixels;
+* ``pillbox``: geometric defocus, a disk of radius 6 pixels.
+
+Checkpoints are chosen on this suite (:class:`SuiteValidation`), never on the final
+report's images; a checkpoint worse than its input on any case is never chosen.
+Colour images are deblurred channel by channel, as a 1-channel model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SUITE_VERSION = 1
+"""Bumped whenever the cases change, so stored figures of another suite are not compared."""
+
+STRENGTHS: dict[str, float | None] = {"in focus": 0.0, "mild": 3.0, "moderate": 7.0, "strong": 13.0, "pillbox": None}
+"""Strength name -> widefield 80 %-energy radius in pixels (``None``: the pillbox)."""
+
+PILLBOX_RADIUS = 6.0
+"""Radius of the pillbox case's disk, pixels."""
+
+MICROSCOPES = (
+    {"na": 1.4, "wavelength_um": 0.52, "refractive_index": 1.515, "pixel_size_um": 0.1},
+    {"na": 0.8, "wavelength_um": 0.6, "refractive_index": 1.33, "pixel_size_um": 0.2},
+    {"na": 0.3, "wavelength_um": 0.55, "refractive_index": 1.0, "pixel_size_um": 0.65},
+    {"na": 1.2, "wavelength_um": 0.46, "refractive_index": 1.33, "pixel_size_um": 0.11},
+)
+"""The optics the suite's images are seen through, one per image in turn."""
+
+PHOTONS = (300.0, 1000.0, 3000.0, 10000.0)
+"""Photons at full scale, one per image in turn (read noise is 0.005 for all)."""
+
+READ_NOISE = 0.005
+
+
+@dataclass
+class SuiteCase:
+    """One suite image at one strength: float32 planes in 0..1 (colour as ``(Y, X, 3)``)."""
+
+    image: str
+    strength: str
+    sharp: np.ndarray
+    blurry: np.ndarray
+    psf: np.ndarray
+    optics: dict = field(default_factory=dict)
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Percentiles 0.1 and 99.9 (of all channels jointly) to 0..1, clipped."""
+    low, high = np.percentile(image, (0.1, 99.9))
+    return np.clip((image - low) / max(high - low, 1e-12), 0, 1).astype(np.float32)
+
+
+def per_channel(image: np.ndarray, function) -> np.ndarray:
+    """``function`` applied to a plane, or to each channel of a ``(Y, X, C)`` image."""
+    if image.ndim == 2:
+        return function(image)
+    return np.stack([function(image[..., c]) for c in range(image.shape[-1])], axis=-1)
+
+
+def suite_cases(images: dict[str, np.ndarray] | None = None, seed: int = 2026) -> list[SuiteCase]:
+    """Every suite image at every strength (:data:`STRENGTHS`), with fixed, seeded noise.
+
+    Parameters
+    ----------
+    images
+        Sharp images by name; by default the bundled suite.
+    seed
+        Seed of the noise (the PSFs are fixed).
+    """
+    from ..data.bundled import suite_images
+    from ..data.defocus import (
+        add_poisson_gaussian_noise,
+        blur,
+        defocus_for_blur,
+        denoise_target,
+        disk_psf,
+        widefield_psf,
+    )
+
+    images = suite_images() if images is None else images
+    rng = np.random.default_rng(seed)
+    cases = []
+    for index, (name, image) in enumerate(images.items()):
+        # The truth is denoised as training targets are: shipped images carry their own grain
+        # (the Hubble field's sky, JPEG noise), and a model must not be scored down for removing it.
+        sharp = normalise(per_channel(np.asarray(image, dtype=np.float32), denoise_target))
+        optics = MICROSCOPES[index % len(MICROSCOPES)]
+        photons = PHOTONS[index % len(PHOTONS)]
+        for strength, radius in STRENGTHS.items():
+            if radius is None:
+                psf = disk_psf(PILLBOX_RADIUS)
+            else:
+                psf = widefield_psf(defocus_for_blur(radius, **optics), **optics)
+            blurred = per_channel(sharp, lambda plane, psf=psf: blur(plane, psf))
+            blurry = add_poisson_gaussian_noise(blurred, photons, READ_NOISE, rng)
+            cases.append(SuiteCase(name, strength, sharp, blurry, psf, {**optics, "photons": photons}))
+    return cases
+
+
+def psnr(output: np.ndarray, sharp: np.ndarray) -> float:
+    """PSNR in dB with data range 1, the output clipped to 0..1 as the truth is."""
+    mse = float(np.mean((np.clip(output, 0, 1).astype(np.float64) - sharp) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def deblur_case(model, case: SuiteCase, device: str | torch.device = "cpu") -> np.ndarray:
+    """The model's output for a case: whole planes, fp32, channels one by one."""
+    from ..config import DeblurSettings
+    from ..inference import deblur_array
+
+    settings = DeblurSettings(tile=0, device=str(device), precision="fp32")
+    axes = "YXS" if case.blurry.ndim == 3 else "YX"
+    return deblur_array(model, case.blurry, axes=axes, settings=settings)
+
+
+@dataclass
+class SuiteValidation:
+    """The suite as training's validation: PSNR per case, and which checkpoint to keep.
+
+    Has the interface of :class:`~napari_mpt_deblur.training.engine.Validation`
+    (``evaluate``) plus :meth:`selection_score`, which the training loop uses to keep
+    the best checkpoint beside the output.
+    """
+
+    cases: list[SuiteCase] = field(default_factory=suite_cases)
+    input_psnr: list[float] = field(default_factory=list)
+
+    def evaluate(self, model, device: torch.device) -> dict[str, float]:
+        """Mean PSNR of the model and of the input, the worst and mean gain, and the mean gain per strength."""
+        if not self.input_psnr:
+            self.input_psnr = [psnr(case.blurry, case.sharp) for case in self.cases]
+        model.eval()
+        gains: dict[str, list[float]] = {}
+        outputs = []
+        for case, before in zip(self.cases, self.input_psnr):
+            after = psnr(deblur_case(model, case, device), case.sharp)
+            outputs.append(after)
+            gains.setdefault(case.strength, []).append(after - before)
+        every = [g for values in gains.values() for g in values]
+        scores = {
+            "psnr": float(np.mean(outputs)),
+            "input_psnr": float(np.mean(self.input_psnr)),
+            "worst_gain_db": float(min(every)),
+            "mean_gain_db": float(np.mean(every)),
+        }
+        scores.update({f"gain_db {strength}": float(np.mean(values)) for strength, values in gains.items()})
+        return scores
+
+    @staticmethod
+    def selection_score(scores: dict[str, float]) -> float | None:
+        """The mean gain over the input, or ``None`` when any case is worse than its input (never kept)."""
+        return scores["mean_gain_db"] if scores["worst_gain_db"] >= 0 else None
