@@ -1,7 +1,7 @@
 """Speed, memory and accuracy of the inference engine (``napari_mpt_deblur.inference``).
 
-Four measurements, one subcommand each; every configuration runs in a fresh
-subprocess (so its peak memory is its own, and ``tune_cpu_allocator()`` is on):
+Five measurements, one subcommand each; every timed configuration runs in a
+fresh subprocess (so its peak memory is its own, and ``tune_cpu_allocator()`` is on):
 
 - ``throughput``: megapixels per second of ``deblur_array`` on a synthetic uint16
   stack (median over ``--repeats`` whole calls, after one warm-up plane);
@@ -9,7 +9,10 @@ subprocess (so its peak memory is its own, and ``tune_cpu_allocator()`` is on):
   stack to a TIFF, for several stack depths (it should not grow with Z);
 - ``agreement``: PSNR of tiled against whole-plane output, on a float32 image;
 - ``overhead``: the engine (``deblur_lazy``, ``deblur_array``) against the bare
-  forward passes of the same tiles, and against one whole-plane forward per plane.
+  forward passes of the same tiles, and against one whole-plane forward per plane;
+- ``waste``: pixels the network computes (every tile, padded to the network's size
+  multiple) over the plane's pixels, for the tile planner before issue 20 (computed
+  analytically) and now, for a table of plane shapes and the worst case over a grid.
 
 Without ``--model FILE`` the network is a randomly initialised preset
 (``torch.manual_seed(0)``): a worst case for ``agreement``. ``--json FILE`` saves
@@ -23,6 +26,7 @@ Examples::
     python benchmarks/bench_inference.py memory --planes 2 5 20 --size 2048
     python benchmarks/bench_inference.py agreement --tiles 256 512 --overlaps 32 64 96 --model mpt.safetensors
     python benchmarks/bench_inference.py overhead --cases 4x512 8x256 --repeats 5 --baseline overhead.json
+    python benchmarks/bench_inference.py waste --shapes 1024x1024 660x550 1x5000
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ KEYS = {
     "memory": ("model", "planes", "size", "device", "tile"),
     "agreement": ("model", "size", "tile", "overlap", "device", "precision"),
     "overhead": ("model", "planes", "size", "device", "precision"),
+    "waste": ("model", "shape", "tile", "overlap"),
 }
 # (field, header, format) of the table columns
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
@@ -75,13 +80,23 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("lazy_vs_tiles_pct", "lazy/tiles%", "+11.1f"), ("array_vs_tiles_pct", "array/tiles%", "+12.1f"),
         ("lazy_vs_whole_pct", "lazy/whole%", "+11.1f"), ("array_vs_whole_pct", "array/whole%", "+12.1f"),
     ],
+    "waste": [
+        ("shape", "plane", "11s"), ("old_tiles", "old tiles", "9d"), ("old_tile_shape", "old tile", "10s"),
+        ("old_ratio", "old x", "7.3f"), ("tiles", "tiles", "5d"), ("tile_shape", "tile", "10s"),
+        ("ratio", "new x", "7.3f"),
+    ],
 }  # fmt: skip
 FIGURES = {
     "throughput": ("median_s", "megapixels_per_s"),
     "memory": ("peak_rss_mb", "time_s"),
     "agreement": ("psnr_db",),
     "overhead": ("lazy_s", "array_s", "tiles_s", "whole_s"),
+    "waste": ("ratio",),
 }
+DEFAULT_SHAPES = [
+    "512x512", "660x550", "768x768", "1000x1000", "1024x1024", "1024x2048", "1500x1500", "2048x2048", "3000x3000",
+    "4096x4096", "4096x513", "1025x777", "1x5000", "64x5000", "9x660x550",
+]  # fmt: skip
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
@@ -138,7 +153,6 @@ def measure(job: dict[str, Any]) -> list[Row]:
     from napari_mpt_deblur.config import ConfigError, DeblurSettings
     from napari_mpt_deblur.inference import Deblurrer, deblur_array, deblur_file, deblur_lazy
     from napari_mpt_deblur.runtime import tune_cpu_allocator
-    from napari_mpt_deblur.tiling import tile_grid
 
     tune_cpu_allocator()
     if job["threads"]:
@@ -161,7 +175,7 @@ def measure(job: dict[str, Any]) -> list[Row]:
     pixels = job.get("planes", 1) * size * size
 
     # the tiles the engine runs: Deblurrer.overlap is the overlap in use (the setting may be adjusted)
-    grid = tile_grid(size, size, deblurrer.tile, deblurrer.overlap)
+    grid = deblurrer.tile_windows(size, size)
     common |= {"tile": deblurrer.tile, "overlap": deblurrer.overlap, "tiles_per_plane": len(grid)}
 
     if what == "throughput":
@@ -252,6 +266,75 @@ def measure(job: dict[str, Any]) -> list[Row]:
     return [row]
 
 
+# --- tile waste (no forward passes) ---------------------------------------------------------------------------------
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def legacy_axis_tiles(length: int, tile: int, overlap: int) -> tuple[int, int]:
+    """(count, size) along one axis, as planned before issue 20: tiles of min(tile, length), tile - overlap apart."""
+    if tile >= length:
+        return 1, length
+    return math.ceil((length - tile) / (tile - overlap)) + 1, tile
+
+
+def legacy_plan(height: int, width: int, tile: int, multiple: int) -> tuple[int, tuple[int, int], int]:
+    """(tiles, tile shape, computed pixels) of the old planner at its default overlap (a quarter of the tile, <= 64)."""
+    overlap = min(64, tile // 4)
+    (rows, tile_h), (columns, tile_w) = (
+        legacy_axis_tiles(height, tile, overlap),
+        legacy_axis_tiles(width, tile, overlap),
+    )
+    return rows * columns, (tile_h, tile_w), rows * columns * round_up(tile_h, multiple) * round_up(tile_w, multiple)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'HxW' or 'ZxHxW' (planes, height, width)."""
+    numbers = [int(n) for n in text.lower().split("x")]
+    return (1, *numbers) if len(numbers) == 2 else tuple(numbers)  # type: ignore[return-value]
+
+
+def waste_rows(args: argparse.Namespace) -> list[Row]:
+    """Computed over plane pixels, old planner and new, for ``args.shapes``, then the worst over a grid."""
+    from napari_mpt_deblur import build_model, load_model
+    from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.inference import Deblurrer
+    from napari_mpt_deblur.tiling import plan_tiles
+
+    model = load_model(args.model) if args.model else build_model(args.preset)
+    label = Path(args.model).name if args.model else args.preset
+    deblurrer = Deblurrer(model, DeblurSettings(tile=args.tile, overlap=args.overlap, device="cpu"))
+    tile, overlap, multiple = deblurrer.tile, deblurrer.overlap, deblurrer.size_multiple
+
+    def ratios(height: int, width: int) -> tuple[float, float]:
+        plan = plan_tiles(height, width, tile, overlap, multiple, deblurrer.tile_growth)
+        return legacy_plan(height, width, tile, multiple)[2] / (height * width), plan.computed_pixels / (height * width)
+
+    rows = []
+    for text in args.shapes:
+        planes, height, width = parse_shape(text)
+        old_tiles, old_shape, _ = legacy_plan(height, width, tile, multiple)
+        plan = plan_tiles(height, width, tile, overlap, multiple, deblurrer.tile_growth)
+        old_ratio, ratio = ratios(height, width)
+        rows.append({"what": "waste", "model": label, "shape": text, "tile": tile, "overlap": overlap,
+                     "multiple": multiple, "device": "any", "threads": 0, "old_tiles": planes * old_tiles,
+                     "old_tile_shape": "x".join(map(str, old_shape)), "old_ratio": old_ratio,
+                     "tiles": planes * plan.count, "tile_shape": "x".join(map(str, plan.tile_shape)),
+                     "ratio": ratio})  # fmt: skip
+    squares = range(512, 4097)
+    rectangles = [(h, w) for h in range(512, 4097, 64) for w in range(512 + 29, 4097, 67)]
+    for name, shapes in (("squares 512..4096", [(s, s) for s in squares]), ("rectangles 512..4096", rectangles)):
+        old_worst = max(shapes, key=lambda shape: ratios(*shape)[0])
+        worst = max(shapes, key=lambda shape: ratios(*shape)[1])
+        print(f"# {name} ({len(shapes)} shapes): worst old {ratios(*old_worst)[0]:.3f} at {old_worst}, "
+              f"worst new {ratios(*worst)[1]:.3f} at {worst}; mean old "
+              f"{statistics.mean(ratios(*s)[0] for s in shapes):.3f}, new "
+              f"{statistics.mean(ratios(*s)[1] for s in shapes):.3f}")  # fmt: skip
+    return rows
+
+
 # --- driver ---------------------------------------------------------------------------------------------------------
 
 
@@ -266,6 +349,8 @@ def run_child(job: dict[str, Any]) -> list[Row]:
 
 
 def jobs_and_rows(args: argparse.Namespace) -> list[Row]:
+    if args.what == "waste":
+        return waste_rows(args)
     job = {k: getattr(args, k, None) for k in ("model", "preset", "pairing", "device", "precision", "threads", "tile")}
     job |= {"what": args.what, "repeats": args.repeats}
     if args.what == "throughput":
@@ -333,6 +418,10 @@ def main() -> None:
     agreement.add_argument("--overlaps", type=int, nargs="+", default=[32, 64, 96])
     overhead = sub.add_parser("overhead", parents=[common], help="engine time against bare forward passes")
     overhead.add_argument("--cases", nargs="+", default=["4x512", "8x256"], help="PLANESxSIZE")
+    waste = sub.add_parser("waste", parents=[common], help="pixels computed over plane pixels, old and new planner")
+    waste.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="HxW or ZxHxW")
+    waste.add_argument("--tile", type=int, help="default: the model's tile size")
+    waste.add_argument("--overlap", type=int, help="default: the engine's")
     args = parser.parse_args()
 
     import torch
@@ -346,6 +435,8 @@ def main() -> None:
             baseline = {tuple(r[k] for k in KEYS[args.what]): r for r in json.load(handle) if r["what"] == args.what}
     if rows:
         timing = f", median of {args.repeats}" if args.what in ("throughput", "overhead") else ""
+        if args.what == "waste":
+            timing = f", tile {rows[0]['tile']}, overlap {rows[0]['overlap']}, size multiple {rows[0]['multiple']}"
         print(f"# model: {rows[0]['model']}, device {rows[0]['device']}{timing}")
         print_table(args.what, rows, baseline)
     if args.json:

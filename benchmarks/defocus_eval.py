@@ -1,15 +1,18 @@
 """Held-out defocus evaluation shared by the training benchmarks.
 
 Sharp planes are defocused with the widefield PSF at fixed distances, with mild
-Poisson-Gaussian noise and a fixed seed, then restored by a model and by
+Poisson-Gaussian noise and a fixed seed, then restored by a model, by
 Richardson-Lucy deconvolution given the true PSF (best of 5/10/20/40
-iterations, scored against the truth: an upper bound on what it can do).
+iterations, scored against the truth: an upper bound on what it can do), by
+Richardson-Lucy given a Gaussian of the PSF's width, and by a tuned Wiener
+filter (``classical``).
 PSNR/SSIM use a data range of 1 on planes normalised to 0..1.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from classical import best_richardson_lucy, best_wiener, gaussian_of_width
 
 STRENGTHS_UM = (1.0, 2.0, 3.0)
 """Defocus distances (widefield PSF, NA 0.8, 520 nm, n 1.33, 0.2 um pixels)."""
@@ -98,19 +101,28 @@ def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu"
         if with_rl:
             rl = richardson_lucy_best(case["blurry"], case["psf"], case["sharp"])
             row["richardson_lucy"], row["rl_iterations"] = rl[:2], rl[2]
+            # the baselines without the true PSF's shape: a Gaussian of its width, and a tuned Wiener filter
+            score = lambda out, sharp: scores(out, sharp)[0]  # noqa: E731
+            gaussian = best_richardson_lucy(case["blurry"], gaussian_of_width(case["psf"]), case["sharp"], score)
+            row["rl_gaussian"] = scores(gaussian["output"], case["sharp"])
+            wiener = best_wiener(case["blurry"], case["psf"], case["sharp"], score)
+            row["wiener"] = scores(wiener["output"], case["sharp"])
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    """One line per case: PSNR of input, model and RL, then SSIM of each."""
-    with_rl = "richardson_lucy" in rows[0]
-    header = ["input dB", "MPT dB"] + (["RL dB"] if with_rl else []) + ["in SSIM", "MPT SSIM"]
-    header += ["RL SSIM"] if with_rl else []
+    """One line per case: PSNR of input, model and the classical baselines, then SSIM of each.
+
+    RL is Richardson-Lucy with the true PSF, RLg with a Gaussian of the PSF's width, W a tuned Wiener filter.
+    """
+    names = [("input", "in"), ("mpt", "MPT")]
+    names += [(key, label) for key, label in (("richardson_lucy", "RL"), ("rl_gaussian", "RLg"), ("wiener", "W"))]
+    names = [(key, label) for key, label in names if key in rows[0]]
+    header = [f"{label} dB" for _, label in names] + [f"{label} SSIM" for _, label in names]
     print(f"{'image':34s} {'defocus':>8s} " + " ".join(f"{h:>9s}" for h in header))
     for row in rows:
-        psnrs = [row["input"][0], row["mpt"][0]] + ([row["richardson_lucy"][0]] if with_rl else [])
-        ssims = [row["input"][1], row["mpt"][1]] + ([row["richardson_lucy"][1]] if with_rl else [])
-        print(f"{row['image']:34s} {row['defocus_um']:8.1f} " + " ".join(f"{v:9.3f}" for v in psnrs + ssims))
+        values = [row[key][0] for key, _ in names] + [row[key][1] for key, _ in names]
+        print(f"{row['image']:34s} {row['defocus_um']:8.1f} " + " ".join(f"{v:9.3f}" for v in values))
     gain = float(np.mean([r["mpt"][0] - r["input"][0] for r in rows]))
     print(f"mean PSNR gain over the input: {gain:+.2f} dB")

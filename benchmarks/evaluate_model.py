@@ -5,7 +5,8 @@ StarDist ships two test images that no bundled model trains on:
 (H&E, 300x500 RGB, deblurred channel by channel by a 1-channel model). Each is
 defocused with the widefield PSF at 1, 2 and 3 um with mild noise
 (``defocus_eval``); the table gives PSNR/SSIM of the blurry input, the model's
-output and Richardson-Lucy given the true PSF (best of 5/10/20/40 iterations).
+output, Richardson-Lucy given the true PSF and given a Gaussian of its width
+(best of several iteration counts) and a tuned Wiener filter.
 Needs the ``[stardist]`` extra (for the images only; no network).
 
 Example::

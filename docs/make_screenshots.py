@@ -340,7 +340,7 @@ def detections(args: argparse.Namespace) -> int:
     print(compare.result.comparison.table())
 
     # each image with its detections as outlines, side by side: defocused, deblurred, sharp
-    deblurred = viewer.layers["nuclei deblurred"]
+    deblurred = compare.after.value  # the layer the dock just added ("nuclei deblurred (<model>)")
     order = [before, deblurred, sharp_layer]
     for image in order:
         found = viewer.layers[f"{image.name} detections"]

@@ -1,4 +1,8 @@
-"""Shared fixtures: paths to the reference vectors and small models."""
+"""Shared fixtures: paths to the reference vectors and small models.
+
+Everything the tests read lies inside the repository (the reference vectors in
+``tests/data/reference/``), so a fresh clone runs its own suite.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+"""The reference implementation's golden vectors, copied into the repository (see the README there)."""
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +27,9 @@ def _deterministic_torch():
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not (REFERENCE / "official_tiny_gray.pth").exists():
-        pytest.fail(f"reference vectors not found in {REFERENCE}; the tests expect shared/ beside the repository")
+    """The folder of the reference vectors, ``tests/data/reference/``."""
+    if not (REFERENCE / "official_tiny_gray.pth").is_file():
+        pytest.fail(f"reference vectors not found in {REFERENCE}; they are part of the repository")
     return REFERENCE
 
 

@@ -77,6 +77,69 @@ def test_rgb_with_a_three_channel_model(tmp_path, rgb_model_file):
         assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB and tif.series[0].shape == (60, 70, 3)
 
 
+def page_layout(path) -> tuple:
+    """How a TIFF stores its pixels: the series' shape and dtype, pages, and each page's shape and sample layout."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        layout = (page.shape, page.photometric, page.planarconfig, tuple(page.extrasamples))
+        return tif.series[0].shape, tif.series[0].dtype, len(tif.pages), layout
+
+
+# Every layout plain tifffile.imwrite(path, array) gives a uint16 array: 3 or 4 x H x W are planar RGB(A)
+# (one page, samples as separate planes), H x W x 3 or 4 interleaved RGB(A), others grey pages.
+DEFAULT_LAYOUTS = {
+    "planar RGB": (3, 36, 44),
+    "planar RGBA": (4, 36, 44),
+    "interleaved RGB": (36, 44, 3),
+    "interleaved RGBA": (36, 44, 4),
+    "2-D": (36, 44),
+    "grey pages": (5, 36, 44),
+    "pages of planar RGB": (2, 3, 36, 44),
+    "pages of interleaved RGB": (2, 36, 44, 3),
+}
+
+
+@pytest.mark.parametrize("shape", DEFAULT_LAYOUTS.values(), ids=DEFAULT_LAYOUTS.keys())
+@pytest.mark.filterwarnings("ignore:.*stored as RGB with separate component planes")
+def test_output_keeps_the_shape_and_page_layout_tifffile_wrote_by_default(tmp_path, model_file, shape):
+    source = tmp_path / "plain.tif"
+    tifffile.imwrite(source, (np.random.default_rng(5).random(shape) * 4000).astype(np.uint16))
+    for name in ("out.tif", "out.ome.tif"):
+        target = tmp_path / name
+        assert main(["deblur", str(source), "-o", str(target), "--model", str(model_file), "--quiet"]) == 0
+        assert tifffile.imread(target).shape == shape, name
+        assert page_layout(target) == page_layout(source), name
+
+
+@pytest.mark.filterwarnings("ignore:.*stored as RGB with separate component planes")
+def test_planar_rgb_with_a_three_channel_model_stays_planar(tmp_path, rgb_model_file):
+    source = tmp_path / "planar.tif"
+    tifffile.imwrite(source, (np.random.default_rng(6).random((3, 40, 48)) * 4000).astype(np.uint16))
+    target = tmp_path / "planar-out.tif"
+    assert main(["deblur", str(source), "-o", str(target), "--model", str(rgb_model_file), "--quiet"]) == 0
+    assert page_layout(target) == page_layout(source)
+    assert tifffile.TiffFile(target).pages.first.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+
+
+def test_a_zarr_store_is_zarr_by_its_content_as_input_and_as_output(tmp_path, model_file, capsys):
+    from napari_mpt_deblur.images import write_ome_zarr
+
+    stack = write_stack(tmp_path / "seed.tif", shape=(2, 40, 48))
+    plate = tmp_path / "plate"  # an OME-Zarr folder named without .zarr, as other tools write them
+    write_ome_zarr(plate, [((slice(None),) * 3, stack)], stack.shape, stack.dtype, "ZYX")
+    model = ["--model", str(model_file), "--quiet"]
+    for typed in (f"{plate}/", str(plate)):
+        target = tmp_path / "out.zarr"
+        assert main(["deblur", typed, "-o", str(target), *model, "--overwrite"]) == 0, capsys.readouterr().err
+        assert open_image(target).shape == stack.shape
+
+    # an existing store named without .zarr is an output Zarr store too: refused without --overwrite, else replaced
+    assert "--overwrite" in run_error(capsys, ["deblur", str(tmp_path / "seed.tif"), "-o", str(plate), *model])
+    assert main(["deblur", str(tmp_path / "seed.tif"), "-o", str(plate), *model, "--overwrite"]) == 0
+    replaced = open_image(plate)
+    assert replaced.shape == stack.shape and not np.array_equal(replaced.data.compute(), stack)
+
+
 def run_error(capsys, args):
     code = main(args)
     err = capsys.readouterr().err.strip()

@@ -20,6 +20,7 @@ from napari_mpt_deblur.plugin.deblur_job import (
     layer_axes,
     result_layer_kwargs,
 )
+from napari_mpt_deblur.tiling import plan_tiles
 
 CPU = DeblurSettings(device="cpu")
 
@@ -126,12 +127,13 @@ def test_result_layer_kwargs_keep_placement_and_display():
         "blending": "additive",
         "metadata": {"origin": "microscope"},
     }
-    kwargs = result_layer_kwargs(source, {"model": "m.safetensors"})
-    assert kwargs["name"] == "cells deblurred"
+    kwargs = result_layer_kwargs(source, {"model": "/models/m.safetensors"})
+    assert kwargs["name"] == "cells deblurred (m)"  # which model made it
     for key in ("scale", "translate", "axis_labels", "units", "colormap", "blending"):
         assert kwargs[key] == source[key]
     assert kwargs["contrast_limits"] == [10.0, 900.0]
-    assert kwargs["metadata"] == {"origin": "microscope", METADATA_KEY: {"model": "m.safetensors"}}
+    assert kwargs["metadata"] == {"origin": "microscope", METADATA_KEY: {"model": "/models/m.safetensors"}}
+    assert result_layer_kwargs(source)["name"] == "cells deblurred"  # no record: no model to name
     rgb = result_layer_kwargs({**source, "rgb": True, "colormap": "gray"})
     assert rgb["rgb"] is True and "colormap" not in rgb
 
@@ -202,7 +204,7 @@ def test_widget_opens_through_the_manifest(viewer_and_widget, grey_model_file):
     assert widget.model.value == str(grey_model_file.resolve())
     assert widget.model.current_choice == "grey.safetensors"
     assert widget.layer.value is None and widget.run_button.enabled and not widget.cancel_button.enabled
-    assert widget.tile.value == 512 and widget.overlap.value == 64  # no tile size in the model card
+    assert widget.tile.value == 512 and widget.overlap.value == 32  # no tile size in the model card
     assert (widget.low.value, widget.high.value) == (1.0, 99.8)
     assert widget.device.choices[0] == "auto" and "cpu" in widget.device.choices
     assert widget.device.current_choice == "cpu (CPU)"
@@ -229,7 +231,7 @@ def test_eager_deblur_adds_a_matching_layer(qtbot, viewer_and_widget, grey_model
     wait_idle(qtbot, widget)
     assert errors(records) == []
     assert len(viewer.layers) == 2
-    result = viewer.layers["cells deblurred"]
+    result = viewer.layers["cells deblurred (grey)"]  # named for the model that made it
     assert result.data.shape == data.shape and result.data.dtype == data.dtype
     np.testing.assert_array_equal(result.scale, source.scale)
     np.testing.assert_array_equal(result.translate, source.translate)
@@ -254,7 +256,7 @@ def test_lazy_deblur_is_dask_and_equals_eager(qtbot, viewer_and_widget, grey_mod
     widget.lazy.value = True
     widget.run_button.native.click()
     assert not widget.running  # added at once, nothing runs in the background
-    result = viewer.layers["cells deblurred"]
+    result = viewer.layers["cells deblurred (grey)"]
     assert isinstance(result.data, da.Array) and result.data.shape == data.shape
     np.testing.assert_array_equal(result.scale, source.scale)
     assert result.metadata[METADATA_KEY]["mode"] == "lazy"
@@ -262,9 +264,10 @@ def test_lazy_deblur_is_dask_and_equals_eager(qtbot, viewer_and_widget, grey_mod
     assert "output" not in widget.focus_plot.series and "every plane" in widget.status.value
     lazy = np.asarray(result.data)
     widget.lazy.value = False
+    assert widget.layer.value is source  # the result was selected: the dock stays on its source
     widget.run()
     wait_idle(qtbot, widget)
-    eager = viewer.layers["cells deblurred [1]"].data
+    eager = viewer.layers["cells deblurred (grey) [1]"].data
     np.testing.assert_array_equal(lazy, eager)
     np.testing.assert_array_equal(lazy, deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings()))
     assert errors(records) == []
@@ -277,24 +280,28 @@ def test_rgb_layer_with_a_grey_model(qtbot, viewer_and_widget, grey_model_file, 
     widget.run()
     wait_idle(qtbot, widget)
     assert errors(records) == []
-    result = viewer.layers["slide deblurred"]
+    infos = [str(n.message) for n in records() if str(n.severity).lower().endswith("info")]
+    assert any("'slide' is RGB and the model is grey" in info and "one by one" in info for info in infos)
+    result = viewer.layers["slide deblurred (grey)"]
     assert result.rgb and result.data.shape == data.shape and result.data.dtype == np.uint8
     np.testing.assert_array_equal(result.data, deblur_array(load_model(grey_model_file), data, "YXS", CPU))
 
 
-def test_cancel_mid_run_adds_nothing(qtbot, viewer_and_widget, records):
+def test_cancel_mid_run_adds_nothing(qtbot, viewer_and_widget, records, grey_model_file):
     from napari.utils import progress
 
     viewer, widget = viewer_and_widget
-    widget.layer.value = viewer.add_image(stack((6, 64, 64)), name="cells")
-    widget.tile.value = 32  # 9 tiles per plane, 54 in all
+    widget.layer.value = viewer.add_image(stack((6, 160, 160)), name="cells")
+    widget.tile.value = 32  # many tiles per plane: the run is cancelled long before its end
     assert widget.overlap.value == 8
+    model = load_model(grey_model_file)  # the dock's model: the newest file
+    tiles = 6 * plan_tiles(160, 160, 32, 8, model.config.size_multiple).count
     widget.run_button.native.click()
     qtbot.waitUntil(lambda: widget.progress_bar.value > 0, timeout=30_000)
     (bar,) = [bar for bar in progress._all_instances if bar.desc == "Deblurring cells"]  # napari's activity dock
     widget.cancel_button.native.click()
     wait_idle(qtbot, widget)
-    assert bar.total == 54 and bar.n < 10  # stopped within a tile or two, not run to the end
+    assert bar.total == tiles and tiles > 30 and bar.n < 10  # stopped within a tile or two, not run to the end
     assert widget.progress_bar.value == 0 and widget.status.value == "cancelled"
     assert [layer.name for layer in viewer.layers] == ["cells"]
     assert widget.run_button.enabled and not widget.cancel_button.enabled
@@ -356,10 +363,10 @@ def test_registry_and_model_file_feed_the_model_list(qtbot, make_napari_viewer, 
     assert widget.model.current_choice == "finetuned.safetensors"
     assert (widget.tile.value, widget.overlap.value, widget.low.value, widget.high.value) == (128, 32, 2.0, 99.0)
     # the overlap follows the tile until the user sets it
-    widget.tile.value = 256
-    assert widget.overlap.value == 64
-    widget.overlap.value = 10
     widget.tile.value = 64
+    assert widget.overlap.value == 16  # a quarter of the tile, at most 32
+    widget.overlap.value = 10
+    widget.tile.value = 256
     assert widget.overlap.value == 10 and widget.settings().overlap == 10
     # a file picked in the widget is added and chosen; a broken one is refused
     other = save_model(model, tmp_path / "other" / "finetuned.safetensors")
@@ -425,6 +432,67 @@ def test_the_model_file_box_shows_the_chosen_model(
     assert deblur.model.value == "default" and deblur._models.problem is None
     finetune.model.value = rgb
     assert finetune.model_file.value == Path(rgb) and deblur.model_file.value is None
+
+
+def test_the_dock_starts_on_the_selected_layer_and_follows_it_until_picked(make_napari_viewer, registry):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mpt-deblur", "defocused_cells")
+    sharp, defocused = viewer.layers["sharp cells"], viewer.layers["defocused cells"]
+    viewer.layers.selection.active = defocused
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    assert widget.layer.value is defocused  # the selected layer, not the first in the list
+    viewer.layers.selection.active = sharp
+    assert widget.layer.value is sharp
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="masks")  # not an image: the dock stays
+    assert widget.layer.value is sharp
+    result = viewer.add_image(
+        stack((8, 8)), name="defocused cells deblurred (default)", metadata={METADATA_KEY: {"source": defocused.name}}
+    )
+    assert widget.layer.value is defocused  # a deblurred result selected: its source, not the result again
+    widget.layer.value = sharp  # picked by hand: the selection no longer moves it
+    viewer.layers.selection.active = defocused
+    assert widget.layer.value is sharp and widget.layer.choices == (sharp, defocused, result)
+    viewer.layers.remove(sharp)  # the layer picked is gone: the dock follows the selection again
+    viewer.layers.selection.active = result
+    assert widget.layer.value is defocused
+
+
+def test_a_refused_model_file_leaves_every_valid_choice_working(
+    qtbot, viewer_and_widget, grey_model_file, tmp_path, records
+):
+    viewer, widget = viewer_and_widget
+    grey = str(grey_model_file.resolve())
+    viewer.add_image(stack((32, 32)), name="cells")
+    import torch
+
+    not_a_model = tmp_path / "weights.pth"
+    torch.save({"epoch": 3}, not_a_model)  # a PyTorch file, not an MPT checkpoint
+
+    def refused() -> None:
+        widget.model_file.value = not_a_model
+        assert "weights.pth" in errors(records)[-1] and "weights.pth" in widget.status.value
+        count = len(errors(records))
+        widget.run()
+        assert len(errors(records)) == count + 1 and not widget.running  # refused, and said so
+        assert widget.model.value == grey  # the file did not join the menu
+
+    def runs(result: str) -> None:
+        assert "weights.pth" not in widget.status.value
+        widget.run()
+        wait_idle(qtbot, widget)
+        assert result in viewer.layers
+
+    refused()
+    widget.model.native.activated.emit(widget.model.native.currentIndex())  # the model already chosen, again
+    assert widget.model_file.value == Path(grey) and widget.status.value.startswith("model: grey.safetensors")
+    runs("cells deblurred (grey)")
+    refused()
+    widget.model_file.value = None  # the box cleared
+    assert widget.model.value == grey
+    runs("cells deblurred (grey) [1]")
+    refused()
+    widget.model_file.value = grey_model_file  # a good file
+    runs("cells deblurred (grey) [2]")
 
 
 def test_closing_the_dock_mid_run_stops_quietly(qtbot, viewer_and_widget, records):

@@ -173,7 +173,9 @@ def test_the_best_checkpoint_is_kept_and_survives_a_resume(tmp_path):
     assert load_model(best_path(output)).card.provenance["step"] == 6
     assert load_training_state(state_path(output))["best"] == {"step": 6, "score": 3.0}
     best_bytes = best_path(output).read_bytes()
+    first_seconds = load_training_state(state_path(output))["training_seconds"]
     model = load_model(output)
+    assert first_seconds > 0 and model.card.provenance["trained_on_device"].startswith("cpu")
     list(
         iter_train(
             model, LabeledPairs(blurry, sharp), output, config, validation=_ScriptedValidation([2.0]), resume=True
@@ -181,6 +183,11 @@ def test_the_best_checkpoint_is_kept_and_survives_a_resume(tmp_path):
     )
     assert best_path(output).read_bytes() == best_bytes  # a worse score after the resume does not replace it
     assert load_model(best_path(output)).card.provenance["validation"]["score"] == 3.0
+    # the card's training time sums every process of the run
+    assert load_training_state(state_path(output))["training_seconds"] > first_seconds
+    assert load_model(output).card.provenance["training_hours"] == pytest.approx(
+        load_training_state(state_path(output))["training_seconds"] / 3600, abs=1e-3
+    )
 
 
 @pytest.mark.slow

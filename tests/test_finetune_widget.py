@@ -242,6 +242,29 @@ def test_stop_mid_run_keeps_the_best_weights_and_returns_to_idle(make_napari_vie
     assert not any("Fine-tuning" in bar.desc for bar in progress._all_instances)  # napari's bar is closed
 
 
+def test_your_stacks_start_on_the_selected_layers_follow_them_and_say_several_can_be_picked(make_napari_viewer):
+    from napari_mpt_deblur.plugin.deblur_job import METADATA_KEY
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "defocused_cells")
+    sharp, defocused = viewer.layers["sharp cells"], viewer.layers["defocused cells"]
+    viewer.layers.selection.active = defocused
+    _, widget = open_dock(viewer)
+    assert widget.unlabeled.value == [defocused]  # the selected layer
+    assert "several" in widget.unlabeled.label and "Ctrl-click" in widget.unlabeled.tooltip
+    viewer.layers.selection.update([sharp, defocused])  # several selected in the layer list: all of them
+    assert widget.unlabeled.value == [sharp, defocused]
+    viewer.add_labels(np.zeros((9, 660, 550), np.uint8), name="masks")  # not an image: the stacks stay
+    assert widget.unlabeled.value == [sharp, defocused]
+    viewer.add_image(
+        defocused.data, name="defocused cells deblurred", metadata={METADATA_KEY: {"source": defocused.name}}
+    )
+    assert widget.unlabeled.value == [defocused]  # a deblurred result selected: its source, not the result
+    widget.unlabeled.value = [sharp]  # picked by hand: the selection no longer changes it
+    viewer.layers.selection.active = defocused
+    assert widget.unlabeled.value == [sharp]
+
+
 def test_bad_input_gives_a_notification_and_leaves_the_viewer_untouched(
     make_napari_viewer, qtbot, model_file, notifications
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,22 +10,119 @@ import torch
 
 from conftest import tiny_config
 from napari_mpt_deblur import MPT
-from napari_mpt_deblur.tiling import axis_starts, blend_window, tiled_forward
+from napari_mpt_deblur.inference import DEFAULT_TILE, default_overlap
+from napari_mpt_deblur.tiling import TILE_GROWTH, blend_window, plan_tiles, round_up, tile_grid, tiled_forward
+
+LITE_MULTIPLE = 64  # the default model's config.size_multiple
+PLAN_CASES = [
+    # height, width, tile, overlap, multiple
+    (1024, 1024, 512, 64, 64),
+    (660, 550, 512, 32, 64),
+    (2048, 1500, 512, 32, 64),
+    (4096, 777, 512, 32, 64),
+    (1, 5000, 512, 32, 64),
+    (3000, 7, 256, 64, 64),
+    (400, 300, 96, 32, 1),
+    (97, 211, 64, 63, 1),
+    (1000, 1000, 256, 0, 16),
+    (300, 200, 96, 24, 16),
+]
+
+
+def padded_area(plan) -> int:
+    return round_up(plan.rows.size, plan.multiple) * round_up(plan.columns.size, plan.multiple)
+
+
+@pytest.mark.parametrize("height, width, tile, overlap, multiple", PLAN_CASES)
+def test_equal_tiles_cover_every_pixel_with_the_overlap(height, width, tile, overlap, multiple):
+    plan = plan_tiles(height, width, tile, overlap, multiple)
+    windows = plan.windows()
+    assert len(windows) == plan.count
+    assert {(w[0].stop - w[0].start, w[1].stop - w[1].start) for w in windows} == {plan.tile_shape}  # equal tiles
+    covered = torch.zeros(height, width, dtype=torch.int32)
+    for rows, columns in windows:
+        assert rows.start >= 0 and columns.start >= 0 and rows.stop <= height and columns.stop <= width
+        covered[rows, columns] += 1
+    assert (covered > 0).all()
+    for axis in (plan.rows, plan.columns):
+        starts = axis.starts()
+        assert starts[0] == 0 and starts[-1] + axis.size == axis.length  # flush with both ends
+        assert all(a + axis.size - b >= overlap for a, b in zip(starts, starts[1:]))  # neighbours share `overlap`
+        assert axis.count == 1 or axis.size % multiple == 0  # what the network needs, unless spanning the plane
+
+
+def brute_force_cost(height: int, width: int, tile: int, overlap: int, multiple: int) -> tuple[int, int]:
+    """(computed pixels, tiles) of the best tiling, by trying every tile count and size within the memory bound."""
+    budget = (TILE_GROWTH * round_up(tile, multiple)) ** 2
+
+    def axis_options(length: int) -> list[tuple[int, int]]:  # (count, padded size) of every covering tiling
+        options = [(1, round_up(length, multiple))]
+        for count, size in itertools.product(range(2, length + 1), range(multiple, length, multiple)):
+            if count * size - (count - 1) * overlap >= length:
+                options.append((count, size))
+        return options
+
+    return min(
+        (nh * sh * nw * sw, nh * nw)
+        for (nh, sh), (nw, sw) in itertools.product(axis_options(height), axis_options(width))
+        if sh * sw <= budget
+    )
 
 
 @pytest.mark.parametrize(
-    "length, tile, overlap", [(400, 96, 32), (256, 256, 32), (100, 256, 32), (1000, 256, 0), (97, 64, 63)]
+    "height, width, tile, overlap, multiple",
+    [(300, 200, 96, 24, 16), (130, 250, 64, 16, 16), (200, 200, 64, 16, 32), (97, 211, 40, 8, 8), (1, 400, 64, 8, 16)],
 )
-def test_tiles_cover_the_axis_with_the_overlap(length, tile, overlap):
-    starts = axis_starts(length, tile, overlap)
-    size = min(tile, length)
-    assert starts[0] == 0 and starts[-1] + size == length
-    covered = torch.zeros(length, dtype=torch.bool)
-    for start in starts:
-        covered[start : start + size] = True
-    assert covered.all()
-    for a, b in zip(starts, starts[1:]):
-        assert a + size - b >= overlap  # neighbours share at least `overlap` pixels
+def test_fewest_computed_pixels_then_fewest_tiles(height, width, tile, overlap, multiple):
+    plan = plan_tiles(height, width, tile, overlap, multiple)
+    assert (plan.computed_pixels, plan.count) == brute_force_cost(height, width, tile, overlap, multiple)
+
+
+def test_1024_at_tile_512_is_two_tiles_not_nine():
+    plan = plan_tiles(1024, 1024, 512, 64, LITE_MULTIPLE)
+    assert plan.count == 2 and sorted(plan.tile_shape) == [576, 1024]
+    assert plan.computed_pixels / 1024**2 == pytest.approx(1.125)
+
+
+@pytest.mark.parametrize("height, width", [(512, 512), (660, 550), (768, 768), (1, 5000), (64, 5000), (9, 9)])
+def test_a_plane_within_the_tile_area_is_one_tile(height, width):
+    assert tile_grid(height, width, 512, 32, LITE_MULTIPLE) == [(slice(0, height), slice(0, width))]
+
+
+@pytest.mark.parametrize("growth", [1.0, TILE_GROWTH])
+@pytest.mark.parametrize("height, width, tile, overlap, multiple", PLAN_CASES)
+def test_tiles_stay_within_the_memory_bound(height, width, tile, overlap, multiple, growth):
+    plan = plan_tiles(height, width, tile, overlap, multiple, growth)
+    assert padded_area(plan) <= (growth * round_up(tile, multiple)) ** 2
+
+
+def waste(height: int, width: int) -> float:
+    """Pixels the default model computes over the plane's pixels, at default settings."""
+    plan = plan_tiles(height, width, DEFAULT_TILE, default_overlap(DEFAULT_TILE), LITE_MULTIPLE)
+    return plan.computed_pixels / (height * width)
+
+
+ODD_SHAPES = [(660, 550), (513, 4096), (4096, 513), (1025, 777), (3001, 2999), (577, 1153), (4096, 4096)]
+
+
+def test_pixels_computed_at_most_1_3x_from_512_to_4096():
+    sizes = list(range(512, 4097, 97)) + [4096]
+    shapes = list(itertools.product(sizes, sizes[::3])) + ODD_SHAPES
+    worst = max(shapes, key=lambda shape: waste(*shape))
+    assert waste(*worst) <= 1.3, worst
+
+
+@pytest.mark.slow
+def test_pixels_computed_at_most_1_3x_for_every_square_size():
+    worst = max(range(512, 4097), key=lambda side: waste(side, side))
+    assert waste(worst, worst) <= 1.3, worst
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ValueError, match="overlap < tile"):
+        plan_tiles(100, 100, 32, 32)
+    with pytest.raises(ValueError, match="growth >= 1"):
+        plan_tiles(100, 100, 32, 8, growth=0.5)
 
 
 def test_blend_window_is_positive_symmetric_and_flat_inside():
@@ -59,6 +157,34 @@ def test_no_seams_with_a_local_network():
     assert _psnr(hard, whole) < _psnr(tiled, whole) - 10
 
 
+@pytest.mark.parametrize(
+    "height, width, tile, overlap, multiple", [(300, 400, 96, 32, 16), (150, 170, 64, 16, 64), (1, 1000, 64, 8, 16)]
+)
+def test_blend_weights_of_overlapping_tiles_sum_to_one(height, width, tile, overlap, multiple):
+    """The identity network comes back unchanged however the tiles overlap: the weights are normalised."""
+    image = _pattern(height, width)
+    assert len(tile_grid(height, width, tile, overlap, multiple)) > 1
+    out = tiled_forward(lambda x: x, image, tile=tile, overlap=overlap, multiple=multiple)
+    torch.testing.assert_close(out, image, atol=1e-6, rtol=0)
+
+
+def test_tiled_output_agrees_with_the_whole_plane_on_a_random_mpt():
+    """End to end on a real (random) MPT with the engine's planner: enlarged, rounded tiles still blend closely.
+
+    A random network is a worst case (its global channel attention is arbitrary); the default
+    model's figure (docs/inference.md) is far higher.
+    """
+    torch.manual_seed(0)
+    model = MPT(tiny_config()).eval()
+    image = _pattern(256, 352)
+    multiple = model.config.size_multiple
+    assert len(tile_grid(256, 352, 192, 32, multiple)) == 2  # two tiles of 256 x 192 (the old planner: four of 192)
+    with torch.no_grad():
+        whole = model(image)
+        tiled = tiled_forward(model, image, tile=192, overlap=32, multiple=multiple, batch=2)
+    assert _psnr(tiled, whole) > 38  # 42.3 dB (the old planner's four tiles: 41.9 dB)
+
+
 def test_one_tile_is_the_plain_forward():
     model = MPT(tiny_config()).eval()
     image = _pattern(100, 120)
@@ -72,8 +198,9 @@ def test_progress_counts_tiles_and_can_cancel():
     seen = []
     with torch.no_grad():
         out = tiled_forward(model, image, tile=64, overlap=16, progress=lambda d, t: seen.append((d, t)))
-    assert out.shape == image.shape
-    assert seen == [(i + 1, 9) for i in range(9)]
+    total = len(tile_grid(150, 150, 64, 16))
+    assert out.shape == image.shape and total > 1
+    assert seen == [(i + 1, total) for i in range(total)]
 
     class Cancelled(Exception):
         pass

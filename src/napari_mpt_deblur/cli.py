@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -122,6 +123,42 @@ def cmd_new(args: argparse.Namespace) -> None:
     print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .images import write_image
+    from .plugin.samples import SAMPLES, sample_image
+
+    if args.list:
+        width = max(len(name) for name in SAMPLES)
+        for name, what in SAMPLES.items():
+            print(f"{name:{width}s}  {what}")
+        return
+    if not args.name or not args.output:
+        raise UsageError(f"give a sample name and -o FILE (samples: {', '.join(SAMPLES)}), or --list")
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    try:
+        image = sample_image(args.name)
+    except ModuleNotFoundError as error:  # scikit-image holds the cell image; it is not a core dependency
+        raise UsageError(
+            f"the sample needs {error.name} (the source of its cell image): pip install scikit-image"
+        ) from None
+    data = image.data.compute()
+    write_image(
+        output,
+        [((slice(None),) * data.ndim, data)],
+        image.shape,
+        image.dtype,
+        image.axes,
+        like=image,
+        overwrite=args.overwrite,
+    )
+    unit = "um" if image.unit == "micrometer" else image.unit
+    print(
+        f"wrote {output}: sample '{args.name}', {image.dtype} {image.axes} {' x '.join(map(str, image.shape))}, "
+        f"pixel size {image.pixel_size[1]:g} {unit}, Z spacing {image.z_spacing:g} {unit}"
+    )
+
+
 def deblur_targets(inputs: list[str], output: str, overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(source, target) pairs: one file to a file, or several files / a folder of TIFFs to a folder.
 
@@ -220,6 +257,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                     if event.message:
                         bar.write(f"{name}: {event.message}")
 
+                started = time.perf_counter()
                 try:
                     deblur_file(
                         deblurrer,
@@ -245,7 +283,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                     print(f"mpt-deblur deblur: failed: {message}", file=sys.stderr)
                     continue
             if not args.quiet:
-                print(f"wrote {target}")
+                print(f"wrote {target} in {time.perf_counter() - started:.1f} s")
     finally:
         if client is not None:
             client.close()
@@ -819,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile", type=int, help="tile side in pixels (default: the model file's, else 512; 0: whole planes)"
     )
     deblur.add_argument(
-        "--overlap", type=int, help="overlap of tiles in pixels (default: a quarter of the tile, <= 64)"
+        "--overlap", type=int, help="overlap of tiles in pixels (default: a quarter of the tile, <= 32)"
     )
     deblur.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps")
     deblur.add_argument("--batch", type=int, help="tiles per forward pass (default: 1 on CPU, 4 on GPU)")
@@ -837,6 +875,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deblur.add_argument("--quiet", action="store_true", help="no progress bar")
     deblur.set_defaults(run=cmd_deblur)
+
+    from .plugin.samples import SAMPLES
+
+    sample = commands.add_parser(
+        "sample",
+        help="write a sample image to try deblurring on (see --list)",
+        description="Write a sample image with its pixel size and Z spacing (.tif, .ome.tif or .zarr). Samples: "
+        + "; ".join(f"{name}: {what}" for name, what in SAMPLES.items())
+        + ". Needs scikit-image.",
+    )
+    sample.add_argument("name", nargs="?", choices=list(SAMPLES), help="which sample (see --list)")
+    sample.add_argument("-o", "--output", help="image file to write (.tif, .ome.tif or .zarr)")
+    sample.add_argument("--list", action="store_true", help="list the samples and what each is")
+    sample.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    sample.set_defaults(run=cmd_sample)
 
     trainer = commands.add_parser(
         "train",

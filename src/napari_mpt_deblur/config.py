@@ -310,7 +310,7 @@ class DeblurSettings:
 
     overlap: int | None = None
     """Pixels shared by neighbouring tiles; their outputs are blended over this width.
-    ``None``: a quarter of the tile, at most 64. At most half the tile."""
+    ``None``: a quarter of the tile, at most 32. At most half the tile."""
 
     batch: int | None = None
     """Tiles per forward pass. ``None``: 1 on the CPU (batching does not speed it up

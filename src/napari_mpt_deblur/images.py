@@ -192,8 +192,9 @@ class Image:
     """Unit of ``pixel_size`` and ``z_spacing`` as the file spells it (e.g. ``'micron'``); None when unknown."""
 
     tiff: dict[str, Any] = field(default_factory=dict)
-    """TIFF details: ``resolution`` and ``resolutionunit`` (the tags as read) and ``imagej``, which makes
-    :func:`write_tiff` write an ImageJ hyperstack when the data allow."""
+    """TIFF details: ``resolution`` and ``resolutionunit`` (the tags as read); ``imagej``, which makes
+    :func:`write_tiff` write an ImageJ hyperstack when the data allow; and ``planar``, set when the file
+    stores RGB samples as separate planes (each page ``S, Y, X``), which :func:`write_tiff` keeps."""
 
     z_spacing: float | None = None
     """Distance between Z planes in ``unit`` (the unit of ``pixel_size``), when the file records it."""
@@ -331,6 +332,9 @@ def _open_tiff(path: Path, given_axes: str | None = None) -> Image:
             axes = series.axes.upper()
             page = tif.pages.first
             details: dict[str, Any] = {"imagej": bool(tif.is_imagej)}
+            if "S" in series.axes and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                # tifffile's default for a 3 or 4 x H x W array: the output keeps this page layout
+                details["planar"] = True
             if "XResolution" in page.tags and "YResolution" in page.tags:
                 details["resolution"] = (page.tags["XResolution"].value, page.tags["YResolution"].value)
                 details["resolutionunit"] = page.tags["ResolutionUnit"].value if "ResolutionUnit" in page.tags else 1
@@ -475,9 +479,9 @@ def _ngff_image(path: Path, group: Any, meta: dict[str, Any], given_axes: str | 
 
 
 def output_format(path: str | os.PathLike) -> str:
-    """'tiff' or 'zarr', from the target's name."""
+    """'tiff' or 'zarr': from the target's name, or 'zarr' for an existing Zarr store (see :func:`is_zarr_store`)."""
     name = Path(path).name.lower()
-    if name.endswith(ZARR_SUFFIXES):
+    if name.endswith(ZARR_SUFFIXES) or is_zarr_store(path):  # what open_image reads as Zarr, written as Zarr
         return "zarr"
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
@@ -522,10 +526,14 @@ def write_tiff(
         Of the whole image. Only axes where S, if present, comes last can be
         written (the engine's output always is).
     like
-        The image whose physical size to record: its ``pixel_size`` (also as
-        the TIFF resolution tags), ``z_spacing`` (when ``axes`` has Z) and
-        ``unit``. The unit is written where the flavour keeps it (ImageJ
-        ``unit``, OME ``PhysicalSize*Unit``, JSON ``unit``); the resolution tags
+        The image whose physical size and page layout to record: its
+        ``pixel_size`` (also as the TIFF resolution tags), ``z_spacing`` (when
+        ``axes`` has Z) and ``unit``; RGB samples are stored as separate planes
+        (each page ``S, Y, X``, so the file reads back with the shape the
+        source file had) when ``like.tiff["planar"]`` is set, else
+        interleaved (each page ``Y, X, S``). The unit is written where the
+        flavour keeps it (ImageJ ``unit``, OME ``PhysicalSize*Unit``, JSON
+        ``unit``); the resolution tags
         are in pixels per that unit, with ResolutionUnit CENTIMETER or INCH for
         those units and NONE for every other or none, so no reader takes
         them for inches. OME-TIFF records sizes only with a length unit.
@@ -552,6 +560,7 @@ def write_tiff(
     if "S" in axes and not axes.endswith("S"):
         raise ImageError(f"cannot write axes {axes!r} as TIFF: RGB samples must come last")
     rgb = axes.endswith("S")
+    planar = rgb and bool(like and like.tiff.get("planar"))
     bigtiff = needs_bigtiff(int(np.prod(shape)) * dtype.itemsize)
     ome = target.name.lower().endswith((".ome.tif", ".ome.tiff"))
     pixel_size = like.pixel_size if like else None
@@ -560,10 +569,15 @@ def write_tiff(
     z_spacing = _positive(like.z_spacing) if like and "Z" in axes else None
 
     options: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack", "bigtiff": bigtiff}
+    # the file's axes and shape as stored: planar RGB holds its samples before Y, X on every page
+    file_axes = axes[:-3] + "SYX" if planar else axes
+    file_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if planar else tuple(shape)
+    if planar:
+        options["planarconfig"] = "separate"
     if pixel_size:
         options["resolution"] = (1 / pixel_size[1], 1 / pixel_size[0])
         options["resolutionunit"] = _RESOLUTION_UNITS.get(known_unit or "", "NONE")
-    metadata: dict[str, Any] = {"axes": axes}
+    metadata: dict[str, Any] = {"axes": file_axes}
     if ome:
         if dtype.name in ("int64", "uint64", "float16") or "I" in axes:
             raise ImageError(
@@ -578,7 +592,7 @@ def write_tiff(
                 metadata.update(PhysicalSizeX=pixel_size[1], PhysicalSizeXUnit=ome_unit)
             if z_spacing:
                 metadata.update(PhysicalSizeZ=z_spacing, PhysicalSizeZUnit=ome_unit)
-    elif like and like.tiff.get("imagej") and imagej_can_hold(dtype, axes, shape, bigtiff):
+    elif like and like.tiff.get("imagej") and not planar and imagej_can_hold(dtype, axes, shape, bigtiff):
         options["imagej"] = True
         if unit:
             metadata["unit"] = _imagej_unit(unit)
@@ -595,10 +609,12 @@ def write_tiff(
 
     def pages() -> Iterator[np.ndarray]:
         for _, block in blocks:
-            yield from np.ascontiguousarray(block, dtype=dtype).reshape(-1, *page_shape)
+            for page in np.asarray(block).reshape(-1, *page_shape):
+                page = np.moveaxis(page, -1, 0) if planar else page
+                yield np.ascontiguousarray(page, dtype=dtype)
 
     def write(path: Path) -> None:
-        tifffile.imwrite(path, pages(), shape=shape, dtype=dtype, metadata=metadata, **options)
+        tifffile.imwrite(path, pages(), shape=file_shape, dtype=dtype, metadata=metadata, **options)
 
     atomic_write(target, write, overwrite=overwrite)
     return target

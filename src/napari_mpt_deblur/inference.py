@@ -36,11 +36,16 @@ from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT
 from .runtime import autocast_dtype, resolve_device, run_to_end
-from .tiling import iter_tiled_forward, tile_grid
+from .tiling import TILE_GROWTH, iter_tiled_forward, tile_grid
 
 DEFAULT_TILE = 512
 """Tile side when the model file names none: big tiles agree better with whole planes (ISCA is global
-per tile) and cost about the same per pixel on large planes; see docs/inference.md."""
+per tile) and cost about the same per pixel on large planes; see docs/inference.md. The planner may
+enlarge tiles up to :data:`~napari_mpt_deblur.tiling.TILE_GROWTH` (1.5x the side) to need fewer of them."""
+DEFAULT_OVERLAP = 32
+"""Overlap when the settings name none (and at most a quarter of the tile): with tiles rounded to the
+network's 64-pixel multiple, 32 keeps the pixels computed within 1.3x the plane's from 512^2 to 4096^2
+(64 would reach 1.38x); agreement with whole planes is measured in docs/inference.md."""
 MIN_TILE = 64
 STACK_SAMPLE = 2**24
 """At most this many values per channel are kept to estimate stack-wide percentiles."""
@@ -274,17 +279,24 @@ class Deblurrer:
         self.batch = self.settings.batch or (1 if self.device.type == "cpu" else 4)
         self.autocast = autocast_dtype(self.device, self.settings.precision)
         self.channels = model.config.in_channels
+        self.size_multiple = model.config.size_multiple
+        self.tile_growth = TILE_GROWTH
+        """How far the planner may enlarge tiles; 1 after running out of memory (tiles then stay as asked)."""
 
     @property
     def overlap(self) -> int:
-        """The overlap in use: the setting, or a quarter of the tile (at most 64); at most half the tile."""
+        """The overlap in use: the setting, or a quarter of the tile (at most 32); at most half the tile."""
         if self.tile == 0:
             return 0
         requested = self.settings.overlap
-        return min(64, self.tile // 4) if requested is None else min(requested, self.tile // 2)
+        return default_overlap(self.tile) if requested is None else min(requested, self.tile // 2)
+
+    def tile_windows(self, height: int, width: int) -> list[tuple[slice, slice]]:
+        """The tiles of a plane as this deblurrer plans them (see :func:`~napari_mpt_deblur.tiling.plan_tiles`)."""
+        return tile_grid(height, width, self.tile, self.overlap, self.size_multiple, self.tile_growth)
 
     def tiles_per_plane(self, height: int, width: int) -> int:
-        return len(tile_grid(height, width, self.tile, self.overlap))
+        return len(self.tile_windows(height, width))
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         if self.autocast is None:
@@ -333,7 +345,9 @@ class Deblurrer:
         while True:
             try:
                 with torch.inference_mode():
-                    steps = iter_tiled_forward(self._network, x, self.tile, self.overlap, self.batch)
+                    steps = iter_tiled_forward(
+                        self._network, x, self.tile, self.overlap, self.batch, self.size_multiple, self.tile_growth
+                    )
                     while True:
                         try:
                             done, _ = next(steps)
@@ -345,12 +359,15 @@ class Deblurrer:
                 messages.append(self._shrink())
 
     def _shrink(self) -> str:
-        """After running out of memory: halve the batch, else the tile; a message saying so."""
+        """After running out of memory: halve the batch, else stop enlarging tiles, else halve the tile; a message."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.batch > 1:
             self.batch //= 2
             return f"out of GPU memory: retrying with {self.batch} tile(s) per batch"
+        if self.tile != 0 and self.tile_growth > 1:
+            self.tile_growth = 1.0  # the planner's enlarged tiles (up to 2.25x the area) are the first thing to give up
+            return f"out of GPU memory: retrying with tiles of at most {self.tile} pixels"
         if self.tile == 0 or self.tile > MIN_TILE:
             self.tile = DEFAULT_TILE if self.tile == 0 else max(MIN_TILE, self.tile // 2)
             return f"out of GPU memory: retrying with {self.tile}-pixel tiles"
@@ -358,6 +375,11 @@ class Deblurrer:
             f"out of memory on {self.device} even with one {MIN_TILE}-pixel tile per pass; "
             "use device 'cpu' or a smaller model"
         )
+
+
+def default_overlap(tile: int) -> int:
+    """The overlap used when the settings name none: a quarter of the tile, at most :data:`DEFAULT_OVERLAP`."""
+    return min(DEFAULT_OVERLAP, tile // 4)
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -1,21 +1,23 @@
 """Overlapping tiles with smooth blending: run a network on planes of any size.
 
-A plane is cut into tiles of (at most) ``tile`` pixels that overlap by
-``overlap`` pixels; each tile's output is weighted by a window that rises
-smoothly from (almost) zero at the tile's edge to one inside, and the weighted
-outputs are divided by the summed weights. Pixels near a tile edge, where the
-network saw zero padding, therefore count for almost nothing wherever another
-tile covers them, and no seams show.
+A plane is covered by equal tiles that overlap by at least ``overlap`` pixels
+(:func:`plan_tiles` chooses them); each tile's output is weighted by a window
+that rises smoothly from (almost) zero at the tile's edge to one inside, and
+the weighted outputs are divided by the summed weights. Pixels near a tile
+edge, where the network saw padding, therefore count for almost nothing
+wherever another tile covers them, and no seams show.
 
 MPT's ISCA attention is global over whatever map it sees, so a tiled result is
-not identical to a whole-plane one; ``docs/architecture.md`` gives the measured
+not identical to a whole-plane one; ``docs/inference.md`` gives the measured
 difference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,18 +26,153 @@ from .runtime import run_to_end
 
 Progress = Callable[[int, int], None]
 
+TILE_GROWTH = 1.5
+"""How far a planned tile may outgrow the requested one: its area (as the network computes it, rounded up
+to the network's size multiple) is at most ``TILE_GROWTH**2`` times that of the requested square tile
+rounded up the same way. Memory per forward pass grows with the tile's area, so it is bounded by
+2.25x that of the requested tile; in exchange a plane needs far fewer overlapping pixels."""
 
-def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles covering ``range(length)``, the last tile flush with the end.
 
-    Neighbouring tiles overlap by at least ``overlap`` pixels.
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """``count`` equal tiles of ``size`` pixels along one axis of ``length`` pixels."""
+
+    length: int
+    count: int
+    size: int
+
+    def starts(self) -> list[int]:
+        """Start offsets, spread evenly from 0 to flush with the end, so no overlap is larger than needed."""
+        if self.count == 1:
+            return [0]
+        span = self.length - self.size
+        return [round(i * span / (self.count - 1)) for i in range(self.count)]
+
+    def computed(self, multiple: int) -> int:
+        """Pixels the network computes along this axis (it pads every tile to its size multiple)."""
+        return self.count * round_up(self.size, multiple)
+
+
+def axis_tile_size(length: int, count: int, overlap: int, multiple: int) -> int:
+    """The smallest tile, a multiple of ``multiple``, of which ``count`` cover ``length`` overlapping by ``overlap``.
+
+    One tile is the whole axis, unrounded: the network pads it itself, exactly as
+    it pads a whole plane.
     """
-    if tile >= length:
-        return [0]
-    step = tile - overlap
-    count = math.ceil((length - tile) / step) + 1
-    # Spread the tiles evenly, so every overlap is at least `overlap` and none is wasted.
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    if count == 1:
+        return length
+    # count tiles of size s, neighbours sharing `overlap`, reach count * s - (count - 1) * overlap pixels
+    return round_up(math.ceil((length + (count - 1) * overlap) / count), multiple)
+
+
+def axis_plans(length: int, overlap: int, multiple: int, min_size: int, max_size: int) -> list[AxisPlan]:
+    """Every sensible way to cut one axis into equal tiles of at most ``max_size`` pixels (after padding).
+
+    One tile, then ever more tiles until they are ``min_size`` or shorter:
+    thinner tiles only add overlap. Counts whose tile would not be shorter than
+    the axis are left out (one tile is cheaper).
+    """
+    plans = [AxisPlan(length, 1, length)] if round_up(length, multiple) <= max_size else []
+    smallest = max(min_size, round_up(overlap + 1, multiple))  # tiles cannot shrink below overlap + 1
+    for count in range(2, length + 1):
+        size = axis_tile_size(length, count, overlap, multiple)
+        if size < length and size <= max_size:
+            plans.append(AxisPlan(length, count, size))
+        if size <= smallest:
+            break
+    return plans
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Equal tiles covering a plane: ``rows`` along Y times ``columns`` along X."""
+
+    rows: AxisPlan
+    columns: AxisPlan
+    multiple: int
+
+    @property
+    def count(self) -> int:
+        return self.rows.count * self.columns.count
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return self.rows.size, self.columns.size
+
+    @property
+    def computed_pixels(self) -> int:
+        """Pixels the network computes for the whole plane: every tile, padded to the size multiple."""
+        return self.rows.computed(self.multiple) * self.columns.computed(self.multiple)
+
+    def windows(self) -> list[tuple[slice, slice]]:
+        """The (rows, columns) windows of the tiles, row by row."""
+        height, width = self.tile_shape
+        return [
+            (slice(top, top + height), slice(left, left + width))
+            for top in self.rows.starts()
+            for left in self.columns.starts()
+        ]
+
+
+@functools.lru_cache(maxsize=256)
+def plan_tiles(
+    height: int, width: int, tile: int, overlap: int, multiple: int = 1, growth: float = TILE_GROWTH
+) -> TilePlan:
+    """The equal, overlapping tiles that cover a plane with the fewest computed pixels.
+
+    The network pads every tile to ``multiple`` (its ``config.size_multiple``),
+    so tile sides are multiples of it, except a tile that spans a whole axis,
+    which the network pads like a whole plane. Among all tilings whose tile
+    area, so padded, is at most ``(growth * round_up(tile, multiple)) ** 2``,
+    the one computing the fewest pixels wins; ties go to fewer tiles, then to
+    squarer ones. For example, 1024 x 1024 at ``tile=512, overlap=64`` on a
+    network that needs multiples of 64 becomes 2 tiles of 1024 x 576 (1.125x
+    the plane's pixels), where a grid of 512-pixel tiles needed 9 (2.25x).
+
+    Parameters
+    ----------
+    height, width
+        The plane's size.
+    tile
+        The requested tile side (> overlap).
+    overlap
+        Neighbouring tiles share at least this many pixels.
+    multiple
+        The network's size multiple.
+    growth
+        Memory bound: how much larger than the requested tile, in side length
+        and after rounding, a tile's area may be. ``1`` keeps every tile within
+        the requested square; the engine uses :data:`TILE_GROWTH` (tile memory
+        at most 2.25x the requested tile's). A plane that fits in this area is
+        one tile, exactly the whole-plane forward; a plane thinner than a tile
+        (a 1 x 5000 strip) gets long tiles of the same area.
+    """
+    if not 0 <= overlap < tile or multiple < 1 or growth < 1:
+        raise ValueError(
+            f"need 0 <= overlap < tile, multiple >= 1, growth >= 1; got {tile}, {overlap}, {multiple}, {growth}"
+        )
+    budget = round_up(tile, multiple) ** 2 * growth**2
+    # tiles much thinner than asked only add overlap; the bound keeps the search small
+    min_size = round_up(max(1, tile // 2), multiple)
+    max_size = int(budget // multiple)  # the other side is at least one multiple
+    best: tuple[tuple[int, int, int], TilePlan] | None = None
+    for rows in axis_plans(height, overlap, multiple, min_size, max_size):
+        for columns in axis_plans(width, overlap, multiple, min_size, max_size):
+            padded_h, padded_w = round_up(rows.size, multiple), round_up(columns.size, multiple)
+            if padded_h * padded_w > budget:
+                continue
+            plan = TilePlan(rows, columns, multiple)
+            key = (plan.computed_pixels, plan.count, abs(padded_h - padded_w))
+            if best is None or key < best[0]:
+                best = (key, plan)
+    if best is None:  # unreachable for tile > overlap: tiles of min_size always fit
+        raise ValueError(f"no tiling of {height} x {width} with tile={tile}, overlap={overlap}, multiple={multiple}")
+    return best[1]
 
 
 def blend_window(size: int, overlap: int, device: torch.device | None = None) -> Tensor:
@@ -54,16 +191,16 @@ def blend_window(size: int, overlap: int, device: torch.device | None = None) ->
     return weights
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[slice, slice]]:
-    """The (rows, columns) windows of the tiles covering a plane, row by row; tile 0 means one whole-plane tile."""
+def tile_grid(
+    height: int, width: int, tile: int, overlap: int, multiple: int = 1, growth: float = TILE_GROWTH
+) -> list[tuple[slice, slice]]:
+    """The (rows, columns) windows of the tiles covering a plane, row by row (see :func:`plan_tiles`).
+
+    ``tile`` 0 means one whole-plane tile.
+    """
     if tile == 0:
         return [(slice(0, height), slice(0, width))]
-    tile_h, tile_w = min(tile, height), min(tile, width)
-    return [
-        (slice(top, top + tile_h), slice(left, left + tile_w))
-        for top in axis_starts(height, tile_h, overlap)
-        for left in axis_starts(width, tile_w, overlap)
-    ]
+    return plan_tiles(height, width, tile, overlap, multiple, growth).windows()
 
 
 def iter_tiled_forward(
@@ -72,13 +209,15 @@ def iter_tiled_forward(
     tile: int = 256,
     overlap: int = 32,
     batch: int = 1,
+    multiple: int = 1,
+    growth: float = TILE_GROWTH,
 ) -> Generator[tuple[int, int], None, Tensor]:
     """``network(image)`` computed tile by tile and blended, yielding ``(tiles done, tiles total)``.
 
     A generator: it yields after every forward pass and *returns* the result
     (``result = yield from iter_tiled_forward(...)``); closing it stops the work
-    between two forward passes. All tiles have the same size, so ``batch`` of
-    them run in one forward pass.
+    between two forward passes. The tiles are those of :func:`plan_tiles`; all
+    have the same size, so ``batch`` of them run in one forward pass.
 
     Parameters
     ----------
@@ -87,18 +226,22 @@ def iter_tiled_forward(
     image
         (1, C, H, W) tensor on the network's device.
     tile
-        Tile side in pixels (tiles shrink to the plane where it is smaller); 0: the whole plane at once.
+        Requested tile side in pixels; 0: the whole plane at once.
     overlap
-        Pixels shared by neighbouring tiles; the blend ramps over this width.
+        Pixels shared by neighbouring tiles, at least; the blend ramps over this width.
     batch
         Tiles per forward pass.
+    multiple
+        The network's size multiple (``model.config.size_multiple``): tile sides are rounded up to it.
+    growth
+        How much larger than ``tile`` a planned tile may be (see :func:`plan_tiles`).
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a (1, C, H, W) tensor, got shape {tuple(image.shape)}")
     if tile != 0 and (tile < 8 or not 0 <= overlap < tile):
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     height, width = image.shape[-2:]
-    windows = tile_grid(height, width, tile, overlap)
+    windows = tile_grid(height, width, tile, overlap, multiple, growth)
     if len(windows) == 1:
         result = network(image)
         yield 1, 1
@@ -124,11 +267,13 @@ def tiled_forward(
     overlap: int = 32,
     progress: Progress | None = None,
     batch: int = 1,
+    multiple: int = 1,
+    growth: float = TILE_GROWTH,
 ) -> Tensor:
     """``network(image)`` computed tile by tile and blended (see :func:`iter_tiled_forward`).
 
     ``progress(done, total)`` is called after each forward pass; raising from it
     stops the computation between tiles (cancellation).
     """
-    steps = iter_tiled_forward(network, image, tile, overlap, batch)
+    steps = iter_tiled_forward(network, image, tile, overlap, batch, multiple, growth)
     return run_to_end(steps, (lambda counts: progress(*counts)) if progress else None)

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,50 @@ def is_label_image(layer: Any) -> bool:
         and not layer.rgb
         and np.issubdtype(np.dtype(pixels(layer).dtype), np.integer)
     )
+
+
+LABEL_SAMPLE_SIDE = 512
+"""Side of the central crop of the middle plane that :func:`label_like` looks at (pixels)."""
+LABEL_MIN_PIXELS_PER_VALUE = 16
+"""A label image has few distinct values: at most one per this many pixels (objects are larger)."""
+LABEL_MIN_EQUAL_NEIGHBOURS = 0.8
+"""And is piecewise constant: at least this share of neighbouring pixels are equal. Measured: label images
+0.96-0.99; microscope and photo images 0.02-0.6 (the sample's noise-free ``sharp cells``, 256 values: 0.48)."""
+
+_LABEL_LIKE: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+"""layer -> (id of its data, :func:`label_like`), so a menu refresh reads no pixels twice."""
+
+
+def label_like(data: Any) -> bool:
+    """Whether an integer array looks like labels: few distinct values, and mostly equal neighbours.
+
+    Only a crop (``LABEL_SAMPLE_SIDE`` pixels square, at the centre of the middle plane) is read, so that a menu
+    refresh stays fast on large or lazy (dask, zarr) stacks.
+    """
+    if not np.issubdtype(np.dtype(data.dtype), np.integer) or data.ndim < 2 or 0 in data.shape:
+        return False
+    middle = tuple(n // 2 for n in data.shape[:-2])
+    starts = [max(0, (n - LABEL_SAMPLE_SIDE) // 2) for n in data.shape[-2:]]
+    crop = tuple(slice(start, start + LABEL_SAMPLE_SIDE) for start in starts)
+    plane = np.asarray(data[middle + crop])
+    if len(np.unique(plane)) > max(2, plane.size // LABEL_MIN_PIXELS_PER_VALUE):
+        return False
+    equal = np.count_nonzero(plane[:, 1:] == plane[:, :-1]) + np.count_nonzero(plane[1:] == plane[:-1])
+    pairs = plane[:, 1:].size + plane[1:].size
+    return pairs == 0 or equal >= LABEL_MIN_EQUAL_NEIGHBOURS * pairs
+
+
+def looks_like_labels(layer: Any) -> bool:
+    """Whether a layer is a Labels layer, or a grey integer image that looks like labels (:func:`label_like`)."""
+    if isinstance(layer, napari.layers.Labels):
+        return True
+    if not is_label_image(layer):
+        return False
+    data = pixels(layer)
+    known = _LABEL_LIKE.get(layer)
+    if known is None or known[0] != id(data):
+        known = _LABEL_LIKE[layer] = (id(data), label_like(data))
+    return known[1]
 
 
 def stardist_channels(model: str) -> int | None:

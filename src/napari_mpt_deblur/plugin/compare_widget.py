@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import napari.components
 import napari.layers
 import napari.viewer
 import numpy as np
@@ -49,6 +50,7 @@ from .compare_job import (
     folder_problem,
     hint_for,
     is_label_image,
+    looks_like_labels,
     pixels,
     plot_bars,
     remember_folder,
@@ -63,7 +65,19 @@ from .compare_job import (
 from .deblur_job import METADATA_KEY, DeblurJob, layer_axes, result_layer_kwargs
 from .models import REGISTRY
 from .plot import BarPlot
-from .widgets_common import DockState, ModelPicker, device_box, progress_and_status, stop_when_closed
+from .widgets_common import (
+    DockState,
+    FollowSelection,
+    ModelPicker,
+    device_box,
+    image_for,
+    list_in_order,
+    progress_and_status,
+    stop_when_closed,
+)
+
+ALL_LAYERS = "all layers..."
+"""The ground-truth menu's entry that lists every integer image, not only those that look like labels."""
 
 
 @dataclass(eq=False)
@@ -110,15 +124,23 @@ class CompareWidget(Container):
         self.viewer = napari_viewer
         self._state = _CompareState()
         self._folder_problem: str | None = None
+        self._all_truth_layers = False  # the ground-truth menu lists every integer image, not only label-like ones
         self.result: CompareResult | None = None
 
         self.progress_bar, self.status = progress_and_status()
-        self.before = ComboBox(name="before", label="before", choices=self._images, tooltip="The blurry image layer.")
+        self.before = ComboBox(
+            name="before",
+            label="before",
+            choices=self._images,
+            tooltip="The blurry image layer: the one selected in the layer list (or the source of a selected "
+            "deblurred result), until you pick one here.",
+        )
         self.after = ComboBox(
             name="after",
             label="after",
             choices=self._images,
-            tooltip="Its deblurred version (not used by 'Deblur, then detect', which makes it).",
+            tooltip="Its deblurred version (not used by 'Deblur, then detect', which makes it). Follows 'before' "
+            "(its newest deblurred result) until you pick one here.",
         )
         self.sharp = ComboBox(
             name="sharp",
@@ -130,7 +152,8 @@ class CompareWidget(Container):
             name="truth",
             label="ground truth (optional)",
             choices=self._label_images,
-            tooltip="Labels of the true objects (a Labels layer, or an image of integer labels, 0 = background).",
+            tooltip="Labels of the true objects (a Labels layer, or an image of integer labels, 0 = background). "
+            f"Integer images that do not look like labels are listed after choosing '{ALL_LAYERS}'.",
         )
         self.stardist_model = ComboBox(
             name="stardist_model",
@@ -194,8 +217,12 @@ class CompareWidget(Container):
         self.compare_button.changed.connect(self._on_compare_clicked)
         self.deblur_button.changed.connect(self._on_deblur_clicked)
         self.cancel_button.changed.connect(self.cancel)
+        self.truth.changed.connect(self._on_truth_chosen)
         self._state.disconnects.append(self._models.unsubscribe)
         stop_when_closed(self, self._state)
+        self._follow = FollowSelection(napari_viewer, self._state, [self.before, self.after], self._suggest_layers)
+        self.before.changed.connect(self._on_before_changed)  # after the follower's slot: it knows a pick by hand
+        self._follow.follow()  # start on the selected layer
         self._suggest_after()
         self.status.value = (
             INSTALL_HINT if not _stardist_installed() else describe_stardist(str(self.stardist_model.value))
@@ -210,22 +237,68 @@ class CompareWidget(Container):
         return [("none", None), *self._images()]
 
     def _label_images(self, _: Any = None) -> list[tuple[str, Any]]:
-        return [("none", None), *((layer.name, layer) for layer in self.viewer.layers if is_label_image(layer))]
+        """Labels layers and label-like integer images; every integer image after 'all layers...' is chosen."""
+        candidates = [layer for layer in self.viewer.layers if is_label_image(layer)]
+        shown = candidates if self._all_truth_layers else [layer for layer in candidates if looks_like_labels(layer)]
+        more = [(ALL_LAYERS, ALL_LAYERS)] if len(shown) < len(candidates) else []
+        return [("none", None), *((layer.name, layer) for layer in shown), *more]
+
+    def _on_truth_chosen(self, choice: Any) -> None:
+        if choice != ALL_LAYERS:
+            return
+        self._all_truth_layers = True
+        with self.truth.changed.blocked():
+            self.truth.value = None  # nothing picked yet: the menu now lists every integer image
+        list_in_order(self.truth)
 
     def reset_choices(self, *args: Any) -> None:
         """Follow the viewer's layers (napari calls this as layers come, go or are renamed)."""
         super().reset_choices(*args)
+        list_in_order(self.truth)  # "all layers..." stays last
         self._suggest_after()
 
-    def _suggest_after(self) -> None:
-        """Never offer the same layer as before and after when another image is there."""
-        before, after = self.before.value, self.after.value
-        if before is None or (after is not None and after is not before):
-            return
-        names = [name for name, _ in self._images()]
+    def _suggest_layers(self, layers: napari.components.LayerList) -> dict[str, Any]:
+        """For the selected layer: a deblurred result with its source, else the image with its deblurred result.
+
+        Once *before* is picked by hand, *after* follows only to a selected result of it.
+        """
+        active = layers.selection.active
+        before = image_for(active, layers)
+        if before is None or looks_like_labels(before):
+            return {}
+        if "before" in self._follow.by_hand:
+            return {"after": active} if before is self.before.value and before is not active else {}
+        if before is not active:  # the active layer is a result of ``before``
+            return {"before": before, "after": active}
+        after = self._after_for(before)
+        return {"before": before} if after is None else {"before": before, "after": after}
+
+    def _after_for(self, before: napari.layers.Image) -> napari.layers.Image | None:
+        """An image to compare with ``before`` (:func:`suggest_after`), never one that looks like labels."""
+        names = [name for name, layer in self._images() if not looks_like_labels(layer)]
         suggestion = suggest_after(names, before.name)
+        return None if suggestion is None else self.viewer.layers[suggestion]
+
+    def _suggest_after(self) -> None:
+        """Never offer the same layer, or a label-like image, as *after* when another image is there."""
+        before, after = self.before.value, self.after.value
+        if before is None or "after" in self._follow.by_hand:
+            return
+        if after is None or after is before or looks_like_labels(after):
+            self._show_after_for(before)
+
+    def _on_before_changed(self, before: napari.layers.Image | None) -> None:
+        """*after* follows a new *before* (picked by hand too): its newest deblurred result, or another image."""
+        after = self.after.value
+        if before is None or "after" in self._follow.by_hand:
+            return
+        if after is None or after is before or image_for(after, self.viewer.layers) is not before:
+            self._show_after_for(before)
+
+    def _show_after_for(self, before: napari.layers.Image) -> None:
+        suggestion = self._after_for(before)
         if suggestion is not None:
-            self.after.value = self.viewer.layers[suggestion]
+            self._follow.show("after", suggestion)
 
     def selection(self) -> Selection:
         """The layers chosen in the menus."""
@@ -344,8 +417,10 @@ class CompareWidget(Container):
             on_finished=self._on_finished,
         )
         note = rgb_note(selection, stardist_channels(settings.model))
-        if note:  # last: a notification may process Qt events
-            show_warning(note)
+        deblur_note = job.rgb_note() if job is not None else None
+        for message in (deblur_note, note):  # last: a notification may process Qt events
+            if message:
+                show_warning(message)
 
     def _problem(self, selection: Selection, deblur_first: bool) -> str | None:
         if not _stardist_installed():
@@ -422,8 +497,7 @@ class CompareWidget(Container):
         layer = self.viewer.add_image(data, **result_layer_kwargs(run.sources[BLURRY], run.deblur.provenance()))
         run.sources[DEBLURRED] = layer.as_layer_data_tuple()[1]
         if not self._state.deleted:
-            self.after.reset_choices()
-            self.after.value = layer  # 'Detect and compare' runs on it next time
+            self._follow.show("after", layer)  # 'Detect and compare' runs on it next time
 
     def _on_returned(self, result: CompareResult) -> None:
         state = self._state

@@ -13,6 +13,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from ..config import DeblurSettings
 from ..data.focus import focus_score
 from ..images import Image, ImageError, check_axes
 from ..inference import DEFAULT_TILE, InputError, PlaneLayout
+from ..models.files import BUNDLED_MODELS
 from ..models.mpt import MPT
 from ..runtime import resolve_device
 
@@ -164,6 +166,22 @@ class DeblurJob:
             raise InputError(f"layer {name!r}: {error}") from None
         return cls(name, data, axes, settings, _model_for_device(model, settings.device), lazy, model_name)
 
+    def rgb_note(self) -> str | None:
+        """How an RGB layer is treated, for a notification (None for other layers): the user sees only colours."""
+        if "S" not in self.axes:
+            return None
+        samples = self.data.shape[self.axes.index("S")]
+        alpha = samples == 4
+        if self.model.config.in_channels == 1:
+            what = "red, green, blue and alpha" if alpha else "red, green and blue"
+            return (
+                f"'{self.source}' is RGB and the model is grey: its {what} channels are deblurred one by one, "
+                "each with its own intensity scaling, then put back together. For colour, choose an RGB model."
+            )
+        if alpha:
+            return f"'{self.source}' is RGBA: the model deblurs its colours; the alpha channel is kept unchanged."
+        return None
+
     def provenance(self) -> dict[str, Any]:
         """What made the result: model choice and card, settings and axes (JSON-ready), for its metadata."""
         card = getattr(self.model, "card", None)
@@ -201,6 +219,30 @@ def _model_for_device(model: MPT, device: str) -> MPT:
     return copy.deepcopy(model)
 
 
+def model_label(choice: str) -> str:
+    """A short name for a model choice: a bundled model's name, or a file's name without its suffix."""
+    return choice if choice in BUNDLED_MODELS else PurePath(choice).stem
+
+
+def result_name(source: str, model: str = "") -> str:
+    """The result layer's name: ``"<source> deblurred (<model>)"`` (e.g. ``cells deblurred (tuned)``)."""
+    return f"{source} deblurred ({model_label(model)})" if model else f"{source} deblurred"
+
+
+def result_source(name: str, metadata: Mapping[str, Any] | None, names: Sequence[str]) -> str | None:
+    """Which of ``names`` a layer is the deblurred result of, or None.
+
+    The source its metadata records (see :func:`result_layer_kwargs`), else, for a result made elsewhere, the
+    longest of ``names`` that its name starts with, followed by ``" deblurred"``.
+    """
+    record = (metadata or {}).get(METADATA_KEY)
+    recorded = record.get("source") if isinstance(record, Mapping) else None
+    if recorded in names and recorded != name:
+        return recorded
+    made_from = [other for other in names if other != name and name.startswith(f"{other} deblurred")]
+    return max(made_from, key=len, default=None)
+
+
 def result_layer_kwargs(source: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``viewer.add_image`` of a result that lies exactly over its source.
 
@@ -215,12 +257,12 @@ def result_layer_kwargs(source: Mapping[str, Any], provenance: Mapping[str, Any]
     Returns
     -------
     dict
-        ``name`` (``"<source> deblurred"``), the source's placement (scale,
+        ``name`` (:func:`result_name`: ``"<source> deblurred (<model>)"``), the source's placement (scale,
         translate, rotate, shear, affine), axis labels and units, display
         (contrast limits, so a lazy result is not computed to find them; RGB;
         colormap for grey data; blending) and metadata.
     """
-    kwargs: dict[str, Any] = {"name": f"{source.get('name', 'image')} deblurred"}
+    kwargs: dict[str, Any] = {"name": result_name(source.get("name", "image"), (provenance or {}).get("model", ""))}
     for key in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units", "rgb", "blending"):
         if source.get(key) is not None:
             kwargs[key] = source[key]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import napari.components
 import napari.layers
 import napari.viewer
 import numpy as np
@@ -20,15 +21,17 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushBu
 from napari.utils.notifications import show_error, show_info
 
 from ..config import ConfigError, DeblurSettings, IntensityNormalization
-from ..inference import DEFAULT_TILE, DeblurProgress, InputError, deblur_lazy, iter_deblur
+from ..inference import DEFAULT_TILE, DeblurProgress, InputError, deblur_lazy, default_overlap, iter_deblur
 from ..models.files import ModelFileError
 from .deblur_job import DeblurJob, focus_profile, result_layer_kwargs
 from .models import REGISTRY
 from .plot import LinePlot
 from .widgets_common import (
     DockState,
+    FollowSelection,
     ModelPicker,
     device_box,
+    image_for,
     out_of_memory,
     progress_and_status,
     start_worker,
@@ -84,7 +87,10 @@ class DeblurWidget(Container):
 
         self.progress_bar, self.status = progress_and_status()
         self.layer = ComboBox(
-            name="layer", label="image", choices=self._image_layer_choices, tooltip="The image layer to deblur."
+            name="layer",
+            label="image",
+            choices=self._image_layer_choices,
+            tooltip="The image layer to deblur: the one selected in the layer list, until you pick one here.",
         )
         self._models = ModelPicker(
             self.status,
@@ -107,7 +113,7 @@ class DeblurWidget(Container):
             label="overlap",
             min=0,
             max=8192,
-            value=min(64, DEFAULT_TILE // 4),
+            value=default_overlap(DEFAULT_TILE),
             tooltip="Pixels shared by neighbouring tiles, blended (at most half the tile). "
             "Follows the tile (a quarter, at most 64) until you change it.",
         )
@@ -165,11 +171,18 @@ class DeblurWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self._state.disconnects.append(self._models.unsubscribe)
         stop_when_closed(self, self._state)
+        self._follow = FollowSelection(napari_viewer, self._state, [self.layer], self._suggest_layer)
+        self._follow.follow()  # start on the selected layer
         self._on_model_changed(self.model.value)
 
     def _image_layer_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         """The viewer's image layers (napari's dock refreshes the menu as layers come, go or are renamed)."""
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)]
+
+    @staticmethod
+    def _suggest_layer(layers: napari.components.LayerList) -> dict[str, Any]:
+        image = image_for(layers.selection.active, layers)
+        return {} if image is None else {"layer": image}
 
     # --- settings ---------------------------------------------------------------------------------------------------
 
@@ -212,7 +225,7 @@ class DeblurWidget(Container):
         if self._overlap_follows_tile:
             following, self._setting_defaults = self._setting_defaults, True
             try:
-                self.overlap.value = min(64, tile // 4)
+                self.overlap.value = default_overlap(tile)
             finally:
                 self._setting_defaults = following
         self.overlap.enabled = tile != 0
@@ -286,6 +299,10 @@ class DeblurWidget(Container):
                 self._run_eager(job, source_state)
         except (InputError, ModelFileError, ConfigError, OSError) as error:
             self._refuse(str(error))
+            return
+        note = job.rgb_note()
+        if note:  # last: a notification may process Qt events
+            show_info(note)
 
     def _refuse(self, message: str) -> None:
         show_error(message)

@@ -30,7 +30,16 @@ from ..training.config import TrainConfig
 from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune
 from .models import REGISTRY
 from .plot import LinePlot
-from .widgets_common import DockState, ModelPicker, device_box, out_of_memory, progress_and_status, stop_when_closed
+from .widgets_common import (
+    DockState,
+    FollowSelection,
+    ModelPicker,
+    device_box,
+    image_for,
+    out_of_memory,
+    progress_and_status,
+    stop_when_closed,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -192,9 +201,12 @@ class FinetuneWidget(Container):
         self.progress_bar, self.status = progress_and_status("status", "idle")
 
         self.unlabeled = Select(
-            label="your stacks",
+            name="unlabeled",
+            label="your stacks\n(Ctrl/⌘-click\nto pick several)",
             choices=self._data_layers,
-            tooltip="Your own (unlabeled) image layers, 2-D or stacks of any depth: the model adapts to them.",
+            tooltip="Your own (unlabeled) image layers, 2-D or stacks of any depth: the model adapts to them. "
+            "Ctrl-click (⌘-click on a Mac) adds or removes a layer; Shift-click picks a range. "
+            "Until you pick here, the image layers selected in the layer list are used.",
         )
         self.unlabeled.native.setMaximumHeight(110)
         self.blurry = ComboBox(
@@ -261,6 +273,8 @@ class FinetuneWidget(Container):
         self.save_button.changed.connect(self._save_clicked)
         self._state.disconnects.append(self._models.unsubscribe)
         stop_when_closed(self, self._state)
+        self._follow = FollowSelection(napari_viewer, self._state, [self.unlabeled], self._suggest_stacks)
+        self._follow.follow()  # start on the selected layers
 
     # choices -------------------------------------------------------------------------------
 
@@ -269,6 +283,13 @@ class FinetuneWidget(Container):
 
     def _optional_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [("none", None), *self._data_layers()]
+
+    @staticmethod
+    def _suggest_stacks(layers: napari.components.LayerList) -> dict[str, Any]:
+        """The selected grey image layers (a deblurred result's source instead of the result), in list order."""
+        chosen = {image_for(layer, layers) for layer in layers.selection}
+        stacks = [layer for layer in layers if layer in chosen and not layer.rgb]
+        return {"unlabeled": stacks} if stacks else {}
 
     # state ---------------------------------------------------------------------------------
 

@@ -3,16 +3,19 @@
 The sharp plane is scikit-image's bundled ``cell`` image (no download). Each
 plane of the stack is that image seen through a widefield microscope focused
 ``z`` micrometres away (:func:`~napari_mpt_deblur.data.defocus.widefield_psf`),
-with camera shot and read noise, as 16-bit counts. Nothing here imports Qt or napari.
+with camera shot and read noise, as 16-bit counts. Nothing here imports Qt or napari:
+``mpt-deblur sample`` writes the same data to a file through :func:`sample_image`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ..data.defocus import add_poisson_gaussian_noise, blur, widefield_psf
+from ..images import Image, as_image
 
 PIXEL_SIZE_UM = 0.2
 """Pixel side in the sample, micrometres (what the PSF model assumes)."""
@@ -35,6 +38,16 @@ OFFSET = 100
 """Camera offset added to every pixel, counts (keeps the read noise above zero)."""
 
 SEED = 0
+
+SAMPLES = {
+    "cells": "defocused cell z-stack: scikit-image's cell through a widefield microscope 3 um below to 3 um above "
+    "focus, with camera noise (ZYX, 9 x 660 x 550, uint16, 0.2 um pixels, 0.75 um Z steps)",
+    "cells-truth": "the sharp truth of 'cells': the in-focus cell image, noise-free, on each of the 9 planes",
+}
+"""The samples :func:`sample_image` makes, by name, with what each is."""
+
+_SAMPLE_LAYERS = {"cells": 1, "cells-truth": 0}
+"""Index of each named sample in :func:`defocused_cell_stack`'s layers."""
 
 
 def defocused_cell_stack() -> list[tuple[np.ndarray, dict[str, Any], str]]:
@@ -114,3 +127,38 @@ def defocused_cell_stack() -> list[tuple[np.ndarray, dict[str, Any], str]]:
 def _counts(intensity: np.ndarray) -> np.ndarray:
     """Intensities (1.0 = PHOTONS photons) as 16-bit camera counts, with the offset."""
     return np.clip(np.rint(intensity * PHOTONS) + OFFSET, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def sample_image(name: str) -> Image:
+    """One sample as an :class:`~napari_mpt_deblur.images.Image`, ready to write to a file.
+
+    Parameters
+    ----------
+    name
+        A key of :data:`SAMPLES`: ``'cells'`` (the defocused stack) or
+        ``'cells-truth'`` (its sharp truth).
+
+    Returns
+    -------
+    Image
+        The ``uint16`` ``ZYX`` stack with its pixel size, Z spacing and unit
+        (micrometre), marked to be written as an ImageJ hyperstack so Fiji
+        reads the calibration too.
+
+    Raises
+    ------
+    KeyError
+        For a name that is not a sample; the message lists the samples.
+    """
+    if name not in SAMPLES:
+        raise KeyError(f"no sample {name!r}; the samples are {', '.join(SAMPLES)}")
+    data, meta, _ = defocused_cell_stack()[_SAMPLE_LAYERS[name]]
+    image = as_image(data, "ZYX", name=meta["name"])
+    made_of = meta["metadata"]
+    return replace(
+        image,
+        pixel_size=made_of["pixel_size"],
+        unit=made_of["unit"],
+        z_spacing=made_of["z_spacing"],
+        tiff={"imagej": True},
+    )

@@ -6,13 +6,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar
+import napari.layers
+import napari.viewer
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, Select
+from magicgui.widgets.bases import CategoricalWidget
 from napari.utils import progress
 from napari.utils.notifications import show_error
 from superqt.utils import GeneratorWorker
@@ -20,6 +23,7 @@ from superqt.utils import GeneratorWorker
 from ..models.files import BUNDLED_MODELS, ModelFileError
 from ..runtime import available_devices, resolve_device
 from . import models
+from .deblur_job import result_source
 
 MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt);;All files (*)"
 
@@ -77,8 +81,9 @@ class ModelPicker:
     which holds the picker weakly: it lives as long as the session and must keep no closed dock alive. The model just
     added comes first and is chosen, in every picker. A picked file is loaded first: one that loads joins the
     registry; one that does not is reported (a notification and ``status``), stays out of the menu, and is the
-    :attr:`problem` (docks refuse to start) until a model is chosen. The box shows the chosen model's file (empty for
-    a bundled model), except after such a refused file.
+    :attr:`problem` (docks refuse to start) until the user chooses again: a model in the menu (the one already
+    chosen included), another file, or an empty box. The box shows the chosen model's file (empty for a bundled
+    model), except after such a refused file.
     """
 
     def __init__(self, status: Label, *, label: str, tooltip: str) -> None:
@@ -96,6 +101,9 @@ class ModelPicker:
         self._showing = False  # the box is being set to the chosen model's file: not a pick
         self._show_file(self.combo.value)
         self.combo.changed.connect(self._chosen)
+        # Qt's "activated" comes with every choice made in the menu, the model already chosen included ("changed"
+        # does not): choosing it again is how a user takes it back after a refused file
+        self.combo.native.activated.connect(self._chosen_in_menu)
         self.file.changed.connect(self._picked)
         picker = weakref.ref(self)
 
@@ -131,6 +139,23 @@ class ModelPicker:
         self.problem = None
         self._show_file(choice)
 
+    def _chosen_in_menu(self, _index: int) -> None:
+        if self.problem is not None:
+            self._take_back_the_menu_choice()
+
+    def _take_back_the_menu_choice(self) -> None:
+        """Forget a refused file: the menu's model is the choice again."""
+        refused, self.problem = self.problem, None
+        self._show_file(self.combo.value)
+        self._announce_choice(refused)
+
+    def _announce_choice(self, refused: str | None) -> None:
+        """Tell the dock (``changed``) that the menu's model, chosen already, is the choice again after a refused
+        file, so that it shows the model instead of the error."""
+        if self.status.value == refused:
+            self.status.value = f"model: {self.combo.current_choice}" if self.combo.value else ""
+        self.combo.changed.emit(self.combo.value)
+
     def _show_file(self, choice: str | None) -> None:
         path = None if not choice or choice in BUNDLED_MODELS else Path(choice)
         if self.file.value != path:
@@ -141,8 +166,14 @@ class ModelPicker:
                 self._showing = False
 
     def _picked(self, path: Path | None) -> None:
-        if self._showing or path is None or not Path(path).is_file():
-            return  # following the menu, or typing a path: wait until it names a file
+        if self._showing:
+            return  # following the menu
+        if path is None or str(path) in ("", "."):
+            if self.problem is not None:  # the refused file's path cleared: back to the menu's model
+                self._take_back_the_menu_choice()
+            return
+        if not Path(path).is_file():
+            return  # typing a path: wait until it names a file
         try:
             models.REGISTRY.load(str(path))
         except (ModelFileError, OSError) as error:
@@ -150,9 +181,127 @@ class ModelPicker:
             self.status.value = self.problem
             show_error(self.problem)
             return
-        self.problem = None
+        refused, self.problem = self.problem, None
+        before = self.combo.value
         choice = models.REGISTRY.add_file(path)  # first and chosen in every picker's menu, this one's included
         self._show_file(choice)  # already chosen (no ``changed``): the box still shows the path as typed
+        if refused is not None and self.combo.value == before:
+            self._announce_choice(refused)
+
+
+def list_in_order(menu: ComboBox) -> None:
+    """Refresh a menu's choices in the order its choices function gives, keeping its value while still listed.
+
+    magicgui's refresh keeps listed items in place and appends new ones at the end, so an entry meant to come last
+    (such as "all layers...") would end up among the layers. ``changed`` is emitted only if the value changes.
+    """
+    value = menu.value
+    with menu.changed.blocked():
+        menu.native.clear()
+        menu.reset_choices()
+        if value in menu.choices:
+            menu.value = value
+    if menu.value is not value:
+        menu.changed.emit(menu.value)
+
+
+def image_for(layer: Any, layers: Sequence[Any]) -> napari.layers.Image | None:
+    """The image a dock should work on when ``layer`` is selected, or None (not an image: labels, points, ...).
+
+    The layer itself, except for a deblurred result whose source is in ``layers``: then the source, so that *Run*
+    after a run does not deblur the result again.
+    """
+    if not isinstance(layer, napari.layers.Image):
+        return None
+    images = {other.name: other for other in layers if isinstance(other, napari.layers.Image)}
+    source = result_source(layer.name, layer.metadata, list(images))
+    return images[source] if source is not None else layer
+
+
+def _offered(menu: CategoricalWidget, value: Any) -> bool:
+    """Whether a menu lists ``value`` (every value, for a multiple choice)."""
+    choices = menu.choices
+    return all(item in choices for item in value) if isinstance(menu, Select) else value in choices
+
+
+class FollowSelection:
+    """Keeps a dock's layer menus on the viewer's selected layers, each until the user picks in it by hand.
+
+    Parameters
+    ----------
+    viewer
+        The viewer whose layer selection is followed.
+    state
+        The dock's state: its close undoes the connection to the viewer (which holds this object weakly).
+    menus
+        The menus that follow (named, as magicgui widgets are).
+    suggest
+        What the menus should show for the viewer's layers (their ``selection`` and its ``active`` layer):
+        ``{menu name: value}``; menus left out keep their value. Called at every change of the selection, and by
+        :meth:`follow`, which the dock calls once it is built.
+
+    Notes
+    -----
+    A menu whose value changes by any other way than :meth:`show` or napari refreshing its choices (a layer added,
+    removed or renamed) has been picked in by hand (by the user, or a script setting ``value``): it stops following,
+    until the layer picked leaves the viewer. Napari refreshes a dock's menus as a layer is added, before it selects
+    the layer, so the new layer is already offered.
+    """
+
+    def __init__(
+        self,
+        viewer: napari.viewer.Viewer,
+        state: DockState,
+        menus: Sequence[CategoricalWidget],
+        suggest: Callable[[Any], Mapping[str, Any]],
+    ) -> None:
+        self._layers = viewer.layers
+        self._menus = {menu.name: menu for menu in menus}
+        self._suggest = suggest
+        self._showing = False
+        self._shown = {name: menu.value for name, menu in self._menus.items()}
+        self.by_hand: set[str] = set()
+        """The menus the user picked in (they follow no more)."""
+        for name, menu in self._menus.items():
+            menu.changed.connect(partial(self._changed, name))
+        follower = weakref.ref(self)
+
+        def selection_changed(*_: Any) -> None:
+            alive = follower()
+            if alive is not None and not state.deleted:
+                alive.follow()
+
+        # both: the active layer is set after the selection's "changed" (adding a layer), and alone (clicking)
+        for emitter in (viewer.layers.selection.events.changed, viewer.layers.selection.events.active):
+            emitter.connect(selection_changed)
+            state.disconnects.append(partial(emitter.disconnect, selection_changed))
+
+    def follow(self) -> None:
+        """Show what ``suggest`` proposes for the current selection, in every menu not picked in by hand."""
+        for name, value in self._suggest(self._layers).items():
+            if name not in self.by_hand:
+                self.show(name, value)
+
+    def show(self, name: str, value: Any) -> None:
+        """Set a menu's value as the dock's suggestion, not the user's pick (nothing happens if it is not listed)."""
+        menu = self._menus[name]
+        self._showing = True
+        try:
+            if not _offered(menu, value):
+                menu.reset_choices()  # a dock outside the viewer's dock area is not refreshed by napari
+            if _offered(menu, value) and menu.value != value:
+                menu.value = value
+        finally:
+            self._showing = False
+
+    def _changed(self, name: str, value: Any) -> None:
+        shown, self._shown[name] = self._shown[name], value
+        if self._showing:
+            return
+        if _offered(self._menus[name], shown):
+            self.by_hand.add(name)  # the value it showed is still there: someone picked another
+        else:
+            self.by_hand.discard(name)  # napari replaced a layer that left the viewer: follow again
 
 
 class _CarriedError(Exception):

@@ -201,8 +201,9 @@ def save_training_state(
     config: TrainConfig,
     best: dict[str, float] | None = None,
     run_id: str | None = None,
+    training_seconds: float | None = None,
 ) -> None:
-    """Write the optimizer state, step, recipe and run id atomically.
+    """Write the optimizer state, step, recipe, run id and the run's training time so far atomically.
 
     Raises
     ------
@@ -213,6 +214,8 @@ def save_training_state(
     if best is not None:
         state["best"] = best  # the kept checkpoint's step and score, so a resumed run keeps selecting against it
     state["run_id"] = run_id
+    if training_seconds is not None:
+        state["training_seconds"] = float(training_seconds)  # summed over every process that resumed the run
     # Serialised in memory (about twice the weights' size) and written by Python: torch's own file
     # writer reports a full disk as "unexpected pos 576 vs 534"; Python's write raises ENOSPC.
     buffer = io.BytesIO()
@@ -328,6 +331,7 @@ def iter_train(
     step = 0
     optimizer_state = None
     best: dict[str, float] | None = None  # {"step", "score"} of the checkpoint kept at best_path(output)
+    prior_seconds = 0.0  # training time of earlier processes of this run (resumed runs)
     run_id = uuid.uuid4().hex  # written into both files of every checkpoint: they must agree on resume
     if resume:
         trained, state = load_checkpoint(output)
@@ -343,6 +347,7 @@ def iter_train(
         step, optimizer_state = int(state["step"]), state["optimizer"]
         run_id = state.get("run_id") or run_id  # state files of earlier versions have none
         best = state.get("best")
+        prior_seconds = float(state.get("training_seconds", 0.0))
     model.to(device).train()
     rank, world, device = distributed_context(device)
     model.to(device)
@@ -378,12 +383,13 @@ def iter_train(
         # The state file first, then the model file. A kill between the two leaves the model file of the
         # previous checkpoint (complete, and what the user already had) beside a newer state file; both
         # record the step and run id, so a resume refuses the pair instead of mixing them.
-        save_training_state(state_path(output), optimizer, at, config, best, run_id)
+        seconds = prior_seconds + time.perf_counter() - started
+        save_training_state(state_path(output), optimizer, at, config, best, run_id, seconds)
         save_model(
             model,
             output,
             normalization=config.normalization,
-            provenance={**record, "step": at, "run_id": run_id},
+            provenance={**record, "step": at, "run_id": run_id, **_training_time(seconds, device)},
             tile_size=getattr(getattr(model, "card", None), "tile_size", None),
         )
         model.train()
@@ -424,7 +430,12 @@ def iter_train(
                     model,
                     best_path(output),
                     normalization=config.normalization,
-                    provenance={**record, "step": step, "validation": scores},
+                    provenance={
+                        **record,
+                        "step": step,
+                        "validation": scores,
+                        **_training_time(prior_seconds + time.perf_counter() - started, device),
+                    },
                     tile_size=getattr(getattr(model, "card", None), "tile_size", None),
                 )
             model.train()
@@ -456,6 +467,14 @@ def _diverged_message(
         f"(lr {config.lr:g}: try a tenth of it), weights that were already diverged, or fp16 overflow on a GPU "
         "without bf16 (TrainConfig amp=False)"
     )
+
+
+def _training_time(seconds: float, device: torch.device) -> dict[str, Any]:
+    """What a model card says of the compute behind it: hours (wall, summed over resumes) and on what."""
+    where = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    return {"training_hours": round(seconds / 3600, 3), "trained_on_device": where}
 
 
 def _barrier(world: int) -> None:
