@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_mpt_deblur.training.suite import per_channel
+
 RL_ITERATIONS = (5, 10, 20, 40, 70, 100)
 """Iteration counts at which Richardson-Lucy is scored (one run, read out along the way)."""
 
@@ -57,12 +59,6 @@ def wiener(blurry: np.ndarray, psf: np.ndarray, nsr: float) -> np.ndarray:
     transfer = np.fft.rfft2(kernel)
     restored = np.fft.irfft2(np.fft.rfft2(padded) * np.conj(transfer) / (np.abs(transfer) ** 2 + nsr), padded.shape)
     return restored[half : half + height, half : half + width].astype(np.float32)
-
-
-def per_channel(image: np.ndarray, function) -> np.ndarray:
-    if image.ndim == 2:
-        return function(image)
-    return np.stack([function(image[..., c]) for c in range(image.shape[-1])], axis=-1)
 
 
 def best_richardson_lucy(blurry: np.ndarray, psf: np.ndarray, sharp: np.ndarray, score) -> dict:

@@ -14,18 +14,14 @@ from __future__ import annotations
 import numpy as np
 from classical import best_richardson_lucy, best_wiener, gaussian_of_width
 
+from napari_mpt_deblur.training.suite import normalise, per_channel
+
 STRENGTHS_UM = (1.0, 2.0, 3.0)
 """Defocus distances (widefield PSF, NA 0.8, 520 nm, n 1.33, 0.2 um pixels)."""
 
 PHOTONS = 2000.0
 READ_NOISE = 0.005
 RL_ITERATIONS = (5, 10, 20, 40)
-
-
-def normalise(plane: np.ndarray) -> np.ndarray:
-    """Percentiles 0.1 and 99.9 of a plane (or of an RGB image, jointly) to 0..1, clipped."""
-    low, high = np.percentile(plane, (0.1, 99.9))
-    return np.clip((plane - low) / (high - low), 0, 1).astype(np.float32)
 
 
 def defocus_cases(
@@ -40,16 +36,10 @@ def defocus_cases(
         sharp = normalise(image.astype(np.float32))
         for strength in strengths:
             psf = widefield_psf(strength)
-            blurred = _per_channel(sharp, lambda plane, psf=psf: blur(plane, psf))
+            blurred = per_channel(sharp, lambda plane, psf=psf: blur(plane, psf))
             blurry = add_poisson_gaussian_noise(blurred, photons=PHOTONS, read_noise=READ_NOISE, rng=rng)
             cases.append({"image": name, "defocus_um": strength, "sharp": sharp, "blurry": blurry, "psf": psf})
     return cases
-
-
-def _per_channel(image: np.ndarray, function) -> np.ndarray:
-    if image.ndim == 2:
-        return function(image)
-    return np.stack([function(image[..., c]) for c in range(image.shape[-1])], axis=-1)
 
 
 def scores(output: np.ndarray, sharp: np.ndarray) -> tuple[float, float]:
@@ -72,7 +62,7 @@ def richardson_lucy_best(
 
     best = None
     for iterations in RL_ITERATIONS:
-        restored = _per_channel(
+        restored = per_channel(
             np.clip(blurry, 0, None).astype(np.float64),
             lambda plane, n=iterations: richardson_lucy(plane, psf, num_iter=n, clip=False),
         )

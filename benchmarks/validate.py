@@ -122,7 +122,6 @@ def verdict(rows: list[dict]) -> dict:
 
 def gallery(case, output: np.ndarray, path: Path, crop: int = 96) -> None:
     """Truth, input, model and Richardson-Lucy (true PSF) crops where the model's error is largest."""
-    from classical import best_richardson_lucy
     from skimage.io import imsave
 
     from napari_mpt_deblur.training.suite import psnr

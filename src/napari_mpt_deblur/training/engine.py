@@ -374,6 +374,7 @@ def iter_train(
     if world > 1:
         record["processes"] = world  # each drew its own batch: the effective batch is batch_size x processes
     started, first_step = time.perf_counter(), step
+    tile_size = getattr(getattr(model, "card", None), "tile_size", None)  # kept in every file this run writes
 
     def checkpoint(at: int) -> Path | None:
         if rank != 0:
@@ -390,7 +391,7 @@ def iter_train(
             output,
             normalization=config.normalization,
             provenance={**record, "step": at, "run_id": run_id, **_training_time(seconds, device)},
-            tile_size=getattr(getattr(model, "card", None), "tile_size", None),
+            tile_size=tile_size,
         )
         model.train()
         _barrier(world)
@@ -436,7 +437,7 @@ def iter_train(
                         "validation": scores,
                         **_training_time(prior_seconds + time.perf_counter() - started, device),
                     },
-                    tile_size=getattr(getattr(model, "card", None), "tile_size", None),
+                    tile_size=tile_size,
                 )
             model.train()
         written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
