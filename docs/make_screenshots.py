@@ -10,10 +10,13 @@ machine without one::
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py
 
-Without ``--model`` the docks use the bundled default model. To keep it fast
-on a CPU, the sample stack is cropped to 3 planes (every 4th: -3, 0 and +3 um
-from focus) of 192 x 192 pixels around the cell, and the fine-tune runs a few
-steps on small patches. The detections need StarDist (the ``stardist`` extra)
+The window is 1366 x 768, a common laptop screen, which the docks are made to
+fit: the window shots show them as a laptop user sees them, the dock close-ups
+show each dock's whole content (scrolled parts included). Without ``--model``
+the docks use the bundled default model. To keep it fast on a CPU, the sample
+stack is cropped to 3 planes (every 4th: -3, 0 and +3 um from focus) of 192 x
+192 pixels around the cell, and the fine-tune runs a few steps on small
+patches. The detections need StarDist (the ``stardist`` extra)
 and a model: ``--stardist-model`` (default ``2D_versatile_fluo``, downloaded on
 first use) or a model folder, such as the one ``python tests/synthetic_nuclei.py
 FOLDER`` trains in about 30 s without a network.
@@ -56,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
     parser.add_argument("--patch", type=int, default=64, help="fine-tuning patch size (default 64)")
     parser.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate (default 2e-5)")
-    parser.add_argument("--window", type=int, nargs=2, default=(1500, 1000), metavar=("W", "H"))
+    parser.add_argument(
+        "--window", type=int, nargs=2, default=(1366, 768), metavar=("W", "H"), help="window size (default 1366 768)"
+    )
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for each run")
     parser.add_argument(
         "--parts",
@@ -103,6 +108,11 @@ def _png_bytes(picture) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def content(dock):
+    """A dock's whole content, scrolled-away parts included (what its scroll area holds)."""
+    return dock.scroll_area.widget()
 
 
 def grab(widget, path: Path, down_to=None) -> None:
@@ -212,7 +222,7 @@ def deblur_and_finetune(args: argparse.Namespace) -> int:
     wait(lambda: "input" in deblur.focus_plot.series, args.timeout, "the input's focus profile")
     print("lazy: status:", deblur.status.value)
     print("lazy: input focus:", [round(y, 5) for _, y in deblur.focus_plot.series["input"]])
-    grab(deblur.native, args.out / "deblur-lazy-widget.png", down_to=deblur.focus_plot)
+    grab(content(deblur), args.out / "deblur-lazy-widget.png", down_to=deblur.focus_plot)
     viewer.layers.remove(viewer.layers[-1])
 
     # all at once, with progress; the plot shows the input's and the output's focus
@@ -228,7 +238,7 @@ def deblur_and_finetune(args: argparse.Namespace) -> int:
 
     side_by_side(viewer, result)
     window_shot(viewer, args.out / "deblur-window.png")
-    grab(deblur.native, args.out / "deblur-widget.png", down_to=deblur.focus_plot)
+    grab(content(deblur), args.out / "deblur-widget.png", down_to=deblur.focus_plot)
 
     # --- Fine-tune -------------------------------------------------------------------------------------------------
     grid(viewer).enabled = False
@@ -242,6 +252,7 @@ def deblur_and_finetune(args: argparse.Namespace) -> int:
     tune.patch.value = args.patch
     tune.lr.value = args.lr
     tune.device.value = "cpu"
+    tune.advanced.set_expanded(True)  # the close-up shows the small settings used
     viewer.layers.selection.active = defocused
     settle()
     tune.start_button.native.click()
@@ -257,8 +268,16 @@ def deblur_and_finetune(args: argparse.Namespace) -> int:
     from napari_mpt_deblur import read_model_card
 
     print("fine-tuned provenance:", read_model_card(folder / "lite-tuned.safetensors").provenance)
+    # the saved model is chosen in "start from", and the dock times its steps once the settings rest (0.7 s): the
+    # shots show that estimate, not "timing..."
+    settle(1.5)
+    wait(lambda: "timing" not in tune.estimate.value, args.timeout, "the time estimate")
+    tune.advanced.set_expanded(False)  # as a user leaves it: the curves in view, beside the saved file's name
+    settle()
+    tune.reveal(tune.psnr_plot)
     window_shot(viewer, args.out / "finetune-window.png")
-    grab(tune.native, args.out / "finetune-widget.png")
+    tune.advanced.set_expanded(True)
+    grab(content(tune), args.out / "finetune-widget.png")
 
     # --- before / after --------------------------------------------------------------------------------------------
     tune_dock.hide()
@@ -355,7 +374,7 @@ def detections(args: argparse.Namespace) -> int:
     grid(viewer).shape = (1, 3)
     viewer.reset_view()
     window_shot(viewer, args.out / "detections-window.png")
-    grab(compare.native, args.out / "detections-widget.png", down_to=compare.bar_plot)
+    grab(content(compare), args.out / "detections-widget.png", down_to=compare.bar_plot)
     viewer.close()
     shared_worker().close()
     return 0

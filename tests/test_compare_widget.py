@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,10 +20,12 @@ from napari_mpt_deblur.inference import InputError
 from napari_mpt_deblur.models.files import ModelFileError
 from napari_mpt_deblur.plugin import compare_job, compare_widget
 from napari_mpt_deblur.plugin.compare_job import (
+    CONTOUR,
     Selection,
     Table,
     folder_problem,
     hint_for,
+    labels_file_name,
     plot_bars,
     remember_folder,
     rgb_note,
@@ -32,8 +35,10 @@ from napari_mpt_deblur.plugin.compare_job import (
     suggest_after,
     summary,
     table_cells,
+    write_labels,
 )
 from napari_mpt_deblur.plugin.deblur_job import METADATA_KEY
+from napari_mpt_deblur.plugin.io import read_images
 from synthetic_nuclei import synthetic_nuclei
 
 PLUGIN, DOCK = "napari-mpt-deblur", "Compare detections"
@@ -179,6 +184,49 @@ def test_table_plot_and_summary_show_the_comparison():
     assert "add a sharp layer or ground truth" in summary(counts)
 
 
+def test_a_lower_mean_ap_after_deblurring_is_said_so_in_the_dock_and_the_cli():
+    _, _, truth = nuclei(2, 96, seed=1)
+    shrunk = np.stack([np.where(binary_erosion(plane > 0, iterations=2), plane, 0) for plane in truth])
+    missing = np.where(np.isin(shrunk, [1, 2, 3, 4, 5]), 0, shrunk)
+    # deblurring made it worse: 'after' misses objects that 'before' found
+    worse = compare_labels({"blurry": shrunk, "deblurred": missing, "sharp": truth}, truth, ["z=0", "z=1"])
+    high, low = (worse.reports[key].mean_ap for key in ("blurry", "deblurred"))
+    assert worse.gap_recovered < 0
+    lowered = f"deblurring lowered mean AP by {high - low:.3f} (from {high:.3f} to {low:.3f})"
+    for text in (summary(worse), worse.table()):  # the dock's status line, and what mpt-deblur compare prints
+        assert lowered in text and "recovers" not in text
+    # without a sharp image there is no gap to measure against, but a change all the same
+    better = compare_labels({"blurry": missing, "deblurred": shrunk}, truth)
+    assert better.gap_recovered is None
+    raised = f"deblurring raised mean AP by {high - low:.3f} (from {low:.3f} to {high:.3f})"
+    assert summary(better).splitlines()[-1] == better.table().splitlines()[-1] == raised
+    assert "recovers" in summary(scored_comparison()) and "raised" not in scored_comparison().table()
+
+
+def test_labels_are_written_with_their_calibration_and_read_back(tmp_path):
+    _, _, truth = nuclei(2, 32)
+    state = {
+        "name": "cells detections",
+        "scale": (2.0, 0.5, 0.5),
+        "units": ("micrometer",) * 3,
+        "axis_labels": ("-3", "-2", "-1"),  # napari's defaults: the axes come from the dock's record
+        "metadata": {METADATA_KEY: {"detections_of": "cells", "axes": "ZYX"}},
+    }
+    path = tmp_path / labels_file_name(state["name"])
+    assert path.name == "cells detections.tif" and labels_file_name('a/b: "c"?') == "a_b_ _c__.tif"
+    assert write_labels(path, truth, state) == [str(path)]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    [(data, meta, kind)] = read_images(path)
+    assert kind == "image" and data.dtype == np.uint16  # 16-bit, for ImageJ
+    np.testing.assert_array_equal(data, truth)
+    np.testing.assert_allclose(meta["scale"], state["scale"])
+    assert tuple(meta["units"]) == state["units"] and tuple(meta["axis_labels"]) == ("z", "y", "x")
+    big = truth.astype(np.int32) * 40_000  # more labels than 16 bits hold: kept as they are
+    write_labels(tmp_path / "big.tif", big, state)
+    [(data, _, _)] = read_images(tmp_path / "big.tif")
+    np.testing.assert_array_equal(data, big)
+
+
 def test_errors_become_hints(caplog):
     assert hint_for(WorkerCrashed("the StarDist process stopped unexpectedly (signal 9)")).startswith(
         "Detection failed: the StarDist process stopped unexpectedly"
@@ -287,7 +335,7 @@ def test_dock_opens_through_the_manifest_and_follows_the_layers(viewer_and_dock,
     widget.prob_thresh.value = 0.6
     assert widget.settings().prob_thresh == 0.6
     assert widget.model.value == "default" and widget.compare_button.enabled and not widget.cancel_button.enabled
-    assert widget.table.parent() is widget.native and widget.bar_plot.parent() is widget.native
+    assert widget.native.isAncestorOf(widget.table) and widget.native.isAncestorOf(widget.bar_plot)
     # the menus follow the viewer: images for the images, labels (and integer images) for the truth
     blurry, deblurred, sharp, truth = add_nuclei(viewer)
     floating = viewer.add_image(np.zeros((8, 8), np.float32), name="float")
@@ -330,6 +378,7 @@ def test_detect_and_compare_with_ground_truth(qtbot, viewer_and_dock, records):
         np.testing.assert_array_equal(layer.translate, source.translate)
         assert layer.metadata[METADATA_KEY]["detections_of"] == source.name
         assert layer.metadata[METADATA_KEY]["prob_thresh"] == pytest.approx(0.78, abs=0.1)  # the model's own
+        assert layer.contour == CONTOUR > 0  # outlines: the nuclei under them stay visible
     assert viewer.layers["sharp detections"].data.max() > 0
     # the table: every image's APs; the sharp image scores better than the blurry one
     table = shown_table(widget)
@@ -342,19 +391,22 @@ def test_detect_and_compare_with_ground_truth(qtbot, viewer_and_dock, records):
     assert [name for name, _ in widget.bar_plot.bars] == ["blurry", "blurry deblurred", "sharp"]
     assert [value for _, value in widget.bar_plot.bars] == pytest.approx([mean_ap[n] for n in mean_ap], abs=5e-4)
     assert widget.bar_plot.title == "mean AP against the ground truth" and widget.bar_plot.maximum == 1.0
+    assert widget.bar_plot.axes.get_ylabel() == "mean AP"
     assert widget.status.value.startswith("done in") and "mean AP against the ground truth" in widget.status.value
     if result.gap_recovered is not None:
         assert "of the blurry-to-sharp gap" in widget.status.value
     # the model's own threshold, as training the test model chose it (0.78 or 0.79, depending on the run)
     own = viewer.layers[names[0]].metadata[METADATA_KEY]["prob_thresh"]
     assert f"StarDist synthetic_nuclei: probability {own:.2f}" in widget.status.value
-    # again, with a threshold of its own: the same layers are updated, not added
+    # again, with a threshold of its own: the same layers are updated, not added; filled by the user, they stay so
     count = len(viewer.layers)
+    viewer.layers["sharp detections"].contour = 0
     widget.prob_thresh.value = 0.95
     widget.detect_and_compare()
     wait_idle(qtbot, widget)
-    assert len(viewer.layers) == count
+    assert len(viewer.layers) == count and not any(layer.name.endswith("]") for layer in viewer.layers)
     assert viewer.layers["sharp detections"].metadata[METADATA_KEY]["prob_thresh"] == 0.95
+    assert viewer.layers["sharp detections"].contour == 0 and viewer.layers["blurry detections"].contour == CONTOUR
     assert widget.result.comparison.reports["sharp"].stats.objects <= result.reports["sharp"].stats.objects
 
 
@@ -382,6 +434,80 @@ def test_deblur_then_detect_in_one_click(qtbot, viewer_and_dock, records):
     assert widget.before.value is before  # the result was selected: 'before' is its source
     assert shown_table(widget).columns == ["cells\n(before)", "cells deblurred\n(default)\n(after)"]
     assert "mean AP against the ground truth: before" in widget.status.value
+    # again: the deblurred layer and the detections are updated, not piled up as '... [1]'
+    names = [layer.name for layer in viewer.layers]
+    deblurred.contrast_limits = (0.0, 0.5)  # the user's display stays
+    widget.deblur_button.native.click()
+    wait_idle(qtbot, widget)
+    assert messages(records, "error") == [] and [layer.name for layer in viewer.layers] == names
+    assert viewer.layers["cells deblurred (default)"] is deblurred and widget.after.value is deblurred
+    assert tuple(deblurred.contrast_limits) == (0.0, 0.5) and deblurred.data.shape == blurry.shape
+    assert widget.status.value.startswith("done in")
+
+
+def test_a_failure_after_deblurring_shows_no_full_progress_bar(qtbot, viewer_and_dock, records, tmp_path):
+    """A StarDist model that is gone by the time of the run: the deblurring is done (its bar full), detection fails."""
+    from qtpy.QtCore import Qt
+
+    viewer, widget = viewer_and_dock
+    folder = tmp_path / "moved_away"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"n_channel_in": 1, "n_dim": 2}))
+    widget.stardist_folder.value = folder
+    assert widget.stardist_model.value == str(folder.resolve())
+    shutil.rmtree(folder)
+    blurry, _, _ = nuclei(1, 64)
+    viewer.add_image(blurry[0], name="cells")
+    full = []  # whether the dock's bar was full, at each change
+    widget.progress_bar.changed.connect(lambda value: full.append(0 < value == widget.progress_bar.max))
+    widget.deblur_button.native.click()
+    wait_idle(qtbot, widget)
+    (error,) = messages(records, "error")
+    assert error.startswith("Detection failed: StarDist model folder not found") and str(folder.name) in error
+    assert widget.status.value == error and "cells deblurred (default)" in viewer.layers  # the deblurring was done
+    assert any(full)  # the deblurring's bar was full ...
+    assert widget.progress_bar.value == 0  # ... the failed run's is not
+    assert not widget.save_button.enabled and widget.compare_button.enabled
+    # the status text can be selected: the path (or an offline model's URL) can be copied
+    flags = widget.status.native.textInteractionFlags()
+    assert flags & Qt.TextInteractionFlag.TextSelectableByMouse
+    assert flags & Qt.TextInteractionFlag.TextSelectableByKeyboard
+
+
+def test_save_labels_writes_them_with_their_calibration(qtbot, viewer_and_dock, records, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    viewer, widget = viewer_and_dock
+    placement = {"scale": (2.0, 0.25, 0.25), "units": ("micrometer",) * 3, "axis_labels": ("z", "y", "x")}
+    blurry, deblurred, _, truth = add_nuclei(viewer, size=96, **placement)
+    viewer.layers.selection.active = blurry
+    assert not widget.save_button.enabled  # nothing to save yet
+    widget.detect_and_compare()
+    wait_idle(qtbot, widget)
+    assert widget.save_button.enabled and messages(records, "error") == []
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *args: str(tmp_path))
+    widget.save_button.native.click()
+    names = ["blurry detections.tif", "blurry deblurred detections.tif"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names)  # and no temporary files
+    assert widget.status.value == f"saved {', '.join(names)} in {tmp_path}"
+    for name in names:
+        source = viewer.layers[name.removesuffix(".tif")]
+        (reopened,) = viewer.open(tmp_path / name, plugin=PLUGIN)
+        np.testing.assert_array_equal(reopened.data, source.data)
+        np.testing.assert_allclose(reopened.scale, placement["scale"])
+        assert tuple(str(unit) for unit in reopened.units) == placement["units"]
+        assert tuple(reopened.axis_labels) == placement["axis_labels"]
+        assert reopened in widget.truth.choices  # labels read back: offered as ground truth
+    # again, into the same folder: asked first; 'No' writes nothing
+    written = {path: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: asked.append(args[2]) or QMessageBox.StandardButton.No)
+    widget.save_button.native.click()
+    assert asked and "already in" in asked[0] and {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == written
+    # detections removed from the viewer: nothing to save, said so
+    for name in names:
+        viewer.layers.remove(viewer.layers[name.removesuffix(".tif")])
+    assert widget.save_labels(tmp_path) == [] and "No detections to save" in messages(records, "error")[-1]
 
 
 @pytest.fixture
@@ -490,6 +616,7 @@ def test_a_crashed_stardist_process_is_reported_and_the_next_run_works(qtbot, vi
     (error,) = messages(records, "error")
     assert "the StarDist process stopped unexpectedly (signal 9)" in error and "starts again" in error
     assert error.startswith(widget.status.value) and "signal 9" in widget.status.value and widget.result is None
+    assert widget.progress_bar.value == 0  # not the planes done before the crash
     assert not any(layer.name.endswith("detections") for layer in viewer.layers)
     assert widget.compare_button.enabled and not widget.cancel_button.enabled
     widget.detect_and_compare()  # a new process
@@ -512,3 +639,49 @@ def test_closing_the_dock_mid_run_stops_quietly(qtbot, viewer_and_dock, records,
     assert not widget.compare_button.enabled  # taken out of the viewer: it runs nothing more
     widget.native.deleteLater()
     qtbot.wait(50)
+
+
+def test_the_dock_fits_a_laptop_screen_beside_the_deblur_dock(make_napari_viewer, qtbot):
+    from test_deblur_widget import check_fits_a_laptop
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "defocused_cells")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, DOCK)
+    (advanced,) = widget.sections
+    rare = (widget.prob_thresh, widget.nms_thresh, widget.model_file, widget.device)
+    assert not advanced.is_expanded() and not any(box.native.isVisibleTo(widget.native) for box in rare)
+    deblur_dock, deblur = viewer.window.add_plugin_dock_widget(PLUGIN, "Deblur")
+    check_fits_a_laptop(
+        qtbot,
+        viewer,
+        [
+            (dock, widget, [widget.compare_button, widget.deblur_button, widget.save_button, widget.bar_plot]),
+            (deblur_dock, deblur, [deblur.run_button, deblur.save_button, deblur.focus_plot]),
+        ],
+    )
+
+
+def test_the_menus_never_read_a_lazy_deblurred_result(make_napari_viewer, qtbot, monkeypatch):
+    """Refreshing the menus looks at integer images to find label-like ones; a deblurred result is intensities, and
+    reading a plane of a lazy one would compute it in the GUI thread."""
+    from napari_mpt_deblur.plugin.deblur_job import LazyResult
+
+    read = []
+    real = compare_job.label_like
+    monkeypatch.setattr(compare_job, "label_like", lambda data: read.append(data) or real(data))
+    viewer = make_napari_viewer()
+    cells = viewer.add_image((np.arange(3 * 64 * 64).reshape(3, 64, 64) % 997).astype(np.uint16), name="cells")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, DOCK)
+    _, deblur = viewer.window.add_plugin_dock_widget(PLUGIN, "Deblur")
+    deblur.device.value, deblur.lazy.value = "cpu", True
+    assert any(data is cells.data for data in read)  # integer images are looked at
+    deblur.run()  # adds the result at once; napari draws its plane, computed in a worker
+    result = viewer.layers[-1]
+    assert isinstance(result.data, LazyResult) and METADATA_KEY in result.metadata
+    viewer.layers.selection.active = result
+    widget.reset_choices()
+    widget.truth.value = "all layers..."  # every integer image, the result included
+    assert widget.before.value is cells and widget.after.value is result  # the dock follows the selection
+    assert result in widget.truth.choices and not compare_job.looks_like_labels(result)
+    assert not [data for data in read if isinstance(data, LazyResult)]
+    qtbot.waitUntil(lambda: deblur._lazy.current is None, timeout=WAIT_MS)  # the shown plane, computed in the worker

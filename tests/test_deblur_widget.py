@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import time
 from pathlib import Path
 
 import dask.array as da
@@ -16,6 +19,7 @@ from napari_mpt_deblur.inference import InputError, deblur_array
 from napari_mpt_deblur.plugin.deblur_job import (
     METADATA_KEY,
     DeblurJob,
+    LazyResult,
     focus_profile,
     layer_axes,
     result_layer_kwargs,
@@ -208,7 +212,7 @@ def test_widget_opens_through_the_manifest(viewer_and_widget, grey_model_file):
     assert (widget.low.value, widget.high.value) == (1.0, 99.8)
     assert widget.device.choices[0] == "auto" and "cpu" in widget.device.choices
     assert widget.device.current_choice == "cpu (CPU)"
-    assert widget.focus_plot.parent() is widget.native
+    assert widget.native.isAncestorOf(widget.focus_plot)  # in the dock (in its scroll area)
     # the image list follows the viewer: added, renamed, removed; labels are not offered
     viewer.add_labels(np.zeros((8, 8), np.uint8), name="masks")
     layer = viewer.add_image(stack((8, 8)), name="cells")
@@ -248,20 +252,31 @@ def test_eager_deblur_adds_a_matching_layer(qtbot, viewer_and_widget, grey_model
     assert [len(widget.focus_plot.series[name]) for name in ("input", "output")] == [3, 3]
 
 
-def test_lazy_deblur_is_dask_and_equals_eager(qtbot, viewer_and_widget, grey_model_file, records):
+def test_lazy_deblur_shows_each_plane_when_computed_and_equals_eager(
+    qtbot, viewer_and_widget, grey_model_file, records
+):
     viewer, widget = viewer_and_widget
     data = stack((3, 48, 48), seed=3)
     source = viewer.add_image(data, name="cells", scale=(3.0, 1.0, 1.0))
     widget.layer.value = source
     widget.lazy.value = True
     widget.run_button.native.click()
-    assert not widget.running  # added at once, nothing runs in the background
+    assert not widget.running  # added at once; the shown plane is computed in the background
     result = viewer.layers["cells deblurred (grey)"]
-    assert isinstance(result.data, da.Array) and result.data.shape == data.shape
+    assert isinstance(result.data, LazyResult) and result.data.shape == data.shape
+    assert result.data.dtype == data.dtype and result.data.computed() == 0  # nothing computed by Run itself
     np.testing.assert_array_equal(result.scale, source.scale)
     assert result.metadata[METADATA_KEY]["mode"] == "lazy"
+    expected = deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings())
+    qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=60_000)  # the middle plane, once computed
+    assert result.data.computed() == 1 and "computed in" in widget.status.value
+    viewer.dims.set_current_step(0, 2)
+    qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=60_000)
     qtbot.waitUntil(lambda: "input" in widget.focus_plot.series, timeout=30_000)
     assert "output" not in widget.focus_plot.series and "every plane" in widget.status.value
+    # read by anyone but napari's drawing, the data are the deblurred values, computed as needed
+    np.testing.assert_array_equal(result.data[0, 5:9], expected[0, 5:9])
+    np.testing.assert_array_equal(da.from_array(result.data, chunks=(1, 48, 48)).compute(), expected)
     lazy = np.asarray(result.data)
     widget.lazy.value = False
     assert widget.layer.value is source  # the result was selected: the dock stays on its source
@@ -271,6 +286,236 @@ def test_lazy_deblur_is_dask_and_equals_eager(qtbot, viewer_and_widget, grey_mod
     np.testing.assert_array_equal(lazy, eager)
     np.testing.assert_array_equal(lazy, deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings()))
     assert errors(records) == []
+
+
+def shows(viewer, layer, expected: np.ndarray) -> bool:
+    """Whether napari draws the plane of ``expected`` at the viewer's current step (a few pixels' values)."""
+    plane = expected[viewer.dims.current_step[: expected.ndim - 2]]
+    points = [(y, x) for y in (3, plane.shape[0] // 2, plane.shape[0] - 4) for x in (2, plane.shape[1] // 3)]
+    step = tuple(viewer.dims.current_step[: expected.ndim - 2])
+    return all(layer.get_value((*step, y, x)) == plane[y, x] for y, x in points)
+
+
+def test_lazy_mode_never_blocks_the_event_loop(qtbot, viewer_and_widget, grey_model_file):
+    """The longest event-loop stall while the result layer computes planes, with a 10 ms timer (issue 19)."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = viewer_and_widget
+    data = stack((3, 256, 256), seed=5)
+    widget.layer.value = viewer.add_image(data, name="cells")
+    widget.tile.value = 0  # whole planes: computed in the GUI thread, each would stall it for over 0.5 s here
+    widget.lazy.value = True
+    expected = deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings())
+    gaps, last = [], [0.0]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    widget.run_button.native.click()
+    result = viewer.layers["cells deblurred (grey)"]
+    assert result.data.computed() == 0 and result.get_value((1, 10, 10)) == 0  # drawn black, computed later
+    # once the dock has drawn its focus plot (a one-off of Run, whatever the mode), browse two planes
+    qtbot.waitUntil(lambda: "input" in widget.focus_plot.series and shows(viewer, result, expected), timeout=120_000)
+    last[0] = time.perf_counter()
+    timer.start()
+    try:
+        for plane in (2, 0):  # the user moves on: each plane is computed while the timer ticks
+            viewer.dims.set_current_step(0, plane)
+            assert result.get_value((plane, 10, 10)) == 0
+            qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=120_000)
+        qtbot.wait(50)  # the tick due now records the time since the last one, however long it was
+    finally:
+        timer.stop()
+    assert result.data.computed() == 3 and len(gaps) > 10
+    assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.2f} s"
+
+
+def test_moving_to_another_plane_stops_the_one_being_computed(qtbot, viewer_and_widget, grey_model_file, records):
+    from napari.utils import progress
+
+    from napari_mpt_deblur.plugin.models import REGISTRY
+
+    viewer, widget = viewer_and_widget
+    data = stack((3, 256, 256), seed=6)
+    widget.layer.value = viewer.add_image(data, name="cells")
+    widget.tile.value = 32  # many tiles per plane
+    widget.lazy.value = True
+    model = REGISTRY.load(widget.model.value)  # the model the lazy layer runs (already on the CPU: not copied)
+    per_plane = plan_tiles(256, 256, 32, 8, model.config.size_multiple).count
+    expected = deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings())
+    forwards: list[int] = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+    try:
+        widget.run()
+        result = viewer.layers["cells deblurred (grey)"]
+        # the dock and napari's activity dock say which plane is computed, and the time left once measured
+        qtbot.waitUntil(lambda: "left" in widget.status.value, timeout=60_000)
+        assert "computing plane Z=1 of 'cells deblurred (grey)': tile" in widget.status.value
+        (bar,) = [bar for bar in progress._all_instances if bar.desc.startswith("Deblurring cells deblurred")]
+        assert bar.desc == "Deblurring cells deblurred (grey), plane Z=1" and bar.total == per_plane
+        viewer.dims.set_current_step(0, 0)  # moved on: plane 1 is dropped between two tiles
+        qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=60_000)
+        assert not result.data.is_computed((1,)) and result.data.is_computed((0,))
+        assert len(forwards) < 2 * per_plane and per_plane > 20  # plane 1 stopped long before its end
+        viewer.dims.set_current_step(0, 1)  # back: computed now
+        qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=60_000)
+    finally:
+        hook.remove()
+    qtbot.waitUntil(lambda: not any(bar.desc.startswith("Deblurring cells") for bar in progress._all_instances))
+    viewer.window.remove_dock_widget(widget.native)  # the layer outlives the dock that made it
+    gc.collect()
+    viewer.dims.set_current_step(0, 2)
+    qtbot.waitUntil(lambda: shows(viewer, result, expected), timeout=60_000)
+    viewer.layers.remove(result)  # nothing shows it: nothing is computed for it any more
+    assert result.data.wanted() == [] and errors(records) == []
+
+
+def test_an_eager_run_says_how_long_is_left(qtbot, viewer_and_widget):
+    from napari.utils import progress
+
+    viewer, widget = viewer_and_widget
+    widget.layer.value = viewer.add_image(stack((4, 160, 160)), name="cells")
+    widget.tile.value = 32
+    widget.run()
+    qtbot.waitUntil(lambda: "left" in widget.status.value, timeout=60_000)  # from the tiles' measured pace
+    assert widget.status.value.startswith("plane 1/4, tile ") and ", about " in widget.status.value
+    (bar,) = [bar for bar in progress._all_instances if bar.desc == "Deblurring cells"]
+    qtbot.waitUntil(lambda: "<00:" in eta(bar))  # napari's activity dock: its bar's time left, once measured
+    widget.cancel()
+    wait_idle(qtbot, widget)
+
+
+def eta(bar) -> str:
+    """What napari's activity dock shows right of a bar: tqdm's ``done/total [elapsed<left, rate]``."""
+    return str(bar).split("|")[-1] if bar.total else ""
+
+
+def test_time_left_comes_from_the_pace_measured_since_the_first_report():
+    from napari_mpt_deblur.plugin.timing import TimeLeft, format_seconds
+
+    now = [100.0]
+    left = TimeLeft(clock=lambda: now[0])
+    assert left.update(1, 10) is None  # one report: no pace yet (the set-up before it does not count)
+    now[0] += 4.0
+    assert left.update(3, 10) == pytest.approx(14.0)  # 2 tiles in 4 s, 7 to go
+    now[0] += 2.0
+    assert left.describe(4, 10) == "about 12 s left"
+    assert left.update(0, 10) is None  # a new job: measured again
+    assert [format_seconds(s) for s in (42, 185, 3720, float("nan"))] == ["42 s", "3 min 05 s", "1 h 02 min", "?"]
+
+
+def test_a_lazy_result_reads_as_the_eager_result_and_keeps_a_bounded_cache(grey_model_file):
+    from napari_mpt_deblur.inference import Cancelled, PlaneByPlane
+    from napari_mpt_deblur.plugin.deblur_job import SavedPlanes
+
+    model = load_model(grey_model_file)
+    data = stack((2, 3, 40, 48), seed=4)
+    expected = deblur_array(model, data, "TZYX", CPU)
+    result = LazyResult(PlaneByPlane(model, data, "TZYX", CPU), cache_bytes=2 * 40 * 48 * 2)
+    assert (result.shape, result.dtype, result.ndim, len(result), result.blocks) == (data.shape, data.dtype, 4, 2, 6)
+    for index in [(1, 2), (Ellipsis, slice(3, 9)), (slice(None), [0, 2]), (-1, slice(None, None, 2), 5), (None, 0)]:
+        np.testing.assert_array_equal(result[index], expected[index])
+    assert result.computed() <= 2  # planes beyond the cache's size are dropped (and computed again if read)
+    np.testing.assert_array_equal(np.asarray(result), expected)
+    with pytest.raises(IndexError):
+        result[2]
+    assert copy.deepcopy(result) is result  # read-only (napari's Duplicate Layer deep-copies the data)
+    # a writer's reads: each plane reported, and stopped between two tiles once cancelled
+    reports: list[tuple[int, int]] = []
+    reads = SavedPlanes(result, 6, lambda done, total: reports.append((done, total)), lambda: len(reports) >= 2)
+    np.testing.assert_array_equal(reads[0, 1], expected[0, 1])
+    np.testing.assert_array_equal(reads[1, 2], expected[1, 2])
+    assert reports == [(1, 6), (2, 6)]
+    with pytest.raises(Cancelled):
+        reads[0, 0]
+
+
+def test_float_results_keep_the_values_beyond_the_inputs_range(qtbot, viewer_and_widget, grey_model_file):
+    """Float output is not clipped to the input's range (docs/napari.md says why); integers are, to their type."""
+    viewer, widget = viewer_and_widget
+    data = stack((2, 48, 48), np.float32) / np.float32(4000)  # intensities in 0..1
+    widget.layer.value = viewer.add_image(data, name="cells", contrast_limits=(0, 1))
+    widget.run()
+    wait_idle(qtbot, widget)
+    result = viewer.layers["cells deblurred (grey)"].data
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings()))
+    assert result.min() < data.min() or result.max() > data.max()  # the network's output, as it came
+
+
+def test_save_result_writes_the_plugins_tiff_and_keeps_the_calibration(
+    qtbot, viewer_and_widget, tmp_path, monkeypatch, records
+):
+    from napari_mpt_deblur.plugin import deblur_widget
+    from napari_mpt_deblur.plugin.io import write_tiff_layer
+
+    viewer, widget = viewer_and_widget
+    calibration = {"scale": (0.75, 0.2, 0.2), "units": ("micrometer",) * 3, "axis_labels": ("z", "y", "x")}
+    source = tmp_path / "cells.tif"
+    write_tiff_layer(str(source), stack((3, 48, 48)), {"name": "cells", **calibration})
+    (layer,) = viewer.open(source, plugin="napari-mpt-deblur")  # as a user opens a file
+    widget.layer.value = layer
+    assert not widget.save_button.enabled  # nothing to save yet
+    widget.run()
+    wait_idle(qtbot, widget)
+    result = viewer.layers["cells deblurred (grey)"]
+    assert widget.save_button.enabled and widget.result_layer() == result  # (napari hands docks proxies)
+    target = tmp_path / "results" / "cells deblurred.tif"
+    target.parent.mkdir()
+    asked = []
+
+    def save_dialog(parent, caption, proposed, filters):
+        asked.append((proposed, filters))
+        return str(target), filters
+
+    monkeypatch.setattr(deblur_widget.QFileDialog, "getSaveFileName", save_dialog)
+    widget.save_button.native.click()
+    assert widget.running and not widget.run_button.enabled  # saving in the background
+    wait_idle(qtbot, widget)
+    assert errors(records) == []
+    assert asked == [(str(tmp_path / "cells deblurred (grey).tif"), "TIFF (*.tif *.tiff)")]  # the input's folder
+    assert [path.name for path in target.parent.iterdir()] == [target.name]  # renamed into place, nothing else
+    assert widget.status.value.startswith(f"saved to {target}")
+    (reopened,) = viewer.open(target, plugin="napari-mpt-deblur")
+    np.testing.assert_array_equal(reopened.data, result.data)
+    np.testing.assert_allclose(reopened.scale, result.scale)
+    np.testing.assert_allclose(reopened.scale, calibration["scale"])
+    assert tuple(map(str, reopened.units)) == tuple(map(str, result.units)) == ("micrometer",) * 3
+    assert reopened.axis_labels == result.axis_labels == ("z", "y", "x")
+    # the input file is never replaced
+    before = source.read_bytes()
+    widget.save_result(source)
+    assert "is the input of 'cells deblurred (grey)'" in errors(records)[-1] and source.read_bytes() == before
+
+
+def test_saving_a_lazy_result_computes_its_planes_and_cancel_writes_nothing(
+    qtbot, viewer_and_widget, grey_model_file, tmp_path, records
+):
+    from napari_mpt_deblur.plugin.io import read_images
+
+    viewer, widget = viewer_and_widget
+    data = stack((3, 160, 160), seed=7)
+    widget.layer.value = viewer.add_image(data, name="cells")
+    widget.tile.value = 32
+    widget.lazy.value = True
+    widget.run()
+    result = viewer.layers["cells deblurred (grey)"]
+    widget.save_result(tmp_path / "cancelled")  # named without a suffix: .tif is added
+    qtbot.waitUntil(lambda: widget.progress_bar.value >= 1, timeout=120_000)  # a plane written
+    widget.cancel_button.native.click()
+    wait_idle(qtbot, widget)
+    assert widget.status.value == "cancelled: nothing was written" and list(tmp_path.iterdir()) == []
+    widget.save_result(tmp_path / "all.tif")
+    wait_idle(qtbot, widget, timeout=300_000)
+    assert errors(records) == []
+    ((saved, meta, _),) = read_images(tmp_path / "all.tif")
+    np.testing.assert_array_equal(saved, deblur_array(load_model(grey_model_file), data, "ZYX", widget.settings()))
+    assert result.data.is_computed((2,))  # the planes it computed stay for the viewer
 
 
 def test_rgb_layer_with_a_grey_model(qtbot, viewer_and_widget, grey_model_file, records):
@@ -682,3 +927,63 @@ def test_model_picker_follows_the_registry_weakly_and_refuses_broken_files(regis
     gc.collect()
     registry.add_file(grey_model_file)  # the registry kept no picker alive, and drops its listener
     assert registry._listeners == []
+
+
+# --- fitting a laptop screen ------------------------------------------------------------------------------------------
+
+LAPTOP = (1366, 768)
+"""A common laptop screen (pixels): every dock must work there with another dock open."""
+DOCK_MIN_HEIGHT = 200
+"""The most a dock may ask for (its minimum size hint): two of them and napari's own docks fit LAPTOP."""
+
+
+def fully_shown(widget, window) -> bool:
+    """Whether a Qt widget is shown whole: not hidden, not clipped by its scroll area, inside the window."""
+    from qtpy.QtCore import QPoint, QRect
+
+    if not widget.isVisible() or widget.visibleRegion().boundingRect().size() != widget.size():
+        return False
+    return window.rect().contains(QRect(widget.mapTo(window, QPoint(0, 0)), widget.size()))
+
+
+def check_fits_a_laptop(qtbot, viewer, docks) -> None:
+    """Two docks open in a window the size of a laptop screen: the window can be that small, each dock asks for
+    at most DOCK_MIN_HEIGHT, and each of its key buttons is shown whole once scrolled to.
+
+    ``docks``: ``[(the dock widget napari made, the plugin's widget, [its key buttons, or plots]), ...]``.
+    """
+    window = viewer.window._qt_window
+    window.show()
+    window.resize(*LAPTOP)
+    qtbot.waitUntil(lambda: (window.width(), window.height()) == LAPTOP)
+    assert window.minimumSizeHint().height() <= LAPTOP[1]
+    for dock, widget, buttons in docks:
+        assert dock.minimumSizeHint().height() <= DOCK_MIN_HEIGHT
+        assert dock.isVisible() and widget.scroll_area.viewport().height() > 0
+        for button in buttons:
+            widget.reveal(button)
+            native = getattr(button, "native", button)  # a magicgui widget, or a plot
+            qtbot.waitUntil(lambda native=native: fully_shown(native, window), timeout=5_000)
+
+
+def test_the_dock_fits_a_laptop_screen_beside_the_fine_tune_dock(make_napari_viewer, qtbot, registry):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mpt-deblur", "defocused_cells")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    # the rarely changed settings fold away, and come back at a click
+    (advanced,) = widget.sections
+    assert not advanced.is_expanded() and not widget.tile.native.isVisibleTo(widget.native)
+    advanced.toggle.click()
+    assert advanced.is_expanded() and widget.tile.native.isVisibleTo(widget.native)
+    advanced.toggle.click()
+    assert not widget.device.native.isVisibleTo(widget.native)
+    tune_dock, tune = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Fine-tune (EFCR_ex)")
+    check_fits_a_laptop(
+        qtbot,
+        viewer,
+        [
+            (dock, widget, [widget.run_button, widget.save_button, widget.tile]),  # the tile: in the advanced part
+            (tune_dock, tune, [tune.start_button, tune.save_button, tune.export_button]),
+        ],
+    )
+    assert advanced.is_expanded()  # revealing the tile box opened its section

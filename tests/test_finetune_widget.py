@@ -89,14 +89,13 @@ def test_prepare_finetune_makes_synthetic_or_labeled_pairs_and_records_them():
     sharp_planes = data.sampler.sharp  # the sharpest quarter of the 8 planes: 2 of the in-focus ones, denoised
     assert len(sharp_planes) == 2
     assert all(any(np.array_equal(p, denoise_target(s)) for s in sharp) for p in sharp_planes)
-    assert data.provenance == {
-        "planes": 8,
-        "planes_for_efcr": 8,
-        "synthetic_from_sharpest_unlabeled_planes": 0.25,
-        "denoised_targets": True,
-    }
+    record = data.provenance
+    assert record["planes"] == record["planes_for_efcr"] == 8 and record["denoised_targets"] is True
+    assert record["synthetic_from_sharpest_unlabeled_planes"] == 0.25
+    assert record["validation"].startswith("patches of the training planes")  # 2 sharp planes: none to spare
+    assert record["blur_estimate"]["in_focus"] and record["synthetic_defocus"]["kinds"] == ["gaussian", "widefield"]
     assert data.config.normalization == model.card.normalization != config.normalization
-    assert data.validation.blurry.shape == (8, 1, 32, 32)
+    assert data.validation.blurry.shape == (16, 1, 32, 32)
 
     data = prepare_finetune(model, [stack], labeled=(blurry, sharp), config=config, min_focus_quantile=0.5)
     assert isinstance(data.sampler, LabeledPairs) and data.provenance["labeled_pairs"] == 4
@@ -171,8 +170,10 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     assert len(widget.psnr_plot.series["network"]) == 4
     assert widget.progress_bar.value == 4 and widget.status.value.startswith("finished after 4/4")
     assert widget.save_button.enabled and widget.start_button.enabled and not widget.stop_button.enabled
-    summary = widget.status.value.removesuffix(". Save the model to use it.")
-    assert f"kept the weights of step {log.best_step}" in summary
+    status = widget.status.value.splitlines()
+    summary = status[0].removesuffix(". Save the model to use it.")
+    assert f"kept the weights of step {log.best_step}" in summary and log.best_psnr > log.start_psnr
+    assert status[1].startswith("blur beyond the sharpest planes")  # what the stack told
 
     widget.save_path.value = tmp_path / "tuned"  # the suffix is added
     widget.save_button.native.click()
@@ -200,8 +201,9 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
 def test_stop_mid_run_keeps_the_best_weights_and_returns_to_idle(make_napari_viewer, qtbot, model_file, monkeypatch):
     from napari_mpt_deblur.training import engine
 
-    validations = iter(range(100))
-    # the validation gets worse after the first one, so the weights kept must be step 2's, not the last ones
+    validations = iter([10.0, *range(100)])
+    # the starting model scores 20 dB; the validation gets worse after the first one of the run, so the weights
+    # kept must be step 2's, not the last ones
     monkeypatch.setattr(
         engine.Validation,
         "evaluate",
@@ -240,6 +242,30 @@ def test_stop_mid_run_keeps_the_best_weights_and_returns_to_idle(make_napari_vie
     from napari.utils import progress
 
     assert not any("Fine-tuning" in bar.desc for bar in progress._all_instances)  # napari's bar is closed
+
+
+def test_the_microscope_row_takes_the_pixel_size_and_z_step_from_the_layer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    stack = np.zeros((3, 32, 32), np.float32)
+    from_file = viewer.add_image(stack, metadata={"pixel_size": (65.0, 65.0), "unit": "nm", "z_spacing": 300.0})
+    scaled = viewer.add_image(stack, scale=(0.5, 0.1, 0.1), units=("um", "um", "um"), axis_labels=("z", "y", "x"))
+    plain = viewer.add_image(stack)
+    _, widget = open_dock(viewer)
+    assert widget.pixel_size.value == 0 and "from the first stack's file" in widget.pixel_size.tooltip
+    microscope = widget.microscope_for(from_file)
+    assert microscope.pixel_size_um == pytest.approx(0.065) and microscope.z_step_um == pytest.approx(0.3)
+    microscope = widget.microscope_for(scaled)
+    assert microscope.pixel_size_um == pytest.approx(0.1) and microscope.z_step_um == pytest.approx(0.5)
+    assert widget.microscope_for(plain).pixel_size_um is None
+    widget.na.value, widget.medium.value, widget.wavelength.value, widget.pixel_size.value = 1.4, "oil", 610, 0.2
+    microscope = widget.microscope_for(from_file)
+    assert (microscope.na, microscope.medium, microscope.wavelength_um) == (1.4, "oil", 0.61)
+    assert microscope.pixel_size_um == 0.2  # given in the dock: wins over the file
+
+    widget.medium.value = "water"  # NA 1.4 cannot be in water: Start refuses and says why
+    widget.unlabeled.value = [from_file]
+    widget.start_button.native.click()
+    assert not widget.running and widget.status.value.startswith("Microscope: NA 1.4 is not possible in water")
 
 
 def test_your_stacks_start_on_the_selected_layers_follow_them_and_say_several_can_be_picked(make_napari_viewer):
@@ -356,3 +382,154 @@ def test_closing_the_viewer_mid_run_stops_the_worker(make_napari_viewer, qtbot, 
     assert worker.abort_requested
     qtbot.waitUntil(lambda: run.done, timeout=WAIT_MS)  # the run cleaned up after itself, without the dock
     assert run.log.step < 200 and not Path(run.folder.name).exists()
+
+
+# time estimate and save path ---------------------------------------------------------------
+
+
+def test_the_estimate_times_real_steps_and_fits_a_run_in_the_time_allowed():
+    from napari_mpt_deblur.plugin.finetune_widget import dock_validations
+    from napari_mpt_deblur.plugin.timing import FinetuneEstimate, iter_measure_finetune
+    from napari_mpt_deblur.runtime import run_to_end
+
+    model = small_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    config = FINETUNE_DEFAULTS.replace(batch_size=2, patch_size=32, device="cpu")
+    measured = run_to_end(iter_measure_finetune(model, config))
+    assert measured.step_s > 0 and measured.validation_s > 0 and measured.device == "cpu"
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())  # timed on a copy
+
+    estimate = FinetuneEstimate(step_s=2.0, validation_s=3.0, device="cpu")
+    assert dock_validations(1000) == 21 and dock_validations(10) == 11  # the start, then every 50 steps, every step
+    assert estimate.total_s(1000, dock_validations(1000)) == 2.0 * 1000 + 3.0 * 21
+    fits = estimate.steps_within(15 * 60, dock_validations)
+    assert fits == 400 and estimate.total_s(fits, dock_validations(fits)) <= 15 * 60  # rounded down to 50s
+    assert estimate.total_s(fits + 50, dock_validations(fits + 50)) > 15 * 60
+    assert FinetuneEstimate(1e4, 1.0, "cpu").steps_within(15 * 60, dock_validations) == 1  # at least one step
+
+
+def test_the_dock_estimates_a_runs_length_before_it_starts(make_napari_viewer, qtbot, model_file):
+    from napari_mpt_deblur.plugin.finetune_widget import ESTIMATE_DELAY_MS, dock_validations
+
+    viewer = make_napari_viewer()  # hidden: a dock nobody sees times nothing
+    layer = viewer.add_image(np.concatenate(cell_planes(2)), name="stack")
+    _, widget = open_dock(viewer)
+    configure(widget, model_file, layer, steps=100)
+    qtbot.wait(2 * ESTIMATE_DELAY_MS)
+    assert widget.time_per_step is None and widget.estimate.value == ""
+    viewer.show()  # shown: the chosen model's steps are timed at the chosen batch and patch, on the chosen device
+    qtbot.waitUntil(lambda: widget.time_per_step is not None, timeout=WAIT_MS)
+    estimate = widget.time_per_step
+    assert estimate.device == "cpu" and estimate.step_s > 0
+    assert widget.estimate.value.startswith("about ") and "for 100 steps on cpu" in widget.estimate.value
+    widget.steps.value = 1_000_000  # far beyond 15 minutes here: a shorter run is suggested, a click away
+    suggested = estimate.steps_within(15 * 60, dock_validations)
+    assert f"About {suggested} steps fit in 15 min" in widget.estimate.value
+    assert f"<a href='{suggested}'" in widget.estimate.value
+    widget.estimate.native.linkActivated.emit(str(suggested))
+    assert widget.steps.value == suggested and "fit in 15 min" not in widget.estimate.value
+    widget.batch.value = 3  # another batch costs another time: timed again
+    qtbot.waitUntil(lambda: widget.estimate.value.startswith("timing"), timeout=10_000)
+    qtbot.waitUntil(lambda: widget.estimate.value.startswith("about "), timeout=WAIT_MS)
+    assert widget.time_per_step is not estimate
+
+
+def test_the_save_path_shows_its_file_name_and_its_whole_path(make_napari_viewer, tmp_path):
+    from qtpy.QtWidgets import QLineEdit
+
+    viewer = make_napari_viewer()
+    _, widget = open_dock(viewer)
+    path = tmp_path / "a" / "folder" / "deep" / "enough" / "to" / "be" / "cut" / "start-tuned-lab_stack.safetensors"
+    widget.save_path.value = path
+    line = widget.save_path.native.findChild(QLineEdit)
+    assert line.cursorPosition() == len(line.text()) == len(str(path))  # the end, the file name, in view
+    assert widget.save_path.tooltip.endswith(f"\n{path}")  # and the whole path on hover
+    line.setCursorPosition(0)  # the user clicked at the start, then left the box
+    line.editingFinished.emit()
+    assert line.cursorPosition() == len(line.text())
+
+
+# fitting a laptop screen, exporting for bioimage.io ---------------------------------------------------------------
+
+
+def test_the_dock_fits_a_laptop_screen_beside_the_compare_dock(make_napari_viewer, qtbot):
+    from test_deblur_widget import check_fits_a_laptop
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mpt-deblur", "defocused_cells")
+    dock, widget = open_dock(viewer)
+    (advanced,) = widget.sections
+    rare = (widget.batch, widget.patch, widget.lr, widget.beta, widget.reblur, widget.min_focus, widget.device)
+    assert not advanced.is_expanded() and not any(box.native.isVisibleTo(widget.native) for box in rare)
+    assert widget.steps.native.isVisibleTo(widget.native)  # what most runs change stays in view
+    compare_dock, compare = viewer.window.add_plugin_dock_widget(PLUGIN, "Compare detections")
+    check_fits_a_laptop(
+        qtbot,
+        viewer,
+        [
+            (dock, widget, [widget.start_button, widget.save_button, widget.export_button, widget.psnr_plot]),
+            (compare_dock, compare, [compare.compare_button, compare.deblur_button, compare.save_button]),
+        ],
+    )
+
+
+def test_export_for_bioimageio_after_a_fine_tune(
+    make_napari_viewer, qtbot, model_file, tmp_path, notifications, monkeypatch
+):
+    pytest.importorskip("bioimageio.spec", reason="needs the [bioimageio] extra")
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_mpt_deblur.plugin.widgets_common import MODEL_FILTER
+
+    assert "*.zip" in MODEL_FILTER  # the model-file dialogs show packages
+    viewer = make_napari_viewer()
+    blurry, sharp = cell_planes(3)
+    layer = viewer.add_image(np.concatenate([sharp, blurry]), name="lab stack")
+    _, widget = open_dock(viewer)
+    assert not widget.export_button.enabled  # nothing to export yet
+    configure(widget, model_file, layer, steps=2)
+    widget.start_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.export_button.enabled and widget.tuned_model is not None
+    assert widget.test_layer() is layer
+    card = widget.tuned_model.card
+
+    # a folder that cannot be: the status line and an error say so, nothing is written
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    widget.export(blocker / "package.zip")
+    qtbot.waitUntil(lambda: not widget.exporting, timeout=WAIT_MS)
+    assert widget.status.value.startswith("failed: Could not export for bioimage.io")
+    assert any("Could not export for bioimage.io" in m for m in notifications.errors())
+    assert widget.start_button.enabled and widget.export_button.enabled
+
+    asked = {}
+
+    def dialog(parent, caption, proposed, filter):
+        asked.update(proposed=proposed, filter=filter)
+        return str(tmp_path / "tuned"), filter  # the suffix is added
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
+    widget.export_button.native.click()
+    assert widget.exporting and not widget.export_button.enabled and not widget.start_button.enabled
+    qtbot.waitUntil(lambda: not widget.exporting, timeout=WAIT_MS)
+    package = tmp_path / "tuned.zip"
+    assert asked["proposed"].endswith(".zip") and "*.zip" in asked["filter"]
+    assert package.is_file() and widget.status.value.endswith("— exported to tuned.zip"), widget.status.value
+    assert any(f"Exported for bioimage.io to {package}" in m for m in notifications.messages())
+    assert not list(tmp_path.glob("*.tmp*")) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a file",
+        "start.safetensors",
+        "tuned.zip",
+    ]
+
+    loaded = load_model(package)  # our own package reads back: the tuned weights, with the fine-tune's record
+    tuned = widget.tuned_model.state_dict()
+    assert loaded.state_dict().keys() == tuned.keys()
+    assert all(torch.equal(value, tuned[key].cpu()) for key, value in loaded.state_dict().items())
+    record = loaded.card.provenance
+    assert record["trained_on"] == "discs" and record["fine_tuned_from"] == str(model_file.resolve())
+    assert record["fine_tuned_on"]["unlabeled_layers"] == ["lab stack"] and record["fine_tune"]["steps_done"] == 2
+    assert widget.tuned_model.card is card  # the dock's model keeps its own card (the package got a copy)
+    widget.model_file.value = package  # and the model-file box takes it, in every dock
+    assert widget.model.value == str(package.resolve()) and not widget._models.problem

@@ -150,10 +150,11 @@ def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):
     out = tmp_path / "tuned.safetensors"
     args = ["finetune", "--model", str(start), "--unlabeled", str(tmp_path / "mine.tif"), "-o", str(out)]
     common = ["--steps", "3", "--batch", "2", "--patch", "32", "--reblur", "0.5", "--beta", "1e-3", "--device", "cpu"]
-    assert main([*args, *common, "--quiet", "--min-focus", "0.5"]) == 0
+    assert main([*args, *common, "--lr", "1e-3", "--quiet", "--min-focus", "0.5"]) == 0
     tuned = load_model(out)
     record = tuned.card.provenance
     assert record["fine_tuned_on"]["planes"] == 8 and record["trained_on"] == "patterns"
+    assert record["fine_tune"]["kept_starting_model"] is False  # it beat the untrained start on held-out patches
     assert record["train_config"]["reblur_weight"] == 0.5 and record["train_config"]["efcr_beta"] == 1e-3
     before = load_model(start).state_dict().values()
     assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), before))

@@ -17,7 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
-from .config import PRECISIONS, ConfigError
+from .config import MEDIA, PRECISIONS, ConfigError
 from .training.config import TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
@@ -121,6 +121,48 @@ def cmd_new(args: argparse.Namespace) -> None:
     )
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
+
+
+def cmd_export_bioimageio(args: argparse.Namespace) -> None:
+    from .images import open_image
+    from .models.bioimageio import export_package
+    from .models.files import load_model
+
+    output = Path(args.output)
+    if not output.name.lower().endswith(".zip"):
+        raise UsageError(f"{output}: a bioimage.io package is a .zip file; name it NAME.zip")
+    _check_output(output, args.overwrite)
+    model = load_model(args.model)
+    if args.image:
+        image, origin = open_image(args.image), args.image
+    else:
+        from .plugin.samples import DEFOCUS_UM, sample_image
+
+        try:
+            stack = sample_image("cells")
+        except ModuleNotFoundError as error:  # scikit-image holds the cell image; it is not a core dependency
+            raise UsageError(
+                f"the default test image needs {error.name}: pip install scikit-image, or give --image"
+            ) from None
+        plane = len(DEFOCUS_UM) * 3 // 4  # a defocused plane: the middle one is in focus
+        image = stack.data[plane].compute()
+        origin = f"the 'cells' sample ({DEFOCUS_UM[plane]:g} um out of focus)"
+    try:
+        export_package(
+            model,
+            output,
+            image,
+            name=args.name,
+            description=args.description,
+            authors=args.author or ("napari-mpt-deblur",),
+            license=args.license,
+            overwrite=args.overwrite,
+        )
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:  # the image, the name or the licence (bioimageio.spec validates them)
+        raise UsageError(f"{output}: {' '.join(str(error).split())}") from None
+    print(f"wrote {output}: bioimage.io model package (pytorch_state_dict), test tensors from {origin}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -705,10 +747,28 @@ def _diverged_as_usage_error(steps):
         raise UsageError(str(error)) from None
 
 
+def _microscope(args: argparse.Namespace, first: Path):
+    """The optics for a fine-tune: the options given, pixel size and Z step otherwise from ``first``'s metadata."""
+    from .data.optics import microscope_from_metadata
+    from .images import ImageError, open_image
+
+    try:
+        image = open_image(first)
+    except ImageError as error:
+        raise UsageError(str(error)) from None
+    given = {"na": args.na, "medium": args.medium, "pixel_size_um": args.pixel_size, "z_step_um": args.z_step}
+    given["wavelength_um"] = None if args.wavelength is None else args.wavelength / 1000
+    z_spacing = image.z_spacing if "Z" in image.axes else None
+    try:
+        return microscope_from_metadata(image.pixel_size, image.unit, z_spacing, **given)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .models.files import load_model
-    from .training.engine import iter_train
-    from .training.finetune import prepare_finetune
+    from .models.files import load_model, save_model
+    from .training.engine import state_path
+    from .training.finetune import TrainingLog, prepare_finetune, run_finetune
 
     output = Path(args.output)
     resumed = _resumed_model(output, args)
@@ -720,33 +780,41 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         reblur_weight=args.reblur,
         normalization=model.card.normalization,
     )
-    own = _read_planes(_tiffs(args.unlabeled))
+    files = _tiffs(args.unlabeled)
+    own = _read_planes(files)
     labeled, source = None, {}
     if args.pairs:
         root = Path(args.pairs)
         names = _pair_names(root)
         labeled = tuple(_read_planes([root / kind / n for n in names]) for kind in ("blurry", "sharp"))
         source = {"pairs": str(root)}
+    microscope = _microscope(args, files[0])
     try:
-        data = prepare_finetune(model, own, labeled=labeled, config=config, min_focus_quantile=args.min_focus)
+        data = prepare_finetune(
+            model, own, labeled=labeled, config=config, min_focus_quantile=args.min_focus, microscope=microscope
+        )
     except (ValueError, ImportError) as error:
         raise UsageError(f"{args.pairs or ', '.join(args.unlabeled)}: {error}") from None
+    if not args.quiet:
+        if data.estimate is not None:
+            print(data.estimate.describe())
+        for note in data.notes:
+            print(note)
     provenance = {
         **model.card.provenance,
         "fine_tuned_from": str(args.model),
         "fine_tuned_on": {"unlabeled": [str(u) for u in args.unlabeled], **data.provenance, **source},
     }
-    steps = iter_train(
-        model,
-        data.sampler,
-        output,
-        data.config,
-        validation=data.validation,
-        unlabeled=data.unlabeled,
-        resume=resume,
-        provenance=provenance,
-    )
+    log = TrainingLog()
+    steps = run_finetune(model, data, output, log, resume=resume, provenance=provenance)
     _run_with_bar(steps, output, args.quiet, data.blank_planes, log=args.log)
+    # the file holds the last checkpoint (its record complete: recipe, hours); the weights kept are the best
+    # ones, or the starting model's
+    record = {**load_model(output).card.provenance, "fine_tune": {"tool": "command line", **log.summary()}}
+    save_model(model, output, normalization=data.config.normalization, provenance=record)
+    state_path(output).unlink(missing_ok=True)  # a finished fine-tune is not a checkpoint to resume
+    if not args.quiet:
+        print(log.outcome())
 
 
 def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
@@ -851,7 +919,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deblur.add_argument("input", nargs="+", help="image files (.tif, .ome.tif, .zarr) or folders of TIFFs")
     deblur.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
-    deblur.add_argument("--model", default="default", help="'default', a bundled name, a model file or a checkpoint")
+    deblur.add_argument(
+        "--model",
+        default="default",
+        help="'default', a bundled name, a model file, a checkpoint or a bioimage.io package this tool exported",
+    )
     deblur.add_argument("--axes", help="axes of the input, e.g. TZYX, ZCYX, YXS (default: from the file)")
     deblur.add_argument(
         "--tile", type=int, help="tile side in pixels (default: the model file's, else 512; 0: whole planes)"
@@ -935,6 +1007,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
     tune.add_argument("--reblur", type=float, default=0.0, help="weight of the self-supervised re-blur term")
     tune.add_argument("--min-focus", type=float, default=0.0, help="use unlabeled planes above this focus quantile")
+    optics = tune.add_argument_group(
+        "your microscope",
+        "Synthetic pairs are blurred as this microscope blurs; pixel size and Z step default to "
+        "the first file's metadata.",
+    )
+    optics.add_argument("--na", type=float, help="numerical aperture of the objective (default 0.8)")
+    optics.add_argument("--medium", choices=tuple(MEDIA), help="immersion medium (default water)")
+    optics.add_argument("--wavelength", type=float, metavar="NM", help="emission wavelength in nm (default 520)")
+    optics.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size in um (default: from the file)")
+    optics.add_argument("--z-step", type=float, metavar="UM", help="Z step in um (default: from the file)")
     add_training_options(tune, FINETUNE_DEFAULTS)
     tune.set_defaults(run=cmd_finetune)
 
@@ -981,6 +1063,27 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     new.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     new.set_defaults(run=cmd_new)
+
+    export = commands.add_parser(
+        "export-bioimageio",
+        help="write a model as a BioImage Model Zoo package (.zip) for bioimage.io, deepImageJ, ilastik...",
+        description="Write a bioimage.io model package (format 0.5): pytorch_state_dict weights with a "
+        "self-contained architecture file (runs without napari-mpt-deblur), the model's normalisation as "
+        "preprocessing, test tensors and a cover from a real image, the model card's provenance and the MPT "
+        "citation. Needs the [bioimageio] extra. 'mpt-deblur deblur --model NAME.zip' reads it back.",
+    )
+    export.add_argument("model", help="model file, reference checkpoint or bundled model name")
+    export.add_argument("-o", "--output", required=True, help="package to write (NAME.zip)")
+    export.add_argument(
+        "--image",
+        help="image to cut the test tensors and cover from, its middle plane (default: the 'cells' sample)",
+    )
+    export.add_argument("--name", help="the package's name (letters, digits, spaces, _+-())")
+    export.add_argument("--description", help="one sentence on what the model is for")
+    export.add_argument("--author", action="append", help="an author's name (repeat for several)")
+    export.add_argument("--license", default="BSD-3-Clause", help="SPDX licence identifier (default: BSD-3-Clause)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.set_defaults(run=cmd_export_bioimageio)
     return parser
 
 

@@ -244,6 +244,20 @@ class IntensityNormalization:
         if self.mode == "fixed" and not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
             raise ConfigError(f"fixed normalization needs finite values with low < high, got {self.low}, {self.high}")
 
+    def range_of(self, values: Any) -> tuple[float, float]:
+        """The values of ``values`` (a numpy array) that map to 0 and 1; a flat input gets a range of 1."""
+        import numpy as np
+
+        if self.mode == "percentile":
+            low, high = np.percentile(values, (self.low, self.high))
+        elif self.mode == "minmax":
+            low, high = float(values.min()), float(values.max())
+        else:
+            low, high = self.low, self.high
+        if not high > low:  # a flat plane: keep it flat instead of dividing by zero
+            high = low + 1.0
+        return float(low), float(high)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IntensityNormalization:
         if not isinstance(data, dict):
@@ -345,3 +359,88 @@ class DeblurSettings:
     def replace(self, **changes: Any) -> DeblurSettings:
         """A copy with some fields changed (validated again)."""
         return dataclass_replace(self, **changes)
+
+
+MEDIA = {"air": 1.0, "water": 1.333, "silicone": 1.406, "glycerol": 1.47, "oil": 1.515}
+"""Immersion media and their refractive indices."""
+
+AIRY_SIGMA = 0.21
+"""The in-focus widefield PSF as a Gaussian: sigma = 0.21 wavelength / NA."""
+
+
+@dataclass(frozen=True)
+class Microscope:
+    """What the user knows about their microscope; every field has a default a widefield setup fits.
+
+    Attributes
+    ----------
+    na
+        Numerical aperture of the objective (below the medium's refractive index).
+    medium
+        Immersion medium, one of :data:`MEDIA` (air, water, silicone, glycerol, oil).
+    wavelength_um
+        Emission wavelength, micrometres (0.52 for GFP).
+    pixel_size_um
+        Pixel side in the sample, micrometres; None when neither the file nor the user says.
+    z_step_um
+        Distance between Z planes, micrometres; None for a single plane, a time series or unknown.
+    """
+
+    na: float = 0.8
+    medium: str = "water"
+    wavelength_um: float = 0.52
+    pixel_size_um: float | None = None
+    z_step_um: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.medium not in MEDIA:
+            raise ConfigError(f"medium must be one of {', '.join(MEDIA)}; got {self.medium!r}")
+        if not 0 < self.na < self.refractive_index:
+            raise ConfigError(
+                f"NA {self.na} is not possible in {self.medium} (refractive index {self.refractive_index}): "
+                f"use an NA above 0 and below {self.refractive_index}, or another medium"
+            )
+        if not 0.2 <= self.wavelength_um <= 2.0:
+            raise ConfigError(f"wavelength {self.wavelength_um} um is not an emission wavelength (give micrometres)")
+        for name in ("pixel_size_um", "z_step_um"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1000:
+                raise ConfigError(f"{name} must be a positive size in micrometres, got {value}")
+
+    @property
+    def refractive_index(self) -> float:
+        """The medium's refractive index."""
+        return MEDIA[self.medium]
+
+    @property
+    def nyquist_pixel_um(self) -> float:
+        """The coarsest pixel that samples these optics without aliasing: wavelength / (2 NA)."""
+        return self.wavelength_um / (2 * self.na)
+
+    @property
+    def model_pixel_um(self) -> float:
+        """The pixel size used to model the PSF: the given one, at most the Nyquist size (0.2 um when unknown)."""
+        return min(self.pixel_size_um or 0.2, self.nyquist_pixel_um)
+
+    def in_focus_sigma_px(self) -> float:
+        """The in-focus PSF's width as a Gaussian sigma, in pixels of :attr:`model_pixel_um`."""
+        return AIRY_SIGMA * self.wavelength_um / self.na / self.model_pixel_um
+
+    def optics(self) -> dict[str, float]:
+        """``widefield_psf`` keyword arguments (without the defocus)."""
+        return {
+            "na": self.na,
+            "wavelength_um": self.wavelength_um,
+            "refractive_index": self.refractive_index,
+            "pixel_size_um": self.model_pixel_um,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record."""
+        return {
+            "na": self.na,
+            "medium": self.medium,
+            "wavelength_um": self.wavelength_um,
+            "pixel_size_um": self.pixel_size_um,
+            "z_step_um": self.z_step_um,
+        }

@@ -3,7 +3,9 @@
 Everything is read lazily as a dask array chunked one plane per chunk, and
 written plane by plane under a temporary name that is renamed when complete, so
 a stack larger than memory streams through and an interrupted run never leaves
-a half-written file under the final name.
+a half-written file under the final name. OME-Zarr goes through ome-zarr-py,
+with multiscale pyramids for large planes (written as the planes arrive, read
+back as :attr:`Image.pyramid`).
 
 Axes are letters: ``T`` (time), ``Z`` (depth), ``C`` (channel), ``Y``, ``X``
 and ``S`` (the samples of an RGB/RGBA pixel). tifffile's ``Q`` (unknown) and
@@ -22,6 +24,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -198,6 +201,10 @@ class Image:
 
     z_spacing: float | None = None
     """Distance between Z planes in ``unit`` (the unit of ``pixel_size``), when the file records it."""
+
+    pyramid: tuple[Any, ...] = ()
+    """Lower-resolution levels of ``data`` (dask arrays in the same axes, smaller in Y and X, finest
+    first), from an OME-Zarr multiscale image: what a viewer shows zoomed out. The engine reads ``data``."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -421,50 +428,72 @@ def _tiff_physical_size(
 
 
 def _open_zarr(path: Path, given_axes: str | None = None) -> Image:
+    """A Zarr array, or an OME-Zarr image (NGFF 0.4 or 0.5, every resolution level) read with ome-zarr-py."""
     import dask.array as da
     import zarr
 
     try:
-        group = zarr.open(str(path), mode="r")
+        node = zarr.open(str(path), mode="r")
     except Exception as error:  # zarr raises many types for a folder that is not a zarr store
         raise ImageError(f"{path}: cannot read as Zarr ({error})") from error
-    if isinstance(group, zarr.Array):
-        array = da.from_zarr(group)
+    if isinstance(node, zarr.Array):  # a bare array: no OME metadata, one level
+        array = da.from_zarr(node)
         if given_axes:
             array, given_axes = _given_axes(array, given_axes, path)
         return as_image(array, given_axes, name=_stem(path))
-    attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if not multiscales:
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs  # NGFF 0.5 nests its metadata
+    if not ome.get("multiscales"):
         raise ImageError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata")
     try:
-        return _ngff_image(path, group, multiscales[0], given_axes)
-    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        levels, meta = _read_multiscales(path, ome)
+        return _ngff_image(path, levels, meta, given_axes)
+    except ImageError:
+        raise
+    except Exception as error:  # ome-zarr and zarr raise ValueError, KeyError, TypeError... for bad metadata
         raise ImageError(
             f"{path}: unreadable OME-Zarr 'multiscales' metadata ({type(error).__name__}: {error})"
         ) from error
 
 
-def _ngff_image(path: Path, group: Any, meta: dict[str, Any], given_axes: str | None = None) -> Image:
-    """The first (full-resolution) level of an OME-Zarr multiscale image, with its axes, scale and units.
+def _read_multiscales(path: Path, ome: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The resolution levels (dask arrays, finest first) and metadata of the image at ``path``, by ome-zarr-py.
 
-    ``given_axes`` (the caller's, for the array as stored) replace the metadata's.
+    The metadata are ome-zarr's node metadata: ``axes`` (validated: NGFF order and types),
+    ``coordinateTransformations`` (one list per level) and ``name``.
     """
-    import dask.array as da
+    from ome_zarr.format import format_from_version
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
 
-    dataset = meta["datasets"][0]
-    array = da.from_zarr(group[dataset["path"]])
-    names = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", [])]
+    # open with the store's own version: ome-zarr warns when it has to find it out itself
+    version = ome.get("version") or ome["multiscales"][0].get("version") or "0.4"
+    location = parse_url(str(path), fmt=format_from_version(str(version)))
+    if location is None:
+        raise ImageError(f"{path}: cannot read as OME-Zarr")
+    for node in Reader(location)():
+        if node.load(Multiscales) is not None and node.data:  # the image (labels, if any, come after it)
+            return list(node.data), node.metadata
+    raise ImageError(f"{path}: an OME-Zarr group without image data")
+
+
+def _ngff_image(path: Path, levels: list[Any], meta: dict[str, Any], given_axes: str | None = None) -> Image:
+    """An OME-Zarr multiscale image: the first level as ``data``, the others as the ``pyramid``.
+
+    Axes, pixel size, Z spacing and unit come from the first level's metadata;
+    ``given_axes`` (the caller's, for the arrays as stored) replace the metadata's.
+    """
+    names = [str(a["name"] if isinstance(a, dict) else a) for a in meta.get("axes") or []]
     if given_axes:
         stored = given_axes.upper()
-        array, axes = _given_axes(array, given_axes, path)
+        levels, axes = zip(*(_given_axes(level, given_axes, path) for level in levels))
+        axes = axes[0]
     else:
-        axes = "".join("S" if n.lower() == "c" and names[-1].lower() == "c" else n.upper() for n in names)
-        axes = stored = check_axes(axes, array.shape) if axes else guess_axes(array.shape)
+        axes = stored = check_axes("".join(names).upper(), levels[0].shape) if names else guess_axes(levels[0].shape)
     pixel_size = z_spacing = None
-    units = {str(a.get("name", "")).upper(): a.get("unit") for a in meta.get("axes", []) if isinstance(a, dict)}
+    units = {str(a.get("name", "")).upper(): a.get("unit") for a in meta.get("axes") or [] if isinstance(a, dict)}
     unit = clean_unit(units.get("X"))
-    for transform in dataset.get("coordinateTransformations", []):
+    for transform in (meta.get("coordinateTransformations") or [[]])[0] or []:
         if transform.get("type") == "scale":
             scale = [_positive(v) for v in transform["scale"]]  # in the stored order
             size_y, size_x = scale[stored.index("Y")], scale[stored.index("X")]
@@ -472,7 +501,10 @@ def _ngff_image(path: Path, group: Any, meta: dict[str, Any], given_axes: str | 
                 pixel_size = (size_y, size_x)
             if "Z" in stored and scale[stored.index("Z")]:
                 z_spacing = convert_length(scale[stored.index("Z")], units.get("Z"), unit)
-    return Image(_plane_chunks(array, axes), axes, _stem(path), pixel_size, unit, z_spacing=z_spacing)
+    pyramid = tuple(_plane_chunks(level, axes) for level in levels[1:])
+    return Image(
+        _plane_chunks(levels[0], axes), axes, _stem(path), pixel_size, unit, z_spacing=z_spacing, pyramid=pyramid
+    )
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -649,6 +681,46 @@ def _is_ordered_subsequence(axes: str, order: str) -> bool:
 
 NGFF_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
+PYRAMID_ABOVE = 2048
+"""OME-Zarr outputs with a plane side above this get a multiscale pyramid: levels that halve Y and X
+until the largest side is at most half of this, so a viewer shows the whole plane without reading it all."""
+
+ZARR_CHUNK_SIDE = 1024
+"""OME-Zarr chunks hold one plane, cut into tiles of at most this side (a zoomed-in view reads a few)."""
+
+
+def pyramid_shapes(height: int, width: int, above: int = PYRAMID_ABOVE) -> list[tuple[int, int]]:
+    """The (Y, X) sizes of the resolution levels :func:`write_ome_zarr` writes for a plane, finest first.
+
+    One level up to ``above`` pixels a side; beyond, each further level halves
+    the previous one (rounding up: no pixel is dropped) until the largest side
+    is at most ``above // 2``.
+    """
+    shapes = [(height, width)]
+    if max(height, width) > above:
+        while max(shapes[-1]) > above // 2:
+            shapes.append(tuple(-(-n // 2) for n in shapes[-1]))
+    return shapes
+
+
+def half_plane(values: np.ndarray) -> np.ndarray:
+    """``values`` at half the resolution in its last two axes (Y, X): the mean of every 2 x 2 block.
+
+    An odd side repeats its last row or column. Integers are rounded back to their type (a mean
+    stays within the type's range); floating point keeps its type.
+    """
+    pad = [(0, 0)] * (values.ndim - 2) + [(0, values.shape[-2] % 2), (0, values.shape[-1] % 2)]
+    if any(after for _, after in pad):
+        values = np.pad(values, pad, mode="edge")
+    # summed block corner by corner: the work array is a quarter of the plane, not a float copy of it all
+    total = values[..., 0::2, 0::2].astype(np.float64 if values.dtype.itemsize > 4 else np.float32)
+    for dy, dx in ((0, 1), (1, 0), (1, 1)):
+        total += values[..., dy::2, dx::2]
+    total *= 0.25
+    if values.dtype.kind in "iub":
+        np.rint(total, out=total)
+    return total.astype(values.dtype)
+
 
 def write_ome_zarr(
     target: str | os.PathLike,
@@ -658,18 +730,30 @@ def write_ome_zarr(
     axes: str,
     like: Image | None = None,
     overwrite: bool = True,
+    pyramid_above: int = PYRAMID_ABOVE,
 ) -> Path:
-    """Stream blocks into an OME-Zarr folder (NGFF 0.4, one scale).
+    """Stream blocks into an OME-Zarr folder (NGFF 0.4, with ome-zarr-py), with a pyramid for large planes.
 
     NGFF allows at most T, C, Z, Y, X in that order: RGB samples (S) are stored
     as the channel axis and the array is stored in NGFF order, whatever the
     input's axis order. The scale transform holds ``like``'s pixel size (Y, X)
     and Z spacing (1 where unknown); the space axes whose size is known get
     ``like``'s unit when it is a known length (its UDUNITS-2 name, e.g.
-    ``'micrometer'``). The folder is written under a temporary name and renamed
-    when complete; without ``overwrite``, never onto an existing one.
+    ``'micrometer'``). Planes with a side above ``pyramid_above`` also get
+    lower-resolution levels (:func:`pyramid_shapes`, each the 2 x 2 mean of the
+    one before, :func:`half_plane`), written as each block arrives: memory
+    holds one block at a time, whatever the stack's depth or the plane's size.
+    ome-zarr-py validates and writes the metadata (NGFF 0.4 on Zarr v2, which
+    Fiji, QuPath and napari all read); arrays use ``/`` chunk keys, as NGFF
+    asks. The folder is written under a temporary name and renamed when
+    complete; without ``overwrite``, never onto an existing one.
     """
     import zarr
+    from ome_zarr.format import FormatV04
+
+    with warnings.catch_warnings():  # ome-zarr >= 0.14 makes a deprecated Scaler, a default argument, on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
 
     target = Path(target)
     stored_axes = axes.replace("S", "C") if "S" in axes and "C" not in axes else axes
@@ -679,7 +763,7 @@ def write_ome_zarr(
     order = [stored_axes.index(a) for a in "TCZYX" if a in stored_axes]
     ngff_axes = "".join(stored_axes[i] for i in order)
     ngff_shape = tuple(shape[i] for i in order)
-    chunks = tuple(n if a in "YX" else 1 for a, n in zip(ngff_axes, ngff_shape))
+    levels = pyramid_shapes(*ngff_shape[-2:], above=pyramid_above)
     scale = [1.0] * len(ngff_axes)
     sized = set()  # the axes whose scale is a physical size
     if like and like.pixel_size:
@@ -696,20 +780,41 @@ def write_ome_zarr(
         if a in sized and unit:
             entry["unit"] = unit
         axis_meta.append(entry)
+    datasets = [
+        {
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [*scale[:-2], *(v * 2**level for v in scale[-2:])]}
+            ],
+        }
+        for level in range(len(levels))
+    ]
+    fmt = FormatV04()
 
     def write(folder: Path) -> None:
-        group = zarr.open_group(str(folder), mode="w", zarr_format=2)
-        array = group.create_array("0", shape=ngff_shape, chunks=chunks, dtype=dtype, fill_value=0)
-        for index, block in blocks:
-            array[tuple(index[i] for i in order)] = np.asarray(block, dtype=dtype).transpose(order)
-        group.attrs["multiscales"] = [
-            {
-                "version": "0.4",
-                "name": like.name if like else target.stem,
-                "axes": axis_meta,
-                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-            }
+        group = zarr.open_group(str(folder), mode="w", zarr_format=fmt.zarr_format)
+        arrays = [
+            group.create_array(
+                str(level),
+                shape=(*ngff_shape[:-2], *size),
+                chunks=(*(1,) * (len(ngff_shape) - 2), *(min(n, ZARR_CHUNK_SIDE) for n in size)),
+                dtype=dtype,
+                fill_value=0,
+                chunk_key_encoding=fmt.chunk_key_encoding,
+            )
+            for level, size in enumerate(levels)
         ]
+        for index, block in blocks:
+            index = tuple(index[i] for i in order)[:-2] + (slice(None), slice(None))
+            values = np.asarray(block, dtype=dtype).transpose(order)
+            for level, array in enumerate(arrays):
+                if level:
+                    values = half_plane(values)
+                # a row of chunks at a time: zarr copies what it is given a few times over while encoding
+                for top in range(0, values.shape[-2], ZARR_CHUNK_SIDE):
+                    rows = slice(top, top + ZARR_CHUNK_SIDE)
+                    array[index[:-2] + (rows, slice(None))] = values[..., rows, :]
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axis_meta, name=like.name if like else _stem(target))
 
     atomic_write_folder(target, write, overwrite=overwrite)
     return target

@@ -176,16 +176,8 @@ class PlaneLayout:
 
 
 def normalization_range(values: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
-    """The input values that map to 0 and 1."""
-    if normalization.mode == "percentile":
-        low, high = np.percentile(values, (normalization.low, normalization.high))
-    elif normalization.mode == "minmax":
-        low, high = float(values.min()), float(values.max())
-    else:
-        low, high = normalization.low, normalization.high
-    if not high > low:  # a flat plane: keep it flat instead of dividing by zero
-        high = low + 1.0
-    return float(low), float(high)
+    """The input values that map to 0 and 1 (:meth:`IntensityNormalization.range_of`)."""
+    return normalization.range_of(values)
 
 
 def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNormalization) -> np.ndarray:
@@ -487,6 +479,94 @@ def deblur_lazy(
 
     meta = np.empty((0,) * source.ndim, image.dtype)
     return da.map_blocks(task, source, handle, ranges, dtype=image.dtype, meta=meta)
+
+
+class PlaneByPlane:
+    """An image deblurred one block at a time, in any order, on request (the napari plugin's lazy results).
+
+    Unlike :func:`deblur_lazy`, each block is a generator (:meth:`iter_block`): it reports every tile and
+    stops between two tiles when closed, so a viewer can drop a plane the user has moved away from. Each
+    block equals :func:`iter_deblur`'s (the same tiles and normalisation; with ``per='stack'`` the stack's
+    statistics are computed once, at the first block).
+
+    Parameters
+    ----------
+    model, data, axes, settings
+        As for :func:`iter_deblur`.
+
+    Raises
+    ------
+    InputError
+        For an input the model cannot process.
+    """
+
+    def __init__(
+        self, model: MPT | Deblurrer, data: Any, axes: str | None = None, settings: DeblurSettings | None = None
+    ) -> None:
+        self.deblurrer, self.image, self.layout = _prepare(model, data, axes, settings)
+        self.iterated = tuple(i for i, a in enumerate(self.image.axes) if a not in "YX" and i != self.layout.group_axis)
+        """The axes a block has one entry of (the others, Y, X and the colour axis, are whole in every block)."""
+        self._ranges: np.ndarray | None = None
+        self._ranges_lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.image.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.image.dtype)
+
+    @property
+    def axes(self) -> str:
+        return self.image.axes
+
+    def positions(self) -> list[tuple[int, ...]]:
+        """Every block's position on the :attr:`iterated` axes, in C order."""
+        return list(np.ndindex(*[self.shape[i] for i in self.iterated]))
+
+    def index(self, position: tuple[int, ...]) -> tuple[int | slice, ...]:
+        """The block at ``position`` as an index into the image (one-entry slices on the iterated axes)."""
+        index: list[int | slice] = [slice(None)] * len(self.shape)
+        for axis, value in zip(self.iterated, position):
+            index[axis] = slice(value, value + 1)
+        return tuple(index)
+
+    def describe(self, position: tuple[int, ...]) -> str:
+        """A block's place for messages, e.g. ``'plane Z=4'`` (``'the plane'`` for a single plane)."""
+        return self.layout.describe(self.index(position))
+
+    @property
+    def tiles_per_block(self) -> int:
+        return self.deblurrer.tiles_per_plane(*self.layout.plane_size) * _units_per_block(
+            self.layout, self.deblurrer.channels
+        )
+
+    def _stack_ranges(self) -> np.ndarray | None:
+        if self.deblurrer.normalization.per != "stack":
+            return None
+        with self._ranges_lock:  # once, whichever thread asks first
+            if self._ranges is None:
+                self._ranges = stack_ranges(self.image, self.layout, self.deblurrer.normalization)
+        return self._ranges
+
+    def iter_block(self, position: tuple[int, ...]) -> Generator[DeblurProgress, None, np.ndarray]:
+        """Deblur the block at ``position``, yielding progress after every forward pass; returns the block.
+
+        The block has the image's dimensions, with one entry on each iterated axis. The progress counts the
+        block's tiles (``planes_total`` is 1).
+        """
+        index = self.index(position)
+        ranges = self._stack_ranges()
+        block = read_block(self.image, index, self.layout)
+        check_finite(block, self.layout.describe(index))
+        steps = self.deblurrer.iter_block(block, self.layout, ranges, self.layout.stat_index(index))
+        while True:
+            try:
+                tiles, total, message = next(steps)
+            except StopIteration as finished:
+                return finished.value
+            yield DeblurProgress(0, 1, tiles, total, message)
 
 
 def iter_deblur(

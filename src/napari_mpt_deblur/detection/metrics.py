@@ -100,6 +100,24 @@ class Comparison:
             return None
         return (deblurred - blurry) / (sharp - blurry)
 
+    def deblurring_effect(self) -> str | None:
+        """What deblurring did to mean AP, in a sentence, as the CLI and the Compare dock print it; None if unscored.
+
+        The share of the blurry-to-sharp gap it recovers (:attr:`gap_recovered`) when deblurring did not lower
+        mean AP; otherwise, or without a gap to measure against, by how much it lowered or raised mean AP: "recovers
+        -27 % of the gap" reads as a typo.
+        """
+        blurry, deblurred = (self.reports[key].mean_ap if key in self.reports else None for key in (BLURRY, DEBLURRED))
+        if blurry is None or deblurred is None:
+            return None
+        change = f"mean AP by {abs(deblurred - blurry):.3f} (from {blurry:.3f} to {deblurred:.3f})"
+        if round(deblurred - blurry, 3) < 0:
+            return f"deblurring lowered {change}"
+        gap = self.gap_recovered
+        if gap is not None:
+            return f"deblurring recovers {100 * max(gap, 0.0):.0f}% of the blurry-to-sharp gap in mean AP"
+        return f"deblurring raised {change}" if round(deblurred - blurry, 3) > 0 else None
+
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per image and plane, plus an ``all`` row per image (for CSV)."""
         rows = []
@@ -171,9 +189,9 @@ class Comparison:
         ]
         if self.reference:
             text.append(f"scores against the {self.reference}")
-        gap = self.gap_recovered
-        if gap is not None:
-            text.append(f"deblurring recovers {100 * gap:.0f}% of the blurry-to-sharp gap in mean AP")
+        effect = self.deblurring_effect()
+        if effect is not None:
+            text.append(effect)
         return "\n".join(text)
 
 

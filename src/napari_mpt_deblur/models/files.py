@@ -1,21 +1,23 @@
 """Model files: one ``.safetensors`` file whose metadata holds the model card.
 
-Loading accepts three kinds of source and tells them apart by content, not by
+Loading accepts four kinds of source and tells them apart by content, not by
 file name: our model files, reference-code checkpoints (plain ``state_dict``s
-saved by ``torch.save``, read with ``weights_only=True``), and the names of
-models bundled with the package.
+saved by ``torch.save``, read with ``weights_only=True``), bioimage.io packages
+that this package exported (:mod:`.bioimageio`), and the names of models
+bundled with the package.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ def save_model(
         tile_size=tile_size if tile_size is not None else (previous.tile_size if previous else None),
     )
     # when and by what this file was written (a fine-tuned copy must not keep its parent's)
-    card.provenance["saved"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    card.provenance["saved"] = datetime.now(UTC).isoformat(timespec="seconds")
     card.provenance["software"] = f"napari-mpt-deblur {__version__}"
     tensors, metadata = _tensors_and_metadata(model, card)
     path = Path(path)
@@ -245,19 +247,20 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 """safetensors dtype names of the floating-point tensors a model file may hold."""
 
 
-def check_torch_zip(path: Path) -> None:
+def check_torch_zip(path: Path, data: bytes | None = None) -> None:
     """Refuse a PyTorch zip checkpoint with compressed or inconsistent entries, before torch reads it.
 
     ``torch.save`` stores every entry uncompressed, so a compressed entry means a crafted file, and
     inflating it could cost far more memory than the file's size (a zip bomb). Stored entries are
-    no larger than the file, so reading the checkpoint costs about its size.
+    no larger than the file, so reading the checkpoint costs about its size. ``data``: the
+    checkpoint's bytes when it is no file of its own (a member of a package, which ``path`` names).
     """
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (a damaged zip file: {error})") from error
-    size = path.stat().st_size
+    size = len(data) if data is not None else path.stat().st_size
     for entry in entries:
         if entry.compress_type != zipfile.ZIP_STORED:
             raise ModelFileError(
@@ -330,13 +333,15 @@ def load_model(
     device: str | torch.device = "cpu",
     scales: Sequence[Sequence[float]] | None = None,
 ) -> MPT:
-    """Load a model in eval mode from a model file, a reference checkpoint or a bundled name.
+    """Load a model in eval mode from a model file, a reference checkpoint, a bioimage.io package or a bundled name.
 
     Parameters
     ----------
     source
         A ``.safetensors`` model file written by this package, a reference-code
-        checkpoint (``.pth``), or the name of a bundled model.
+        checkpoint (``.pth``), a bioimage.io package (``.zip``) this package
+        exported (:mod:`~napari_mpt_deblur.models.bioimageio`; packages of other
+        networks are refused), or the name of a bundled model.
     device
         Where to put the weights.
     scales
@@ -350,7 +355,8 @@ def load_model(
     Raises
     ------
     ModelFileError
-        For a missing, truncated, corrupted, foreign or mismatched file.
+        For a missing, truncated, corrupted, foreign or mismatched file, or a
+        bioimage.io package of another network.
     """
     if isinstance(source, str) and source in BUNDLED_MODELS:
         path = bundled_model_path(source)
@@ -362,7 +368,7 @@ def load_model(
             bundled = ", ".join(sorted(BUNDLED_MODELS)) or "none in this version"
             raise ModelFileError(f"{source}: no such file, and not a bundled model name (bundled: {bundled})")
         if path.is_dir():
-            raise ModelFileError(f"{source}: is a folder; give a model file (.safetensors or .pth)")
+            raise ModelFileError(f"{source}: is a folder; give a model file (.safetensors, .pth or a bioimage.io .zip)")
     kind = _kind_of_file(path)
     if kind == "safetensors":
         metadata = _safetensors_metadata(path)
@@ -384,10 +390,14 @@ def load_model(
             model = import_official(state_dict, scales)
             model.card.provenance["imported_from"] = path.name
     elif kind == "torch":
-        model = import_official(path, scales)
+        from . import bioimageio  # it imports this module, so not at the top
+
+        # a bioimage.io package is a zip too: told apart from torch.save's by its description file
+        model = bioimageio.load_package(path) if bioimageio.is_package(path) else import_official(path, scales)
     else:
         raise ModelFileError(
-            f"{path}: not a model file (expected a napari-mpt-deblur .safetensors file or a PyTorch checkpoint)"
+            f"{path}: not a model file (expected a napari-mpt-deblur .safetensors file, a PyTorch checkpoint "
+            "or a bioimage.io package)"
         )
     return model.to(device).eval()
 

@@ -8,13 +8,14 @@ detects and compares with :func:`~napari_mpt_deblur.detection.iter_compare`
 (StarDist in its own process). :func:`table_cells`, :func:`plot_bars` and
 :func:`summary` turn the :class:`~napari_mpt_deblur.detection.Comparison`
 into what the dock shows; :func:`detections_layer_kwargs` places each image's
-detections over it.
+detections over it, and :func:`write_labels` saves them with the plugin's writer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ from ..images import ImageError
 from ..inference import InputError, iter_deblur
 from ..models.files import ModelFileError
 from .deblur_job import METADATA_KEY, DeblurJob, layer_axes
+from .io import write_tiff_layer
 from .widgets_common import out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ ROLES = {BLURRY: "before", DEBLURRED: "after", SHARP: "sharp"}
 """The dock's word for each image the engine compares."""
 PLACEMENT = ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units")
 """What a detections layer copies from its source, so that it lies exactly over it."""
+CONTOUR = 1
+"""Detections are drawn as outlines this many pixels wide (napari's ``contour``): filled, they hide the objects."""
 RGB_MODELS = {"2D_versatile_he": 3}
 """Input channels of the pretrained models that do not take one (grey) channel."""
 INSTALL_HINT = (
@@ -130,10 +134,14 @@ def label_like(data: Any) -> bool:
 
 
 def looks_like_labels(layer: Any) -> bool:
-    """Whether a layer is a Labels layer, or a grey integer image that looks like labels (:func:`label_like`)."""
+    """Whether a layer is a Labels layer, or a grey integer image that looks like labels (:func:`label_like`).
+
+    An image the plugin made (a deblurred result: ``metadata["napari_mpt_deblur"]``) is intensities, never labels,
+    and is not read: the menus ask in the GUI thread, where reading a lazy result's plane would compute it there.
+    """
     if isinstance(layer, napari.layers.Labels):
         return True
-    if not is_label_image(layer):
+    if not is_label_image(layer) or METADATA_KEY in (layer.metadata or {}):
         return False
     data = pixels(layer)
     known = _LABEL_LIKE.get(layer)
@@ -352,11 +360,11 @@ def summary(comparison: Comparison, info: ModelInfo | None = None, settings: Det
     if comparison.reference:
         scores = ", ".join(f"{ROLES.get(key, key)} {_fmt(r.mean_ap, 3)}" for key, r in reports.items())
         lines = [f"mean AP against the {comparison.reference}: {scores}"]
-        gap = comparison.gap_recovered
-        if gap is not None:
-            lines.append(f"deblurring recovers {100 * gap:.0f}% of the blurry-to-sharp gap in mean AP")
-        elif SHARP in reports:
+        if comparison.gap_recovered is None and SHARP in reports:
             lines.append("before and sharp score alike: no gap for deblurring to recover")
+        effect = comparison.deblurring_effect()  # the words mpt-deblur compare prints
+        if effect is not None:
+            lines.append(effect)
     else:
         counts = ", ".join(f"{ROLES.get(key, key)} {r.stats.objects}" for key, r in reports.items())
         lines = [f"objects: {counts} (add a sharp layer or ground truth to score them)"]
@@ -398,6 +406,50 @@ def detections_layer_kwargs(source: Mapping[str, Any], record: Mapping[str, Any]
     return kwargs
 
 
+def labels_file_name(layer_name: str) -> str:
+    """A TIFF file name for a labels layer: its name, with the characters file systems refuse replaced by ``_``."""
+    name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", layer_name).strip(" .")
+    return f"{name or 'labels'}.tif"
+
+
+def write_labels(path: str | Path, data: Any, state: Mapping[str, Any]) -> list[str]:
+    """Save a labels layer as a TIFF with the plugin's writer: atomically, with its pixel size, Z spacing and units.
+
+    Labels that fit are written as 16-bit, so that ImageJ/Fiji open the file as a hyperstack (as
+    ``mpt-deblur compare --save-labels`` does). The plugin's reader opens the file again as an image layer of the same
+    values and calibration (an image of integers that looks like labels: the Compare dock offers it as ground truth).
+
+    Parameters
+    ----------
+    path
+        The ``.tif`` file; an existing one is replaced only by a complete new one.
+    data
+        The layer's labels.
+    state
+        The layer's state (``layer.as_layer_data_tuple()[1]``); the axes recorded by the dock (see
+        :func:`detection_record`) name the axes when its axis labels do not.
+
+    Returns
+    -------
+    list of str
+        ``[path]``.
+
+    Raises
+    ------
+    SaveError
+        When the file cannot be written; nothing is left under ``path``.
+    """
+    labels = np.asarray(data)
+    if labels.dtype.kind in "iu" and labels.size and labels.min() >= 0 and labels.max() < 2**16:
+        labels = labels.astype(np.uint16)
+    meta = {**state, "rgb": False}
+    metadata = state.get("metadata") or {}
+    record = metadata.get(METADATA_KEY)
+    if isinstance(record, Mapping) and isinstance(record.get("axes"), str):
+        meta["metadata"] = {**metadata, "axes": record["axes"]}
+    return write_tiff_layer(str(path), labels, meta)
+
+
 # --- the work (in the worker thread) --------------------------------------------------------------------------------
 
 
@@ -431,6 +483,7 @@ def detection_record(run: CompareRun, key: str) -> dict[str, Any]:
     return {
         "detections_of": run.sources[key].get("name", key),
         "role": ROLES.get(key, key),
+        "axes": run.axes.replace("S", ""),
         "stardist_model": settings.model,
         "prob_thresh": settings.prob_thresh or (info.prob_thresh if info else None),
         "nms_thresh": settings.nms_thresh or (info.nms_thresh if info else None),

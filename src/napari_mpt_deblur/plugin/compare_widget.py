@@ -5,7 +5,9 @@ the dock deblur it first; optionally a sharp layer and ground-truth labels to
 score against. The dock runs the headless comparison
 (:func:`~napari_mpt_deblur.detection.iter_compare`, StarDist in its own
 process) in a thread worker, adds each image's detections as a Labels layer
-over its source, and shows the measurements in a table and a bar plot.
+over its source (outlines; a run again updates the layers it made), and shows
+the measurements in a table and a bar plot. *Save labels...* writes the
+detections as TIFF files with the plugin's writer, calibration included.
 
 What is not Qt (checks, the run, the numbers shown) lives in
 :mod:`.compare_job`; this module wires it to widgets, the worker and napari's
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,14 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, PushButton
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QHeaderView,
+    QMessageBox,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 from ..config import ConfigError, DeblurSettings
 from ..detection.engine import CompareResult, DetectionProgress, DetectionSettings
@@ -37,7 +47,9 @@ from ..detection.worker import DetectionCancelled
 from ..inference import DeblurProgress, InputError
 from ..models.files import ModelFileError
 from .compare_job import (
+    CONTOUR,
     INSTALL_HINT,
+    PLACEMENT,
     ROLES,
     CompareRun,
     Deblurred,
@@ -50,6 +62,7 @@ from .compare_job import (
     folder_problem,
     hint_for,
     is_label_image,
+    labels_file_name,
     looks_like_labels,
     pixels,
     plot_bars,
@@ -61,18 +74,22 @@ from .compare_job import (
     suggest_after,
     summary,
     table_cells,
+    write_labels,
 )
 from .deblur_job import METADATA_KEY, DeblurJob, layer_axes, result_layer_kwargs
+from .io import SaveError
 from .models import REGISTRY
 from .plot import BarPlot
 from .widgets_common import (
     DockState,
     FollowSelection,
     ModelPicker,
+    ScrollingDock,
     device_box,
     image_for,
     list_in_order,
     progress_and_status,
+    row,
     stop_when_closed,
 )
 
@@ -85,6 +102,9 @@ class _CompareState(DockState):
     """The dock's state, with the running comparison's (never the widget itself)."""
 
     run: CompareRun | None = None
+    failed: bool = False  # the running comparison stopped on an error
+    detections: list[weakref.ref] = field(default_factory=list)  # the Labels layers of the last comparison
+    deblurred: dict[tuple[str, str], weakref.ref] = field(default_factory=dict)  # (source, model) -> result made
 
     def stop(self) -> None:
         """Stop now: between tiles when deblurring, within the plane when StarDist works (its process restarts)."""
@@ -96,7 +116,7 @@ class _CompareState(DockState):
 # --- the dock -------------------------------------------------------------------------------------------------------
 
 
-class CompareWidget(Container):
+class CompareWidget(ScrollingDock):
     """Detect objects with StarDist on an image before and after deblurring, and compare the detections.
 
     Parameters
@@ -112,8 +132,10 @@ class CompareWidget(Container):
         The StarDist model (a pretrained name or a folder) and its thresholds (0: the model's own).
     model, model_file, device
         The deblurring model and device for *Deblur, then detect*.
-    compare_button, deblur_button, cancel_button, progress_bar, status
-        Controls and feedback.
+    advanced
+        The folding section that holds the thresholds, ``model_file`` and ``device`` (collapsed at first).
+    compare_button, deblur_button, cancel_button, save_button, progress_bar, status
+        Controls and feedback (the status text can be selected and copied).
     table, bar_plot
         The results of the last comparison.
     result
@@ -184,39 +206,55 @@ class CompareWidget(Container):
         self.device = device_box()
         self.deblur_button = PushButton(name="deblur_button", text="Deblur, then detect")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
-        super().__init__(
-            widgets=[
-                self.before,
-                self.after,
-                self.sharp,
-                self.truth,
-                self.stardist_model,
-                self.stardist_folder,
-                self.prob_thresh,
-                self.nms_thresh,
-                self.compare_button,
-                self.model,
-                self.model_file,
-                self.device,
-                self.deblur_button,
-                self.cancel_button,
-                self.progress_bar,
-                self.status,
-            ]
+        self.save_button = PushButton(
+            name="save_button",
+            text="Save labels...",
+            enabled=False,
+            tooltip="Write the last comparison's detections into a folder, one TIFF per image, with their pixel "
+            "size, Z spacing and units (the plugin's writer).",
         )
+        # selectable: an error such as an offline StarDist model gives a URL and a folder to copy
+        self.status.native.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse | Qt.TextInteractionFlag.TextSelectableByKeyboard
+        )
+        self._save_folder: Path | None = None
+        super().__init__()
+        self.add_part(
+            Container(
+                widgets=[
+                    self.before,
+                    self.after,
+                    self.sharp,
+                    self.truth,
+                    self.stardist_model,
+                    self.stardist_folder,
+                    self.model,
+                ]
+            )
+        )
+        # rarely changed: the StarDist model's own thresholds, the deblur model from the menu, "auto" finds the GPU
+        self.advanced = self.add_section(
+            "advanced: thresholds, deblur model file, device",
+            Container(widgets=[self.prob_thresh, self.nms_thresh, self.model_file, self.device]),
+        )
+        self.add_part(row(self.compare_button, self.deblur_button))
+        self.add_part(row(self.cancel_button, self.save_button))
+        self.add_part(Container(widgets=[self.progress_bar, self.status]))
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self._show_table(None)
-        self.bar_plot = BarPlot("mean AP, or objects, per image")
-        self.native.layout().addWidget(self.table)
-        self.native.layout().addWidget(self.bar_plot)
+        self.bar_plot = BarPlot("mean AP, or objects, per image", y_label="mean AP or objects")
+        self.add_part(self.table)
+        self.add_part(self.bar_plot)
+        self.align_labels()
 
         self.stardist_model.changed.connect(self._on_stardist_chosen)
         self.stardist_folder.changed.connect(self._on_folder_picked)
         self.compare_button.changed.connect(self._on_compare_clicked)
         self.deblur_button.changed.connect(self._on_deblur_clicked)
         self.cancel_button.changed.connect(self.cancel)
+        self.save_button.changed.connect(self._on_save_clicked)
         self.truth.changed.connect(self._on_truth_chosen)
         self._state.disconnects.append(self._models.unsubscribe)
         stop_when_closed(self, self._state)
@@ -400,9 +438,9 @@ class CompareWidget(Container):
             settings=settings,
             deblur=job,
         )
-        state.run, state.cancel_requested = run, False
+        state.run, state.cancel_requested, state.failed = run, False, False
         self.result = None
-        self.compare_button.enabled = self.deblur_button.enabled = False
+        self.compare_button.enabled = self.deblur_button.enabled = self.save_button.enabled = False
         self.cancel_button.enabled = True
         self.progress_bar.max, self.progress_bar.value = 1, 0
         self._show_table(None)
@@ -470,6 +508,8 @@ class CompareWidget(Container):
         if state.worker is None or run is None:
             return  # delivered after the run ended
         if isinstance(event, Deblurred):
+            if not state.deleted:
+                self.progress_bar.max, self.progress_bar.value = 1, 0  # detection starts; deblurring's 100 % is past
             self._add_deblurred(run, event.data)
         elif isinstance(event, str):
             if not state.deleted:
@@ -492,9 +532,23 @@ class CompareWidget(Container):
             state.show_progress(self.progress_bar, event.planes_done, event.planes_total, phase)
 
     def _add_deblurred(self, run: CompareRun, data: np.ndarray) -> None:
+        """Add the deblurred image over its source, or update the layer an earlier run of the same model made."""
         if self._state.closed or run.deblur is None:
             return
-        layer = self.viewer.add_image(data, **result_layer_kwargs(run.sources[BLURRY], run.deblur.provenance()))
+        kwargs = result_layer_kwargs(run.sources[BLURRY], run.deblur.provenance())
+        key = (run.deblur.source, run.deblur.model_name)
+        made = self._state.deblurred.get(key)
+        earlier = made() if made is not None else None
+        if earlier is not None and earlier in self.viewer.layers and earlier.data.shape == data.shape:
+            earlier.data = data
+            earlier.metadata = kwargs["metadata"]
+            for name in PLACEMENT:  # the user's display settings (contrast, colormap, name) stay
+                if name in kwargs:
+                    setattr(earlier, name, kwargs[name])
+            layer = earlier
+        else:
+            layer = self.viewer.add_image(data, **kwargs)
+            self._state.deblurred[key] = _weak_layer(layer)
         run.sources[DEBLURRED] = layer.as_layer_data_tuple()[1]
         if not self._state.deleted:
             self._follow.show("after", layer)  # 'Detect and compare' runs on it next time
@@ -510,10 +564,11 @@ class CompareWidget(Container):
         text = f"done in {seconds:.1f} s\n{summary(result.comparison, run.info, run.settings)}"
         self._show_table(table_cells(result.comparison, names))
         title, bars, maximum = plot_bars(result.comparison, names)
-        self.bar_plot.set_bars(bars, title, maximum)
+        self.bar_plot.set_bars(bars, title, maximum, y_label="mean AP" if maximum else "objects")
         self.status.value = text
-        for key, labels in result.labels.items():
-            self._add_detections(labels, run, key)
+        layers = [self._add_detections(labels, run, key) for key, labels in result.labels.items()]
+        self._state.detections = [_weak_layer(layer) for layer in layers]
+        self._enable_saving()  # the run may have finished while napari added the layers
 
     def _show_table(self, table: Table | None) -> None:
         """Fill the table (None empties it), as high as its rows: the bar plot stays in view."""
@@ -534,8 +589,9 @@ class CompareWidget(Container):
         rows = sum(widget.rowHeight(r) for r in range(widget.rowCount()))
         widget.setFixedHeight(header + rows + 2 * widget.frameWidth() + 2)
 
-    def _add_detections(self, labels: np.ndarray, run: CompareRun, key: str) -> None:
-        """Add an image's detections over it, or update the layer that an earlier run made for it."""
+    def _add_detections(self, labels: np.ndarray, run: CompareRun, key: str) -> napari.layers.Labels:
+        """Add an image's detections over it as outlines, or update the layer that an earlier run made for it (its
+        display, filled or outlined, as the user left it)."""
         kwargs = detections_layer_kwargs(run.sources[key], detection_record(run, key))
         name = kwargs.pop("name")
         earlier = next(
@@ -550,15 +606,18 @@ class CompareWidget(Container):
             None,
         )
         if earlier is None:
-            self.viewer.add_labels(labels, name=name, **kwargs)
-            return
+            layer = self.viewer.add_labels(labels, name=name, **kwargs)
+            layer.contour = CONTOUR
+            return layer
         earlier.data = labels
         for key_, value in kwargs.items():
             setattr(earlier, key_, value)
+        return earlier
 
     def _on_error(self, error: BaseException) -> None:
         if isinstance(error, DetectionCancelled):
             return  # the user's Cancel, or the dock closing: _on_finished says so
+        self._state.failed = True
         message = hint_for(error)
         if not self._state.deleted:
             self.status.value = message.split("\n", 1)[0]  # the notification keeps the rest (the worker's log)
@@ -569,10 +628,86 @@ class CompareWidget(Container):
         state.run = None
         if not state.deleted:
             self.compare_button.enabled = self.deblur_button.enabled = not state.closed
+            self._enable_saving()
             self.cancel_button.enabled = False
+            if state.cancel_requested or state.failed:
+                self.progress_bar.value = 0  # not a full bar for work that did not finish
             if state.cancel_requested:
-                self.progress_bar.value = 0
                 self.status.value = "cancelled"
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+
+    def _enable_saving(self) -> None:
+        state = self._state
+        if not state.deleted:
+            self.save_button.enabled = not state.running and not state.closed and bool(self.detection_layers())
+
+    def detection_layers(self) -> list[napari.layers.Labels]:
+        """The Labels layers of the last comparison still in the viewer (what *Save labels...* writes)."""
+        layers = (made() for made in self._state.detections)
+        return [layer for layer in layers if layer is not None and layer in self.viewer.layers]
+
+    def _on_save_clicked(self) -> None:
+        start = str(self._save_folder or Path.home())
+        folder = QFileDialog.getExistingDirectory(self.native, "Save the detections (one TIFF per image) in", start)
+        if not folder:
+            return
+        taken = [
+            name
+            for name in (labels_file_name(layer.name) for layer in self.detection_layers())
+            if (Path(folder) / name).exists()
+        ]
+        if taken:
+            answer = QMessageBox.question(
+                self.native,
+                "Replace files?",
+                f"{', '.join(taken)} already in {folder}. Replace?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        self.save_labels(folder)
+
+    def save_labels(self, folder: str | Path) -> list[Path]:
+        """Write the last comparison's detections into ``folder``: one TIFF per Labels layer, named after it.
+
+        The plugin's writer (:func:`~.compare_job.write_labels`) keeps the pixel size, Z spacing and units, and
+        writes each file under a temporary name first: a failed save leaves no partial file. Existing files of those
+        names are replaced. Problems become a notification and the status line.
+
+        Parameters
+        ----------
+        folder
+            An existing folder.
+
+        Returns
+        -------
+        list of Path
+            The files written.
+        """
+        layers = self.detection_layers()
+        if not layers:
+            self._refuse("No detections to save: run 'Detect and compare' first (or the layers were removed).")
+            return []
+        folder = Path(folder).expanduser()
+        self._save_folder = folder
+        written = []
+        for layer in layers:
+            target = folder / labels_file_name(layer.name)
+            try:
+                write_labels(target, layer.data, layer.as_layer_data_tuple()[1])
+            except SaveError as error:
+                self._refuse(f"Could not save the detections: {error}")
+                return written
+            written.append(target)
+        self.status.value = f"saved {', '.join(path.name for path in written)} in {folder}"
+        return written
+
+
+def _weak_layer(layer: Any) -> weakref.ref:
+    """A weak reference to a layer. napari hands plugin docks a new proxy of its objects at every access (each gone
+    as soon as unused): the reference is to the layer itself."""
+    return weakref.ref(getattr(layer, "__wrapped__", layer))
 
 
 def _threshold_box(name: str, label: str, tooltip: str) -> FloatSpinBox:

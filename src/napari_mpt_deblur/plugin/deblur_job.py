@@ -3,16 +3,22 @@
 The widget reads a few attributes of the chosen layer, hands them to
 :meth:`DeblurJob.from_layer` (which refuses what the model cannot process with
 a message for the user), runs the job through the inference engine and adds the
-result with :func:`result_layer_kwargs`. :func:`focus_profile` draws the
+result with :func:`result_layer_kwargs`. A lazy run's result is a
+:class:`LazyResult`, whose planes are computed on request; :class:`SavedPlanes`
+lets *Save result...* follow and stop a writer. :func:`focus_profile` draws the
 per-plane focus curve.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import PurePath
 from typing import Any
 
@@ -22,10 +28,10 @@ from .. import __version__
 from ..config import DeblurSettings
 from ..data.focus import focus_score
 from ..images import Image, ImageError, check_axes
-from ..inference import DEFAULT_TILE, InputError, PlaneLayout
+from ..inference import DEFAULT_TILE, Cancelled, DeblurProgress, InputError, PlaneByPlane, PlaneLayout
 from ..models.files import BUNDLED_MODELS
 from ..models.mpt import MPT
-from ..runtime import resolve_device
+from ..runtime import resolve_device, run_to_end
 
 LABEL_LETTERS = "TZCYX"
 """Axis labels read as axes (case-insensitive); any other labels are ignored and the axes guessed."""
@@ -274,6 +280,248 @@ def result_layer_kwargs(source: Mapping[str, Any], provenance: Mapping[str, Any]
     metadata[METADATA_KEY] = dict(provenance or {})
     kwargs["metadata"] = metadata
     return kwargs
+
+
+CACHE_BYTES = 512 * 2**20
+"""A lazy result keeps its computed planes up to this size (the planes on display are always kept)."""
+
+
+def _napari_draws(frame: Any) -> bool:
+    """Whether ``frame`` is napari slicing a layer to draw it (its ``napari.layers.<kind>._slice`` modules).
+
+    That reader must never wait: it runs in the GUI thread. Any other reader gets the deblurred values. napari
+    has no public way to tell its drawing apart; should it move this code, a lazy layer waits for its planes in
+    the GUI thread, as a dask array does, and ``test_lazy_mode_never_blocks_the_event_loop`` fails.
+    """
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return module.startswith("napari.layers.") and module.endswith("._slice")
+
+
+class LazyResult:
+    """The result layer's data in lazy mode: a read-only array of the deblurred image, planes computed on request.
+
+    Read like an array (``result[index]``, ``numpy.asarray(result)``), it gives the deblurred values: planes
+    computed before come from a cache, the others are computed there and then. napari drawing the layer is the
+    exception, since it slices in the GUI thread: planes not computed yet come back as zeros, they become
+    :meth:`wanted`, and :attr:`on_wanted` is called (from the thread that drew) for whoever computes them,
+    in a worker (:meth:`iter_compute`), before the layer is refreshed. Being read-only, a copy is the same
+    object.
+
+    Parameters
+    ----------
+    planes
+        The engine, block by block.
+    cache_bytes
+        How much of the computed planes to keep (least recently read first out), beyond those on display.
+    """
+
+    def __init__(self, planes: PlaneByPlane, cache_bytes: int = CACHE_BYTES) -> None:
+        self.planes = planes
+        self.shape = planes.shape
+        self.dtype = planes.dtype
+        self.cache_bytes = cache_bytes
+        self.on_wanted: Callable[[], None] | None = None
+        """Called when what napari draws needs planes not computed yet (from the thread that drew)."""
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._wanted: list[tuple[int, ...]] = []
+        self._shown: set[tuple[int, ...]] = set()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __copy__(self) -> LazyResult:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyResult:
+        return self  # read-only: a copy (napari's Duplicate Layer makes one) is the same array, computed once
+
+    def __repr__(self) -> str:
+        return f"LazyResult(shape={self.shape}, dtype={self.dtype}, computed={self.computed()}/{self.blocks})"
+
+    @property
+    def blocks(self) -> int:
+        """How many blocks (planes) the image has."""
+        return math.prod(self.shape[axis] for axis in self.planes.iterated)
+
+    def computed(self) -> int:
+        """How many blocks are in the cache now."""
+        return len(self._cache)
+
+    def is_computed(self, position: tuple[int, ...]) -> bool:
+        return position in self._cache
+
+    def wanted(self) -> list[tuple[int, ...]]:
+        """The positions (see :meth:`PlaneByPlane.positions`) napari's last drawing needed and did not get."""
+        with self._lock:
+            return [position for position in self._wanted if position not in self._cache]
+
+    def shown(self) -> set[tuple[int, ...]]:
+        """The positions napari's last drawing covered."""
+        with self._lock:
+            return set(self._shown)
+
+    def forget_display(self) -> None:
+        """Nothing is drawn any more (the layer left the viewer): nothing is wanted."""
+        with self._lock:
+            self._wanted, self._shown = [], set()
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        import sys
+
+        return self._read(index, wait=not _napari_draws(sys._getframe(1)))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = self._read((), wait=True)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def read(self, index: Any, stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """``result[index]``, computing what is missing; :class:`~napari_mpt_deblur.inference.Cancelled` between
+        two tiles once ``stop()`` is true."""
+        return self._read(index, wait=True, stop=stop)
+
+    def iter_compute(self, position: tuple[int, ...]) -> Generator[DeblurProgress, None, np.ndarray]:
+        """Compute the block at ``position`` (tile by tile, stoppable between tiles) and keep it; returns it."""
+        block = yield from self.planes.iter_block(position)
+        self._keep(position, block)
+        return block
+
+    def _keep(self, position: tuple[int, ...], block: np.ndarray) -> None:
+        with self._lock:
+            self._cache[position] = block
+            self._cache.move_to_end(position)
+            held = sum(kept.nbytes for kept in self._cache.values())
+            for old in list(self._cache):
+                if held <= self.cache_bytes:
+                    break
+                if old not in self._shown and old != position:
+                    held -= self._cache.pop(old).nbytes
+
+    def _cached(self, position: tuple[int, ...]) -> np.ndarray | None:
+        with self._lock:
+            block = self._cache.get(position)
+            if block is not None:
+                self._cache.move_to_end(position)
+            return block
+
+    def _read(self, index: Any, wait: bool, stop: Callable[[], bool] | None = None) -> np.ndarray:
+        items = _full_index(index, self.ndim)
+        if items is None:  # newaxis and the like: rare, read everything and let numpy index it
+            return self._read((), wait, stop)[index]
+        index = items
+        iterated = self.planes.iterated
+        chosen: dict[int, list[int]] = {}
+        for axis in iterated:
+            item, length = index[axis], self.shape[axis]
+            if isinstance(item, (int, np.integer)):
+                if not -length <= item < length:
+                    raise IndexError(f"index {item} is out of bounds for axis {axis} with size {length}")
+                chosen[axis] = [int(item) % length]
+            elif isinstance(item, slice):
+                chosen[axis] = list(range(length)[item])
+            else:  # a list or array of indices: every block, numpy picks
+                chosen[axis] = list(range(length))
+        out = np.zeros([len(chosen[a]) if a in chosen else n for a, n in enumerate(self.shape)], self.dtype)
+        missing, covered = [], []
+        for combination in itertools.product(*(range(len(chosen[axis])) for axis in iterated)):
+            position = tuple(chosen[axis][k] for axis, k in zip(iterated, combination))
+            covered.append(position)
+            block = self._cached(position)
+            if block is None and wait:
+                block = run_to_end(self.iter_compute(position), None if stop is None else partial(_check, stop))
+            if block is None:
+                missing.append(position)
+                continue
+            where: list[int | slice] = [slice(None)] * self.ndim
+            for axis, k in zip(iterated, combination):
+                where[axis] = slice(k, k + 1)
+            out[tuple(where)] = block
+        if not wait:
+            self._want(covered, missing)
+        return out[tuple(_within(item) if axis in chosen else item for axis, item in enumerate(index))]
+
+    def _want(self, covered: list[tuple[int, ...]], missing: list[tuple[int, ...]]) -> None:
+        with self._lock:
+            changed = missing != self._wanted
+            self._wanted, self._shown = missing, set(covered)
+        callback = self.on_wanted
+        if callback is not None and (changed or missing):
+            callback()
+
+
+def _check(stop: Callable[[], bool], _: Any) -> None:
+    if stop():
+        raise Cancelled()
+
+
+class SavedPlanes:
+    """A layer's data as a writer reads it, a plane at a time: each plane read is reported, and the reading
+    stops (:class:`~napari_mpt_deblur.inference.Cancelled`) once ``stop()`` is true, between two tiles of a lazy
+    result's plane, so the writer leaves nothing behind.
+
+    Parameters
+    ----------
+    data
+        The layer's data (numpy, dask, zarr or :class:`LazyResult`).
+    planes
+        How many planes the writer reads (one per position on the axes before Y).
+    report
+        Called with (planes read, ``planes``) after every plane, in the writer's thread.
+    stop
+        Whether the user cancelled.
+    """
+
+    def __init__(self, data: Any, planes: int, report: Callable[[int, int], None], stop: Callable[[], bool]) -> None:
+        self.data, self.planes, self.report, self.stop = data, planes, report, stop
+        self.shape, self.dtype = tuple(data.shape), np.dtype(data.dtype)
+        self.done = 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self.stop():
+            raise Cancelled()
+        values = self.data.read(index, self.stop) if isinstance(self.data, LazyResult) else np.asarray(self.data[index])
+        if values.size:  # not a probe for the dtype
+            self.done += 1
+            self.report(min(self.done, self.planes), self.planes)
+        return values
+
+
+def _within(item: Any) -> Any:
+    """An iterated axis's index into the blocks read for it: all of a slice's, the one of an integer's."""
+    if isinstance(item, slice):
+        return slice(None)
+    return 0 if np.ndim(item) == 0 else item  # a list or array of indices: every block was read
+
+
+def _full_index(index: Any, ndim: int) -> tuple[Any, ...] | None:
+    """``index`` as one entry per axis (Ellipsis expanded), or None for what :class:`LazyResult` leaves to numpy."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(item is None for item in items) or sum(item is Ellipsis for item in items) > 1:
+        return None
+    if any(isinstance(item, np.ndarray) and item.dtype == bool and item.ndim > 1 for item in items):
+        return None  # a mask over several axes
+    at = next((i for i, item in enumerate(items) if item is Ellipsis), None)
+    if at is not None:
+        items = items[:at] + (slice(None),) * (ndim - len(items) + 1) + items[at + 1 :]
+    if len(items) > ndim:
+        raise IndexError(f"too many indices: the array is {ndim}-dimensional, but {len(items)} were indexed")
+    return items + (slice(None),) * (ndim - len(items))
 
 
 def focus_profile(data: Any, axes: str) -> np.ndarray:

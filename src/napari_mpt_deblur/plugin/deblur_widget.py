@@ -1,15 +1,21 @@
-"""The Deblur dock widget: pick an image layer and a model, get the deblurred layer.
+"""The Deblur dock widget: pick an image layer and a model, get the deblurred layer, save it.
 
 Everything that is not Qt lives in :mod:`.deblur_job` (checks, result layer,
-focus profile) and the inference engine; this module wires them to widgets, a
-thread worker and napari's progress and notifications, with the helpers it
-shares with the Fine-tune dock (:mod:`.widgets_common`).
+lazy result, focus profile), :mod:`.timing` and the inference engine; this
+module wires them to widgets, thread workers and napari's progress and
+notifications, with the helpers it shares with the Fine-tune dock
+(:mod:`.widgets_common`). :class:`LazyPlanes` computes what a lazy result
+layer shows, in a worker, so browsing never waits in the GUI thread.
 """
 
 import logging
+import math
+import threading
 import time
-from collections.abc import Generator
+import weakref
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +24,40 @@ import napari.layers
 import napari.viewer
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
+from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QFileDialog
 
+from .. import images
 from ..config import ConfigError, DeblurSettings, IntensityNormalization
-from ..inference import DEFAULT_TILE, DeblurProgress, InputError, deblur_lazy, default_overlap, iter_deblur
+from ..inference import DEFAULT_TILE, DeblurProgress, InputError, PlaneByPlane, default_overlap, iter_deblur
 from ..models.files import ModelFileError
-from .deblur_job import DeblurJob, focus_profile, result_layer_kwargs
+from .deblur_job import METADATA_KEY, DeblurJob, LazyResult, SavedPlanes, focus_profile, result_layer_kwargs
+from .io import SaveError, write_tiff_layer
 from .models import REGISTRY
 from .plot import LinePlot
+from .timing import TimeLeft
 from .widgets_common import (
     DockState,
     FollowSelection,
     ModelPicker,
+    ScrollingDock,
     device_box,
+    gui_relay,
     image_for,
     out_of_memory,
     progress_and_status,
+    row,
     start_worker,
     stop_when_closed,
+    unwrapped,
+    weak_callback,
 )
 
 logger = logging.getLogger(__name__)
+
+UPDATE_S = 0.25
+"""A lazy plane's progress is shown at most this often (seconds)."""
 
 NO_MODEL_HINT = "No model yet: pick a model file (.safetensors) or a reference checkpoint (.pth) under 'model file'."
 
@@ -51,6 +70,166 @@ def _compute(
     return result, focus_profile(data, axes), focus_profile(result, axes)
 
 
+def error_message(error: BaseException) -> str:
+    """What to tell the user about an error raised while deblurring (unexpected ones are logged in full)."""
+    if isinstance(error, (InputError, ModelFileError, ConfigError)):
+        return str(error)
+    if out_of_memory(error):
+        return f"out of memory ({error}): try smaller tiles or the CPU"
+    logger.error("deblurring failed", exc_info=error)
+    return f"deblurring failed: {type(error).__name__}: {error}"
+
+
+@dataclass(eq=False)
+class _PlaneRun:
+    """One plane a :class:`LazyPlanes` computes: what its worker's slots need (they get this, not shared state)."""
+
+    position: tuple[int, ...]
+    where: str
+    tiles: int
+    started: float = field(default_factory=time.perf_counter)
+    time_left: TimeLeft = field(default_factory=TimeLeft)
+    worker: Any = None
+    pbar: progress | None = None
+    done: bool = False
+    reported: float = 0.0
+
+
+class LazyPlanes:
+    """Computes the planes a lazy result layer shows, one at a time in a worker: never in the GUI thread.
+
+    napari drawing the layer asks its data (a :class:`~.deblur_job.LazyResult`) for a plane; one not computed
+    yet is drawn black and becomes wanted. This computes the first wanted plane, reporting every tile (a bar in
+    napari's activity dock, and :attr:`listener`); when napari asks for other planes before it is done (the user
+    moved on), it stops between two tiles and starts on those. When a plane napari draws is ready, the layers
+    showing the result are refreshed. It lives as long as the result (the layer's data), with or without the
+    dock that made it; when no layer of the viewer shows the result any more, it stops.
+
+    Parameters
+    ----------
+    viewer
+        The viewer the result layer is in (held weakly).
+    result
+        The lazy result; its ``on_wanted`` is set to this object's wake-up.
+    name
+        The result's name, for messages (set :attr:`name` to the layer's once added).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, result: LazyResult, name: str) -> None:
+        self.result = result
+        self.name = name
+        self.listener: Callable[[str, int, int], None] | None = None
+        """Called with (a status line, tiles done, tiles total) as planes are computed (a dock, held weakly)."""
+        self.current: _PlaneRun | None = None
+        """The plane being computed (None when idle)."""
+        self.failed: dict[tuple[int, ...], str] = {}
+        """Planes whose computation failed: not tried again until napari asks for them anew."""
+        self._viewer = weakref.ref(unwrapped(viewer))  # the viewer, not the proxy a dock gets (it may go first)
+        self._relay = gui_relay()  # napari may slice in another thread (its experimental asynchronous slicing)
+        self._scheduling = self._again = False
+        result.on_wanted = self._wake
+        viewer.layers.events.removed.connect(self._layer_removed)  # napari holds the method weakly
+
+    def layers(self) -> list[napari.layers.Image]:
+        """The viewer's layers that show this result."""
+        viewer = self._viewer()
+        return [] if viewer is None else [layer for layer in viewer.layers if unwrapped(layer.data) is self.result]
+
+    def _wake(self) -> None:  # any thread
+        self._relay.call(self._schedule)
+
+    def _schedule(self) -> None:
+        # napari's progress bars process Qt events as they appear, so this can be called from inside itself:
+        # the inner call only asks the outer one to look again
+        if self._scheduling:
+            self._again = True
+            return
+        self._scheduling = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._schedule_once()
+        finally:
+            self._scheduling = False
+
+    def _schedule_once(self) -> None:
+        result = self.result
+        shown = result.shown()
+        self.failed = {position: why for position, why in self.failed.items() if position in shown}
+        wanted = [position for position in result.wanted() if position not in self.failed]
+        current = self.current
+        if current is not None:
+            if current.position not in wanted and current.worker is not None:
+                current.worker.quit()  # the user moved on: stop between two tiles; _finished goes on
+        elif wanted:
+            self._start(wanted[0])
+
+    def _start(self, position: tuple[int, ...]) -> None:
+        planes = self.result.planes
+        run = _PlaneRun(position, planes.describe(position), planes.tiles_per_block)
+        self.current = run
+        run.worker = start_worker(
+            self.result.iter_compute(position),
+            on_yield=partial(self._progress, run),
+            on_return=partial(self._computed, run),
+            on_error=partial(self._failed_with, run),
+            on_finished=partial(self._finished, run),
+        )
+        self._tell(f"computing {run.where} of '{self.name}' ...", 0, run.tiles)
+        run.pbar = progress(total=run.tiles, desc=f"Deblurring {self.name}, {run.where}")  # last: processes events
+
+    def _tell(self, text: str, done: int, total: int) -> None:
+        if self.listener is not None:
+            self.listener(text, done, total)
+
+    def _progress(self, run: _PlaneRun, event: DeblurProgress) -> None:
+        if run is not self.current:
+            return  # delivered after the plane ended
+        left = run.time_left.describe(event.tiles_done, event.tiles_total)
+        now = time.perf_counter()
+        if now - run.reported < UPDATE_S and event.tiles_done < event.tiles_total and not event.message:
+            return  # small tiles come fast: redrawing the dock and the activity bar for each would load the GUI
+        run.reported = now
+        line = f"computing {run.where} of '{self.name}': tile {event.tiles_done}/{event.tiles_total}"
+        self._tell(f"{line}, {left}" if left else line, event.tiles_done, event.tiles_total)
+        pbar = run.pbar
+        if pbar is not None:  # last: napari's bars process Qt events (and show their own time left)
+            pbar.update(event.tiles_done - pbar.n)
+        if event.message:
+            show_info(event.message)
+
+    def _computed(self, run: _PlaneRun, _: np.ndarray) -> None:
+        run.done = True
+
+    def _failed_with(self, run: _PlaneRun, error: BaseException) -> None:
+        message = f"'{self.name}', {run.where}: {error_message(error)}"
+        self.failed[run.position] = message
+        self._tell(message, 0, run.tiles)
+        show_error(message)
+
+    def _finished(self, run: _PlaneRun) -> None:
+        if self.current is run:
+            self.current = None
+        pbar, run.pbar = run.pbar, None
+        if run.done:
+            seconds = time.perf_counter() - run.started
+            self._tell(f"{run.where} of '{self.name}' computed in {seconds:.1f} s", run.tiles, run.tiles)
+            if run.position in self.result.shown() and not set(self.result.wanted()) - set(self.failed):
+                for layer in self.layers():  # napari draws it again, from the cache this time
+                    layer.refresh()
+        self._schedule()
+        if pbar is not None:
+            pbar.close()  # last: processes events
+
+    def _layer_removed(self, _: Any = None) -> None:
+        if not self.layers():
+            self.result.forget_display()
+            current = self.current
+            if current is not None and current.worker is not None:
+                current.worker.quit()
+
+
 @dataclass(eq=False)
 class _RunState(DockState):
     """The dock's state, with the running job's (never the widget itself)."""
@@ -58,9 +237,13 @@ class _RunState(DockState):
     source_state: dict[str, Any] = field(default_factory=dict)
     job: DeblurJob | None = None
     started: float = 0.0
+    time_left: TimeLeft = field(default_factory=TimeLeft)
+    saving: Path | None = None
+    """The file being saved (None when no save runs)."""
+    stop_saving: threading.Event = field(default_factory=threading.Event)
 
 
-class DeblurWidget(Container):
+class DeblurWidget(ScrollingDock):
     """Deblur an image layer with an MPT model, lazily (planes computed as shown) or all at once.
 
     Parameters
@@ -72,8 +255,12 @@ class DeblurWidget(Container):
     ----------
     layer, model, model_file, device, tile, overlap, low, high, lazy
         The inputs (magicgui widgets; set their ``value`` to drive the widget from code).
+    advanced
+        The folding section that holds ``device``, ``tile``, ``overlap``, ``low`` and ``high`` (collapsed at first).
     run_button, cancel_button, progress_bar, status
         Controls and feedback.
+    save_button
+        *Save result...*: writes the result layer (:meth:`result_layer`) with the plugin's TIFF writer.
     focus_plot
         Focus score per plane of the input and the output.
     """
@@ -139,41 +326,55 @@ class DeblurWidget(Container):
             name="lazy",
             text="compute planes as I browse",
             value=False,
-            tooltip="Checked: the result appears at once and each plane is computed when shown.\n"
+            tooltip="Checked: the result appears at once and each plane is computed in the background when shown.\n"
             "Unchecked: every plane is computed now, with progress.",
         )
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
-        super().__init__(
-            widgets=[
-                self.layer,
-                self.model,
-                self.model_file,
-                self.device,
-                self.tile,
-                self.overlap,
-                self.low,
-                self.high,
-                self.lazy,
-                self.run_button,
-                self.cancel_button,
-                self.progress_bar,
-                self.status,
-            ]
+        self.save_button = PushButton(
+            name="save_button",
+            text="Save result...",
+            enabled=False,
+            tooltip="Write the deblurred result (the selected one, else the newest) as a TIFF that keeps its pixel "
+            "size, Z spacing and units.",
         )
-        self.focus_plot = LinePlot("focus score per plane", "plane")
-        self.native.layout().addWidget(self.focus_plot)
+        self._lazy: LazyPlanes | None = None  # the newest lazy result's, which reports on the status line
+        self._lazy_note = ""
+        super().__init__()
+        self.add_part(Container(widgets=[self.layer, self.model, self.model_file, self.lazy]))
+        # rarely changed: the model sets the tile and percentiles, and "auto" finds the GPU
+        self.advanced = self.add_section(
+            "advanced: device, tiles, percentiles",
+            Container(widgets=[self.device, self.tile, self.overlap, self.low, self.high]),
+        )
+        self.add_part(row(self.run_button, self.cancel_button))
+        self.add_part(Container(widgets=[self.progress_bar, self.status, self.save_button]))
+        # the output on a y axis of its own: deblurring raises the score several-fold, which would flatten the input
+        self.focus_plot = LinePlot("focus score", "plane", y_label="input", right=("output",), right_label="output")
+        self.add_part(self.focus_plot)
+        self.align_labels()
 
         self.tile.changed.connect(self._on_tile_changed)
         self.overlap.changed.connect(self._on_overlap_changed)
         self.model.changed.connect(self._on_model_changed)
         self.run_button.changed.connect(self._on_run_clicked)
         self.cancel_button.changed.connect(self.cancel)
+        self.save_button.changed.connect(self._on_save_clicked)
         self._state.disconnects.append(self._models.unsubscribe)
+        self._state.disconnects.append(self._state.stop_saving.set)  # closing the dock cancels a save too
         stop_when_closed(self, self._state)
         self._follow = FollowSelection(napari_viewer, self._state, [self.layer], self._suggest_layer)
         self._follow.follow()  # start on the selected layer
         self._on_model_changed(self.model.value)
+        update = weak_callback(self._update_save_button)
+        for emitter in (
+            napari_viewer.layers.events.inserted,
+            napari_viewer.layers.events.removed,
+            napari_viewer.layers.selection.events.active,
+        ):
+            emitter.connect(update)
+            self._state.disconnects.append(lambda emitter=emitter: emitter.disconnect(update))
+        self._update_save_button()
 
     def _image_layer_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         """The viewer's image layers (napari's dock refreshes the menu as layers come, go or are renamed)."""
@@ -265,8 +466,8 @@ class DeblurWidget(Container):
     def run(self, layer: napari.layers.Layer | None = None) -> None:
         """Deblur ``layer`` (default: the chosen one) as the widget is set; errors become notifications.
 
-        Lazy: the result layer is added at once. Eager: the work runs in a
-        thread and the result is added when complete.
+        Lazy: the result layer is added at once, and the planes napari shows are computed in a worker
+        (:class:`LazyPlanes`). Eager: the work runs in a thread and the result is added when complete.
         """
         if self.running or self._state.closed:
             return
@@ -309,12 +510,18 @@ class DeblurWidget(Container):
         self.status.value = message
 
     def _run_lazy(self, job: DeblurJob, source_state: dict[str, Any]) -> None:
-        data = deblur_lazy(job.model, job.data, job.axes, job.settings)
-        self.viewer.add_image(data, **result_layer_kwargs(source_state, job.provenance()))
-        self.status.value = (
-            f"{job.source}: each plane is computed when shown. The plot shows the input's focus only: "
-            "the output's would compute every plane."
+        result = LazyResult(PlaneByPlane(job.model, job.data, job.axes, job.settings))
+        kwargs = result_layer_kwargs(source_state, job.provenance())
+        lazy = LazyPlanes(self.viewer, result, kwargs["name"])
+        lazy.listener = weak_callback(self._on_lazy_progress)
+        self._lazy = lazy
+        self._lazy_note = (
+            f"{job.source}: each plane is computed in the background when shown (black until then). The plot "
+            "shows the input's focus only: the output's would compute every plane."
         )
+        self.status.value = self._lazy_note
+        layer = self.viewer.add_image(result, **kwargs)  # napari draws it: the shown plane is wanted
+        lazy.name = layer.name
         self.focus_plot.clear()
         start_worker(
             lambda: focus_profile(job.data, job.axes),
@@ -326,12 +533,20 @@ class DeblurWidget(Container):
         if not self._state.deleted:
             self.focus_plot.set_series("input", np.arange(len(scores)), scores)
 
+    def _on_lazy_progress(self, line: str, done: int, total: int) -> None:
+        """The newest lazy result's planes, on the status line and (when no run or save uses it) the bar."""
+        if self._state.deleted:
+            return
+        self.status.value = f"{self._lazy_note}\n{line}" if self._lazy_note else line
+        if not self.running:
+            self.progress_bar.max, self.progress_bar.value = max(1, total), done
+
     def _run_eager(self, job: DeblurJob, source_state: dict[str, Any]) -> None:
         state = self._state
         state.job, state.source_state, state.cancel_requested = job, source_state, False
-        state.started = time.perf_counter()
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
+        state.started, state.time_left = time.perf_counter(), TimeLeft()
+        self._lazy_note = ""  # the status line is this run's now
+        self._set_busy(True)
         self.progress_bar.max, self.progress_bar.value = 1, 0
         self.status.value = f"deblurring {job.source} ..."
         self.focus_plot.clear()
@@ -344,8 +559,16 @@ class DeblurWidget(Container):
             on_finished=self._on_finished,
         )
 
+    def _set_busy(self, busy: bool) -> None:
+        """A run or a save is in progress (one at a time), or none; set before the worker starts."""
+        self.run_button.enabled = not busy and not self._state.closed
+        self.cancel_button.enabled = busy
+        self.save_button.enabled = not busy and self.result_layer() is not None
+
     def cancel(self) -> None:
-        """Stop the running computation after the current tile; nothing is added."""
+        """Stop the running computation after the current tile (nothing is added), or the save (nothing is
+        written)."""
+        self._state.stop_saving.set()
         if self._state.cancel():
             self.cancel_button.enabled = False
             self.status.value = "cancelling after the current tile ..."
@@ -358,10 +581,12 @@ class DeblurWidget(Container):
         state = self._state
         if state.worker is None:
             return  # delivered after the run ended
+        left = state.time_left.describe(event.tiles_done, event.tiles_total)  # from the tiles' measured pace
         if not state.deleted:
             plane = min(event.planes_done + 1, event.planes_total)
-            self.status.value = f"plane {plane}/{event.planes_total}, tile {event.tiles_done}/{event.tiles_total}"
-        state.show_progress(self.progress_bar, event.tiles_done, event.tiles_total)
+            line = f"plane {plane}/{event.planes_total}, tile {event.tiles_done}/{event.tiles_total}"
+            self.status.value = f"{line}, {left}" if left else line
+        state.show_progress(self.progress_bar, event.tiles_done, event.tiles_total)  # napari's bar: its own ETA
         if event.message:
             show_info(event.message)
 
@@ -380,13 +605,7 @@ class DeblurWidget(Container):
         self.viewer.add_image(result, **kwargs)
 
     def _on_error(self, error: BaseException) -> None:
-        if isinstance(error, (InputError, ModelFileError, ConfigError)):
-            message = str(error)
-        elif out_of_memory(error):
-            message = f"out of memory ({error}): try smaller tiles or the CPU"
-        else:
-            logger.error("deblurring failed", exc_info=error)
-            message = f"deblurring failed: {type(error).__name__}: {error}"
+        message = error_message(error)
         if not self._state.deleted:
             self.status.value = message
         show_error(message)
@@ -395,8 +614,122 @@ class DeblurWidget(Container):
         state = self._state
         state.job, state.source_state = None, {}
         if not state.deleted:
-            self.run_button.enabled = not state.closed
-            self.cancel_button.enabled = False
+            self._set_busy(False)
             if state.cancel_requested:
                 self.progress_bar.value = 0
                 self.status.value = "cancelled"
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+
+    def result_layer(self) -> napari.layers.Image | None:
+        """The layer *Save result...* writes: the selected layer when it is a deblurred result, else the newest
+        (topmost) deblurred result in the viewer; None when there is none."""
+        layers = self.viewer.layers
+
+        def is_result(layer: Any) -> bool:
+            return isinstance(layer, napari.layers.Image) and METADATA_KEY in (layer.metadata or {})
+
+        active = layers.selection.active
+        if is_result(active):
+            return active
+        return next((layer for layer in reversed(layers) if is_result(layer)), None)
+
+    def _update_save_button(self, *_: Any) -> None:
+        if not self._state.deleted:
+            self.save_button.enabled = not self._state.running and self.result_layer() is not None
+
+    def _on_save_clicked(self) -> None:
+        self.save_result()
+
+    def save_result(self, path: str | Path | None = None) -> None:
+        """Write the result layer (:meth:`result_layer`) as a TIFF with the plugin's writer, in the background.
+
+        The writer (:func:`~.io.write_tiff_layer`) keeps the pixel size, Z spacing, units and axes, and writes
+        under a temporary name, renamed when complete: a failed or cancelled save leaves no file. A lazy result's
+        planes not computed yet are computed first. Errors become notifications.
+
+        Parameters
+        ----------
+        path
+            The file (``.tif`` is added to a name without ``.tif``/``.tiff``); None asks in a file dialog.
+        """
+        state = self._state
+        if state.running or state.closed:
+            return
+        layer = self.result_layer()
+        if layer is None:
+            self._refuse("nothing to save yet: run the dock first, or select a deblurred result")
+            return
+        if path is None:
+            path = self._ask_save_path(layer)
+            if path is None:
+                return
+        target = Path(path).expanduser()
+        if not target.name.lower().endswith(images.TIFF_SUFFIXES):
+            target = target.with_name(target.name + ".tif")
+        source = (layer.metadata or {}).get("source")
+        if isinstance(source, str) and Path(source).exists() and Path(source).resolve() == target.resolve():
+            self._refuse(f"{target} is the input of '{layer.name}': choose another name, so the input stays")
+            return
+        data, meta = unwrapped(layer.data), layer.as_layer_data_tuple()[1]
+        data = data[0] if getattr(layer, "multiscale", False) else data
+        shape = tuple(data.shape)
+        planes = math.prod(shape[: -3 if meta.get("rgb") else -2])
+        stop = state.stop_saving
+        stop.clear()
+        state.cancel_requested, state.saving = False, target
+        relay, report = gui_relay(), weak_callback(self._on_save_progress)
+        reads = SavedPlanes(data, planes, lambda done, total: relay.call(lambda: report(done, total)), stop.is_set)
+        self.status.value = f"saving '{layer.name}' to {target.name} ..."
+        self.progress_bar.max, self.progress_bar.value = planes, 0
+        self._set_busy(True)
+        state.start(
+            lambda: write_tiff_layer(str(target), reads, meta),
+            f"Saving {layer.name}",
+            planes,
+            on_return=self._on_saved,
+            on_error=self._on_save_error,
+            on_finished=self._on_save_finished,
+        )
+
+    def _ask_save_path(self, layer: napari.layers.Image) -> str | None:
+        """The file dialog of *Save result...*: a TIFF, in the input's folder, named after the layer."""
+        source = (layer.metadata or {}).get("source")
+        folder = Path(source).parent if isinstance(source, str) and Path(source).parent.is_dir() else Path.cwd()
+        name = "".join("_" if c in '/\\:*?"<>|' else c for c in layer.name)
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save result", str(folder / f"{name}.tif"), "TIFF (*.tif *.tiff)"
+        )
+        return path or None
+
+    def _on_save_progress(self, done: int, total: int) -> None:
+        state = self._state
+        if state.saving is None:
+            return
+        if not state.deleted:
+            self.status.value = f"saving to {state.saving.name}: plane {done}/{total}"
+        state.show_progress(self.progress_bar, done, total)
+
+    def _on_saved(self, paths: list[str]) -> None:
+        message = f"saved to {paths[0]} (with its pixel size, Z spacing and units)"
+        if not self._state.deleted:
+            self.status.value = message
+        show_info(message)
+
+    def _on_save_error(self, error: BaseException) -> None:
+        if self._state.stop_saving.is_set():
+            return  # cancelled: the writer left nothing behind
+        message = str(error) if isinstance(error, SaveError) else f"saving failed: {type(error).__name__}: {error}"
+        if not self._state.deleted:
+            self.status.value = message
+        show_error(message)
+
+    def _on_save_finished(self) -> None:
+        state = self._state
+        cancelled = state.stop_saving.is_set()
+        state.saving = None
+        if not state.deleted:
+            self._set_busy(False)
+            if cancelled:
+                self.progress_bar.value = 0
+                self.status.value = "cancelled: nothing was written"

@@ -2,43 +2,61 @@
 
 The dock gathers the layers and settings, then runs the same headless path as
 ``mpt-deblur finetune`` (:func:`~napari_mpt_deblur.training.finetune.prepare_finetune`
-then :func:`~napari_mpt_deblur.training.engine.iter_train`) in a thread worker
-(:func:`~.widgets_common.start_worker`), so the viewer stays responsive. Every
+then :func:`~napari_mpt_deblur.training.finetune.run_finetune`) in a thread worker
+(:func:`~.widgets_common.start_worker`), so the viewer stays responsive. The
+microscope row (NA, medium, emission wavelength, pixel size; the pixel size and Z
+step of the first layer's file by default) shapes the synthetic blur. Every
 step updates the loss and validation curves; Stop ends the run between steps,
-and the model keeps the weights of its best validation
+and the model keeps the weights of its best validation, or the starting model's
+when the fine-tune did not beat them
 (:class:`~napari_mpt_deblur.training.finetune.TrainingLog`).
-Save writes a model file that the Deblur widget offers at once.
+Save writes a model file that the Deblur widget offers at once; *Export for bioimage.io...* writes a
+bioimage.io package (:func:`~napari_mpt_deblur.models.bioimageio.export_package`) in a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, PushButton, Select, SpinBox
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, Select, SpinBox
 from napari.layers import Image, Labels
+from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtGui import QPalette
+from qtpy.QtWidgets import QFileDialog, QSizePolicy
 
+from ..config import MEDIA, ConfigError, Microscope, ModelCard
 from ..models.files import ModelFileError, save_model
 from ..training.config import TrainConfig
-from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune
+from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune, run_finetune
 from .models import REGISTRY
 from .plot import LinePlot
+from .timing import LONG_RUN_S, FinetuneEstimate, format_seconds, iter_measure_finetune
 from .widgets_common import (
     DockState,
     FollowSelection,
     ModelPicker,
+    ScrollingDock,
     device_box,
     image_for,
     out_of_memory,
     progress_and_status,
+    row,
+    show_path_end,
+    start_worker,
     stop_when_closed,
+    weak_callback,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +67,10 @@ if TYPE_CHECKING:
     from ..training.engine import TrainProgress
 
 MODEL_SUFFIX = ".safetensors"
+PACKAGE_SUFFIX = ".zip"
+"""A bioimage.io model package."""
+ESTIMATE_DELAY_MS = 700
+"""The time estimate waits this long after the last change of the settings it depends on before timing steps."""
 PLOTTED_VALIDATIONS = 20
 """The dock validates about this many times per run (at most every ``FINETUNE_DEFAULTS.validate_every`` steps)."""
 
@@ -74,6 +96,7 @@ class _Run:
     labeled: tuple[tuple[str, Any], tuple[str, Any]] | None
     min_focus: float
     folder: tempfile.TemporaryDirectory
+    microscope: Microscope = field(default_factory=Microscope)
     log: TrainingLog = field(default_factory=TrainingLog)
     model: MPT | None = None
     start_provenance: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +106,8 @@ class _Run:
     """The message for the user of the error that ended the run (empty: none)."""
     summary: str = ""
     """What the run did and which weights the model kept (the status line's, after the run)."""
+    notes: list[str] = field(default_factory=list)
+    """What the data told (the blur measured, no in-focus planes...), shown after the run."""
     done: bool = False
     """The worker has stopped and the run is cleaned up."""
 
@@ -97,8 +122,6 @@ def _train(run: _Run) -> Generator[str | TrainProgress, None, None]:
     Closing it (the dock's Stop, between steps), finishing or failing gives the model its best weights,
     removes the temporary folder and lets go of the layers' pixels.
     """
-    from ..training.engine import iter_train
-
     try:
         yield f"loading {Path(run.choice).name}..."
         # a copy: the registry's model is shared with the Deblur widget and must not change under it
@@ -113,6 +136,7 @@ def _train(run: _Run) -> Generator[str | TrainProgress, None, None]:
             labeled=None if run.labeled is None else (run.labeled[0][1], run.labeled[1][1]),
             config=run.config,
             min_focus_quantile=run.min_focus,
+            microscope=run.microscope,
         )
         run.config = data.config
         run.data_record = {
@@ -120,20 +144,19 @@ def _train(run: _Run) -> Generator[str | TrainProgress, None, None]:
             **data.provenance,
             **({"labeled_layers": [run.labeled[0][0], run.labeled[1][0]]} if run.labeled else {}),
         }
-        yield "training..."
-        steps = iter_train(
-            model, data.sampler, run.checkpoint, data.config, validation=data.validation, unlabeled=data.unlabeled
-        )
+        run.notes = list(data.notes)
+        if data.estimate is not None:
+            run.notes.insert(0, data.estimate.describe())
+        yield "scoring the starting model on held-out planes..."
+        steps = run_finetune(model, data, run.checkpoint, run.log)
         with contextlib.closing(steps):
-            for event in steps:
-                run.log.update(event, model)  # here, in the training thread: the weights are this step's
-                yield event
+            yield from steps
     except Exception:  # reported by the dock (start_worker's on_error)
         run.failed = True
         raise
     finally:
         if run.model is not None:
-            run.log.restore_best(run.model)
+            run.log.restore_best(run.model)  # done by run_finetune too, unless it failed before it began
         _release(run)
 
 
@@ -160,19 +183,14 @@ def hint_for(error: BaseException) -> str:
     return f"Fine-tuning failed: {type(error).__name__}: {text}."
 
 
-def format_seconds(seconds: float) -> str:
-    """'42 s', '3 min 05 s', '1 h 02 min'; '?' when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+def dock_validations(steps: int) -> int:
+    """How many validations a dock run of ``steps`` makes: the starting model's, then every ``validate_every``
+    steps and at the last (see :func:`dock_schedule`)."""
+    validate_every, _ = dock_schedule(steps)
+    return 1 + math.ceil(steps / validate_every)
 
 
-class FinetuneWidget(Container):
+class FinetuneWidget(ScrollingDock):
     """Fine-tune a deblurring model on your own image layers (EFCR_ex), with live loss and validation curves.
 
     Parameters
@@ -188,10 +206,15 @@ class FinetuneWidget(Container):
         The fine-tuned model of the last run, holding its best weights (None until a run has steps).
     worker
         The thread worker of the running fine-tune, or None when idle.
+    advanced
+        The folding section of the rarely changed settings (batch, patch, learning rate, loss weights, min focus
+        quantile, device), collapsed at first.
+    save_button, export_button
+        *Save model* (a ``.safetensors`` model file) and *Export for bioimage.io...* (a ``.zip`` package).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self._run: _Run | None = None
         self._last: _Run | None = None
@@ -221,6 +244,16 @@ class FinetuneWidget(Container):
         )
         self.model, self.model_file = self._models.combo, self._models.file
         self.steps = SpinBox(label="steps", value=defaults.steps, min=1, max=1_000_000, step=50)
+        self.estimate = Label(name="estimate", label="time", value="")
+        self.estimate.native.setWordWrap(True)
+        self.estimate.native.setTextFormat(Qt.TextFormat.RichText)  # the suggested step count is a link
+        # the whole column, left-aligned: a wrapped label otherwise takes a narrow width of its own, centred
+        self.estimate.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.estimate.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+        self.estimate.tooltip = (
+            "How long the run takes on the chosen device, from training steps of the chosen model timed at the "
+            "chosen batch and patch (preparing the patches comes on top)."
+        )
         self.batch = SpinBox(label="batch", value=defaults.batch_size, min=1, max=64)
         self.patch = SpinBox(label="patch", value=defaults.patch_size, min=32, max=1024, step=16)
         self.lr = _float_box("learning rate", defaults.lr, 1e-6, 1e-2, 1e-6, 7)
@@ -235,46 +268,96 @@ class FinetuneWidget(Container):
         )
         self.min_focus = _float_box("min focus quantile", 0.0, 0.0, 0.95, 0.05, 2)
         self.min_focus.tooltip = "Use only your planes whose focus score is at least this quantile (0: all)."
+        microscope = Microscope()
+        self.na = _float_box("NA", microscope.na, 0.05, 1.6, 0.05, 2)
+        self.na.tooltip = "Numerical aperture of the objective (engraved on it, e.g. 1.4 for an oil objective)."
+        self.medium = ComboBox(
+            label="medium",
+            choices=list(MEDIA),
+            value=microscope.medium,
+            tooltip="Immersion medium of the objective: " + ", ".join(f"{k} (n = {v})" for k, v in MEDIA.items()),
+        )
+        self.wavelength = SpinBox(label="emission nm", value=round(microscope.wavelength_um * 1000), min=300, max=1500)
+        self.wavelength.tooltip = "Emission wavelength in nanometres (520 for GFP, 610 for mCherry)."
+        self.pixel_size = _float_box("pixel um", 0.0, 0.0, 100.0, 0.01, 4)
+        self.pixel_size.tooltip = (
+            "Pixel size in the sample, micrometres. 0: from the first stack's file (its metadata or the layer's "
+            "scale); if neither says, 0.2 um. Synthetic pairs are blurred as this microscope blurs, up to the "
+            "blur measured across your stacks."
+        )
+        self.microscope = Container(
+            label="microscope", layout="horizontal", labels=True, widgets=[self.na, self.medium, self.wavelength]
+        )
+        self.microscope.margins = (0, 0, 0, 0)
         self.device = device_box(defaults.device)
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.save_path = FileEdit(label="save as", mode="w", filter=f"*{MODEL_SUFFIX}")
+        show_path_end(self.save_path, f"The file to save the fine-tuned model to ({MODEL_SUFFIX}).")
         self.save_button = PushButton(text="Save model", enabled=False)
-        self.extend(
-            [
-                self.unlabeled,
-                self.blurry,
-                self.sharp,
-                self.model,
-                self.model_file,
-                self.steps,
-                self.batch,
-                self.patch,
-                self.lr,
-                self.beta,
-                self.reblur,
-                self.min_focus,
-                self.device,
-                self.start_button,
-                self.stop_button,
-                self.progress_bar,
-                self.status,
-                self.save_path,
-                self.save_button,
-            ]
+        self.export_button = PushButton(
+            text="Export for bioimage.io...",
+            enabled=False,
+            tooltip="Write the fine-tuned model as a bioimage.io package (.zip) that deepImageJ, ilastik and "
+            "bioimageio.core run, tested on a plane of your first stack.",
         )
+        self.add_part(
+            Container(
+                widgets=[
+                    self.unlabeled,
+                    self.blurry,
+                    self.sharp,
+                    self.model,
+                    self.model_file,
+                    self.microscope,
+                    self.pixel_size,
+                    self.steps,
+                    self.estimate,
+                ]
+            )
+        )
+        # rarely changed: the defaults are the ones experiment 3 chose (docs/benchmarks.md)
+        self.advanced = self.add_section(
+            "advanced: batch, patch, learning rate, loss weights, device",
+            Container(widgets=[self.batch, self.patch, self.lr, self.beta, self.reblur, self.min_focus, self.device]),
+        )
+        self.add_part(row(self.start_button, self.stop_button))
+        self.add_part(Container(widgets=[self.progress_bar, self.status, self.save_path]))
+        self.add_part(row(self.save_button, self.export_button))
         self.loss_plot = LinePlot("training loss", "step")
         self.psnr_plot = LinePlot("validation PSNR (dB)", "step")
-        self.native.layout().addWidget(self.loss_plot)
-        self.native.layout().addWidget(self.psnr_plot)
+        self.add_part(self.loss_plot)
+        self.add_part(self.psnr_plot)
+        self.align_labels()
 
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         self.save_button.changed.connect(self._save_clicked)
+        self.export_button.changed.connect(self._export_clicked)
+        self._export_worker: GeneratorWorker | None = None
+        self._export_bar: progress | None = None
         self._state.disconnects.append(self._models.unsubscribe)
         stop_when_closed(self, self._state)
         self._follow = FollowSelection(napari_viewer, self._state, [self.unlabeled], self._suggest_stacks)
         self._follow.follow()  # start on the selected layers
+
+        # the time estimate: steps of the chosen model timed in a worker, once the settings rest for a moment
+        self.time_per_step: FinetuneEstimate | None = None
+        """The last timing of training steps (None before the first), for :attr:`estimate`."""
+        self._timed: tuple[Any, ...] | None = None  # the settings it was measured with
+        self._timing: tuple[Any, ...] | None = None  # the settings being measured now
+        self._timing_worker: GeneratorWorker | None = None
+        self._timer = QTimer(self.native)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(ESTIMATE_DELAY_MS)
+        self._timer.timeout.connect(self._measure)
+        for box in (self.model, self.batch, self.patch, self.device, self.beta, self.reblur):
+            box.changed.connect(self._estimate_soon)
+        self.steps.changed.connect(self._show_estimate)
+        self.estimate.native.linkActivated.connect(self._use_steps)
+        self._state.disconnects.append(weak_callback(self._stop_timing))
+        _WhenShown(self.native, weak_callback(self._estimate_soon))  # a hidden dock times nothing
+        self._estimate_soon()
 
     # choices -------------------------------------------------------------------------------
 
@@ -309,14 +392,22 @@ class FinetuneWidget(Container):
         run = self._run or self._last
         return run.log if run is not None else None
 
+    @property
+    def exporting(self) -> bool:
+        """Whether a bioimage.io export is being written."""
+        return self._export_worker is not None
+
     def _set_running(self, running: bool) -> None:
-        for widget in (self.start_button, self.unlabeled, self.blurry, self.sharp, self.model, self.model_file):
+        for widget in (self.unlabeled, self.blurry, self.sharp, self.model, self.model_file):
             widget.enabled = not running
         for widget in (self.steps, self.batch, self.patch, self.lr, self.beta, self.reblur, self.min_focus):
             widget.enabled = not running
         self.device.enabled = not running
+        self.start_button.enabled = not running and not self.exporting  # one job at a time: one status line
         self.stop_button.enabled = running
-        self.save_button.enabled = not running and self.tuned_model is not None
+        self.save_button.enabled = self.export_button.enabled = (
+            not running and not self.exporting and self.tuned_model is not None
+        )
 
     # start -----------------------------------------------------------------------------------
 
@@ -349,7 +440,7 @@ class FinetuneWidget(Container):
     def start(self) -> None:
         """Check the inputs, then fine-tune in a thread worker (a warning and the status line say what is wrong,
         if anything)."""
-        if self.running or self._state.closed:
+        if self.running or self.exporting or self._state.closed:
             return
         problem = self.check_inputs()
         if problem:
@@ -374,6 +465,11 @@ class FinetuneWidget(Container):
         except ValueError as error:  # ConfigError
             self._refuse(f"Settings: {error}")
             return
+        try:
+            microscope = self.microscope_for(self.unlabeled.value[0])
+        except ConfigError as error:
+            self._refuse(f"Microscope: {error}")
+            return
         labeled = None
         if self.blurry.value is not None:
             labeled = (
@@ -387,8 +483,10 @@ class FinetuneWidget(Container):
             labeled=labeled,
             min_focus=float(self.min_focus.value),
             folder=tempfile.TemporaryDirectory(prefix="mpt-finetune-"),
+            microscope=microscope,
         )
         self._run = run
+        self._stop_timing()  # the run itself needs the device
         self.tuned_model = None
         self.loss_plot.clear()
         self.psnr_plot.clear()
@@ -404,6 +502,120 @@ class FinetuneWidget(Container):
             on_error=self._on_errored,
             on_finished=self._on_finished,
         )
+
+    # time estimate ---------------------------------------------------------------------------
+
+    def _timing_key(self) -> tuple[Any, ...]:
+        return (
+            self.model.value,
+            int(self.batch.value),
+            int(self.patch.value),
+            str(self.device.value),
+            float(self.beta.value) > 0,
+            float(self.reblur.value) > 0,
+        )
+
+    def _estimate_soon(self, *_: Any) -> None:
+        """The settings that set a step's cost changed: time steps again once they rest (typing in a box)."""
+        if not self._state.closed and not self._state.deleted and not self.running:
+            self._timer.start()
+
+    def _measure(self) -> None:
+        """Time training steps of the chosen model with the chosen batch, patch, loss terms and device."""
+        if self._state.closed or self.running or self._state.deleted or not self.native.isVisible():
+            return  # a hidden dock: timed once shown
+        key = self._timing_key()
+        if key == self._timed:
+            self._show_estimate()
+            return
+        if self._timing_worker is not None:
+            if key != self._timing:
+                self._timing_worker.quit()  # settings changed meanwhile: _timed_out measures again
+            return
+        choice = key[0]
+        if not choice or self._models.problem:
+            self.estimate.value = ""
+            return
+        try:
+            model = REGISTRY.load(choice)
+            config = FINETUNE_DEFAULTS.replace(
+                batch_size=key[1],
+                patch_size=key[2],
+                device=key[3],
+                efcr_beta=float(self.beta.value),
+                reblur_weight=float(self.reblur.value),
+            )
+        except (ModelFileError, OSError, ValueError) as error:  # Start says what is wrong
+            self.estimate.value = f"cannot estimate: {error}"
+            return
+        self._timing = key
+        self.estimate.value = "timing a training step on this device..."
+        self._timing_worker = start_worker(
+            iter_measure_finetune(model, config),
+            on_return=self._timed_steps,
+            on_error=self._timing_failed,
+            on_finished=self._timed_out,
+        )
+
+    def _timed_steps(self, estimate: FinetuneEstimate) -> None:
+        self.time_per_step, self._timed = estimate, self._timing
+        if not self._state.deleted:
+            self._show_estimate()
+
+    def _timing_failed(self, error: BaseException) -> None:
+        self.time_per_step, self._timed = None, self._timing  # not again until the settings change
+        if not self._state.deleted:
+            self.estimate.value = f"cannot estimate: {hint_for(error)}"
+
+    def _timed_out(self) -> None:
+        self._timing_worker, self._timing = None, None
+        if not self._state.deleted and not self._state.closed and self._timing_key() != self._timed:
+            self._estimate_soon()  # the settings changed while it measured
+
+    def _stop_timing(self) -> None:
+        self._timer.stop()
+        if self._timing_worker is not None:
+            self._timing_worker.quit()  # stops after the step it is in
+
+    def _show_estimate(self, *_: Any) -> None:
+        """The run's length for the steps chosen, from the last timing; a shorter run suggested when it is long."""
+        estimate = self.time_per_step
+        if estimate is None or self._state.deleted or self._timed != self._timing_key():
+            return
+        steps = int(self.steps.value)
+        total = estimate.total_s(steps, dock_validations(steps))
+        text = (
+            f"about {format_seconds(total)} for {steps} steps on {estimate.device} "
+            f"({estimate.step_s:.2g} s a step), plus preparing the patches."
+        )
+        if total > LONG_RUN_S:
+            fits = estimate.steps_within(LONG_RUN_S, dock_validations)
+            # the link in the theme's text colour, underlined (Qt's own link blue is unreadable on napari's dark theme)
+            colour = self.estimate.native.palette().color(QPalette.ColorRole.WindowText).name()
+            link = f"<a href='{fits}' style='color: {colour}'>use {fits} steps</a>"
+            text += f" About {fits} steps fit in {LONG_RUN_S // 60} min: {link}."
+        self.estimate.value = text
+
+    def _use_steps(self, link: str) -> None:
+        """The suggested step count's link: set *steps* to it."""
+        if not self.running:
+            self.steps.value = int(link)
+
+    def microscope_for(self, layer: Any) -> Microscope:
+        """The microscope row's optics; pixel size and Z step from ``layer``'s file or scale where not given.
+
+        Raises
+        ------
+        ConfigError
+            For optics that cannot be (an NA above the medium's refractive index...).
+        """
+        from ..data.optics import microscope_from_metadata
+
+        pixel_size, unit, z_spacing = _physical_size(layer)
+        given = {"na": float(self.na.value), "medium": str(self.medium.value)}
+        given["wavelength_um"] = int(self.wavelength.value) / 1000
+        given["pixel_size_um"] = float(self.pixel_size.value) or None
+        return microscope_from_metadata(pixel_size, unit, z_spacing, **given)
 
     def _refuse(self, problem: str) -> None:
         """Start found a problem: nothing starts, and the warning and the status line say why."""
@@ -470,11 +682,8 @@ class FinetuneWidget(Container):
             return
         if usable:
             what = "stopped" if log.step < log.steps else "finished"
-            kept = f"; kept the weights of step {log.weights_step}"
-            if log.best_psnr is not None:
-                kept += f" (val PSNR {log.best_psnr:.2f} dB, input {log.input_psnr:.2f})"
-            run.summary = f"{what} after {log.step}/{log.steps} steps{kept}"
-            self.status.value = f"{run.summary}. Save the model to use it."
+            run.summary = f"{what} after {log.step}/{log.steps} steps; {log.outcome()}"
+            self.status.value = "\n".join([f"{run.summary}. Save the model to use it.", *run.notes])
             if not _chosen_file(self.save_path.value):
                 self.save_path.value = _suggest_path(run)
         else:
@@ -483,6 +692,7 @@ class FinetuneWidget(Container):
             failure = f"failed: {run.error or 'see the notification'}"
             self.status.value = f"{failure}\n{self.status.value}" if usable else failure
         self._set_running(False)
+        self._estimate_soon()  # settings may have changed since the timing the run interrupted
 
     def close_dock(self) -> None:
         """Stop a running fine-tune and stop following the registry (done when napari closes the dock)."""
@@ -529,17 +739,122 @@ class FinetuneWidget(Container):
         path = Path(path).expanduser()
         if path.suffix.lower() != MODEL_SUFFIX:
             path = path.with_name(path.name + MODEL_SUFFIX)
-        provenance = {
-            **run.start_provenance,
-            "fine_tuned_from": run.choice,
-            "fine_tuned_on": run.data_record,
-            "fine_tune": {"tool": "napari dock", **run.log.summary()},
-            "train_config": run.config.to_dict(),
-        }
         normalization = getattr(getattr(model, "card", None), "normalization", None)
-        saved = save_model(model, path, normalization=normalization, provenance=provenance)
+        saved = save_model(model, path, normalization=normalization, provenance=_provenance(run))
         REGISTRY.add_file(saved)
         return saved
+
+    # export -----------------------------------------------------------------------------------
+
+    def _export_clicked(self) -> None:
+        if self.tuned_model is None or self.exporting or self.running:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Export for bioimage.io", str(self._package_path()), f"bioimage.io package (*{PACKAGE_SUFFIX})"
+        )
+        if path:
+            self.export(path)
+
+    def _package_path(self) -> Path:
+        """The package name the dialog proposes: the model file's (chosen or saved), as a ``.zip``."""
+        chosen = self.save_path.value
+        base = Path(chosen) if _chosen_file(chosen) else _suggest_path(self._last) if self._last else None
+        base = base or Path.home() / f"fine-tuned{MODEL_SUFFIX}"
+        return base.with_name(base.name.removesuffix(MODEL_SUFFIX) + PACKAGE_SUFFIX)
+
+    def test_layer(self) -> Image | None:
+        """The layer whose middle plane tests the exported package: the run's first stack, else the first
+        image under *your stacks* (None when there is none)."""
+        layers = {layer.name: layer for layer in self._viewer.layers if isinstance(layer, Image) and not layer.rgb}
+        run = self._last
+        names = [name for name, _ in run.unlabeled] if run is not None else []
+        chosen = [layer.name for layer in self.unlabeled.value or ()]
+        return next((layers[name] for name in [*names, *chosen] if name in layers), None)
+
+    def export(self, path: str | Path) -> None:
+        """Write the fine-tuned model as a bioimage.io package (``.zip``), in a worker.
+
+        The package (:func:`~napari_mpt_deblur.models.bioimageio.export_package`) holds the weights, the
+        provenance *Save model* records and test tensors cut from the middle plane of :meth:`test_layer`. It
+        appears under ``path`` only once complete. The status line and a notification say how it went;
+        ``load_model`` (and the *model file* boxes) read it back.
+
+        Parameters
+        ----------
+        path
+            The package to write; ``.zip`` is added when missing. An existing file is replaced.
+        """
+        run, model = self._last, self.tuned_model
+        if self.exporting or self.running:
+            return
+        if run is None or model is None:
+            self._export_refused("No fine-tuned model yet: run a fine-tune first.")
+            return
+        layer = self.test_layer()
+        if layer is None:
+            self._export_refused(
+                "No grey image layer to test the package on: add one of your stacks and select it under 'your stacks'."
+            )
+            return
+        target = Path(path).expanduser()
+        if target.suffix.lower() != PACKAGE_SUFFIX:
+            target = target.with_name(target.name + PACKAGE_SUFFIX)
+        card = getattr(model, "card", None) or ModelCard(model.config)
+        card = dataclasses.replace(card, provenance=_provenance(run))
+        layers = ", ".join(name for name, _ in run.unlabeled)
+        description = (
+            "Defocus deblurring of microscopy images with a Multi-Pyramid Transformer (MPT), fine-tuned with EFCR_ex "
+            f"in napari-mpt-deblur on {layers}."
+        )
+        self.status.value = f"exporting to {target.name} (tested on the middle plane of '{layer.name}')..."
+        self._export_worker = start_worker(
+            partial(_export, model, card, _pixels(layer), target, description),
+            on_return=self._exported,
+            on_error=self._export_failed,
+            on_finished=self._export_finished,
+        )
+        self._set_running(False)
+        self._export_bar = progress(total=0, desc=f"Exporting {target.name}")  # last: processes Qt events
+
+    def _export_refused(self, problem: str) -> None:
+        self.status.value = problem
+        show_warning(problem)
+
+    def _exported(self, path: Path) -> None:
+        message = f"Exported for bioimage.io to {path}"
+        if not self._state.deleted:
+            summary = self._last.summary if self._last is not None else ""
+            self.status.value = f"{summary} — exported to {path.name}" if summary else f"exported to {path.name}"
+        show_info(message)
+
+    def _export_failed(self, error: BaseException) -> None:
+        text = (str(error) or type(error).__name__).rstrip(". ")
+        message = f"Could not export for bioimage.io: {text}."
+        if not self._state.deleted:
+            self.status.value = f"failed: {message}"
+        show_error(message)
+
+    def _export_finished(self) -> None:
+        self._export_worker = None
+        bar, self._export_bar = self._export_bar, None
+        if not self._state.deleted:
+            self._set_running(self.running)
+        if bar is not None:
+            bar.close()  # last: processes Qt events
+
+
+class _WhenShown(QObject):
+    """Calls ``callback()`` each time ``widget`` is shown (it lives as long as the widget)."""
+
+    def __init__(self, widget: Any, callback: Any) -> None:
+        super().__init__(widget)
+        self._callback = callback
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Show:
+            self._callback()
+        return False
 
 
 def _float_box(label: str, value: float, low: float, high: float, step: float, decimals: int) -> FloatSpinBox:
@@ -574,6 +889,42 @@ def _layer_problem(layer: Any) -> str | None:
     if min(shape[-2:]) < 3:
         return f"'{layer.name}' has planes of {shape[-2:]} pixels; they need at least 3 x 3."
     return None
+
+
+def _physical_size(layer: Any) -> tuple[tuple[float, float] | None, str | None, float | None]:
+    """(Y, X) pixel size, unit and Z spacing of a layer: from its file's metadata, else from its scale and units."""
+    metadata = getattr(layer, "metadata", None) or {}
+    if metadata.get("pixel_size") or metadata.get("z_spacing"):
+        return metadata.get("pixel_size"), metadata.get("unit"), metadata.get("z_spacing")
+    units = [str(unit) for unit in getattr(layer, "units", ())]
+    scale = [float(value) for value in layer.scale]
+    if len(units) != len(scale) or units[-1] in ("pixel", "") or units[-1] != units[-2]:
+        return None, None, None
+    labels = [str(label).lower() for label in getattr(layer, "axis_labels", ())]
+    z_spacing = scale[labels.index("z")] if "z" in labels and units[labels.index("z")] == units[-1] else None
+    return (scale[-2], scale[-1]), units[-1], z_spacing
+
+
+def _provenance(run: _Run) -> dict[str, Any]:
+    """What a fine-tuned model records: the starting model's provenance, what it was tuned from and on, how."""
+    return {
+        **run.start_provenance,
+        "fine_tuned_from": run.choice,
+        "fine_tuned_on": run.data_record,
+        "fine_tune": {"tool": "napari dock", **run.log.summary()},
+        "train_config": run.config.to_dict(),
+    }
+
+
+def _export(model: MPT, card: ModelCard, data: Any, path: Path, description: str) -> Path:
+    """The export worker: the middle plane of ``data`` (a grey layer's array), then the package at ``path``."""
+    from ..models.bioimageio import export_package
+
+    plane = np.asarray(data[tuple(n // 2 for n in data.shape[:-2])])  # read here, off the GUI thread
+    # a copy with the fine-tune's card: the dock's model keeps its own, and may be saved again meanwhile
+    package = copy.deepcopy(model)
+    package.card = card
+    return export_package(package, path, plane, description=description)
 
 
 def _chosen_file(path: Any) -> bool:

@@ -3,7 +3,8 @@
 The reader opens files with :func:`napari_mpt_deblur.images.open_image` (lazy,
 one plane per chunk) and turns each into napari layer data: scale from the
 image's pixel size and Z spacing, axis labels from the axes, RGB and channel
-axes, and a ``metadata`` dict that the writer reads back. The writer saves one
+axes, an OME-Zarr pyramid as a multiscale layer, and a ``metadata`` dict that
+the writer reads back. The writer saves one
 image layer as a TIFF through :func:`napari_mpt_deblur.images.write_tiff`,
 atomically (under a temporary name, renamed when complete), and reports failures
 as :class:`SaveError`.
@@ -130,7 +131,9 @@ def image_layer_data(image: Image, *, source: str | None = None) -> LayerData:
     -------
     (data, meta, "image")
         ``data`` is a numpy array when the image is at most :data:`SMALL_BYTES`,
-        else the lazy dask array. ``meta`` holds ``name``, ``scale`` (Y and X from
+        else the lazy dask array; for an OME-Zarr pyramid, the list of its levels
+        (lazy, finest first) with ``meta["multiscale"]`` set, which napari shows
+        as a multiscale layer. ``meta`` holds ``name``, ``scale`` (Y and X from
         the pixel size, Z from the Z spacing, 1 otherwise), ``axis_labels`` (the
         axis letters, lower case), ``units`` when the unit is a known length,
         ``rgb`` for a trailing S axis, ``channel_axis`` (with a name and a
@@ -140,7 +143,10 @@ def image_layer_data(image: Image, *, source: str | None = None) -> LayerData:
     """
     axes = image.axes
     data = image.data
-    if data.nbytes <= SMALL_BYTES:
+    if image.pyramid:
+        # napari reads the level the zoom needs, one plane at a time: nothing is read here
+        data = [image.data, *image.pyramid]
+    elif data.nbytes <= SMALL_BYTES:
         try:
             data = data.compute()
         except (OSError, ValueError, KeyError) as error:
@@ -172,6 +178,8 @@ def image_layer_data(image: Image, *, source: str | None = None) -> LayerData:
         "source": source,
     }
     meta: dict[str, Any] = {"name": image.name, "scale": tuple(scale), "axis_labels": labels, "rgb": rgb}
+    if image.pyramid:
+        meta["multiscale"] = True
     if unit:
         meta["units"] = tuple(units)
     meta["metadata"] = metadata

@@ -14,10 +14,13 @@ from typing import Any
 
 import napari.layers
 import napari.viewer
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, Select
+from magicgui.application import use_app
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, Select, Widget
 from magicgui.widgets.bases import CategoricalWidget
 from napari.utils import progress
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, QSignalBlocker, QSize, Qt, Signal
+from qtpy.QtWidgets import QFrame, QLineEdit, QScrollArea, QSizePolicy, QToolButton, QVBoxLayout, QWidget
 from superqt.utils import GeneratorWorker
 
 from ..models.files import BUNDLED_MODELS, ModelFileError
@@ -25,7 +28,10 @@ from ..runtime import available_devices, resolve_device
 from . import models
 from .deblur_job import result_source
 
-MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt);;All files (*)"
+MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt *.zip);;All files (*)"
+"""The model-file dialogs' filter: model files, reference checkpoints and bioimage.io packages (``.zip``)."""
+MIN_SCROLL_HEIGHT = 150
+"""A dock's scrolling part shrinks to this height (pixels): two docks then fit a 1366 x 768 screen."""
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -58,6 +64,212 @@ def progress_and_status(label: str = "", value: str = "") -> tuple[ProgressBar, 
     status = Label(name="status", label=label, value=value)
     status.native.setWordWrap(True)
     return ProgressBar(name="progress_bar", label="progress", min=0, max=1, value=0), status
+
+
+def unwrapped(obj: Any) -> Any:
+    """The object behind the proxy napari hands a plugin's dock for its viewer and whatever comes from it
+    (``PublicOnlyProxy``): for identity tests and weak references, which a proxy would defeat."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def show_path_end(box: FileEdit, tooltip: str = "") -> None:
+    """Keep a path box's end (the file name) in view, and its whole path in its tooltip.
+
+    A path longer than the box is cut off, and Qt shows the part around the text cursor, which a click may
+    leave anywhere: the file name is the part to see, so the cursor goes to the end whenever the path changes
+    and whenever the box loses the focus. The tooltip gives the whole path, after ``tooltip`` (what the box
+    is for).
+    """
+    line = box.native.findChild(QLineEdit)
+
+    def shown(value: Any) -> None:
+        text = "" if value is None or str(value) in ("", ".") else str(value)
+        box.tooltip = "\n".join(part for part in (tooltip, text) if part)
+        if line is not None and not line.hasFocus():
+            line.end(False)  # the cursor, and so the view, at the end of the text
+
+    box.changed.connect(shown)
+    if line is not None:
+        line.editingFinished.connect(lambda: shown(box.value))  # focus left the box: back to the file name
+    shown(box.value)
+
+
+class Section(QWidget):
+    """A part of a dock that folds away under a title: an arrow button over its content, collapsed by default.
+
+    Collapsed, the content is hidden (not squeezed to zero height, as superqt's ``QCollapsible`` does): its widgets
+    take no room and Tab skips them.
+
+    Parameters
+    ----------
+    title
+        The button's text (what the section holds).
+    content
+        The widget shown when the section is expanded.
+    expanded
+        Whether it starts expanded.
+    """
+
+    def __init__(self, title: str, content: QWidget, *, expanded: bool = False) -> None:
+        super().__init__()
+        self.toggle = QToolButton()
+        self.toggle.setText(title)
+        self.toggle.setCheckable(True)
+        self.toggle.setAutoRaise(True)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.content = content
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(self.toggle)
+        layout.addWidget(content)
+        self.toggle.toggled.connect(self.set_expanded)
+        self.set_expanded(expanded)
+
+    def set_expanded(self, expanded: bool) -> None:
+        """Show (True) or hide the content."""
+        with QSignalBlocker(self.toggle):
+            self.toggle.setChecked(expanded)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if expanded else Qt.ArrowType.RightArrow)
+        self.content.setVisible(expanded)
+
+    def is_expanded(self) -> bool:
+        """Whether the content is shown."""
+        return self.toggle.isChecked()
+
+
+class _DockScrollArea(QScrollArea):
+    """Scrolls a dock's parts up and down: as tall as they ask when there is room, down to
+    :data:`MIN_SCROLL_HEIGHT` when not, and never narrower than they need (there is no horizontal scroll bar)."""
+
+    def __init__(self, content: QWidget) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+        self.setWidget(content)
+
+    def _bar(self) -> int:
+        return self.verticalScrollBar().sizeHint().width()
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        # Qt caps a scroll area's hint at 24 lines of text: with room, a dock would scroll for nothing
+        hint = self.widget().sizeHint()
+        return QSize(hint.width() + self._bar(), hint.height())
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        return QSize(self.widget().minimumSizeHint().width() + self._bar(), MIN_SCROLL_HEIGHT)
+
+
+class ScrollingDock(Container):
+    """A dock whose parts (magicgui containers, foldable sections, plots) scroll, so that it fits a small screen.
+
+    napari puts a plugin's widget in its dock as it is, and a magicgui ``Container(scrollable=True)`` loses its
+    scroll area on the way (napari docks the inner widget): the dock holds its own. Subclasses call
+    ``super().__init__()``, then :meth:`add_part` and :meth:`add_section` top to bottom, then
+    :meth:`align_labels`.
+
+    Attributes
+    ----------
+    scroll_area
+        The scroll area that holds the parts.
+    sections
+        The foldable sections, in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(labels=False)
+        self.margins = (0, 0, 0, 0)
+        self.sections: list[Section] = []
+        content = QWidget()
+        self._parts = QVBoxLayout(content)
+        self._parts.setContentsMargins(4, 4, 4, 4)
+        self.scroll_area = _DockScrollArea(content)
+        self.native.layout().addWidget(self.scroll_area)
+
+    def _adopt(self, part: Container) -> QWidget:
+        # a magicgui child of the dock, so that napari's refresh of the dock's menus (reset_choices) reaches its
+        # menus; Qt then moves its widget from the dock's own layout (which holds only the scroll area: hence
+        # position 0, as magicgui inserts into that layout at the child's position) into the scroll area's
+        self.insert(0, part)
+        part.margins = (0, 0, 0, 0)
+        return part.native
+
+    def add_part(self, part: Container | QWidget) -> None:
+        """Add a magicgui container of widgets, or a Qt widget (a plot, a table), below the parts added so far."""
+        self._parts.addWidget(self._adopt(part) if isinstance(part, Container) else part)
+
+    def add_section(self, title: str, part: Container, *, expanded: bool = False) -> Section:
+        """Add a container of rarely changed widgets in a :class:`Section` that folds away (collapsed by default)."""
+        section = Section(title, self._adopt(part), expanded=expanded)
+        self._parts.addWidget(section)
+        self.sections.append(section)
+        return section
+
+    def align_labels(self) -> None:
+        """Give every labelled part's labels one width, so that the fields line up across the parts."""
+        measure = use_app().get_obj("get_text_width")
+        rows = [
+            labelled
+            for part in self
+            if isinstance(part, Container) and part.labels and part.layout == "vertical"
+            for widget in part
+            if (labelled := widget._labeled_widget()) is not None
+        ]
+        if rows:
+            widest = max(measure(row.label) for row in rows)
+            for row in rows:
+                row.label_width = widest
+
+    def reveal(self, widget: Widget | QWidget) -> None:
+        """Scroll to ``widget`` (expanding the section that holds it): for a script or a test, as a user would."""
+        native = getattr(widget, "native", widget)
+        for section in self.sections:
+            if section.content.isAncestorOf(native):
+                section.set_expanded(True)
+        self.scroll_area.ensureWidgetVisible(native)
+
+
+def row(*widgets: Widget) -> Container:
+    """Widgets side by side (buttons), as a part of a :class:`ScrollingDock`."""
+    part = Container(layout="horizontal", labels=False, widgets=list(widgets))
+    part.margins = (0, 0, 0, 0)
+    return part
+
+
+class GuiRelay(QObject):
+    """Runs functions in the GUI thread, queued, whichever thread asks (:meth:`call`).
+
+    Use the process's one relay, :func:`gui_relay`: a Qt object must be deleted in its own thread, and an
+    object held by work that ends in a worker could be collected there. A function asked for from the GUI
+    thread itself runs once the current event is handled: napari's slicing, say, is over before it runs.
+    """
+
+    _called = Signal(object)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._called.connect(_run, Qt.ConnectionType.QueuedConnection)
+
+    def call(self, function: Callable[[], Any]) -> None:
+        """Run ``function()`` in the GUI thread, after the current event; nothing happens once Qt has gone."""
+        with contextlib.suppress(RuntimeError):  # "wrapped C/C++ object has been deleted": napari closed
+            self._called.emit(function)
+
+
+def _run(function: Callable[[], Any]) -> None:
+    function()
+
+
+_RELAY: list[GuiRelay] = []
+
+
+def gui_relay() -> GuiRelay:
+    """The process's :class:`GuiRelay`, made at the first call, which must come from the GUI thread (a dock's)."""
+    if not _RELAY:
+        _RELAY.append(GuiRelay())
+    return _RELAY[0]
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -96,8 +308,10 @@ class ModelPicker:
             mode="r",
             filter=MODEL_FILTER,
             nullable=True,
-            tooltip="A napari-mpt-deblur model (.safetensors) or a reference MPT checkpoint (.pth).",
+            tooltip="A napari-mpt-deblur model (.safetensors), a reference MPT checkpoint (.pth) or a bioimage.io "
+            "package (.zip) exported by napari-mpt-deblur.",
         )
+        show_path_end(self.file, self.file.tooltip)
         self._showing = False  # the box is being set to the chosen model's file: not a pick
         self._show_file(self.combo.value)
         self.combo.changed.connect(self._chosen)
@@ -335,7 +549,7 @@ class _Worker(GeneratorWorker):
             self._steps.close()
 
 
-def _weak(callback: Callable[..., Any] | None) -> Callable[..., None]:
+def weak_callback(callback: Callable[..., Any] | None) -> Callable[..., None]:
     """``callback``, holding a bound method's object weakly (a dead one is not called)."""
     if not inspect.ismethod(callback):
         return callback or (lambda *_: None)
@@ -369,15 +583,15 @@ def start_worker(
     """
     steps = work if isinstance(work, Generator) else _call(work)
     worker = _Worker(steps)
-    report = _weak(on_error)
+    report = weak_callback(on_error)
 
     def errored(error: BaseException) -> None:
         report(error.__cause__ if isinstance(error, _CarriedError) else error)
 
-    worker.yielded.connect(_weak(on_yield))
-    worker.returned.connect(_weak(on_return))
+    worker.yielded.connect(weak_callback(on_yield))
+    worker.returned.connect(weak_callback(on_return))
     worker.errored.connect(errored)
-    worker.finished.connect(_weak(on_finished))
+    worker.finished.connect(weak_callback(on_finished))
     worker.start()
     return worker
 
@@ -403,11 +617,17 @@ class DockState:
         return self.worker is not None
 
     def start(
-        self, work: Generator, task: str, total: int = 0, *, on_finished: Callable[[], Any] | None = None, **callbacks
+        self,
+        work: Generator | Callable[[], Any],
+        task: str,
+        total: int = 0,
+        *,
+        on_finished: Callable[[], Any] | None = None,
+        **callbacks,
     ) -> GeneratorWorker:
         """:func:`start_worker` with a napari progress bar named ``task``; idle again, before ``on_finished``."""
         self.pbar = progress(total=total, desc=task)
-        done = _weak(on_finished)
+        done = weak_callback(on_finished)
 
         def finished() -> None:
             pbar, self.worker, self.pbar = self.pbar, None, None

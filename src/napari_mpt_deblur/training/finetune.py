@@ -2,18 +2,24 @@
 
 :func:`prepare_finetune` turns the user's planes into what :func:`~.engine.iter_train`
 needs (labeled or synthetic pairs, fixed validation patches, the unlabeled
-sampler) and records what was used. :class:`TrainingLog` follows a run step by
+sampler) and records what was used; without labeled pairs it measures the blur in
+the user's stack and draws synthetic pairs that look like their microscope's
+(:mod:`~napari_mpt_deblur.data.optics`). :class:`TrainingLog` follows a run step by
 step and keeps a copy of the weights with the best validation PSNR, so a run
-stopped early (or one that got worse towards the end) ends with its best weights.
+stopped early (or one that got worse towards the end) ends with its best weights,
+and the starting model's weights when the fine-tune never beat them.
+:func:`run_finetune` is that loop, for the command line and the dock alike.
 
 Nothing here imports Qt; numpy and torch are imported on first use, so the command line starts fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
@@ -22,6 +28,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from ..config import Microscope
+    from ..data.optics import BlurEstimate
     from ..models.mpt import MPT
     from .engine import TrainProgress, Validation
     from .patches import PairSampler, UnlabeledPlanes
@@ -36,8 +44,34 @@ from the user's sharpest planes (experiment 3 in docs/benchmarks.md)."""
 SHARPEST_FRACTION = 0.25
 """Without labeled pairs, synthetic pairs are made from this fraction of the user's planes, the sharpest."""
 
-VALIDATION_PATCHES = 8
-"""Held-out patches drawn (with a fixed seed) for the validation PSNR/SSIM."""
+VALIDATION_PATCHES = 16
+"""Patches drawn (with a fixed seed) for the validation PSNR/SSIM."""
+
+HELD_OUT_EVERY = 4
+"""Without labeled pairs, every fourth of the sharpest planes (when there are at least four) is held out of
+training: validation re-blurs them with the blur measured in the stack and scores undoing it."""
+
+MIN_GAIN_DB = 0.05
+"""A fine-tune is kept only when its best validation PSNR beats the starting model's by this much;
+otherwise the starting model's weights are the result (a fine-tune never makes the model worse on
+what it can check)."""
+
+NO_FOCUS_LR_FACTOR = 0.25
+NO_FOCUS_MAX_STEPS = 200
+NO_FOCUS_EFCR_BETA = 1e-5
+"""A stack without usable in-focus planes has no sharp targets: the fine-tune leans on the starting model
+(its own deblurred planes as targets, re-blurred with the blur measured), EFCR_ex's contrast against
+re-blurred copies, a quarter of the learning rate and at most 200 steps."""
+
+NO_FOCUS_UNBLURRED = 0.0
+"""Share of unblurred samples when a stack has no in-focus planes (0.1 otherwise). None: the targets are then
+the starting model's deblurring, smoother than real focus, and copying them onto unblurred input taught the
+network to smooth in-focus planes (experiment 4: -0.75 dB in focus with a quarter unblurred, -0.22 with none)."""
+
+PRIOR_TARGET_PLANES = 8
+PRIOR_TARGET_SIDE = 768
+"""When a stack has no in-focus planes, the starting model deblurs at most this many of its sharpest planes
+(central crops of at most this side, so a stack of large planes does not stall the start) as targets."""
 
 
 @dataclass
@@ -50,13 +84,14 @@ class FinetuneData:
         Labeled (blurry, sharp) batches: the user's pairs, or synthetic pairs
         made from the sharpest of the user's planes.
     validation
-        Fixed patches drawn once from ``sampler`` (the same planes as training, so they measure
-        fit to the user's images, not generalisation beyond them).
+        Fixed patches drawn once: from the user's labeled pairs, or from the sharpest planes held
+        out of training, re-blurred with the blur measured in the stack (the score of undoing it).
     unlabeled
         The user's own planes, for EFCR_ex's Lext and the re-blur term.
     config
         The recipe, with the starting model's intensity normalisation (patches
-        must be normalised as the model's inference normalises planes).
+        must be normalised as the model's inference normalises planes), made gentler for a stack
+        without in-focus planes.
     provenance
         What was used, for the model file's ``fine_tuned_on`` record.
     blank_planes
@@ -69,6 +104,10 @@ class FinetuneData:
     config: TrainConfig
     provenance: dict[str, Any] = field(default_factory=dict)
     blank_planes: int = 0
+    estimate: BlurEstimate | None = None
+    """The blur measured in the stack (None with labeled pairs)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about the data (no in-focus planes, the recipe changed for it...)."""
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -107,8 +146,18 @@ def prepare_finetune(
     labeled: tuple[Sequence[Any] | np.ndarray, Sequence[Any] | np.ndarray] | None = None,
     config: TrainConfig,
     min_focus_quantile: float | None = None,
+    microscope: Microscope | None = None,
 ) -> FinetuneData:
     """Samplers, validation patches and a record for fine-tuning ``model`` on the user's planes.
+
+    Without labeled pairs the pairs are synthetic, made to look like the user's microscope: the
+    blur across the stack is measured against its sharpest planes
+    (:func:`~napari_mpt_deblur.data.optics.estimate_blur`), and the sharpest quarter is blurred again
+    with widefield PSFs of ``microscope``'s optics and Gaussians up to that blur, with noise at the
+    level measured. Every fourth of those planes is held out for validation. When even the sharpest
+    planes are blurred (no usable in-focus planes), the starting model's deblurred planes become the
+    targets and the recipe gentler (:data:`NO_FOCUS_LR_FACTOR`, :data:`NO_FOCUS_MAX_STEPS`,
+    :data:`NO_FOCUS_EFCR_BETA`); ``notes`` says so.
 
     Parameters
     ----------
@@ -117,19 +166,20 @@ def prepare_finetune(
     unlabeled_planes
         The user's own planes or stacks (any dimension >= 2), e.g. a lab's z-stacks.
     labeled
-        Optional (blurry, sharp) planes or stacks of equal shapes. Without them,
-        labeled pairs are made by synthetic defocus of the sharpest quarter of
-        ``unlabeled_planes`` (by focus score).
+        Optional (blurry, sharp) planes or stacks of equal shapes, used as they are.
     config
         The recipe (:data:`FINETUNE_DEFAULTS` with the user's changes).
     min_focus_quantile
         Use only unlabeled planes whose focus score is at least this quantile (None or 0: all).
+    microscope
+        The optics (NA, medium, wavelength, pixel size, Z step); defaults to
+        :class:`~napari_mpt_deblur.data.optics.Microscope`'s.
 
     Returns
     -------
     FinetuneData
-        Ready for ``iter_train(model, data.sampler, output, data.config, validation=data.validation,
-        unlabeled=data.unlabeled)``.
+        Ready for :func:`run_finetune` (or ``iter_train(model, data.sampler, output, data.config,
+        validation=data.validation, unlabeled=data.unlabeled)``).
 
     Raises
     ------
@@ -137,7 +187,8 @@ def prepare_finetune(
         For no planes, only blank (constant) planes, a labeled pair of mismatched shapes, a
         quantile outside [0, 1) or a model that is not grayscale; the message says which.
     """
-    from ..data.focus import sharpest_planes
+    from ..config import Microscope
+    from ..data.optics import estimate_blur
     from .engine import Validation
     from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, drop_blank_planes
 
@@ -158,21 +209,75 @@ def prepare_finetune(
     record: dict[str, Any] = {"planes": len(own) + blank, "planes_for_efcr": len(unlabeled.planes)}
     if quantile > 0:
         record["min_focus_quantile"] = quantile
+    estimate, notes = None, []
     if labeled is not None:
         blurry, sharp = (as_planes(part) for part in labeled)
         sampler = LabeledPairs(blurry, sharp, config.normalization)
         record["labeled_pairs"] = len(blurry)
         blank += sampler.blank_planes
+        validation = Validation.from_sampler(sampler, VALIDATION_PATCHES, config.patch_size)
     else:
-        # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
-        sharpest = sharpest_planes(own, SHARPEST_FRACTION)
-        sampler = SyntheticPairs(sharpest, normalization=config.normalization, denoise_targets=True)
-        record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
-        record["denoised_targets"] = True
+        estimate = estimate_blur(own, microscope or Microscope())
+        notes += estimate.notes
+        defocus = estimate.defocus_config(unblurred=0.1 if estimate.in_focus else NO_FOCUS_UNBLURRED)
+        order = sorted(range(len(own)), key=lambda i: estimate.focus_scores[i], reverse=True)
+        sharpest = [own[i] for i in order[: max(1, round(SHARPEST_FRACTION * len(own)))]]
+        held = sharpest[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if len(sharpest) >= HELD_OUT_EVERY else []
+        kept = [plane for index, plane in enumerate(sharpest) if len(held) == 0 or index % HELD_OUT_EVERY != 3]
+        if estimate.in_focus:
+            # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
+            targets, held_targets, denoise = kept, held, True
+            record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
+        else:
+            targets, held_targets = _prior_targets(model, kept), _prior_targets(model, held)
+            denoise = False
+            changed = {
+                "lr": config.lr * NO_FOCUS_LR_FACTOR,
+                "lr_min": min(config.lr_min, config.lr * NO_FOCUS_LR_FACTOR),
+                "steps": min(config.steps, NO_FOCUS_MAX_STEPS),
+                "efcr_beta": max(config.efcr_beta, NO_FOCUS_EFCR_BETA),
+            }
+            changed["validate_every"] = min(config.validate_every, changed["steps"])
+            changed["checkpoint_every"] = min(config.checkpoint_every, changed["steps"])
+            config = config.replace(**changed)
+            notes.append(
+                f"fine-tuning gently: the starting model's own deblurred planes as targets, learning rate "
+                f"{config.lr:.1e}, {config.steps} steps, EFCR_ex on; the starting model is kept unless this beats it"
+            )
+            record["targets"] = "starting model's deblurred sharpest planes (no usable in-focus planes)"
+        sampler = SyntheticPairs(
+            targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
+        )
+        validation_sampler = sampler
+        if held_targets:
+            validation_sampler = SyntheticPairs(
+                held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
+            )
+            record["validation"] = f"{len(held)} of the sharpest planes held out, re-blurred as measured"
+        else:
+            record["validation"] = "patches of the training planes, re-blurred as measured (too few planes to hold out)"
+        validation = Validation.from_sampler(validation_sampler, VALIDATION_PATCHES, config.patch_size)
+        record["denoised_targets"] = denoise
+        record["blur_estimate"] = estimate.to_dict()
+        record["synthetic_defocus"] = defocus.to_dict()
     if blank:
         record["blank_planes_skipped"] = blank
-    validation = Validation.from_sampler(sampler, VALIDATION_PATCHES, config.patch_size)
-    return FinetuneData(sampler, validation, unlabeled, config, record, blank)
+    return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes)
+
+
+def _prior_targets(model: MPT, planes: list[np.ndarray]) -> list[np.ndarray]:
+    """The starting model's deblurring of (central crops of at most :data:`PRIOR_TARGET_PLANES` of) ``planes``."""
+    if not planes:
+        return []
+    from ..config import DeblurSettings
+    from ..inference import deblur_array
+
+    settings = DeblurSettings(device="cpu", precision="fp32")
+    crops = []
+    for plane in planes[:PRIOR_TARGET_PLANES]:
+        top, left = (max(0, (length - PRIOR_TARGET_SIDE) // 2) for length in plane.shape)
+        crops.append(plane[top : top + PRIOR_TARGET_SIDE, left : left + PRIOR_TARGET_SIDE])
+    return [deblur_array(model, crop, axes="YX", settings=settings) for crop in crops]
 
 
 @dataclass
@@ -196,12 +301,37 @@ class TrainingLog:
     """The step whose weights gave :attr:`best_psnr`."""
     best_state: dict[str, torch.Tensor] | None = None
     """A CPU copy of the weights at :attr:`best_step`."""
+    start_psnr: float | None = None
+    """Validation PSNR of the starting model (None until :meth:`begin`)."""
+    start_state: dict[str, torch.Tensor] | None = None
+    """A CPU copy of the starting weights, kept when the fine-tune does not beat them."""
+    kept_start: bool = False
+    """True once :meth:`restore_best` gave the model back its starting weights."""
     step: int = 0
     """Steps done."""
     steps: int = 0
     """Steps planned."""
     elapsed_s: float = 0.0
     remaining_s: float = math.inf
+
+    def begin(self, model: MPT, validation: Validation) -> float:
+        """Score the starting model on the validation and keep a copy of its weights.
+
+        After this, :meth:`restore_best` keeps the starting weights unless the best validation beats
+        them by :data:`MIN_GAIN_DB`.
+
+        Returns
+        -------
+        float
+            The starting model's validation PSNR (dB).
+        """
+        import torch
+
+        device = next(model.parameters()).device
+        self.start_state = {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
+        scores = validation.evaluate(model, device if isinstance(device, torch.device) else torch.device("cpu"))
+        self.start_psnr, self.input_psnr = float(scores["psnr"]), float(scores["input_psnr"])
+        return self.start_psnr
 
     def update(self, progress: TrainProgress, model: MPT) -> bool:
         """Record one step; copies the weights when the validation PSNR improved.
@@ -234,14 +364,27 @@ class TrainingLog:
         self.best_state = {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
         return True
 
+    @property
+    def beats_start(self) -> bool:
+        """Whether the best validation beats the starting model's by :data:`MIN_GAIN_DB` (True before :meth:`begin`)."""
+        if self.start_psnr is None or self.start_state is None:
+            return True
+        return self.best_psnr is not None and self.best_psnr >= self.start_psnr + MIN_GAIN_DB
+
     def restore_best(self, model: MPT) -> int:
-        """Give ``model`` the best weights (it keeps its last ones when there was no validation).
+        """Give ``model`` the best weights: the starting ones when the fine-tune did not beat them.
+
+        Without a validation the model keeps its last weights.
 
         Returns
         -------
         int
-            The step whose weights the model now holds.
+            The step whose weights the model now holds (0: the starting model's).
         """
+        if not self.beats_start and self.start_state is not None:
+            model.load_state_dict(self.start_state)
+            self.kept_start = True
+            return 0
         if self.best_state is None or self.best_step is None:
             return self.step
         if self.best_step != self.step:
@@ -250,8 +393,25 @@ class TrainingLog:
 
     @property
     def weights_step(self) -> int:
-        """The step whose weights :meth:`restore_best` keeps."""
+        """The step whose weights :meth:`restore_best` keeps (0: the starting model's)."""
+        if not self.beats_start:
+            return 0
         return self.best_step if self.best_step is not None else self.step
+
+    def outcome(self) -> str:
+        """One line for the user: which weights the model holds and why."""
+        if self.start_psnr is not None and not self.beats_start:
+            best = "no validation" if self.best_psnr is None else f"best {self.best_psnr:.2f} dB"
+            return (
+                f"kept the starting model: the fine-tune did not beat it on held-out planes "
+                f"({best} against {self.start_psnr:.2f} dB)"
+            )
+        text = f"kept the weights of step {self.weights_step}"
+        if self.best_psnr is not None:
+            text += f" (val PSNR {self.best_psnr:.2f} dB"
+            text += f", starting model {self.start_psnr:.2f}" if self.start_psnr is not None else ""
+            text += f", input {self.input_psnr:.2f})" if self.input_psnr is not None else ")"
+        return text
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly record of the run for a model file's provenance."""
@@ -261,4 +421,47 @@ class TrainingLog:
             record["best_validation_psnr"] = round(self.best_psnr, 3)
         if self.input_psnr is not None:
             record["validation_input_psnr"] = round(self.input_psnr, 3)
+        if self.start_psnr is not None:
+            record["starting_model_validation_psnr"] = round(self.start_psnr, 3)
+            record["kept_starting_model"] = not self.beats_start
         return record
+
+
+def run_finetune(
+    model: MPT,
+    data: FinetuneData,
+    output: str | Path,
+    log: TrainingLog,
+    *,
+    resume: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> Iterator[TrainProgress]:
+    """Fine-tune ``model`` as ``data`` prepares it; yields every step; ends holding the weights to keep.
+
+    The starting model is scored first (:meth:`TrainingLog.begin`, not on a resumed run: its starting
+    weights are gone), every step goes through ``log`` in this thread, and however the run ends
+    (finished, closed between steps, failed) the model gets the best weights, or its starting ones
+    when the fine-tune did not beat them. Checkpoints go to ``output`` as :func:`~.engine.iter_train`
+    writes them; the caller saves the weights kept.
+    """
+    from .engine import iter_train
+
+    if not resume:
+        log.begin(model, data.validation)
+    steps = iter_train(
+        model,
+        data.sampler,
+        output,
+        data.config,
+        validation=data.validation,
+        unlabeled=data.unlabeled,
+        resume=resume,
+        provenance=provenance,
+    )
+    try:
+        with contextlib.closing(steps):
+            for event in steps:
+                log.update(event, model)  # here, in the training thread: the weights are this step's
+                yield event
+    finally:
+        log.restore_best(model)

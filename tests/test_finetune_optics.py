@@ -1,0 +1,202 @@
+"""Optics-aware fine-tuning: the user's microscope, the blur measured in their stack, and the guard that keeps
+the starting model when a fine-tune does not beat it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import tiny_config
+from napari_mpt_deblur import MPT, load_model, save_model
+from napari_mpt_deblur.config import ConfigError, Microscope
+from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, gaussian_psf, widefield_psf
+from napari_mpt_deblur.data.optics import estimate_blur, microscope_from_metadata
+from napari_mpt_deblur.training.engine import TrainProgress, Validation, state_path
+from napari_mpt_deblur.training.finetune import (
+    FINETUNE_DEFAULTS,
+    NO_FOCUS_EFCR_BETA,
+    NO_FOCUS_MAX_STEPS,
+    NO_FOCUS_UNBLURRED,
+    TrainingLog,
+    prepare_finetune,
+)
+
+LAB = Microscope(na=1.4, medium="oil", wavelength_um=0.52, pixel_size_um=0.1, z_step_um=0.3)
+
+
+def cells(size: int = 128, seed: int = 0) -> np.ndarray:
+    """A fluorescence-like field in 0..1: soft nuclei, thin membranes and sparse puncta."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    field = np.zeros((size, size), np.float32)
+    for _ in range(10):
+        cy, cx, r = rng.uniform(10, size - 10, 2).tolist() + [rng.uniform(5, 11)]
+        d = np.hypot(y - cy, x - cx)
+        field += 0.5 * (d < r) + 0.4 * (np.abs(d - r - 4) < 1)
+    for cy, cx in rng.uniform(4, size - 4, (30, 2)):
+        field += 0.8 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 1.5)
+    return np.clip(field, 0, 1)
+
+
+def through_focus(defocus_um, seed: int = 0, photons: float = 2000.0) -> np.ndarray:
+    """The LAB microscope's stack of one field at the given distances from focus."""
+    rng = np.random.default_rng(seed)
+    truth = cells(seed=seed)
+    planes = [blur(truth, widefield_psf(z, **LAB.optics())) for z in defocus_um]
+    return np.stack([add_poisson_gaussian_noise(plane, photons, 0.002, rng) for plane in planes])
+
+
+def small_model() -> MPT:
+    return MPT(tiny_config(num_blocks=(1, 1, 1, 1), scales=((1 / 4,), (1 / 2,), (1.0,), (1.0,))))
+
+
+# the microscope ---------------------------------------------------------------------------
+
+
+def test_the_microscope_refuses_optics_that_cannot_be_and_takes_sizes_from_metadata():
+    with pytest.raises(ConfigError, match="NA 1.4 is not possible in water"):
+        Microscope(na=1.4, medium="water")
+    with pytest.raises(ConfigError, match="medium must be one of air, water"):
+        Microscope(medium="honey")
+    with pytest.raises(ConfigError, match="give micrometres"):
+        Microscope(wavelength_um=520)
+    assert Microscope(medium="oil", na=1.4).refractive_index == 1.515
+    # the PSF is modelled at no coarser than the Nyquist pixel of the optics (0.52 / 2.8 um here)
+    assert Microscope(na=1.4, medium="oil", pixel_size_um=0.65).model_pixel_um == pytest.approx(0.52 / 2.8)
+
+    from_file = microscope_from_metadata((65.0, 65.0), "nm", 250.0, na=1.2, medium="water")
+    assert from_file.pixel_size_um == pytest.approx(0.065) and from_file.z_step_um == pytest.approx(0.25)
+    assert from_file.na == 1.2
+    given = microscope_from_metadata((0.1, 0.1), "micron", None, pixel_size_um=0.2, na=None)
+    assert given.pixel_size_um == 0.2 and given.na == Microscope().na  # what the user gives wins; None is not given
+    assert microscope_from_metadata((3.0, 3.0), "pixel", None).pixel_size_um is None  # no length unit: unknown
+
+
+# measuring the blur ---------------------------------------------------------------------------
+
+
+def test_the_blur_measured_against_the_sharpest_plane_follows_the_true_blur():
+    rng = np.random.default_rng(1)
+    truth = cells(192)
+    sigmas = (0.0, 1.0, 2.0, 3.0, 4.0)
+    stack = [add_poisson_gaussian_noise(blur(truth, gaussian_psf(s)) if s else truth, 3000, 0.002, rng) for s in sigmas]
+    estimate = estimate_blur(stack)
+    assert estimate.reference_planes[0] == 0
+    measured = [estimate.extra_sigma_px[i] for i in range(len(sigmas))]
+    assert measured[0] == 0 and measured == sorted(measured)
+    assert measured[1:] == pytest.approx(sigmas[1:], rel=0.25)
+    assert estimate.in_focus and estimate.photons is not None
+
+
+def test_a_stack_through_focus_has_in_focus_planes_and_a_defocused_one_has_none():
+    stack = through_focus((-0.9, -0.6, -0.3, 0.0, 0.3, 0.6, 0.9))
+    estimate = estimate_blur(list(stack), LAB)
+    assert estimate.reference_planes[0] == 3 and estimate.in_focus and not estimate.notes
+    extra = estimate.extra_sigma_px
+    assert extra[0] > extra[1] > extra[2] > 0 and extra[6] > extra[5] > extra[4] > 0
+    config = estimate.defocus_config()
+    # a Z stack with a known step: widefield defocus of the lab's optics up to the farthest plane (0.9 um)
+    assert config.na == (1.4, 1.4) and config.refractive_index == (1.515,) and config.pixel_size_um == (0.1, 0.1)
+    assert 0.4 < config.defocus_um[1] <= 0.9 and config.widefield_blur_px is None
+    assert config.no_blur_probability > 0  # in-focus planes must be left alone
+
+    defocused = through_focus((0.9, 1.0, 1.1, 1.2, 1.3))
+    estimate = estimate_blur(list(defocused), LAB)
+    assert not estimate.in_focus and "no usable in-focus planes" in estimate.notes[0]
+    assert estimate.defocus_config(unblurred=0.0).no_blur_probability == 0
+    assert "no usable in-focus planes" in estimate.describe()
+    record = json.loads(json.dumps(estimate.to_dict()))
+    assert record["in_focus"] is False and record["microscope"]["medium"] == "oil"
+
+    with pytest.raises(ValueError, match="at least 16 x 16"):
+        estimate_blur([np.zeros((8, 8))])
+
+
+# preparing and guarding a fine-tune ---------------------------------------------------------------------------
+
+
+def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_gently():
+    config = FINETUNE_DEFAULTS.replace(patch_size=32, batch_size=2, steps=500)
+    model = small_model()
+    stacks = [through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5), seed=s) for s in range(2)]
+    data = prepare_finetune(model, stacks, config=config, microscope=LAB)
+    assert data.estimate is not None and data.estimate.in_focus and not data.notes
+    assert len(data.sampler.sharp) == 3  # the sharpest quarter of 16 planes, less the one held out
+    assert data.provenance["validation"].startswith("1 of the sharpest planes held out")
+    assert data.provenance["blur_estimate"]["microscope"]["na"] == 1.4
+    assert data.config.steps == 500 and data.config.lr == config.lr
+
+    defocused = [through_focus((0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6), seed=s) for s in range(2)]
+    data = prepare_finetune(model, defocused, config=config, microscope=LAB)
+    assert "no usable in-focus planes" in data.notes[0] and "fine-tuning gently" in data.notes[1]
+    assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 4)
+    assert data.config.efcr_beta == NO_FOCUS_EFCR_BETA
+    assert data.provenance["targets"].startswith("starting model's deblurred")
+    assert data.sampler.defocus.no_blur_probability == NO_FOCUS_UNBLURRED
+    assert not data.provenance["denoised_targets"]
+
+
+def test_the_starting_model_is_kept_unless_the_fine_tune_beats_it():
+    model = small_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    sharp = rng.random((4, 1, 32, 32), dtype=np.float32)
+    validation = Validation(sharp + 0.1, sharp)
+    log = TrainingLog()
+    start_psnr = log.begin(model, validation)
+    assert start_psnr == log.start_psnr and log.input_psnr is not None
+
+    def step(index: int, psnr: float) -> None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.01)
+        scores = {"psnr": psnr, "ssim": 0.5, "input_psnr": 18.0, "input_ssim": 0.4}
+        log.update(TrainProgress(index, 2, {"total": 1.0}, 1e-4, index, 2 - index, scores), model)
+
+    step(1, start_psnr + 0.01)  # not better by MIN_GAIN_DB
+    step(2, start_psnr - 1.0)
+    assert log.restore_best(model) == 0 and log.kept_start and log.weights_step == 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+    assert "kept the starting model" in log.outcome()
+    assert log.summary()["kept_starting_model"] is True
+
+    better = TrainingLog()
+    better.begin(model, validation)
+    scores = {"psnr": better.start_psnr + 1.0, "ssim": 0.5, "input_psnr": 18.0, "input_ssim": 0.4}
+    better.update(TrainProgress(1, 1, {"total": 1.0}, 1e-4, 1.0, 0.0, scores), model)
+    assert better.restore_best(model) == 1 and not better.kept_start
+    assert better.summary()["kept_starting_model"] is False and "kept the weights of step 1" in better.outcome()
+
+
+def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys):
+    from napari_mpt_deblur.cli import main
+
+    stack = through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5))
+    path = tmp_path / "lab.tif"
+    # an ImageJ hyperstack that records 0.1 um pixels and a 0.3 um Z step
+    tifffile.imwrite(
+        path,
+        (stack * 4000).astype(np.uint16),
+        imagej=True,
+        resolution=(10.0, 10.0),
+        metadata={"axes": "ZYX", "unit": "micron", "spacing": 0.3},
+    )
+    start = save_model(small_model(), tmp_path / "start.safetensors", provenance={"trained_on": "test"})
+    out = tmp_path / "tuned.safetensors"
+    args = ["finetune", "--model", str(start), "--unlabeled", str(path), "-o", str(out)]
+    common = ["--steps", "2", "--batch", "2", "--patch", "32", "--device", "cpu", "--validate-every", "1"]
+    assert main([*args, *common, "--na", "1.4", "--medium", "oil", "--wavelength", "520"]) == 0
+    printed = capsys.readouterr().out
+    assert "blur beyond the sharpest planes" in printed and "kept" in printed
+    record = load_model(out).card.provenance
+    microscope = record["fine_tuned_on"]["blur_estimate"]["microscope"]
+    assert microscope == {"na": 1.4, "medium": "oil", "wavelength_um": 0.52, "pixel_size_um": 0.1, "z_step_um": 0.3}
+    assert "kept_starting_model" in record["fine_tune"]
+    assert not state_path(out).exists()  # a finished fine-tune leaves the model, not a checkpoint
+
+    assert main([*args, *common, "--overwrite", "--na", "1.4", "--medium", "water"]) == 2
+    assert "NA 1.4 is not possible in water" in capsys.readouterr().err
