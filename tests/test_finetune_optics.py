@@ -18,9 +18,11 @@ from napari_mpt_deblur.data.optics import estimate_blur, microscope_from_metadat
 from napari_mpt_deblur.training.engine import TrainProgress, Validation, state_path
 from napari_mpt_deblur.training.finetune import (
     FINETUNE_DEFAULTS,
+    NO_FOCUS_ANCHORED,
     NO_FOCUS_EFCR_BETA,
     NO_FOCUS_MAX_STEPS,
     NO_FOCUS_UNBLURRED,
+    AnchoredPairs,
     TrainingLog,
     prepare_finetune,
 )
@@ -136,7 +138,13 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 4)
     assert data.config.efcr_beta == NO_FOCUS_EFCR_BETA
     assert data.provenance["targets"].startswith("starting model's deblurred")
-    assert data.sampler.defocus.no_blur_probability == NO_FOCUS_UNBLURRED
+    assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == NO_FOCUS_ANCHORED
+    assert data.sampler.pairs.defocus.no_blur_probability == NO_FOCUS_UNBLURRED
+    # a share of every batch keeps the network where it started: unblurred input, the starting model's output
+    always = AnchoredPairs(data.sampler.pairs, model, share=1.0)
+    blurry, sharp = always.sample(np.random.default_rng(0), 2, 32, (1.0, 1.0))
+    with torch.no_grad():
+        assert np.allclose(sharp, model.eval()(torch.from_numpy(blurry)).numpy(), atol=1e-6)
     assert not data.provenance["denoised_targets"]
 
 

@@ -63,6 +63,11 @@ NO_FOCUS_EFCR_BETA = 1e-5
 (its own deblurred planes as targets, re-blurred with the blur measured), EFCR_ex's contrast against
 re-blurred copies, a quarter of the learning rate and at most 200 steps."""
 
+NO_FOCUS_ANCHORED = 0.25
+"""Share of samples that, when a stack has no in-focus planes, anchor the network to the starting model: sharp-looking
+input (the starting model's deblurring, with noise only) whose target is the starting model's own output on it. The
+fine-tune learns the lab's blur without forgetting how the starting model treats planes in focus."""
+
 NO_FOCUS_UNBLURRED = 0.0
 """Share of unblurred samples when a stack has no in-focus planes (0.1 otherwise). None: the targets are then
 the starting model's deblurring, smoother than real focus, and copying them onto unblurred input taught the
@@ -241,14 +246,18 @@ def prepare_finetune(
             changed["checkpoint_every"] = min(config.checkpoint_every, changed["steps"])
             config = config.replace(**changed)
             notes.append(
-                f"fine-tuning gently: the starting model's own deblurred planes as targets, learning rate "
-                f"{config.lr:.1e}, {config.steps} steps, EFCR_ex on; the starting model is kept unless this beats it"
+                f"fine-tuning gently: the starting model's own deblurred planes as targets, a quarter of the samples "
+                f"anchored to its output, learning rate {config.lr:.1e}, {config.steps} steps, EFCR_ex on; the "
+                "starting model is kept unless this beats it"
             )
             record["targets"] = "starting model's deblurred sharpest planes (no usable in-focus planes)"
         sampler = SyntheticPairs(
             targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
         )
-        validation_sampler = sampler
+        if not estimate.in_focus:
+            sampler = AnchoredPairs(sampler, model, NO_FOCUS_ANCHORED)
+            record["anchored_to_starting_model"] = NO_FOCUS_ANCHORED
+        validation_sampler = sampler.pairs if isinstance(sampler, AnchoredPairs) else sampler
         if held_targets:
             validation_sampler = SyntheticPairs(
                 held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
@@ -263,6 +272,50 @@ def prepare_finetune(
     if blank:
         record["blank_planes_skipped"] = blank
     return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes)
+
+
+class AnchoredPairs:
+    """Synthetic pairs, of which a share keeps the network where the starting model is: its output as the target.
+
+    The anchored samples are the pairs' own sharp planes with noise only (no blur); their target is the starting
+    model's output on that very input, computed with a frozen copy of it.
+
+    Parameters
+    ----------
+    pairs
+        The synthetic pairs to draw from.
+    model
+        The starting model (copied and frozen here, so training does not move the anchor).
+    share
+        Chance that a sample of a batch is an anchored one.
+    """
+
+    def __init__(self, pairs: Any, model: MPT, share: float) -> None:
+        import copy
+        import dataclasses
+
+        from .patches import SyntheticPairs
+
+        self.pairs, self.share = pairs, share
+        self.anchor = copy.deepcopy(model).to("cpu").eval()
+        for parameter in self.anchor.parameters():
+            parameter.requires_grad_(False)
+        unblurred = dataclasses.replace(pairs.defocus, no_blur_probability=1.0)
+        self.unblurred = SyntheticPairs(pairs.sharp, unblurred, normalization=pairs.normalization, margin=pairs.margin)
+        self.blank_planes = pairs.blank_planes
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]):
+        import numpy as np
+        import torch
+
+        anchored = int((rng.random(batch) < self.share).sum())
+        parts = [self.pairs.sample(rng, batch - anchored, patch, scale_range)] if anchored < batch else []
+        if anchored:
+            inputs, _ = self.unblurred.sample(rng, anchored, patch, scale_range)
+            with torch.inference_mode():
+                targets = self.anchor(torch.from_numpy(inputs)).numpy().astype(np.float32)
+            parts.append((inputs, targets))
+        return np.concatenate([b for b, _ in parts]), np.concatenate([s for _, s in parts])
 
 
 def _prior_targets(model: MPT, planes: list[np.ndarray]) -> list[np.ndarray]:
