@@ -25,6 +25,16 @@ def _band_noise_gain() -> float:
     return float((_band(impulse) ** 2).sum())
 
 
+def haar_noise_sd(x: np.ndarray) -> float:
+    """White noise's standard deviation in a plane: the median absolute value of its finest Haar band / 0.6745.
+
+    Structure barely reaches that band, so its median measures the noise (0 for a plane under 2 x 2 pixels).
+    """
+    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
+    finest = (x[0:h:2, 0:w:2] - x[0:h:2, 1:w:2] - x[1:h:2, 0:w:2] + x[1:h:2, 1:w:2]) / 2
+    return float(np.median(np.abs(finest)) / 0.6745) if finest.size else 0.0
+
+
 def focus_score(plane: np.ndarray) -> float:
     """Detail energy of a plane beyond what its noise explains: high in focus, near 0 when blurred or empty.
 
@@ -38,9 +48,7 @@ def focus_score(plane: np.ndarray) -> float:
     x = np.asarray(plane, dtype=np.float64)
     if x.ndim != 2 or min(x.shape) < 3:
         raise ValueError(f"need a 2-D plane of at least 3 x 3 pixels, got shape {x.shape}")
-    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-    finest = (x[0:h:2, 0:w:2] - x[0:h:2, 1:w:2] - x[1:h:2, 0:w:2] + x[1:h:2, 1:w:2]) / 2
-    noise_sd = np.median(np.abs(finest)) / 0.6745 if finest.size else 0.0
+    noise_sd = haar_noise_sd(x)
     band = _band(x)
     margin = min(4, (min(x.shape) - 1) // 2)
     inner = band[margin : x.shape[0] - margin, margin : x.shape[1] - margin]

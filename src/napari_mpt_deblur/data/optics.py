@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import Microscope
 from .defocus import DefocusConfig, defocus_for_blur
-from .focus import focus_score
+from .focus import focus_score, haar_noise_sd
 
 GAUSSIAN_R80 = math.sqrt(-2 * math.log(0.2))
 """A Gaussian PSF's 80 %-encircled-energy radius, in units of its sigma (1.79)."""
@@ -100,13 +100,14 @@ _RINGS = 40
 _FREQUENCIES = (np.arange(_RINGS) + 0.5) * 0.5 / _RINGS
 
 
-def _central_crop(plane: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
+def central_crop(plane: np.ndarray, side: int = ANALYSIS_SIDE) -> np.ndarray:
+    """The plane's central square of at most ``side`` pixels a side (the whole plane where it is smaller)."""
     starts = [max(0, (length - side) // 2) for length in plane.shape]
     return plane[starts[0] : starts[0] + side, starts[1] : starts[1] + side]
 
 
 def _spectrum(plane: np.ndarray) -> _Spectrum:
-    x = np.asarray(_central_crop(plane), dtype=np.float64)
+    x = np.asarray(central_crop(plane), dtype=np.float64)
     mean = float(x.mean())
     scale = abs(mean) if abs(mean) > 1e-12 else float(x.std()) or 1.0
     x = x / scale
@@ -118,10 +119,7 @@ def _spectrum(plane: np.ndarray) -> _Spectrum:
     rings = np.bincount(ring.ravel(), power.ravel(), minlength=_RINGS + 1)[:_RINGS] / np.maximum(counts, 1)
     # white noise: the finest Haar band's median absolute value, or the power left near Nyquist, whichever is
     # larger (a plane with flat background has a zero median there, and quantised planes a floor above it)
-    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-    finest = (x[0:h:2, 0:w:2] - x[0:h:2, 1:w:2] - x[1:h:2, 0:w:2] + x[1:h:2, 1:w:2]) / 2
-    noise_sd = float(np.median(np.abs(finest)) / 0.6745) if finest.size else 0.0
-    noise = max(noise_sd**2, float(np.median(rings[_FREQUENCIES > 0.42])))
+    noise = max(haar_noise_sd(x) ** 2, float(np.median(rings[_FREQUENCIES > 0.42])))
     return _Spectrum(rings - noise, noise, math.sqrt(noise))
 
 
@@ -168,7 +166,7 @@ def _photons(plane: np.ndarray, relative_noise_sd: float) -> float | None:
 
     None when the noise is too low to measure (below 0.1 % of the range).
     """
-    x = np.asarray(_central_crop(plane), dtype=np.float64)
+    x = np.asarray(central_crop(plane), dtype=np.float64)
     low, high = np.percentile(x, (1.0, 99.8))
     if high <= low:
         return None
@@ -314,7 +312,7 @@ def estimate_blur(planes: Sequence[np.ndarray], microscope: Microscope | None = 
     for plane in planes:
         if np.ndim(plane) != 2 or min(np.shape(plane)) < 16:
             raise ValueError(f"need 2-D planes of at least 16 x 16 pixels, got shape {np.shape(plane)}")
-    scores = [focus_score(_central_crop(np.asarray(plane, np.float64))) for plane in planes]
+    scores = [focus_score(central_crop(np.asarray(plane, np.float64))) for plane in planes]
     order = list(np.argsort(scores)[::-1])
     references = [int(i) for i in order[: max(1, min(3, len(planes) // 8))]]
     spectra = {i: _spectrum(planes[i]) for i in references}

@@ -91,6 +91,7 @@ from .widgets_common import (
     progress_and_status,
     row,
     stop_when_closed,
+    unwrapped,
 )
 
 ALL_LAYERS = "all layers..."
@@ -707,7 +708,7 @@ class CompareWidget(ScrollingDock):
 def _weak_layer(layer: Any) -> weakref.ref:
     """A weak reference to a layer. napari hands plugin docks a new proxy of its objects at every access (each gone
     as soon as unused): the reference is to the layer itself."""
-    return weakref.ref(getattr(layer, "__wrapped__", layer))
+    return weakref.ref(unwrapped(layer))
 
 
 def _threshold_box(name: str, label: str, tooltip: str) -> FloatSpinBox:

@@ -227,8 +227,9 @@ def prepare_finetune(
         defocus = estimate.defocus_config(unblurred=0.1 if estimate.in_focus else NO_FOCUS_UNBLURRED)
         order = sorted(range(len(own)), key=lambda i: estimate.focus_scores[i], reverse=True)
         sharpest = [own[i] for i in order[: max(1, round(SHARPEST_FRACTION * len(own)))]]
-        held = sharpest[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if len(sharpest) >= HELD_OUT_EVERY else []
-        kept = [plane for index, plane in enumerate(sharpest) if len(held) == 0 or index % HELD_OUT_EVERY != 3]
+        held_out = len(sharpest) >= HELD_OUT_EVERY
+        held = sharpest[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if held_out else []
+        kept = [p for i, p in enumerate(sharpest) if not held_out or i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
         if estimate.in_focus:
             # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
             targets, held_targets, denoise = kept, held, True
@@ -302,7 +303,6 @@ class AnchoredPairs:
             parameter.requires_grad_(False)
         unblurred = dataclasses.replace(pairs.defocus, no_blur_probability=1.0)
         self.unblurred = SyntheticPairs(pairs.sharp, unblurred, normalization=pairs.normalization, margin=pairs.margin)
-        self.blank_planes = pairs.blank_planes
 
     def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]):
         import numpy as np
@@ -323,13 +323,11 @@ def _prior_targets(model: MPT, planes: list[np.ndarray]) -> list[np.ndarray]:
     if not planes:
         return []
     from ..config import DeblurSettings
+    from ..data.optics import central_crop
     from ..inference import deblur_array
 
     settings = DeblurSettings(device="cpu", precision="fp32")
-    crops = []
-    for plane in planes[:PRIOR_TARGET_PLANES]:
-        top, left = (max(0, (length - PRIOR_TARGET_SIDE) // 2) for length in plane.shape)
-        crops.append(plane[top : top + PRIOR_TARGET_SIDE, left : left + PRIOR_TARGET_SIDE])
+    crops = [central_crop(plane, PRIOR_TARGET_SIDE) for plane in planes[:PRIOR_TARGET_PLANES]]
     return [deblur_array(model, crop, axes="YX", settings=settings) for crop in crops]
 
 
@@ -378,11 +376,8 @@ class TrainingLog:
         float
             The starting model's validation PSNR (dB).
         """
-        import torch
-
-        device = next(model.parameters()).device
         self.start_state = {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
-        scores = validation.evaluate(model, device if isinstance(device, torch.device) else torch.device("cpu"))
+        scores = validation.evaluate(model, next(model.parameters()).device)
         self.start_psnr, self.input_psnr = float(scores["psnr"]), float(scores["input_psnr"])
         return self.start_psnr
 
@@ -420,7 +415,7 @@ class TrainingLog:
     @property
     def beats_start(self) -> bool:
         """Whether the best validation beats the starting model's by :data:`MIN_GAIN_DB` (True before :meth:`begin`)."""
-        if self.start_psnr is None or self.start_state is None:
+        if self.start_psnr is None:
             return True
         return self.best_psnr is not None and self.best_psnr >= self.start_psnr + MIN_GAIN_DB
 
@@ -434,7 +429,7 @@ class TrainingLog:
         int
             The step whose weights the model now holds (0: the starting model's).
         """
-        if not self.beats_start and self.start_state is not None:
+        if not self.beats_start:  # begin() kept the starting weights with their score
             model.load_state_dict(self.start_state)
             self.kept_start = True
             return 0
