@@ -9,7 +9,7 @@ jitter and noise. Its thresholds are optimised on every fourth of those
 slices, held out of training.
 
 Evaluation: StarDist's ``test_image_nuclei_2d`` with its ground-truth labels,
-defocused with the widefield PSF at 1, 2 and 3 um plus noise (``defocus_eval``;
+defocused with the widefield PSF at 1, 2 and 3 um plus noise (``common.defocus_cases``;
 one noise draw per ``--noise-seeds``, medians over them), then deblurred by the
 MPT model (``--model``) and, as a baseline, by Richardson-Lucy given the true
 PSF (best of 5/10/20/40 iterations by PSNR against the sharp image: an upper
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from defocus_eval import defocus_cases, richardson_lucy_best, scores
+
+from common import best_skimage_richardson_lucy, defocus_cases, scores
 
 PERCENTILES = (1.0, 99.8)
 """StarDist's normalisation, as the detection engine applies it (``DetectionSettings.percentiles``)."""
@@ -272,7 +273,7 @@ def evaluate_detection(
 ) -> list[dict[str, Any]]:
     """Detect on sharp, defocused, MPT-deblurred and Richardson-Lucy images of the test image at every strength.
 
-    Each of ``seeds`` draws its own camera noise (``defocus_eval.defocus_cases``'s seed; 7 is its default).
+    Each of ``seeds`` draws its own camera noise (``common.defocus_cases``'s seed; 7 is its default).
     """
     from stardist.data import test_image_nuclei_2d
 
@@ -309,7 +310,7 @@ def evaluate_detection(
             row["mpt_detail"] = result.comparison.to_dict()
             print(f"\n{case['defocus_um']:g} um, MPT:\n{result.comparison.table()}", flush=True)
             if with_rl:
-                _, _, iterations, restored = richardson_lucy_best(case["blurry"], case["psf"], case["sharp"])
+                _, _, iterations, restored = best_skimage_richardson_lucy(case["blurry"], case["psf"], case["sharp"])
                 restored = restored.astype(np.float32)
                 labels = {
                     BLURRY: result.labels[BLURRY],

@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from defocus_eval import defocus_cases, evaluate, normalise, print_table
+
+from common import defocus_cases, evaluate, print_table
+from napari_mpt_deblur.training.suite import normalise
 
 STACK_DEFOCUS_UM = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 ARMS = {

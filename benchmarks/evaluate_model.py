@@ -4,7 +4,7 @@ StarDist ships two test images that no bundled model trains on:
 ``test_image_nuclei_2d`` (fluorescent nuclei, 512x512) and ``test_image_he_2d``
 (H&E, 300x500 RGB, deblurred channel by channel by a 1-channel model). Each is
 defocused with the widefield PSF at 1, 2 and 3 um with mild noise
-(``defocus_eval``); the table gives PSNR/SSIM of the blurry input, the model's
+(``common.defocus_cases``); the table gives PSNR/SSIM of the blurry input, the model's
 output, Richardson-Lucy given the true PSF and given a Gaussian of its width
 (best of several iteration counts) and a tuned Wiener filter.
 Needs the ``[stardist]`` extra (for the images only; no network).
@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from defocus_eval import defocus_cases, evaluate, print_table
+from common import defocus_cases, evaluate, print_table
 
 
 def stardist_images() -> dict:

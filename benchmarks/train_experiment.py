@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from defocus_eval import defocus_cases, evaluate, print_table
+
+from common import defocus_cases, evaluate, print_table
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ noisy, shared machine slows them alike and the ratios hold:
 * ``baseline``: batch ``--batch`` of ``--patch``^2, fp32, contiguous tensors;
 * ``channels-last``: the model and its batches in channels-last memory format;
 * ``batch x2``: twice the batch (reported per sample: the same data per second?);
+* ``side by side``: the batch cut in two halves computed side by side, one thread each, as
+  the training engine does on the CPU (``training.engine.backward_in_shards``);
 * ``compile`` (``--compile``): ``torch.compile`` of the model (compilation not timed).
 
 It also times the data pipeline alone: a batch of the bundled training planes
@@ -29,15 +31,24 @@ import torch
 import torch.nn.functional as F
 
 
-def make_step(model: torch.nn.Module, channels_last: bool):
+def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1):
+    """One step of the recipe; ``shards`` > 1 cuts the batch as the engine does on the CPU
+    (``training.engine.backward_in_shards``: side by side, one thread each)."""
+    from napari_mpt_deblur.losses.efcr import EFCRLoss
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import backward_in_shards
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    config, loss_fn = TrainConfig(efcr_beta=0.0), EFCRLoss()
 
     def step(blurry: torch.Tensor, sharp: torch.Tensor) -> None:
         if channels_last:
             blurry, sharp = (t.contiguous(memory_format=torch.channels_last) for t in (blurry, sharp))
-        loss = F.l1_loss(model(blurry), sharp)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if shards > 1:
+            backward_in_shards(model, loss_fn, config, blurry, sharp, None, torch.Generator(), shards)
+        else:
+            F.l1_loss(model(blurry), sharp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
@@ -75,6 +86,7 @@ def main() -> None:
             args.batch,
         ),
         "batch x2": (make_step(build_model(args.preset), False), batch(2 * args.batch), 2 * args.batch),
+        "side by side": (make_step(build_model(args.preset), False, shards=2), batch(args.batch), args.batch),
     }
     if args.compile:
         compiled = torch.compile(build_model(args.preset), dynamic=False)

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from classical import best_richardson_lucy, best_wiener, gaussian_of_width
+
+from common import best_richardson_lucy, best_wiener, gaussian_of_width
 
 METHODS = ("input", "model", "rl_true", "rl_gaussian", "wiener")
 LABELS = {

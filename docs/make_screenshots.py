@@ -18,8 +18,8 @@ stack is cropped to 3 planes (every 4th: -3, 0 and +3 um from focus) of 192 x
 192 pixels around the cell, and the fine-tune runs a few steps on small
 patches. The detections need StarDist (the ``stardist`` extra)
 and a model: ``--stardist-model`` (default ``2D_versatile_fluo``, downloaded on
-first use) or a model folder, such as the one ``python tests/synthetic_nuclei.py
-FOLDER`` trains in about 30 s without a network.
+first use) or a model folder, such as the one ``python -m
+napari_mpt_deblur.detection.synthetic FOLDER`` trains in about 30 s without a network.
 """
 
 from __future__ import annotations
@@ -300,14 +300,13 @@ def deblur_and_finetune(args: argparse.Namespace) -> int:
 
 
 def defocused_nuclei(defocus_um: list[float], size: int = 256, seed: int = 11):
-    """(defocused, sharp, truth): synthetic nuclei (the tests' own) seen through the sample's widefield microscope.
+    """(defocused, sharp, truth): synthetic nuclei, as the tests draw them, seen through the sample's widefield optics.
 
     Each plane is other nuclei, ``defocus_um[i]`` micrometres from focus, with the sample's shot and read noise.
     """
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, widefield_psf
+    from napari_mpt_deblur.detection.synthetic import synthetic_nuclei
     from napari_mpt_deblur.plugin import samples
-    from synthetic_nuclei import synthetic_nuclei
 
     sharp, truth = synthetic_nuclei(len(defocus_um), size, seed, nuclei=40)
     sharp = np.clip(sharp, 0, None)

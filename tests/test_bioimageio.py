@@ -17,7 +17,7 @@ import tifffile
 import torch
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
 from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.config import DeblurSettings, IntensityNormalization, ModelCard
@@ -134,6 +134,7 @@ def test_the_package_runs_where_napari_mpt_deblur_cannot_be_imported(package, mo
     np.testing.assert_allclose(np.load(tmp_path / "odd_size_output.npy"), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_package_holds_what_the_model_zoo_asks_for(package, model, sample_plane):
     rdf = yaml.safe_load(read_member(package, "rdf.yaml"))
     assert rdf["type"] == "model" and str(rdf["format_version"]).startswith("0.5.")
@@ -222,6 +223,7 @@ def test_every_normalisation_becomes_preprocessing_that_bioimageio_core_reproduc
     assert load_model(package).card.normalization == normalization
 
 
+@pytest.mark.slow
 def test_load_model_and_mpt_deblur_read_our_own_package(package, model_file, tmp_path, capsys):
     reloaded = load_model(package)
     original = load_model(model_file)
@@ -230,9 +232,9 @@ def test_load_model_and_mpt_deblur_read_our_own_package(package, model_file, tmp
     assert reloaded.card.provenance == original.card.provenance
     assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in original.state_dict().items())
     # the napari docks' model box loads through the registry, which calls load_model
-    from napari_mpt_deblur.plugin.models import ModelRegistry
+    from napari_mpt_deblur.plugin.session import Session
 
-    assert ModelRegistry().load(str(package)).card == reloaded.card
+    assert Session().load_model(str(package)).card == reloaded.card
 
     stack = (np.random.default_rng(0).random((2, 70, 90)) * 4000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "in.tif", stack, photometric="minisblack")
@@ -244,6 +246,7 @@ def test_load_model_and_mpt_deblur_read_our_own_package(package, model_file, tmp
     )
 
 
+@pytest.mark.slow
 def test_the_export_command(model_file, tmp_path, capsys):
     needs_bioimageio()
     image = (np.random.default_rng(1).random((3, 80, 100)) * 900 + 100).astype(np.uint16)
@@ -349,6 +352,7 @@ def foreign_package(folder: Path) -> Path:
     return save_bioimageio_package(description, output_path=folder / "conv.zip")
 
 
+@pytest.mark.slow
 def test_a_package_of_another_network_is_refused_clearly(tmp_path, capsys):
     needs_bioimageio()
     package = foreign_package(tmp_path)
@@ -357,10 +361,10 @@ def test_a_package_of_another_network_is_refused_clearly(tmp_path, capsys):
         ModelFileError, match=r"conv.zip: a bioimage.io model \('A convolution'\) that napari-mpt-deblur"
     ):
         load_model(package)
-    from napari_mpt_deblur.plugin.models import ModelRegistry
+    from napari_mpt_deblur.plugin.session import Session
 
     with pytest.raises(ModelFileError, match="deblurs only with MPT models"):  # the docks' model box
-        ModelRegistry().load(str(package))
+        Session().load_model(str(package))
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((64, 64), np.uint16))
     assert main(["deblur", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--model", str(package)]) == 2
     err = capsys.readouterr().err.strip()
@@ -381,6 +385,7 @@ def rewritten(package: Path, target: Path, change) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_package_whose_card_or_weights_do_not_fit_is_refused(package, tmp_path):
     def wider(rdf):
         rdf["config"]["napari_mpt_deblur"]["architecture"]["dim"] = 16

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SCALES = "1/8,1/8,1,1;1/4,1/4,1/2,1/2;1/2,1/2;1/2,1/2"
 
 
+@pytest.mark.slow
 def test_import_official_then_info(tmp_path, reference_dir, capsys):
     out = tmp_path / "tiny.safetensors"
     code = main(
@@ -55,6 +56,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, reference_dir, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_new_preset_model_and_presets_listing(tmp_path, capsys):
     out = tmp_path / "lite.safetensors"
     assert main(["new", "lite", "-o", str(out), "--channels", "3"]) == 0
@@ -69,6 +71,7 @@ def test_parse_scales():
     assert parse_scales("1/8, 1;1/4;1/2;1") == [[0.125, 1.0], [0.25], [0.5], [1.0]]
 
 
+@pytest.mark.slow
 def test_console_script_is_installed(tmp_path):
     exe = shutil.which("mpt-deblur")
     assert exe, "the mpt-deblur console script is not on PATH (is the package installed?)"
@@ -162,6 +165,7 @@ def readme_main_job() -> list[str]:
     return [step.strip() for step in first.split("&&")]
 
 
+@pytest.mark.slow
 def test_readme_main_job_is_install_then_sample_then_deblur(tmp_path, monkeypatch, capsys):
     steps = readme_main_job()
     assert [step.split()[0] for step in steps] == ["pip", "pip", "mpt-deblur", "mpt-deblur"]
@@ -185,6 +189,7 @@ def test_readme_main_job_is_install_then_sample_then_deblur(tmp_path, monkeypatc
     assert tifffile.imread(target).shape == (2, 96, 96)
 
 
+@pytest.mark.slow
 def test_sample_command_writes_the_napari_sample_with_its_calibration(tmp_path, capsys):
     from napari_mpt_deblur.images import open_image
     from napari_mpt_deblur.plugin.samples import SAMPLES, defocused_cell_stack
@@ -230,13 +235,14 @@ def test_ci_runs_exactly_the_readme_test_command():
         assert any(step.replace("pip install", "python -m pip install -q") == line for line in ci_lines), step
 
 
+@pytest.mark.slow
 def test_import_a_paper_shaped_checkpoint_with_default_scales(tmp_path, reference_dir, capsys):
     """The common case: a released RGB checkpoint of the paper preset, DataParallel prefix included."""
     import json
 
     import torch
 
-    from napari_mpt_deblur.models.mpt import relative_position_index
+    from napari_mpt_deblur.models.windows import relative_position_index
 
     state = {}
     for line in (reference_dir / "paper_config_keys_3ch.tsv").read_text().splitlines()[1:]:
@@ -264,6 +270,7 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("mpt-deblur new: error:") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_readme_python_quick_start_runs(tmp_path, monkeypatch):
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Quick start: Python") :]

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, save_model
 from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.images import open_image
@@ -32,6 +32,7 @@ def write_stack(path, shape=(3, 70, 90), axes="ZYX", seed=1):
     return stack
 
 
+@pytest.mark.slow
 def test_one_file_to_tiff_and_to_ome_zarr(tmp_path, model_file, capsys):
     source = tmp_path / "cells.tif"
     write_stack(source)
@@ -50,6 +51,7 @@ def test_one_file_to_tiff_and_to_ome_zarr(tmp_path, model_file, capsys):
     assert open_image(zarr_target).shape == (3, 70, 90)
 
 
+@pytest.mark.slow
 def test_folder_in_folder_out_and_axes_override(tmp_path, model_file):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -148,6 +150,7 @@ def run_error(capsys, args):
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*zero-size array")
 def test_every_bad_input_is_one_clear_line(tmp_path, model_file, rgb_model_file, capsys):
     good = tmp_path / "good.tif"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import pattern_pairs, tiny_config
+from helpers import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model
 from napari_mpt_deblur.config import DeblurSettings
 from napari_mpt_deblur.inference import deblur_array

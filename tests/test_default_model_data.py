@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import pattern_pairs, tiny_config
+from helpers import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model
 from napari_mpt_deblur.training.config import TrainConfig
 from napari_mpt_deblur.training.engine import best_path, iter_train, load_training_state, state_path
@@ -27,6 +27,7 @@ def _identity_model() -> MPT:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_bundled_nuclei_planes_are_the_in_focus_middle_of_the_stack():
     from napari_mpt_deblur.data.bundled import NUCLEI_TRAIN_COLUMNS, _bio_sample, training_groups
 
@@ -38,6 +39,7 @@ def test_bundled_nuclei_planes_are_the_in_focus_middle_of_the_stack():
     assert len(indices) == 15 and min(indices) >= 20 and max(indices) <= 50  # nuclei fill planes ~24-48
 
 
+@pytest.mark.slow
 def test_training_groups_cover_fluorescence_colour_procedural_and_natural_images():
     from napari_mpt_deblur.data.bundled import GROUP_WEIGHTS, training_groups
 
@@ -49,6 +51,7 @@ def test_training_groups_cover_fluorescence_colour_procedural_and_natural_images
     assert len(groups["natural"]) >= 10
 
 
+@pytest.mark.slow
 def test_no_suite_image_is_trained_on():
     """Every row of every suite image is absent from every training plane (exact float32 search)."""
     from napari_mpt_deblur.data.bundled import suite_images, training_planes
@@ -152,6 +155,7 @@ class _ScriptedValidation:
         return scores["score"]
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_kept_and_survives_a_resume(tmp_path):
     blurry, sharp = pattern_pairs()
     output = tmp_path / "m.safetensors"

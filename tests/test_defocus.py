@@ -342,7 +342,7 @@ def test_focus_score_ranks_in_focus_above_defocused_and_noisy_empty_planes():
 
 
 def test_denoise_target_removes_camera_noise_and_keeps_the_structure():
-    from conftest import pattern_pairs
+    from helpers import pattern_pairs
     from napari_mpt_deblur.data.focus import focus_score
 
     clean = 200 + 3000 * blur(pattern_pairs(1, 128)[1][0], gaussian_psf(0.7))  # cells in counts, slightly soft

@@ -25,8 +25,8 @@ from napari_mpt_deblur.detection import (
     iter_detect,
     shared_worker,
 )
+from napari_mpt_deblur.detection.synthetic import synthetic_nuclei
 from napari_mpt_deblur.detection.worker import pretrained_cache_folder
-from synthetic_nuclei import synthetic_nuclei
 
 
 def blurred(images: np.ndarray, sigma: float = 3.0, seed: int = 0) -> np.ndarray:
@@ -210,6 +210,7 @@ def test_pretrained_cache_folder_follows_keras_home(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.stardist  # starts the StarDist process without the test model
 def test_unknown_models_and_foreign_folders_give_clear_errors(worker, tmp_path):
     with pytest.raises(DetectionError, match="unknown StarDist model 'nuclei_v9'.*2D_versatile_fluo"):
         worker.load("nuclei_v9")

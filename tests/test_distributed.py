@@ -7,12 +7,13 @@ import pytest
 import tifffile
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, save_model
 from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.inference import deblur_array, deblur_file, deblur_lazy, loaded_models
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # every test starts a cluster of worker processes (about 10 s on 2 cores)
 
 
 @pytest.fixture(scope="module")

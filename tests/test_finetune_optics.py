@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
 from napari_mpt_deblur.config import ConfigError, Microscope
 from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, gaussian_psf, widefield_psf
@@ -121,6 +121,7 @@ def test_a_stack_through_focus_has_in_focus_planes_and_a_defocused_one_has_none(
 # preparing and guarding a fine-tune ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_gently():
     config = FINETUNE_DEFAULTS.replace(patch_size=32, batch_size=2, steps=500)
     model = small_model()
@@ -180,6 +181,7 @@ def test_the_starting_model_is_kept_unless_the_fine_tune_beats_it():
     assert better.summary()["kept_starting_model"] is False and "kept the weights of step 1" in better.outcome()
 
 
+@pytest.mark.slow
 def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys):
     from napari_mpt_deblur.cli import main
 

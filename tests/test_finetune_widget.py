@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import pattern_pairs, tiny_config
+from helpers import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
 from napari_mpt_deblur.config import IntensityNormalization, ModelCard
 from napari_mpt_deblur.inference import deblur_array
-from napari_mpt_deblur.plugin.models import REGISTRY
+from napari_mpt_deblur.plugin import session
 from napari_mpt_deblur.training.engine import TrainProgress
 from napari_mpt_deblur.training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune
 from napari_mpt_deblur.training.patches import LabeledPairs, SyntheticPairs
@@ -61,7 +61,7 @@ def open_dock(viewer):
 
 
 def configure(widget, model_path, layer, *, steps: int, beta: float | None = None) -> None:
-    widget.model_file.value = model_path  # a picked file joins the registry and is selected
+    widget.model_file.value = model_path  # a picked file joins the session's models and is selected
     widget.unlabeled.value = [layer]
     widget.steps.value = steps
     widget.batch.value = 2
@@ -146,6 +146,7 @@ def test_training_log_keeps_the_weights_of_the_best_validation():
 # the dock ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, model_file, tmp_path, notifications):
     viewer = make_napari_viewer()
     blurry, sharp = cell_planes(3)
@@ -180,7 +181,7 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     saved = tmp_path / "tuned.safetensors"
     assert saved.exists() and widget.status.value == f"{summary} — saved to tuned.safetensors"
     # the saved model comes first and is chosen in both docks' menus, their model-file boxes showing it
-    assert REGISTRY.choices()[0] == str(saved.resolve())
+    assert session.SESSION.model_choices()[0] == str(saved.resolve())
     for picker in (widget, deblur):
         assert picker.model.choices[0] == picker.model.value == str(saved.resolve())
         assert picker.model_file.value == saved.resolve()
@@ -198,6 +199,7 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     assert any("saved to" in m for m in notifications.messages())
 
 
+@pytest.mark.slow
 def test_stop_mid_run_keeps_the_best_weights_and_returns_to_idle(make_napari_viewer, qtbot, model_file, monkeypatch):
     from napari_mpt_deblur.training import engine
 
@@ -269,7 +271,7 @@ def test_the_microscope_row_takes_the_pixel_size_and_z_step_from_the_layer(make_
 
 
 def test_your_stacks_start_on_the_selected_layers_follow_them_and_say_several_can_be_picked(make_napari_viewer):
-    from napari_mpt_deblur.plugin.deblur_job import METADATA_KEY
+    from napari_mpt_deblur.plugin.layer_info import RECORD_KEY
 
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "defocused_cells")
@@ -283,7 +285,7 @@ def test_your_stacks_start_on_the_selected_layers_follow_them_and_say_several_ca
     viewer.add_labels(np.zeros((9, 660, 550), np.uint8), name="masks")  # not an image: the stacks stay
     assert widget.unlabeled.value == [sharp, defocused]
     viewer.add_image(
-        defocused.data, name="defocused cells deblurred", metadata={METADATA_KEY: {"source": defocused.name}}
+        defocused.data, name="defocused cells deblurred", metadata={RECORD_KEY: {"source": defocused.name}}
     )
     assert widget.unlabeled.value == [defocused]  # a deblurred result selected: its source, not the result
     widget.unlabeled.value = [sharp]  # picked by hand: the selection no longer changes it
@@ -352,6 +354,7 @@ def test_a_failed_run_says_why_on_the_status_line(make_napari_viewer, qtbot, tmp
     assert widget.tuned_model is None and widget.start_button.enabled and not widget.save_button.enabled
 
 
+@pytest.mark.slow
 def test_closing_the_dock_mid_run_stops_the_worker(make_napari_viewer, qtbot, model_file):
     viewer = make_napari_viewer()
     layer = viewer.add_image(np.concatenate(cell_planes(2)), name="stack")
@@ -369,6 +372,7 @@ def test_closing_the_dock_mid_run_stops_the_worker(make_napari_viewer, qtbot, mo
     assert viewer.layers[-1] is added and DOCK not in str(list(viewer.window._wrapped_dock_widgets))
 
 
+@pytest.mark.slow
 def test_closing_the_viewer_mid_run_stops_the_worker(make_napari_viewer, qtbot, model_file):
     viewer = make_napari_viewer()
     layer = viewer.add_image(np.concatenate(cell_planes(2)), name="stack")
@@ -388,7 +392,7 @@ def test_closing_the_viewer_mid_run_stops_the_worker(make_napari_viewer, qtbot, 
 
 
 def test_the_estimate_times_real_steps_and_fits_a_run_in_the_time_allowed():
-    from napari_mpt_deblur.plugin.finetune_widget import dock_validations
+    from napari_mpt_deblur.plugin.finetune_job import dock_validations
     from napari_mpt_deblur.plugin.timing import FinetuneEstimate, iter_measure_finetune
     from napari_mpt_deblur.runtime import run_to_end
 
@@ -408,8 +412,10 @@ def test_the_estimate_times_real_steps_and_fits_a_run_in_the_time_allowed():
     assert FinetuneEstimate(1e4, 1.0, "cpu").steps_within(15 * 60, dock_validations) == 1  # at least one step
 
 
+@pytest.mark.slow
 def test_the_dock_estimates_a_runs_length_before_it_starts(make_napari_viewer, qtbot, model_file):
-    from napari_mpt_deblur.plugin.finetune_widget import ESTIMATE_DELAY_MS, dock_validations
+    from napari_mpt_deblur.plugin.finetune_job import dock_validations
+    from napari_mpt_deblur.plugin.finetune_widget import ESTIMATE_DELAY_MS
 
     viewer = make_napari_viewer()  # hidden: a dock nobody sees times nothing
     layer = viewer.add_image(np.concatenate(cell_planes(2)), name="stack")
@@ -452,6 +458,7 @@ def test_the_save_path_shows_its_file_name_and_its_whole_path(make_napari_viewer
 # fitting a laptop screen, exporting for bioimage.io ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_dock_fits_a_laptop_screen_beside_the_compare_dock(make_napari_viewer, qtbot):
     from test_deblur_widget import check_fits_a_laptop
 
@@ -473,6 +480,7 @@ def test_the_dock_fits_a_laptop_screen_beside_the_compare_dock(make_napari_viewe
     )
 
 
+@pytest.mark.slow
 def test_export_for_bioimageio_after_a_fine_tune(
     make_napari_viewer, qtbot, model_file, tmp_path, notifications, monkeypatch
 ):

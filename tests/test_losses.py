@@ -7,7 +7,7 @@ import pytest
 import pywt
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT
 from napari_mpt_deblur.losses import EFCRConfig, EFCRLoss, gaussian_blur, haar_dwt2, random_reblur
 
@@ -115,6 +115,7 @@ def _grad_norm(model) -> float:
     return float(total)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "extra_labeled", "extra_unlabeled"])
 def test_efcr_term_alone_carries_gradient(variant):
     model, blurry, sharp = _model_and_batch()
@@ -157,6 +158,7 @@ def test_beta_weights_the_regulariser():
         EFCRConfig(kernel_sizes=(4,))
 
 
+@pytest.mark.slow
 def test_network_learns_with_the_efcr_loss():
     """L1 + EFCR trains the network: a few steps on blurred patterns raise the PSNR."""
     import math

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, build_model, load_model
 from napari_mpt_deblur.config import ConfigError, MPTConfig
 from napari_mpt_deblur.models.mpt import CrossScaleWindowAttention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strip_bytes", [None, 20_000], ids=["as-shipped", "in-strips"])
 def test_reference_vectors_reproduced_through_load_model(reference_dir, reference_scales, strip_bytes, monkeypatch):
     if strip_bytes is not None:  # every level in row strips and window chunks
-        from napari_mpt_deblur.models import mpt
+        from napari_mpt_deblur.models import strips
 
-        monkeypatch.setattr(mpt, "STRIP_BYTES", strip_bytes)
+        monkeypatch.setattr(strips, "STRIP_BYTES", strip_bytes)
     model = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
     assert model.config.pairing == "official"
     assert not model.training
@@ -29,6 +32,7 @@ def test_reference_vectors_reproduced_through_load_model(reference_dir, referenc
     assert np.abs(out - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_reference_output_differs_with_the_aligned_pairing(reference_dir, reference_scales):
     """The pairing is a real switch: same weights, other layout, other output."""
     official = load_model(reference_dir / "official_tiny_gray.pth", scales=reference_scales)
@@ -83,6 +87,47 @@ def test_three_channel_model():
         model(torch.rand(1, 1, 48, 80))
 
 
+def _name_matched_initialisation(model: MPT) -> None:
+    """MPT.reset_parameters as it was before each module initialised its own parameters, kept to compare."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if (param.dim() == 2 and leaf != "relative_position_bias_table") or leaf.endswith("dwconv"):
+            torch.nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "official"])
+def test_initialisation_for_a_seed_is_that_of_the_old_name_matching(pairing, monkeypatch):
+    """Each module initialises its own parameters by attribute: for a seed, the weights did not change."""
+    config = tiny_config(pairing=pairing, scales=((1 / 4, 1.0), (1 / 2, 1 / 2), (1.0, 1.0), (1.0, 1.0)))
+    torch.manual_seed(7)
+    model = MPT(config)
+    with monkeypatch.context() as patched:  # the constructor alone, then the old procedure
+        patched.setattr(MPT, "reset_parameters", lambda self: None)
+        torch.manual_seed(7)
+        reference = MPT(config)
+    constructed = torch.get_rng_state()
+    _name_matched_initialisation(reference)
+    expected = reference.state_dict()
+    assert any(key.endswith("pool_proj") for key in expected)  # blocks at s > 1 too
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    # The constructor draws what it always drew: the default initialisation of its convolutions.
+    torch.manual_seed(7)
+    for conv in (module for module in reference.modules() if isinstance(module, torch.nn.Conv2d)):
+        torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, bias=False)
+    assert torch.equal(torch.get_rng_state(), constructed)
+    # reset_parameters re-initialises every parameter, temperatures, bias tables and LayerNorms included.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    torch.set_rng_state(constructed)
+    model.reset_parameters()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+
+
 def test_fresh_model_is_close_to_identity_and_trains():
     """Global residual: output = input + head(features); gradients reach every parameter."""
     model = MPT(tiny_config())
@@ -125,7 +170,7 @@ def test_official_pairing_reads_keys_from_elsewhere():
 
 
 def test_masks_and_layouts_are_built_once_per_size_and_shared():
-    from napari_mpt_deblur.models.mpt import shift_mask, window_layout
+    from napari_mpt_deblur.models.windows import shift_mask, window_layout
 
     shift_mask.cache_clear()
     window_layout.cache_clear()
@@ -147,7 +192,7 @@ def test_masks_and_layouts_are_built_once_per_size_and_shared():
 @pytest.mark.parametrize("pairing", ["aligned", "official"])
 @pytest.mark.parametrize("shifted", [False, True])
 def test_layout_indices_are_permutations(pairing, shifted):
-    from napari_mpt_deblur.models.mpt import window_layout
+    from napari_mpt_deblur.models.windows import window_layout
 
     layout = window_layout(64, 128, 4, 8, shifted, pairing, torch.device("cpu"))
     everything = torch.arange(64 * 128)
@@ -162,7 +207,7 @@ def test_layout_indices_are_permutations(pairing, shifted):
 @pytest.mark.parametrize("shifted", [False, True])
 def test_scale_one_orders_queries_like_keys(pairing, shifted):
     """At scale 1, CSWA projects and gathers Q, K and V together: their orders must agree."""
-    from napari_mpt_deblur.models.mpt import window_layout
+    from napari_mpt_deblur.models.windows import window_layout
 
     layout = window_layout(32, 48, 1, 8, shifted, pairing, torch.device("cpu"))
     assert layout.query_groups is None
@@ -223,10 +268,10 @@ def test_inference_path_equals_training_path(pairing):
 @pytest.mark.parametrize("pairing", ["aligned", "official"])
 def test_strips_and_window_chunks_equal_whole_maps(pairing, monkeypatch):
     """Without autograd, wide maps go in row strips and attention in window chunks; same result."""
-    from napari_mpt_deblur.models import mpt
+    from napari_mpt_deblur.models import mpt, strips
 
     # Small strips, so that this small input splits at levels 1-3, into strips of unequal height.
-    monkeypatch.setattr(mpt, "STRIP_BYTES", 200_000)
+    monkeypatch.setattr(strips, "STRIP_BYTES", 200_000)
     pieces = {"rows": [], "windows": []}
 
     def recorded(kind, original):
@@ -254,7 +299,7 @@ def test_strips_and_window_chunks_equal_whole_maps(pairing, monkeypatch):
 
 
 def test_cache_sized_ranges_cover_every_row_once():
-    from napari_mpt_deblur.models.mpt import STRIP_BYTES, cache_sized_ranges
+    from napari_mpt_deblur.models.strips import STRIP_BYTES, cache_sized_ranges
 
     like = torch.zeros(1)
     with torch.no_grad():
@@ -270,7 +315,7 @@ def test_cache_sized_ranges_cover_every_row_once():
 
 def test_sizes_first_seen_in_inference_mode_still_train():
     """Per-size caches built under inference_mode must not poison a later autograd pass."""
-    from napari_mpt_deblur.models.mpt import shift_mask, window_layout
+    from napari_mpt_deblur.models.windows import shift_mask, window_layout
 
     shift_mask.cache_clear()
     window_layout.cache_clear()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, ModelFileError, build_model, load_model, read_model_card, save_model
 from napari_mpt_deblur.config import IntensityNormalization
 from napari_mpt_deblur.models.official import convert_state_dict, infer_config
@@ -17,7 +17,7 @@ from napari_mpt_deblur.models.official import convert_state_dict, infer_config
 
 def _reference_state_dict(tsv: Path) -> dict[str, torch.Tensor]:
     """Random tensors with every key and shape of a reference checkpoint listing."""
-    from napari_mpt_deblur.models.mpt import relative_position_index
+    from napari_mpt_deblur.models.windows import relative_position_index
 
     state = {}
     for line in tsv.read_text().splitlines()[1:]:
@@ -30,6 +30,7 @@ def _reference_state_dict(tsv: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_paper_key_is_consumed_and_every_parameter_filled(reference_dir, channels):
     state = _reference_state_dict(reference_dir / f"paper_config_keys_{channels}ch.tsv")
@@ -45,6 +46,7 @@ def test_every_paper_key_is_consumed_and_every_parameter_filled(reference_dir, c
     assert reference_values == sum(t.numel() for t in converted.values())
 
 
+@pytest.mark.slow
 def test_prefixed_checkpoint_and_leftover_keys(tmp_path, reference_dir, reference_scales):
     state = torch.load(reference_dir / "official_tiny_gray.pth", weights_only=True)
     prefixed = tmp_path / "prefixed.pth"
@@ -211,11 +213,12 @@ def test_a_resaved_model_records_its_own_save_time(tmp_path):
     assert provenance["software"].startswith("napari-mpt-deblur")
 
 
+@pytest.mark.slow
 def test_the_bundled_default_model_ships_and_deblurs_an_image_it_never_saw():
     """`load_model("default")` needs no download, is a small `lite` network, and beats its blurry input."""
     import numpy as np
 
-    from conftest import pattern_pairs
+    from helpers import pattern_pairs
     from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, widefield_psf
     from napari_mpt_deblur.inference import deblur_array
     from napari_mpt_deblur.models.files import bundled_model_path

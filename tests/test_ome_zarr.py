@@ -14,7 +14,7 @@ import tifffile
 import torch
 import zarr
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT
 from napari_mpt_deblur.config import DeblurSettings
 from napari_mpt_deblur.images import (
@@ -113,6 +113,7 @@ def test_an_rgb_pyramid_keeps_its_colours_apart(tmp_path):
         np.testing.assert_array_equal(image.pyramid[0][colour].compute(), half_plane(rgb[:, :, colour]))
 
 
+@pytest.mark.slow
 def test_deblurring_into_ome_zarr_writes_the_pyramid(tmp_path):
     torch.manual_seed(0)
     model = MPT(tiny_config()).eval()
@@ -158,6 +159,7 @@ def peak_memory_writing(target, depth: int, side: int) -> tuple[int, list[int]]:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_a_pyramid_is_written_plane_by_plane_in_flat_memory(tmp_path):
     side = 2200  # a pyramid of 3 levels; 9.2 MiB a plane
     plane_bytes = side * side * 2

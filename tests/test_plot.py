@@ -10,8 +10,8 @@ import pytest
 from matplotlib.colors import to_hex
 from scipy.ndimage import gaussian_filter
 
+from napari_mpt_deblur.detection.synthetic import synthetic_nuclei
 from napari_mpt_deblur.plugin.plot import MIN_HEIGHT, BarPlot, LinePlot, theme_colours
-from synthetic_nuclei import synthetic_nuclei
 
 DOCK_WIDTH = 300  # about the narrowest the docks get in napari's window
 
@@ -120,6 +120,7 @@ def test_one_plane_and_the_input_alone(qtbot):
     assert plot.series == {} and [text.get_text() for text in plot.axes.texts] == ["no data yet"]
 
 
+@pytest.mark.slow
 def test_training_curves_take_their_title_as_the_y_label(qtbot):
     loss = LinePlot("training loss", "step")  # as the Fine-tune dock makes them
     psnr = LinePlot("validation PSNR (dB)", "step")
@@ -191,6 +192,7 @@ def test_bar_plot_names_values_and_axis(qtbot):
     assert all(float(label) % 1 == 0 for label in tick_labels(bars.axes.yaxis))  # counts: whole numbers
 
 
+@pytest.mark.slow
 def test_the_deblur_dock_plots_the_focus_of_a_run(qtbot, make_napari_viewer):
     """A real run of the bundled model on nuclei in and out of focus: the input's peak and the output on its axis."""
     sharp, _ = synthetic_nuclei(3, 64, seed=2)

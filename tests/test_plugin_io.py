@@ -522,13 +522,15 @@ def test_sample_saves_and_reopens_with_its_scale(tmp_path):
     assert units_of(back) == ("micrometer",) * 3
 
 
+@pytest.mark.slow
 def test_plugin_modules_import_neither_qt_nor_napari():
     import subprocess
     import sys
 
     code = (
         "import sys\n"
-        "import napari_mpt_deblur.plugin.io, napari_mpt_deblur.plugin.samples\n"
+        "from napari_mpt_deblur.plugin import compare_job, deblur_job, errors, finetune_job, io, layer_info, samples\n"
+        "from napari_mpt_deblur.plugin import session\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6'))\n"
         "print(bad)\n"
     )

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT, atomic, save_model
 from napari_mpt_deblur.atomic import OutputExistsError, atomic_write, atomic_write_folder, remove_stale_partials
 from napari_mpt_deblur.cli import main
@@ -53,6 +53,7 @@ def partials(folder):
 # --- 1: --axes describe the array as stored -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_axes_describe_the_array_as_stored_before_any_guess(tmp_path, model_file):
     model = ["--model", str(model_file), "--quiet"]
     source = tmp_path / "c.tif"
@@ -297,6 +298,7 @@ def test_only_stale_partials_of_the_same_target_are_removed(tmp_path):
 # --- 11: the smaller ones -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_clear_line_and_leaves_nothing(tmp_path, model_file):
     source = tmp_path / "in.tif"
     write_stack(source, shape=(4, 64, 64))

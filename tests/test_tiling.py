@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from napari_mpt_deblur import MPT
 from napari_mpt_deblur.inference import DEFAULT_TILE, default_overlap
-from napari_mpt_deblur.tiling import TILE_GROWTH, blend_window, plan_tiles, round_up, tile_grid, tiled_forward
+from napari_mpt_deblur.runtime import run_to_end
+from napari_mpt_deblur.tiling import TILE_GROWTH, blend_window, iter_tiled_forward, plan_tiles, round_up, tile_grid
 
 LITE_MULTIPLE = 64  # the default model's config.size_multiple
 PLAN_CASES = [
@@ -69,6 +70,7 @@ def brute_force_cost(height: int, width: int, tile: int, overlap: int, multiple:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "height, width, tile, overlap, multiple",
     [(300, 200, 96, 24, 16), (130, 250, 64, 16, 16), (200, 200, 64, 16, 32), (97, 211, 40, 8, 8), (1, 400, 64, 8, 16)],
@@ -143,17 +145,22 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(float(b.max() - b.min()) ** 2 / float((a - b).square().mean()))
 
 
+def run_tiled(network, image, **options) -> torch.Tensor:
+    """The engine's tiled forward pass (:func:`iter_tiled_forward`, as the deblurrer drives it), run to its end."""
+    return run_to_end(iter_tiled_forward(network, image, **options))
+
+
 def test_no_seams_with_a_local_network():
     """A network with a small receptive field gives the whole-plane result up to blending noise."""
     torch.manual_seed(0)
     local = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)]).eval()
     image = _pattern(300, 400)
     with torch.no_grad():
-        whole, tiled = local(image), tiled_forward(local, image, tile=96, overlap=32)
+        whole, tiled = local(image), run_tiled(local, image, tile=96, overlap=32)
     assert _psnr(tiled, whole) > 60
     # and without blending (overlap 0) the tile borders show
     with torch.no_grad():
-        hard = tiled_forward(local, image, tile=96, overlap=0)
+        hard = run_tiled(local, image, tile=96, overlap=0)
     assert _psnr(hard, whole) < _psnr(tiled, whole) - 10
 
 
@@ -164,7 +171,7 @@ def test_blend_weights_of_overlapping_tiles_sum_to_one(height, width, tile, over
     """The identity network comes back unchanged however the tiles overlap: the weights are normalised."""
     image = _pattern(height, width)
     assert len(tile_grid(height, width, tile, overlap, multiple)) > 1
-    out = tiled_forward(lambda x: x, image, tile=tile, overlap=overlap, multiple=multiple)
+    out = run_tiled(lambda x: x, image, tile=tile, overlap=overlap, multiple=multiple)
     torch.testing.assert_close(out, image, atol=1e-6, rtol=0)
 
 
@@ -181,7 +188,7 @@ def test_tiled_output_agrees_with_the_whole_plane_on_a_random_mpt():
     assert len(tile_grid(256, 352, 192, 32, multiple)) == 2  # two tiles of 256 x 192 (the old planner: four of 192)
     with torch.no_grad():
         whole = model(image)
-        tiled = tiled_forward(model, image, tile=192, overlap=32, multiple=multiple, batch=2)
+        tiled = run_tiled(model, image, tile=192, overlap=32, multiple=multiple, batch=2)
     assert _psnr(tiled, whole) > 38  # 42.3 dB (the old planner's four tiles: 41.9 dB)
 
 
@@ -189,7 +196,7 @@ def test_one_tile_is_the_plain_forward():
     model = MPT(tiny_config()).eval()
     image = _pattern(100, 120)
     with torch.no_grad():
-        assert torch.equal(tiled_forward(model, image, tile=256), model(image))
+        assert torch.equal(run_tiled(model, image, tile=256), model(image))
 
 
 def test_progress_counts_tiles_and_can_cancel():
@@ -197,7 +204,7 @@ def test_progress_counts_tiles_and_can_cancel():
     image = _pattern(150, 150)
     seen = []
     with torch.no_grad():
-        out = tiled_forward(model, image, tile=64, overlap=16, progress=lambda d, t: seen.append((d, t)))
+        out = run_to_end(iter_tiled_forward(model, image, tile=64, overlap=16), seen.append)
     total = len(tile_grid(150, 150, 64, 16))
     assert out.shape == image.shape and total > 1
     assert seen == [(i + 1, total) for i in range(total)]
@@ -205,15 +212,17 @@ def test_progress_counts_tiles_and_can_cancel():
     class Cancelled(Exception):
         pass
 
-    def cancel_after_two(done, total):
-        if done == 2:
+    def cancel_after_two(counts):
+        if counts[0] == 2:
             raise Cancelled
 
+    steps = iter_tiled_forward(model, image, tile=64, overlap=16)
     with torch.no_grad(), pytest.raises(Cancelled):
-        tiled_forward(model, image, tile=64, overlap=16, progress=cancel_after_two)
+        run_to_end(steps, cancel_after_two)
+    assert steps.gi_frame is None  # closed between two tiles: no more forward passes
 
 
 def test_bad_tile_settings_are_refused():
     model = MPT(tiny_config()).eval()
     with pytest.raises(ValueError, match="overlap < tile"):
-        tiled_forward(model, _pattern(64, 64), tile=32, overlap=32)
+        run_tiled(model, _pattern(64, 64), tile=32, overlap=32)

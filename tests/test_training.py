@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import pattern_pairs, tiny_config
+from helpers import pattern_pairs, tiny_config
 from napari_mpt_deblur import MPT, load_model
 from napari_mpt_deblur.config import IntensityNormalization
 from napari_mpt_deblur.inference import deblur_array
@@ -29,6 +29,7 @@ def write_pair_folders(root) -> None:
 FAST = dict(batch_size=2, patch_size=48, scale_range=(1.0, 1.0), lr=2e-3, lr_min=1e-4, efcr_beta=1e-3, device="cpu")
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns(tmp_path):
     blurry, sharp = pattern_pairs()
     sampler = LabeledPairs(blurry, sharp)
@@ -48,6 +49,7 @@ def test_a_tiny_model_learns(tmp_path):
     assert out.shape == blurry[0].shape
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_same_weights(tmp_path):
     blurry, sharp = pattern_pairs(2, 64)
     sampler = LabeledPairs(blurry, sharp)
@@ -68,6 +70,7 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     blurry, sharp = pattern_pairs(1, 64)
     sampler = LabeledPairs(blurry, sharp)
@@ -110,6 +113,7 @@ def test_synthetic_pairs_defocus_sharp_planes_on_the_fly():
     np.testing.assert_array_equal(again[0], blurry)
 
 
+@pytest.mark.slow
 def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
 
     from napari_mpt_deblur.cli import main
@@ -136,6 +140,33 @@ def test_cli_trains_on_pairs_and_on_sharp_images_then_resumes(tmp_path):
     assert trained_on["bundled"] and trained_on["synthetic_defocus"] and trained_on["denoised_targets"]
 
 
+def test_prepare_training_holds_out_data_and_names_what_is_wrong(tmp_path, capsys):
+    from napari_mpt_deblur.cli import main
+    from napari_mpt_deblur.training.data import TrainingDataError, prepare_training
+
+    write_pair_folders(tmp_path / "pairs")
+    config = TrainConfig(patch_size=32)
+    data = prepare_training(pairs=tmp_path / "pairs", config=config)
+    assert isinstance(data.sampler, LabeledPairs) and len(data.sampler.blurry) == 1  # p0 trains, p1 is held out
+    assert isinstance(data.validation, Validation) and data.validation.blurry.shape == (8, 1, 32, 32)
+    assert data.provenance == {"pairs": str(tmp_path / "pairs"), "pair_files": 2} and data.blank_planes == 0
+    data = prepare_training(sharp=[tmp_path / "pairs" / "sharp"], config=config)
+    assert data.provenance["planes"] == 2 and data.validation is not None  # one plane of two held out
+    with pytest.raises(ValueError, match="exactly one"):
+        prepare_training(pairs=tmp_path / "pairs", sharp=[tmp_path / "pairs" / "sharp"])
+    (tmp_path / "pairs" / "sharp" / "p0.tif").rename(tmp_path / "pairs" / "sharp" / "other.tif")
+    (tmp_path / "pairs" / "sharp" / "p1.tif").unlink()
+    with pytest.raises(TrainingDataError, match="no file name appears in both blurry/ and sharp/"):
+        prepare_training(pairs=tmp_path / "pairs")
+    # the command line says the same in one line, exit code 2
+    assert main(["train", "--pairs", str(tmp_path / "pairs"), "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mpt-deblur train: error: {tmp_path / 'pairs'}: no file name appears in both blurry/ and sharp/"
+    assert main(["train", "--sharp", str(tmp_path / "missing"), "-o", str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == f"mpt-deblur train: error: {tmp_path / 'missing'}: no such file or folder"
+
+
+@pytest.mark.slow
 def test_finetune_on_an_unlabeled_stack_end_to_end(tmp_path):
     """EFCR_ex + re-blur on the user's own stack; the tuned file drives the inference engine."""
     import tifffile
@@ -172,6 +203,7 @@ def test_unlabeled_planes_keep_the_sharp_ones():
     assert patches.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_with_two_gloo_processes(tmp_path):
     """The same `mpt-deblur train` entry point under torchrun: 2 CPU processes, one model, one file."""
     import subprocess
@@ -205,6 +237,7 @@ def _run_and_keep_state_of(step_to_keep, output, **kwargs) -> bytes:
     return kept
 
 
+@pytest.mark.slow
 def test_resume_without_its_state_file_is_refused_and_the_model_kept(tmp_path):
     """A missing state file would restart at step 0 and replace the trained model: refused, with what to do."""
     blurry, sharp = pattern_pairs(1, 64)
@@ -221,6 +254,7 @@ def test_resume_without_its_state_file_is_refused_and_the_model_kept(tmp_path):
     assert output.read_bytes() == trained
 
 
+@pytest.mark.slow
 def test_a_model_file_and_a_state_file_of_different_checkpoints_are_refused(tmp_path):
     """A kill between the two renames leaves files of different steps: resuming them would mix weights."""
     blurry, sharp = pattern_pairs(1, 64)
@@ -240,6 +274,7 @@ def test_a_model_file_and_a_state_file_of_different_checkpoints_are_refused(tmp_
         train(MPT(tiny_config()), sampler, output, config, resume=True)
 
 
+@pytest.mark.slow
 def test_cli_resume_never_replaces_a_model_without_overwrite(tmp_path, capsys):
     from napari_mpt_deblur import save_model
     from napari_mpt_deblur.cli import main
@@ -297,6 +332,7 @@ def test_a_non_finite_loss_names_its_likely_cause(tmp_path):
         train(MPT(tiny_config()), PoisonedPairs(), tmp_path / "m.safetensors", config)
 
 
+@pytest.mark.slow
 def test_cli_skips_blank_planes_and_reports_them(tmp_path, capsys):
     import tifffile
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Heavy modules (torch) load on first use, so reading the napari manifest stays fast.
 _LAZY = {

@@ -16,7 +16,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .config import MEDIA, PRECISIONS, ConfigError
 from .training.config import TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
@@ -539,58 +539,6 @@ def _connect(address: str):
         ) from None
 
 
-def _read_planes(paths: list[Path]) -> list:
-    from .images import ImageError, open_image
-
-    planes = []
-    for path in paths:
-        try:
-            image = open_image(path)
-        except ImageError as error:
-            raise UsageError(str(error)) from None
-        data = image.data.compute(scheduler="sync")
-        if image.axes.endswith("S"):
-            raise UsageError(f"{path}: RGB training images are not supported yet; convert to grayscale")
-        planes.extend(data.reshape(-1, *data.shape[-2:]).astype("float32"))
-    return planes
-
-
-def _tiffs(names: list[str]) -> list[Path]:
-    from .images import tiff_files
-
-    files: list[Path] = []
-    for name in names:
-        path = Path(name)
-        if path.is_dir():
-            files += tiff_files(path)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise UsageError(f"{path}: no such file or folder")
-    if not files:
-        raise UsageError(f"no TIFF files in {', '.join(names)}")
-    return files
-
-
-def _pair_names(root: Path) -> list[str]:
-    """File names present in both ROOT/blurry and ROOT/sharp."""
-    names = {p.name for p in _tiffs([str(root / "blurry")])} & {p.name for p in _tiffs([str(root / "sharp")])}
-    if not names:
-        raise UsageError(f"{root}: no file name appears in both blurry/ and sharp/")
-    return sorted(names)
-
-
-def _labeled_pairs(root: Path, names: list[str], normalization):
-    from .training.patches import LabeledPairs
-
-    blurry = _read_planes([root / "blurry" / n for n in names])
-    sharp = _read_planes([root / "sharp" / n for n in names])
-    try:
-        return LabeledPairs(blurry, sharp, normalization)
-    except ValueError as error:
-        raise UsageError(f"{root}: {error}") from None
-
-
 def _resumed_model(output: Path, args: argparse.Namespace):
     """The model of the checkpoint to resume, or None to start a new run; never replaces a model by mistake.
 
@@ -622,78 +570,41 @@ def _fresh_model(preset: str, pairing: str, seed: int):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .models.files import load_model
-    from .training.engine import Validation, iter_train
-    from .training.patches import SyntheticPairs, drop_blank_planes
+    from .training.data import prepare_training
+    from .training.engine import iter_train
 
     output = Path(args.output)
     resumed = _resumed_model(output, args)
     config = _train_config(args)
-    blank = 0  # blank (constant) planes left out
-    if args.pairs:
-        root = Path(args.pairs)
-        names = _pair_names(root)
-        held_out = names[-1:] if len(names) > 1 else []
-        sampler = _labeled_pairs(root, names[: len(names) - len(held_out)], config.normalization)
-        validation_sampler = _labeled_pairs(root, held_out, config.normalization) if held_out else None
-        source = {"pairs": str(root), "pair_files": len(names)}
-    elif args.bundled:
-        from .data.bundled import training_groups, training_weights
-        from .data.defocus import DefocusConfig
-        from .training.suite import SuiteValidation, suite_cases
-
-        try:
-            groups = training_groups()
-            cases = suite_cases()
-        except ImportError as error:
+    try:
+        data = prepare_training(
+            pairs=args.pairs,
+            sharp=args.sharp,
+            bundled=args.bundled,
+            config=config,
+            denoise_targets=args.denoise_targets,
+        )
+    except ImportError as error:
+        if args.bundled:
             raise UsageError(
                 f"--bundled needs the training data packages: pip install 'napari-mpt-deblur[train]' ({error})"
             ) from None
-        # real planes carry camera noise: the bundled recipe always trains on denoised targets
-        planes, weights = training_weights(groups)
-        defocus = DefocusConfig.coverage()
-        # a 48-pixel margin holds the strongest blur's PSF core, so patch borders see real blur
-        sampler = SyntheticPairs(
-            planes, defocus, normalization=config.normalization, denoise_targets=True, margin=48, weights=weights
-        )
-        validation_sampler = None
-        suite = SuiteValidation(cases)
-        source = {
-            "bundled": {group: sorted(sources) for group, sources in groups.items()},
-            "synthetic_defocus": defocus.to_dict(),
-            "denoised_targets": True,
-            "validation": "held-out suite (training.suite), best checkpoint kept",
-        }
-    else:
-        planes, blank = drop_blank_planes(_read_planes(_tiffs(args.sharp)))
-        if not planes:
-            raise UsageError(f"{', '.join(args.sharp)}: all {blank} planes are blank (constant): nothing to train on")
-        held = max(1, len(planes) // 10) if len(planes) > 1 else 0
-        try:
-            sampler = SyntheticPairs(
-                planes[: len(planes) - held], normalization=config.normalization, denoise_targets=args.denoise_targets
-            )
-        except ImportError as error:
-            raise UsageError(str(error)) from None
-        validation_sampler = (
-            SyntheticPairs(planes[len(planes) - held :], normalization=config.normalization) if held else None
-        )
-        source = {"sharp": [str(s) for s in args.sharp], "synthetic_defocus": True, "planes": len(planes)}
-        source["denoised_targets"] = args.denoise_targets
-    validation = Validation.from_sampler(validation_sampler, 8, config.patch_size) if validation_sampler else None
-    if args.bundled:
-        validation = suite
-    blank += sum(getattr(part, "blank_planes", 0) for part in (sampler, validation_sampler))
-    if blank:
-        source["blank_planes_skipped"] = blank
+        raise UsageError(str(error)) from None  # --denoise-targets without scikit-image
     if resumed is not None:
         model = resumed
     else:
         model = load_model(args.model) if args.model else _fresh_model(args.preset, args.pairing, args.seed)
     resume = resumed is not None
     steps = iter_train(
-        model, sampler, output, config, validation=validation, resume=resume, provenance={"trained_on": source}
+        model,
+        data.sampler,
+        output,
+        config,
+        validation=data.validation,
+        resume=resume,
+        provenance={"trained_on": data.provenance},
     )
-    _run_with_bar(steps, output, args.quiet, blank, log=args.log)
+    _run_with_bar(steps, output, args.quiet, data.blank_planes, log=args.log)
 
 
 def _run_with_bar(steps, output: Path, quiet: bool, blank_planes: int = 0, log: str | None = None) -> None:
@@ -767,6 +678,7 @@ def _microscope(args: argparse.Namespace, first: Path):
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .models.files import load_model, save_model
+    from .training.data import collect_tiffs, pair_names, read_pairs, read_planes
     from .training.engine import state_path
     from .training.finetune import TrainingLog, prepare_finetune, run_finetune
 
@@ -780,13 +692,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         reblur_weight=args.reblur,
         normalization=model.card.normalization,
     )
-    files = _tiffs(args.unlabeled)
-    own = _read_planes(files)
+    files = collect_tiffs(args.unlabeled)
+    own = read_planes(files)
     labeled, source = None, {}
     if args.pairs:
         root = Path(args.pairs)
-        names = _pair_names(root)
-        labeled = tuple(_read_planes([root / kind / n for n in names]) for kind in ("blurry", "sharp"))
+        labeled = read_pairs(root, pair_names(root))
         source = {"pairs": str(root)}
     microscope = _microscope(args, files[0])
     try:
@@ -1094,6 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
     from .inference import InputError
     from .models.files import ModelFileError
     from .runtime import tune_cpu_allocator
+    from .training.data import TrainingDataError
     from .training.engine import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -1109,6 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         CheckpointError,
         DetectionError,
+        TrainingDataError,
         OSError,
     ) as error:
         print(f"mpt-deblur {args.command}: error: {error}", file=sys.stderr)

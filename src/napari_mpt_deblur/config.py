@@ -1,8 +1,12 @@
-"""Validated configuration objects that travel inside model files.
+"""Validated configuration objects, and the base every configuration dataclass of the package shares.
 
-Everything here is a plain frozen dataclass that checks itself on creation and
-round-trips through JSON (``to_dict`` / ``from_dict``), so a configuration read
-from a file a user hands us is validated exactly like one written in code.
+Every configuration is a frozen dataclass derived from :class:`FrozenConfig`: it
+checks itself on creation (raising :class:`ConfigError`), round-trips through JSON
+(``to_dict`` / ``from_dict``) with unknown keys refused, and is copied with
+``replace``, which validates the copy again. A configuration read from a file a
+user hands us is therefore validated exactly like one written in code. The
+classes here travel inside model files; the training recipe, the loss, the
+synthetic defocus and the detection settings live beside the code they configure.
 """
 
 from __future__ import annotations
@@ -11,35 +15,109 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from dataclasses import replace as dataclass_replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 Pairing = Literal["aligned", "official"]
 PAIRINGS: tuple[str, ...] = ("aligned", "official")
 
 
 class ConfigError(ValueError):
-    """A configuration (or the metadata of a model file) is invalid."""
+    """A configuration (or the metadata of a model file) is invalid.
+
+    A ``ValueError``, so callers that catch ``ValueError`` for bad arguments keep working.
+    """
 
 
-def _check_keys(cls: type, data: dict[str, Any]) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+def _json_ready(value: Any) -> Any:
+    """``value`` with every tuple turned into a list, inside dicts and lists too (as JSON reads it back)."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
 
 
-def from_json_object(cls: type, data: Any, what: str) -> Any:
-    """``cls(**data)`` for a dict read from JSON; every problem becomes a :class:`ConfigError` naming ``what``."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}")
-    _check_keys(cls, data)
-    try:
-        return cls(**data)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, OverflowError) as error:
-        raise ConfigError(f"invalid {what}: {error}") from error
+class FrozenConfig:
+    """Base of the frozen configuration dataclasses: JSON round trip with unknown keys refused, and ``replace``.
+
+    A subclass is a ``@dataclass(frozen=True)`` that validates itself in ``__post_init__``
+    (raising :class:`ConfigError`) and names itself in :attr:`config_name`. Every way of
+    making one (code, :meth:`from_dict`, :meth:`replace`) runs the same checks, and every
+    problem, a wrongly typed value included, becomes a :class:`ConfigError`.
+    """
+
+    config_name: ClassVar[str] = "configuration"
+    """What error messages call this configuration (``architecture``, ``train config``, ...)."""
+
+    @classmethod
+    def _check_keys(cls, data: dict[str, Any]) -> None:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+
+    @classmethod
+    def _build(cls, values: dict[str, Any]) -> Self:
+        cls._check_keys(values)
+        try:
+            return cls(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ConfigError(f"invalid {cls.config_name}: {error}") from error
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        """Build and validate a configuration from a dict such as :meth:`to_dict` writes.
+
+        Parameters
+        ----------
+        data
+            Field names and values, typically read from JSON; missing fields get their defaults.
+
+        Returns
+        -------
+        FrozenConfig
+            An instance of the class it is called on.
+
+        Raises
+        ------
+        ConfigError
+            When ``data`` is not a dict, names an unknown field or holds an invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.config_name} must be a JSON object, got {type(data).__name__}")
+        return cls._build(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (nested configurations as dicts, tuples as lists)."""
+        return _json_ready(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """:meth:`from_dict` of a JSON text."""
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict())
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, validated again.
+
+        Raises
+        ------
+        ConfigError
+            When a change names an unknown field or makes the configuration invalid.
+        """
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return self._build({**current, **changes})
+
+
+def check_percentiles(low: float, high: float) -> None:
+    """Raise :class:`ConfigError` unless ``0 <= low < high <= 100``."""
+    if not 0 <= low < high <= 100:
+        raise ConfigError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
 
 
 # Bounds of every architecture field. Model cards come from files users are handed, so a card must
@@ -77,8 +155,10 @@ def _real(name: str, value: Any) -> float:
 
 
 @dataclass(frozen=True)
-class MPTConfig:
-    """Architecture of a Multi-Pyramid Transformer (spec section 1)."""
+class MPTConfig(FrozenConfig):
+    """Architecture of a Multi-Pyramid Transformer (docs/architecture.md, "The network")."""
+
+    config_name = "architecture"
 
     in_channels: int = 1
     """Image channels the network reads (1 for grayscale microscopy, 3 for RGB)."""
@@ -186,36 +266,19 @@ class MPTConfig:
             for r in level_scales
         )
 
-    def replace(self, **changes: Any) -> MPTConfig:
-        """A copy with some fields changed (validated again)."""
-        return MPTConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["num_blocks"] = list(self.num_blocks)
-        data["heads"] = list(self.heads)
-        data["scales"] = [list(level) for level in self.scales]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MPTConfig:
-        return from_json_object(cls, data, "architecture")
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> MPTConfig:
-        return cls.from_dict(json.loads(text))
-
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclass(frozen=True)
-class IntensityNormalization:
-    """How image intensities are mapped to the network's input range."""
+class IntensityNormalization(FrozenConfig):
+    """How image intensities are mapped to the network's input range.
+
+    :func:`napari_mpt_deblur.normalization.intensity_range` computes the range for an array.
+    """
+
+    config_name = "normalization"
 
     mode: Literal["percentile", "minmax", "fixed"] = "percentile"
     """``percentile``: map the ``low``/``high`` percentiles to 0/1 (CSBDeep style);
@@ -239,36 +302,21 @@ class IntensityNormalization:
             raise ConfigError(f"normalization mode must be percentile, minmax or fixed, got {self.mode!r}")
         if self.per not in ("plane", "stack"):
             raise ConfigError(f"normalization 'per' must be plane or stack, got {self.per!r}")
-        if self.mode == "percentile" and not (0 <= self.low < self.high <= 100):
-            raise ConfigError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
+        if self.mode == "percentile":
+            check_percentiles(self.low, self.high)
         if self.mode == "fixed" and not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
             raise ConfigError(f"fixed normalization needs finite values with low < high, got {self.low}, {self.high}")
 
-    def range_of(self, values: Any) -> tuple[float, float]:
-        """The values of ``values`` (a numpy array) that map to 0 and 1; a flat input gets a range of 1."""
-        import numpy as np
-
-        if self.mode == "percentile":
-            low, high = np.percentile(values, (self.low, self.high))
-        elif self.mode == "minmax":
-            low, high = float(values.min()), float(values.max())
-        else:
-            low, high = self.low, self.high
-        if not high > low:  # a flat plane: keep it flat instead of dividing by zero
-            high = low + 1.0
-        return float(low), float(high)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IntensityNormalization:
-        if not isinstance(data, dict):
-            raise ConfigError("normalization must be a JSON object")
-        _check_keys(cls, data)
-        return cls(**data)
-
 
 @dataclass(frozen=True)
-class ModelCard:
-    """Everything a model file records besides its weights."""
+class ModelCard(FrozenConfig):
+    """Everything a model file records besides its weights.
+
+    Its architecture and normalisation check themselves; :meth:`from_dict` also checks the
+    fields only a file can get wrong (the provenance's type, the tile size's range).
+    """
+
+    config_name = "model card"
 
     architecture: MPTConfig
     """The network to build."""
@@ -283,18 +331,20 @@ class ModelCard:
     """Preferred inference tile side in pixels (None: the training patch size or a default)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; the provenance is copied as it is."""
         return {
             "architecture": self.architecture.to_dict(),
-            "normalization": asdict(self.normalization),
+            "normalization": self.normalization.to_dict(),
             "provenance": dict(self.provenance),
             "tile_size": self.tile_size,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+    def from_dict(cls, data: Any) -> ModelCard:
+        """Build and validate a card read from a model file (see :meth:`FrozenConfig.from_dict`)."""
         if not isinstance(data, dict) or "architecture" not in data:
             raise ConfigError("model card must be a JSON object with an 'architecture' entry")
-        _check_keys(cls, data)
+        cls._check_keys(data)
         provenance = data.get("provenance", {})
         if not isinstance(provenance, dict):
             raise ConfigError("provenance must be a JSON object")
@@ -315,8 +365,10 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
-class DeblurSettings:
+class DeblurSettings(FrozenConfig):
     """How the inference engine runs a model over images (every field has a safe default)."""
+
+    config_name = "deblur settings"
 
     tile: int | None = None
     """Tile side in pixels. ``None``: the model file's preferred tile size, else 512;
@@ -341,6 +393,8 @@ class DeblurSettings:
     """Intensity normalisation; ``None`` uses what the model file records (it was trained with it)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalization, dict):  # as to_dict writes it
+            object.__setattr__(self, "normalization", IntensityNormalization.from_dict(self.normalization))
         if self.tile is not None and self.tile != 0 and self.tile < 16:
             raise ConfigError(f"tile must be 0 (whole planes) or at least 16 pixels, got {self.tile}")
         if self.overlap is not None and (self.overlap < 0 or (self.tile and self.overlap > self.tile // 2)):
@@ -356,10 +410,6 @@ class DeblurSettings:
         if self.normalization is not None and not isinstance(self.normalization, IntensityNormalization):
             raise ConfigError("normalization must be an IntensityNormalization or None")
 
-    def replace(self, **changes: Any) -> DeblurSettings:
-        """A copy with some fields changed (validated again)."""
-        return dataclass_replace(self, **changes)
-
 
 MEDIA = {"air": 1.0, "water": 1.333, "silicone": 1.406, "glycerol": 1.47, "oil": 1.515}
 """Immersion media and their refractive indices."""
@@ -369,7 +419,7 @@ AIRY_SIGMA = 0.21
 
 
 @dataclass(frozen=True)
-class Microscope:
+class Microscope(FrozenConfig):
     """What the user knows about their microscope; every field has a default a widefield setup fits.
 
     Attributes
@@ -385,6 +435,8 @@ class Microscope:
     z_step_um
         Distance between Z planes, micrometres; None for a single plane, a time series or unknown.
     """
+
+    config_name = "microscope"
 
     na: float = 0.8
     medium: str = "water"
@@ -433,14 +485,4 @@ class Microscope:
             "wavelength_um": self.wavelength_um,
             "refractive_index": self.refractive_index,
             "pixel_size_um": self.model_pixel_um,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record."""
-        return {
-            "na": self.na,
-            "medium": self.medium,
-            "wavelength_um": self.wavelength_um,
-            "pixel_size_um": self.pixel_size_um,
-            "z_step_um": self.z_step_um,
         }

@@ -48,19 +48,29 @@ class ImageError(ValueError):
     """An image that cannot be read or written as asked; the message says why."""
 
 
+_DEFAULT_AXES = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}
+
+
+def default_axes(ndim: int) -> str | None:
+    """Axes of ``ndim`` dimensions (RGB samples not counted) when nothing names them, or None beyond 5.
+
+    The last two are Y, X; leading axes are read as Z (3-D), T, Z (4-D) and T, Z, C (5-D).
+    """
+    return _DEFAULT_AXES.get(ndim)
+
+
 def guess_axes(shape: tuple[int, ...]) -> str:
     """Axes of an array of this shape when nothing says otherwise.
 
     The last two axes are Y, X, unless the last one has 3 or 4 entries and the
     two before it are larger (an RGB/RGBA image, ``...YXS``). Leading axes are
-    read as Z (3-D), T, Z (4-D) and T, Z, C (5-D).
+    those of :func:`default_axes`.
     """
     rgb = len(shape) >= 3 and shape[-1] in (3, 4) and min(shape[-3:-1]) > 4
-    spatial = len(shape) - (1 if rgb else 0)
-    leading = {2: "", 3: "Z", 4: "TZ", 5: "TZC"}.get(spatial)
-    if leading is None:
+    axes = default_axes(len(shape) - (1 if rgb else 0))
+    if axes is None:
         raise ImageError(f"cannot guess the axes of a {len(shape)}-D array of shape {shape}; pass axes, e.g. 'TZCYX'")
-    return leading + "YX" + ("S" if rgb else "")
+    return axes + ("S" if rgb else "")
 
 
 def check_axes(axes: str, shape: tuple[int, ...]) -> str:
@@ -166,7 +176,7 @@ def convert_length(value: float, unit: str | None, to: str | None) -> float | No
     return value * _METRES[known] / _METRES[target]
 
 
-def _positive(value: Any) -> float | None:
+def _positive_or_none(value: Any) -> float | None:
     """A finite, positive float, or None."""
     try:
         value = float(value)
@@ -394,7 +404,7 @@ def _tiff_physical_size(
     pixel_size = unit = z_spacing = None
     if "resolution" in details:
         (xn, xd), (yn, yd) = details["resolution"]
-        size_y, size_x = (_positive(yd / yn), _positive(xd / xn)) if xn and yn else (None, None)
+        size_y, size_x = (_positive_or_none(yd / yn), _positive_or_none(xd / xn)) if xn and yn else (None, None)
         if size_y and size_x:
             pixel_size = (size_y, size_x)
             unit = {2: "inch", 3: "centimeter"}.get(int(details["resolutionunit"]))
@@ -407,13 +417,13 @@ def _tiff_physical_size(
         except (ElementTree.ParseError, StopIteration, TypeError):
             return pixel_size, unit, None
         default = "\u00b5m"  # the OME default unit
-        size_x = _positive(pixels.get("PhysicalSizeX"))
+        size_x = _positive_or_none(pixels.get("PhysicalSizeX"))
         unit_x = pixels.get("PhysicalSizeXUnit", default)
-        size_y = _positive(pixels.get("PhysicalSizeY"))
+        size_y = _positive_or_none(pixels.get("PhysicalSizeY"))
         size_y = convert_length(size_y, pixels.get("PhysicalSizeYUnit", default), unit_x) if size_y else None
         if size_x and size_y:
             pixel_size, unit = (size_y, size_x), unit_x
-        size_z = _positive(pixels.get("PhysicalSizeZ"))
+        size_z = _positive_or_none(pixels.get("PhysicalSizeZ"))
         if size_z:
             z_spacing = convert_length(size_z, pixels.get("PhysicalSizeZUnit", default), unit)
         return pixel_size, unit, z_spacing
@@ -424,7 +434,7 @@ def _tiff_physical_size(
         description = tif.shaped_metadata[0] or {}
     if description.get("unit") is not None:
         unit = clean_unit(description["unit"])
-    return pixel_size, unit, _positive(description.get("spacing"))
+    return pixel_size, unit, _positive_or_none(description.get("spacing"))
 
 
 def _open_zarr(path: Path, given_axes: str | None = None) -> Image:
@@ -495,7 +505,7 @@ def _ngff_image(path: Path, levels: list[Any], meta: dict[str, Any], given_axes:
     unit = clean_unit(units.get("X"))
     for transform in (meta.get("coordinateTransformations") or [[]])[0] or []:
         if transform.get("type") == "scale":
-            scale = [_positive(v) for v in transform["scale"]]  # in the stored order
+            scale = [_positive_or_none(v) for v in transform["scale"]]  # in the stored order
             size_y, size_x = scale[stored.index("Y")], scale[stored.index("X")]
             if size_y and size_x:
                 pixel_size = (size_y, size_x)
@@ -598,7 +608,7 @@ def write_tiff(
     pixel_size = like.pixel_size if like else None
     unit = clean_unit(like.unit) if like else None
     known_unit = length_unit(unit)
-    z_spacing = _positive(like.z_spacing) if like and "Z" in axes else None
+    z_spacing = _positive_or_none(like.z_spacing) if like and "Z" in axes else None
 
     options: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack", "bigtiff": bigtiff}
     # the file's axes and shape as stored: planar RGB holds its samples before Y, X on every page
@@ -769,7 +779,7 @@ def write_ome_zarr(
     if like and like.pixel_size:
         scale[ngff_axes.index("Y")], scale[ngff_axes.index("X")] = (float(v) for v in like.pixel_size)
         sized |= {"Y", "X"}
-    z_spacing = _positive(like.z_spacing) if like else None
+    z_spacing = _positive_or_none(like.z_spacing) if like else None
     if z_spacing and "Z" in ngff_axes:
         scale[ngff_axes.index("Z")] = z_spacing
         sized.add("Z")

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from .config import DeblurSettings, IntensityNormalization
 from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT
-from .runtime import autocast_dtype, resolve_device, run_to_end
+from .normalization import intensity_range
+from .runtime import autocast_dtype, cpu_workers, resolve_device, run_to_end, torch_threads
 from .tiling import TILE_GROWTH, iter_tiled_forward, tile_grid
 
 DEFAULT_TILE = 512
@@ -175,11 +178,6 @@ class PlaneLayout:
         return index[self.stat_axis].start
 
 
-def normalization_range(values: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
-    """The input values that map to 0 and 1 (:meth:`IntensityNormalization.range_of`)."""
-    return normalization.range_of(values)
-
-
 def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNormalization) -> np.ndarray:
     """Stack-wide (low, high) per channel, shape (channels, 2), from a bounded sample of every plane.
 
@@ -198,7 +196,7 @@ def stack_ranges(image: Image, layout: PlaneLayout, normalization: IntensityNorm
             flat = values.reshape(-1)
             step = max(1, flat.size // per_block)
             samples[inner if inner is not None else offset].append(flat[::step].astype(np.float32))
-    return np.array([normalization_range(np.concatenate(s), normalization) for s in samples])
+    return np.array([intensity_range(np.concatenate(s), normalization) for s in samples])
 
 
 def read_block(image: Image, index: tuple[int | slice, ...], layout: PlaneLayout | None = None) -> np.ndarray:
@@ -283,6 +281,21 @@ class Deblurrer:
         requested = self.settings.overlap
         return default_overlap(self.tile) if requested is None else min(requested, self.tile // 2)
 
+    def settings_used(self) -> DeblurSettings:
+        """The settings as this deblurrer resolved them: the model file's tile and normalisation where the settings
+        left them to it, the device ``auto`` found, the batch and precision for that device. Tile and batch are
+        those in use now (smaller after running out of GPU memory)."""
+        precision = "fp32" if self.autocast is None else "bf16" if self.autocast == torch.bfloat16 else "fp16"
+        return replace(
+            self.settings,
+            tile=self.tile,
+            overlap=self.overlap,
+            batch=self.batch,
+            device=str(self.device),
+            precision=precision,
+            normalization=self.normalization,
+        )
+
     def tile_windows(self, height: int, width: int) -> list[tuple[slice, slice]]:
         """The tiles of a plane as this deblurrer plans them (see :func:`~napari_mpt_deblur.tiling.plan_tiles`)."""
         return tile_grid(height, width, self.tile, self.overlap, self.size_multiple, self.tile_growth)
@@ -319,7 +332,7 @@ class Deblurrer:
         for where, offset in groups:
             values = units[where]
             if ranges is None:
-                low, high = normalization_range(values, self.normalization)
+                low, high = intensity_range(values, self.normalization)
             else:
                 row = ranges[stat_index if stat_index is not None else (offset if len(ranges) > 1 else 0)]
                 low, high = float(row[0]), float(row[1])
@@ -338,7 +351,14 @@ class Deblurrer:
             try:
                 with torch.inference_mode():
                     steps = iter_tiled_forward(
-                        self._network, x, self.tile, self.overlap, self.batch, self.size_multiple, self.tile_growth
+                        self._network,
+                        x,
+                        self.tile,
+                        self.overlap,
+                        self.batch,
+                        self.size_multiple,
+                        self.tile_growth,
+                        workers=self._tile_workers(*x.shape[-2:]),
                     )
                     while True:
                         try:
@@ -349,6 +369,12 @@ class Deblurrer:
                         messages.clear()
             except torch.OutOfMemoryError:
                 messages.append(self._shrink())
+
+    def _tile_workers(self, height: int, width: int) -> int:
+        """Forward passes of one plane's tiles to run side by side (on the CPU; 1 inside a side-by-side plane)."""
+        if self.device.type != "cpu":
+            return 1
+        return cpu_workers(-(-self.tiles_per_plane(height, width) // self.batch))
 
     def _shrink(self) -> str:
         """After running out of memory: halve the batch, else stop enlarging tiles, else halve the tile; a message."""
@@ -486,8 +512,9 @@ class PlaneByPlane:
 
     Unlike :func:`deblur_lazy`, each block is a generator (:meth:`iter_block`): it reports every tile and
     stops between two tiles when closed, so a viewer can drop a plane the user has moved away from. Each
-    block equals :func:`iter_deblur`'s (the same tiles and normalisation; with ``per='stack'`` the stack's
-    statistics are computed once, at the first block).
+    block equals :func:`iter_deblur`'s to rounding (the same tiles and normalisation, summed in another
+    order when the eager engine runs planes side by side; with ``per='stack'`` the stack's statistics are
+    computed once, at the first block).
 
     Parameters
     ----------
@@ -701,6 +728,10 @@ def _iter_blocks(
     if client is not None:
         yield from _iter_blocks_distributed(deblurrer, image, layout, ranges, client, per_block)
         return
+    workers = cpu_workers(planes_total) if deblurrer.device.type == "cpu" else 1
+    if workers > 1:
+        yield from _iter_blocks_side_by_side(deblurrer, image, layout, ranges, workers, per_block)
+        return
     for done, index in enumerate(layout.block_indices()):
         block = read_block(image, index, layout)
         check_finite(block, layout.describe(index))
@@ -713,6 +744,72 @@ def _iter_blocks(
                 break
             yield DeblurProgress(done, planes_total, done * per_block + tiles, planes_total * per_block, message)
         yield index, result
+    yield DeblurProgress(planes_total, planes_total, planes_total * per_block, planes_total * per_block)
+
+
+def _iter_blocks_side_by_side(
+    deblurrer: Deblurrer, image: Image, layout: PlaneLayout, ranges: np.ndarray | None, workers: int, per_block: int
+) -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
+    """The same with ``workers`` blocks at a time on the CPU, each on its share of the threads (see
+    :func:`~napari_mpt_deblur.runtime.cpu_workers`); results come out in C order.
+
+    Every finished tile is reported; closing the generator stops each worker at its next tile.
+    """
+    threads = max(1, torch.get_num_threads() // workers)
+    planes_total = layout.blocks
+    events: queue.SimpleQueue = queue.SimpleQueue()  # (tiles finished, message), or None when a block ends
+    stop = threading.Event()
+
+    def deblur(index: tuple[int | slice, ...], block: np.ndarray) -> np.ndarray | None:
+        with torch_threads(threads):
+            steps = deblurrer.iter_block(block, layout, ranges, layout.stat_index(index))
+            finished = 0
+            while not stop.is_set():
+                try:
+                    tiles, _, message = next(steps)
+                except StopIteration as end:
+                    return end.value
+                events.put((tiles - finished, message))
+                finished = tiles
+            steps.close()
+            return None
+
+    window = 2 * workers  # blocks read ahead: a worker never waits for the reader
+    tiles_done = planes_done = 0
+    in_flight: deque = deque()
+    indices = iter(layout.block_indices())
+    exhausted = False
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="deblur")
+    try:
+        while True:
+            while not exhausted and len(in_flight) < window:
+                index = next(indices, None)
+                if index is None:
+                    exhausted = True
+                    break
+                block = read_block(image, index, layout)  # read here, in order: file readers are not thread-safe
+                check_finite(block, layout.describe(index))
+                future = pool.submit(deblur, index, block)
+                future.add_done_callback(lambda _: events.put(None))  # after the future is done: no lost wake-up
+                in_flight.append((index, future))
+            while in_flight and in_flight[0][1].done():
+                index, future = in_flight.popleft()
+                planes_done += 1
+                yield index, future.result()
+                tiles_shown = max(tiles_done, planes_done * per_block)  # the finished planes' tiles, reported or not
+                yield DeblurProgress(planes_done, planes_total, tiles_shown, planes_total * per_block)
+            if not in_flight and exhausted:
+                break
+            if not in_flight or (not exhausted and len(in_flight) < window):
+                continue
+            event = events.get()
+            if event is not None:
+                tiles_done += event[0]
+                tiles_shown = max(tiles_done, planes_done * per_block)
+                yield DeblurProgress(planes_done, planes_total, tiles_shown, planes_total * per_block, event[1])
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
     yield DeblurProgress(planes_total, planes_total, planes_total * per_block, planes_total * per_block)
 
 

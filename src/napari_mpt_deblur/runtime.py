@@ -6,10 +6,14 @@ Nothing here runs on import: the command line and the benchmarks call
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import sys
-from collections.abc import Callable, Generator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -123,3 +127,69 @@ def run_to_end(steps: Generator[Any, None, T], on_step: Callable[[Any], None] | 
             except BaseException:
                 steps.close()
                 raise
+
+
+MAX_CPU_WORKERS = 4
+"""At most this many planes are deblurred at once on the CPU: each holds its own feature maps."""
+
+
+def cpu_workers(tasks: int) -> int:
+    """How many independent forward passes to run side by side on the CPU, one thread each.
+
+    One torch thread per plane, planes side by side, instead of every core on one
+    plane: the network's many small operations then need no thread barriers, which
+    is as fast on an idle machine and stays fast when another process takes a core
+    (with all cores on one plane, every barrier waits for the preempted thread;
+    see ``docs/benchmarks.md``, experiment 5).
+    """
+    import torch
+
+    return max(1, min(tasks, torch.get_num_threads(), MAX_CPU_WORKERS))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the calling thread's torch operations on ``count`` threads, then restore the setting.
+
+    Torch keeps the thread count per calling thread, plus a default that threads
+    started later inherit; both are restored on exit.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_side_by_side(function: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
+    """``map(function, items)`` with up to ``workers`` calls at once, each on its share of torch's threads.
+
+    Results come in order. The calls see the caller's grad and inference mode
+    (both are per thread in torch). Closing the iterator early waits for the
+    calls under way and starts no more. ``workers`` 1 runs in the calling thread.
+    """
+    import torch
+
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def call(item: Any) -> T:
+        with torch_threads(threads), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return function(item)
+
+    upcoming = iter(items)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="torch-side-by-side")
+    try:
+        pending = deque(pool.submit(call, item) for item in itertools.islice(upcoming, workers))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(call, item) for item in itertools.islice(upcoming, 1))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

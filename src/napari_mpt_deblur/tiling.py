@@ -14,6 +14,7 @@ difference.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Generator
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .runtime import run_to_end
-
-Progress = Callable[[int, int], None]
+from .runtime import map_side_by_side
 
 TILE_GROWTH = 1.5
 """How far a planned tile may outgrow the requested one: its area (as the network computes it, rounded up
@@ -211,6 +210,7 @@ def iter_tiled_forward(
     batch: int = 1,
     multiple: int = 1,
     growth: float = TILE_GROWTH,
+    workers: int = 1,
 ) -> Generator[tuple[int, int], None, Tensor]:
     """``network(image)`` computed tile by tile and blended, yielding ``(tiles done, tiles total)``.
 
@@ -235,6 +235,10 @@ def iter_tiled_forward(
         The network's size multiple (``model.config.size_multiple``): tile sides are rounded up to it.
     growth
         How much larger than ``tile`` a planned tile may be (see :func:`plan_tiles`).
+    workers
+        Forward passes run side by side, each on its share of torch's threads
+        (:func:`~napari_mpt_deblur.runtime.map_side_by_side`); the CPU engine uses
+        :func:`~napari_mpt_deblur.runtime.cpu_workers`.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a (1, C, H, W) tensor, got shape {tuple(image.shape)}")
@@ -250,30 +254,17 @@ def iter_tiled_forward(
     weight = blend_window(tile_h, overlap, image.device)[:, None] * blend_window(tile_w, overlap, image.device)
     total = torch.zeros(image.shape[1], height, width, device=image.device)
     weight_sum = torch.zeros(height, width, device=image.device)
-    for first in range(0, len(windows), batch):
-        group = windows[first : first + batch]
-        outputs = network(torch.cat([image[(0, ..., *window)][None] for window in group])).float()
-        for out, window in zip(outputs, group):
-            total[(slice(None), *window)] += out * weight
-            weight_sum[window] += weight
-        yield first + len(group), len(windows)
+    groups = [windows[first : first + batch] for first in range(0, len(windows), batch)]
+
+    def forward(group: list[tuple[slice, slice]]) -> Tensor:
+        return network(torch.cat([image[(0, ..., *window)][None] for window in group])).float()
+
+    done = 0
+    with contextlib.closing(map_side_by_side(forward, groups, workers)) as results:  # closed: no tile runs on
+        for group, outputs in zip(groups, results):
+            for out, window in zip(outputs, group):
+                total[(slice(None), *window)] += out * weight
+                weight_sum[window] += weight
+            done += len(group)
+            yield done, len(windows)
     return (total / weight_sum)[None].to(image.dtype)
-
-
-def tiled_forward(
-    network: Callable[[Tensor], Tensor],
-    image: Tensor,
-    tile: int = 256,
-    overlap: int = 32,
-    progress: Progress | None = None,
-    batch: int = 1,
-    multiple: int = 1,
-    growth: float = TILE_GROWTH,
-) -> Tensor:
-    """``network(image)`` computed tile by tile and blended (see :func:`iter_tiled_forward`).
-
-    ``progress(done, total)`` is called after each forward pass; raising from it
-    stops the computation between tiles (cancellation).
-    """
-    steps = iter_tiled_forward(network, image, tile, overlap, batch, multiple, growth)
-    return run_to_end(steps, (lambda counts: progress(*counts)) if progress else None)

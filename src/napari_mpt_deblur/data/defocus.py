@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, from_json_object
+from ..config import ConfigError, FrozenConfig
+from ..normalization import percentile_values
 
 KINDS: tuple[str, ...] = ("gaussian", "disk", "widefield")
 
@@ -144,10 +145,10 @@ def widefield_psf(
         i.e. the PSF would be undersampled), or an argument is out of range.
     """
     defocus_um = _finite("defocus_um", defocus_um)
-    na = _positive("na", na)
-    wavelength_um = _positive("wavelength_um", wavelength_um)
-    refractive_index = _positive("refractive_index", refractive_index)
-    pixel_size_um = _positive("pixel_size_um", pixel_size_um)
+    na = _require_positive("na", na)
+    wavelength_um = _require_positive("wavelength_um", wavelength_um)
+    refractive_index = _require_positive("refractive_index", refractive_index)
+    pixel_size_um = _require_positive("pixel_size_um", pixel_size_um)
     if na >= refractive_index:
         raise ValueError(f"na ({na}) must be smaller than refractive_index ({refractive_index})")
     cutoff = na / wavelength_um  # cycles/um
@@ -308,7 +309,7 @@ def add_poisson_gaussian_noise(
     numpy.ndarray
         Float32 array of the image's shape.
     """
-    photons = _positive("photons", photons)
+    photons = _require_positive("photons", photons)
     read_noise = _non_negative("read_noise", read_noise)
     image = np.asarray(image, dtype=np.float64)
     # Poisson needs a non-negative rate; the part below zero is kept as is, so the mean is preserved everywhere.
@@ -348,7 +349,7 @@ def denoise_target(plane: np.ndarray) -> np.ndarray:
     plane = np.asarray(plane, dtype=np.float64)
     if plane.ndim != 2:
         raise ValueError(f"denoise_target expects a 2-D plane, got shape {plane.shape}")
-    low, high = np.percentile(plane, (0.1, 99.9))
+    low, high = percentile_values(plane, (0.1, 99.9))
     if high <= low:
         return plane.astype(np.float32)
     unit = (plane - low) / (high - low)
@@ -366,12 +367,14 @@ def denoise_target(plane: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class DefocusConfig:
+class DefocusConfig(FrozenConfig):
     """How synthetic defocus is drawn for blurry/sharp training pairs.
 
     Ranges are ``(min, max)`` pairs; a value is drawn uniformly between them (the
     photon count log-uniformly). Set ``min == max`` for a fixed value.
     """
+
+    config_name = "defocus config"
 
     kinds: tuple[str, ...] = KINDS
     """PSF families to draw from, each equally likely: a subset of ``gaussian``, ``disk``, ``widefield``."""
@@ -511,7 +514,7 @@ class DefocusConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
-        data = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+        data = super().to_dict()
         # One microscope stays written as plain numbers, as earlier files have it.
         for name in ("na", "wavelength_um", "pixel_size_um"):
             if data[name][0] == data[name][1]:
@@ -519,11 +522,6 @@ class DefocusConfig:
         if len(data["refractive_index"]) == 1:
             data["refractive_index"] = data["refractive_index"][0]
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DefocusConfig:
-        """Build (and validate) a config from a dict such as :meth:`to_dict` writes; missing fields get defaults."""
-        return from_json_object(cls, data, "defocus config")
 
 
 def sample_psf(config: DefocusConfig, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
@@ -703,7 +701,8 @@ def _non_negative(name: str, value: float) -> float:
     return value
 
 
-def _positive(name: str, value: float) -> float:
+def _require_positive(name: str, value: float) -> float:
+    """``value`` as a float; a ValueError naming ``name`` unless it is finite and above 0."""
     value = _finite(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Microscope
+from ..normalization import percentile_values
 from .defocus import DefocusConfig, defocus_for_blur
 from .focus import focus_score, haar_noise_sd
 
@@ -167,7 +168,7 @@ def _photons(plane: np.ndarray, relative_noise_sd: float) -> float | None:
     None when the noise is too low to measure (below 0.1 % of the range).
     """
     x = np.asarray(central_crop(plane), dtype=np.float64)
-    low, high = np.percentile(x, (1.0, 99.8))
+    low, high = percentile_values(x, (1.0, 99.8))
     if high <= low:
         return None
     mean = float(x.mean())

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConfigError, FrozenConfig, check_percentiles
 from ..images import Image, as_image
+from ..normalization import percentile_range
 from ..runtime import run_to_end
 from .metrics import BLURRY, DEBLURRED, IOU_THRESHOLDS, SHARP, Comparison, compare_labels
 from .worker import DetectionError, ModelInfo, StarDistWorker, shared_worker
@@ -32,8 +34,10 @@ PRETRAINED_MODELS = ("2D_versatile_fluo", "2D_versatile_he", "2D_paper_dsb2018")
 
 
 @dataclass(frozen=True)
-class DetectionSettings:
+class DetectionSettings(FrozenConfig):
     """How StarDist detects objects."""
+
+    config_name = "detection settings"
 
     model: str = DEFAULT_STARDIST_MODEL
     """A pretrained model's name (:data:`PRETRAINED_MODELS`) or the folder of a model you trained."""
@@ -51,17 +55,18 @@ class DetectionSettings:
     """Planes larger than this (pixels per side) are predicted in tiles, which StarDist stitches."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "percentiles", tuple(self.percentiles))  # JSON lists and tuples compare equal
         for name in ("prob_thresh", "nms_thresh"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be between 0 and 1 (exclusive), or None for the model's own")
-        low, high = self.percentiles
-        if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+                raise ConfigError(f"{name} must be between 0 and 1 (exclusive), or None for the model's own")
+        if len(self.percentiles) != 2:
+            raise ConfigError(f"percentiles must be two numbers (low, high), got {self.percentiles}")
+        check_percentiles(*self.percentiles)
         if self.max_tile < 64:
-            raise ValueError("max_tile must be at least 64 pixels")
+            raise ConfigError("max_tile must be at least 64 pixels")
         if not str(self.model).strip():
-            raise ValueError("choose a StarDist model: a pretrained name or a model folder")
+            raise ConfigError("choose a StarDist model: a pretrained name or a model folder")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def labels_shape(image: Image) -> tuple[int, ...]:
 
 
 def prepare_plane(plane: np.ndarray, rgb: bool, channels: int, percentiles: tuple[float, float]) -> np.ndarray:
-    """Make a plane what the model takes: grey or RGB as it needs, float32 scaled by percentiles."""
+    """Make a plane what the model takes: grey or RGB as it needs, scaled by percentiles (float64)."""
     plane = np.asarray(plane, dtype=np.float32)
     if rgb:
         plane = plane[..., :3]  # drop alpha
@@ -127,9 +132,11 @@ def prepare_plane(plane: np.ndarray, rgb: bool, channels: int, percentiles: tupl
         )
     if channels not in (1, 3):
         raise DetectionError(f"StarDist models with {channels} input channels are not supported")
-    low, high = np.percentile(plane, percentiles)
-    scale = high - low if high > low else 1.0
-    return (plane - low) / scale
+    low, high = percentile_range(plane, percentiles)
+    scaled = plane.astype(np.float64)  # scaled in float64; the worker hands StarDist float32
+    scaled -= low
+    scaled /= high - low
+    return scaled
 
 
 def tiles_for(shape: tuple[int, ...], max_tile: int, rgb_input: bool) -> tuple[int, ...] | None:

@@ -77,6 +77,16 @@ class DetectionReport:
 
 
 @dataclass(frozen=True)
+class SummaryTable:
+    """A comparison's numbers as text (all planes pooled): a row per image, a column per measurement."""
+
+    header: list[str]
+    """``image``, then what each column measures: ``objects``, ``mean area (px)``, ..., ``mean AP``, ``F1@0.5``."""
+    rows: list[list[str]]
+    """One per image: its name, then its formatted values (empty where there is nothing to show)."""
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Detections on blurry, deblurred and (optionally) sharp versions of the same image, side by side."""
 
@@ -165,34 +175,63 @@ class Comparison:
             },
         }
 
-    def table(self) -> str:
-        """A plain-text summary table (all planes pooled), as the CLI prints it."""
-        header = ["image", "objects", "mean area", "diameter", "solidity"]
-        scored = any(r.scores for r in self.reports.values())
+    def summary_table(self, names: Mapping[str, str] | None = None) -> SummaryTable:
+        """The numbers of every image, all planes pooled, as the CLI prints them and the Compare dock shows them.
+
+        Parameters
+        ----------
+        names
+            What to call each image (default: its key, e.g. ``blurry``).
+
+        Returns
+        -------
+        SummaryTable
+            Object count, mean area, diameter and solidity; with a reference, the AP at each IoU threshold,
+            mean AP and F1 at the first threshold.
+        """
+        names = names or {}
+        header = ["image", "objects", "mean area (px)", "diameter (px)", "solidity"]
+        scored = any(report.scores for report in self.reports.values())
         if scored:
-            header += [f"AP@{t:g}" for t in self.thresholds] + ["mean AP", "F1@0.5"]
-        lines = [header]
-        for name, report in self.reports.items():
+            header += [f"AP@{t:g}" for t in self.thresholds] + ["mean AP", f"F1@{self.thresholds[0]:g}"]
+        rows = []
+        for key, report in self.reports.items():
             s = report.stats
-            line = [name, str(s.objects), _fmt(s.mean_area, 1), _fmt(s.mean_diameter, 1), _fmt(s.mean_solidity, 3)]
+            row = [names.get(key, key), str(s.objects), _fmt(s.mean_area, 1), _fmt(s.mean_diameter, 1)]
+            row.append(_fmt(s.mean_solidity, 3))
             if scored:
                 if report.scores:
-                    line += [_fmt(score.ap, 3) for score in report.scores]
-                    line += [_fmt(report.mean_ap, 3), _fmt(report.scores[0].f1, 3)]
+                    row += [_fmt(score.ap, 3) for score in report.scores]
+                    row += [_fmt(report.mean_ap, 3), _fmt(report.scores[0].f1, 3)]
                 else:
-                    line += [""] * (len(self.thresholds) + 2)
-            lines.append(line)
-        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+                    row += [""] * (len(self.thresholds) + 2)
+            rows.append(row)
+        return SummaryTable(header, rows)
+
+    def findings(self) -> list[str]:
+        """What the scores say about deblurring, in sentences (none when unscored): whether blurry and sharp
+        leave a gap to recover, and :meth:`deblurring_effect`."""
+        lines = []
+        maps = [self.reports[key].mean_ap if key in self.reports else None for key in (BLURRY, DEBLURRED, SHARP)]
+        if None not in maps and self.gap_recovered is None:
+            lines.append("blurry and sharp score alike: no gap for deblurring to recover")
+        effect = self.deblurring_effect()
+        if effect is not None:
+            lines.append(effect)
+        return lines
+
+    def table(self) -> str:
+        """A plain-text summary (:meth:`summary_table`, then :meth:`findings`), as the CLI prints it."""
+        table = self.summary_table()
+        lines = [table.header, *table.rows]
+        widths = [max(len(row[i]) for row in lines) for i in range(len(table.header))]
         text = [
             "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in lines
         ]
         if self.reference:
             text.append(f"scores against the {self.reference}")
-        effect = self.deblurring_effect()
-        if effect is not None:
-            text.append(effect)
-        return "\n".join(text)
+        return "\n".join(text + self.findings())
 
 
 def _fmt(value: float | None, digits: int) -> str:

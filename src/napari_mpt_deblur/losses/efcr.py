@@ -1,4 +1,4 @@
-"""EFCR: extended frequency contrastive regularisation (spec section 4).
+"""EFCR: extended frequency contrastive regularisation (docs/architecture.md, "EFCR").
 
 For a blurry input I, its ground truth G and the output O = net(I), the sharp
 image is the positive and the blurry input the negative, compared in the Haar
@@ -23,14 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import ConfigError, FrozenConfig
 from .wavelets import haar_dwt2
 
 Network = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
-class EFCRConfig:
+class EFCRConfig(FrozenConfig):
     """Settings of the EFCR regulariser."""
+
+    config_name = "EFCR config"
 
     beta: float = 1e-5
     """Weight of L_CR in the total loss (the paper's 1e-5)."""
@@ -46,12 +49,13 @@ class EFCRConfig:
     """Added to denominators so flat patches cannot divide by zero."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))  # JSON lists and tuples compare equal
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
-            raise ValueError(f"kernel sizes must be odd and positive, got {self.kernel_sizes}")
+            raise ConfigError(f"kernel sizes must be odd and positive, got {self.kernel_sizes}")
         if self.sigma is not None and self.sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {self.sigma}")
+            raise ConfigError(f"sigma must be positive, got {self.sigma}")
 
 
 def default_sigma(kernel_size: int) -> float:

@@ -6,8 +6,9 @@ package installed:
 
 - the weights as ``pytorch_state_dict`` (a plain ``torch.save`` of the
   ``state_dict``, which consumers load with ``weights_only=True``) and the
-  network as a **self-contained architecture file**: ``models/mpt.py`` with the
-  package's ``MPTConfig`` replaced by a plain class, so it needs PyTorch alone.
+  network as a **self-contained architecture file**: ``models/mpt.py`` and the
+  modules it imports (``ops``, ``strips``, ``windows``) inlined into one, with
+  the package's ``MPTConfig`` replaced by a plain class, so it needs PyTorch alone.
   Not ``torchscript``: MPT's window layouts, shift masks and memory-bounded
   chunking are computed in Python from the input's size, so a traced network
   is right only at the size it was traced at (measured: batch 2 or a
@@ -32,10 +33,12 @@ Export needs the ``bioimageio`` extra (``pip install 'napari-mpt-deblur[bioimage
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -47,13 +50,14 @@ import tifffile
 import torch
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_write
 from ..config import IntensityNormalization, ModelCard
 from ..images import Image, as_image
+from ..normalization import intensity_range
 from .files import (
+    CARD_KEY,
     FORMAT_VERSION,
-    METADATA_KEY,
     ModelFileError,
     _card_from_metadata,
     _check_shapes,
@@ -110,33 +114,94 @@ def build_mpt(**architecture):
     """The MPT network a model card's ``architecture`` describes (weights not loaded)."""
     return MPT(MPTConfig(**architecture))
 '''
-_CONFIG_IMPORT = "from ..config import MPTConfig\n"
+_ARCHITECTURE_MODULES = ("ops", "strips", "windows", "mpt")
+"""The network's modules, as the architecture file inlines them: each needs only those before it."""
+
+
+def _inlined_module(name: str) -> tuple[str, list[ast.Import | ast.ImportFrom], str, set[str]]:
+    """One module of the network, split for inlining: docstring, imports, the rest, and the names it defines.
+
+    Its ``from __future__`` import is left out (the file has one), and so are its imports from the package:
+    from the other inlined modules, and ``from ..config import MPTConfig`` (inlined at the end).
+    """
+    path = Path(__file__).with_name(f"{name}.py")
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    tree = ast.parse(source)
+    docstring, imports, dropped, defined = "", [], set(), set()
+    for index, node in enumerate(tree.body):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            defined.add(node.name)
+            continue
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            defined.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+            continue
+        if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docstring = ast.get_source_segment(source, node) + "\n"
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names = [alias.name for alias in node.names]
+            inlined = node.level == 1 and node.module in _ARCHITECTURE_MODULES
+            if not inlined and (node.level, node.module, names) != (2, "config", ["MPTConfig"]):
+                raise RuntimeError(f"{path} imports {names} from the package: the file would not run alone")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            if not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):  # the file has its own
+                imports.append(node)
+        else:
+            continue  # other code, and the comments around it, stay
+        dropped.update(range(node.lineno - 1, node.end_lineno))
+    body = "".join(line for number, line in enumerate(lines) if number not in dropped).lstrip("\n")
+    return docstring, imports, body, defined
+
+
+def _import_block(nodes: list[ast.Import | ast.ImportFrom]) -> str:
+    """The inlined modules' imports, each once, sorted as isort would: the standard library's, then PyTorch's."""
+    plain = {f"import {ast.unparse(alias)}" for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    names: dict[str, set[str]] = {}
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            names.setdefault(node.module, set()).update(ast.unparse(alias) for alias in node.names)
+    lines = [(line.split()[1], line) for line in plain]
+    lines += [(module, f"from {module} import {', '.join(sorted(imported))}") for module, imported in names.items()]
+    groups: tuple[list[str], list[str]] = ([], [])
+    for module, line in sorted(lines, key=lambda item: (item[1].startswith("from "), item[0])):
+        groups[module.split(".")[0] not in sys.stdlib_module_names].append(line)
+    return "\n\n".join("\n".join(group) for group in groups if group) + "\n"
 
 
 def architecture_source() -> str:
-    """The source of the self-contained architecture file: ``mpt.py`` with its config import inlined.
+    """The source of the self-contained architecture file: the network's modules in one, configuration inlined.
+
+    ``models/mpt.py``'s docstring, the standard imports of the modules in
+    ``_ARCHITECTURE_MODULES`` (``ops``, ``strips``, ``windows``, ``mpt``), their
+    code in that order without their imports from the package, and a plain
+    ``MPTConfig`` with ``build_mpt`` at the end.
 
     Raises
     ------
     RuntimeError
-        When ``mpt.py`` imports from the package other than its config (the file would not run alone).
+        When a module imports from the package other than the inlined modules and
+        the configuration (the file would not run alone), or two define the same name.
     """
-    from . import mpt
-
-    source = Path(mpt.__file__).read_text(encoding="utf-8")
-    if source.count(_CONFIG_IMPORT) != 1:
-        raise RuntimeError(f"{mpt.__file__}: expected one line {_CONFIG_IMPORT.strip()!r} to inline")
-    source = source.replace(_CONFIG_IMPORT, "")
-    relative = [line for line in source.splitlines() if line.startswith(("from .", "import ."))]
-    if relative:
-        raise RuntimeError(f"{mpt.__file__} imports from the package ({relative[0]!r}): it would not run alone")
-    # comments, not a docstring: mpt.py's own docstring and __future__ import must stay first
+    docstring, imports, bodies, owners = "", [], [], {}
+    for name in _ARCHITECTURE_MODULES:
+        module_docstring, module_imports, body, defined = _inlined_module(name)
+        if name == "mpt":
+            docstring = module_docstring
+        imports += module_imports
+        clashes = sorted(defined & owners.keys())
+        if clashes:
+            raise RuntimeError(f"{clashes[0]!r} is defined in models/{owners[clashes[0]]}.py and models/{name}.py")
+        owners.update(dict.fromkeys(defined, name))
+        bodies.append(f"# {'=' * 76} models/{name}.py\n\n\n{body}")
+    # comments, not a docstring: mpt.py's own docstring and the __future__ import must stay first
     header = (
         f"# MPT, the Multi-Pyramid Transformer, as napari-mpt-deblur {__version__} defines it, needing only PyTorch:\n"
-        "# napari_mpt_deblur/models/mpt.py (BSD-3-Clause) with its configuration inlined at the end, for a\n"
-        f"# bioimage.io package. {ARCHITECTURE_CALLABLE}(**architecture) builds the network.\n"
+        f"# napari_mpt_deblur/models/{{{','.join(_ARCHITECTURE_MODULES)}}}.py (BSD-3-Clause) in one file, with its\n"
+        f"# configuration inlined at the end, for a bioimage.io package. {ARCHITECTURE_CALLABLE}(**architecture)\n"
+        "# builds the network.\n"
     )
-    return header + source + _INLINE_CONFIG
+    future = "\nfrom __future__ import annotations\n\n"
+    return header + docstring + future + _import_block(imports) + "\n" + "\n\n".join(bodies) + _INLINE_CONFIG
 
 
 def middle_plane(image: Image | np.ndarray, channels: int) -> np.ndarray:
@@ -365,7 +430,7 @@ def export_package(
             inputs=inputs,
             outputs=outputs,
             weights=weights,
-            config=spec.Config(**{METADATA_KEY: {"format_version": FORMAT_VERSION, **card.to_dict()}}),
+            config=spec.Config(**{CARD_KEY: {"format_version": FORMAT_VERSION, **card.to_dict()}}),
         )
         # the library writes, then reloads and validates the package; only a valid one reaches the target
         packaged = save_bioimageio_package(descr, output_path=files / "package.zip")
@@ -384,7 +449,7 @@ def _preprocessing(
     """
     if not np.ptp(crop) > 0:
         raise ValueError("the test image's plane is flat (no contrast); give an image with structure")
-    low, high = normalization.range_of(crop)
+    low, high = intensity_range(crop, normalization)
     if normalization.mode == "fixed":
         gain = 1.0 / (high - low)
         return [spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=gain, offset=-low * gain))], low, high - low
@@ -529,14 +594,14 @@ def load_package(path: str | os.PathLike) -> MPT:
             if not isinstance(rdf, dict):
                 raise ModelFileError(f"{path}: its {rdf_name} is not a bioimage.io description")
             config = rdf.get("config") if isinstance(rdf.get("config"), dict) else {}
-            if rdf.get("type") != "model" or METADATA_KEY not in config:
+            if rdf.get("type") != "model" or CARD_KEY not in config:
                 kind = rdf.get("type") or "resource"
                 raise ModelFileError(
                     f"{path}: a bioimage.io {kind} ({rdf.get('name', 'unnamed')!r}) that napari-mpt-deblur did not "
                     "export: it deblurs only with MPT models, and reads only the packages it wrote "
                     "('mpt-deblur export-bioimageio'). Run other models with bioimageio.core or the tool made for them"
                 )
-            card = _card_from_metadata({METADATA_KEY: json.dumps(config[METADATA_KEY])}, path)
+            card = _card_from_metadata({CARD_KEY: json.dumps(config[CARD_KEY])}, path)
             weights = (rdf.get("weights") or {}).get("pytorch_state_dict") or {}
             member = weights.get("source") if isinstance(weights, dict) else None
             if not isinstance(member, str) or member not in entries:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_write
 from ..config import ConfigError, IntensityNormalization, ModelCard, MPTConfig
 from .mpt import MPT
@@ -40,7 +40,8 @@ from .official import (
     strip_prefix,
 )
 
-METADATA_KEY = "napari_mpt_deblur"
+CARD_KEY = "napari_mpt_deblur"
+"""Key of the model file's metadata entry (and of a bioimage.io package's ``config``) that holds its card."""
 FORMAT_VERSION = 1
 MAX_CARD_DEPTH = 32
 """Deepest nesting of JSON objects and lists a model card may have (ours: 4)."""
@@ -102,7 +103,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: di
 
 def _tensors_and_metadata(model: MPT, card: ModelCard) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **card.to_dict()})}
+    metadata = {"format": "pt", CARD_KEY: json.dumps({"format_version": FORMAT_VERSION, **card.to_dict()})}
     return tensors, metadata
 
 
@@ -170,13 +171,13 @@ def read_model_card(path: str | os.PathLike) -> ModelCard:
 
 def _card_from_metadata(metadata: dict[str, str], path: Any) -> ModelCard:
     """The validated card; every problem (bad JSON, odd types, absurd numbers) is one :class:`ModelFileError`."""
-    if METADATA_KEY not in metadata:
+    if CARD_KEY not in metadata:
         raise ModelFileError(
             f"{path}: a .safetensors file without napari-mpt-deblur metadata (a foreign model?). "
             "Reference-code checkpoints are imported with 'mpt-deblur import-official'."
         )
     try:
-        data = json.loads(metadata[METADATA_KEY])
+        data = json.loads(metadata[CARD_KEY])
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path}: the model card in the metadata is not valid JSON ({error})") from error
     except RecursionError:
@@ -372,7 +373,7 @@ def load_model(
     kind = _kind_of_file(path)
     if kind == "safetensors":
         metadata = _safetensors_metadata(path)
-        if METADATA_KEY in metadata:
+        if CARD_KEY in metadata:
             model = _load_our_file(path)
         else:
             # A reference state_dict re-saved as safetensors is accepted too.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import MPTConfig
-from .mpt import relative_position_index
+from .windows import relative_position_index
 
 PREFIXES = ("module.Network.", "module.")
 

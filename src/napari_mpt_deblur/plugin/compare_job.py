@@ -1,20 +1,21 @@
-"""What the Compare detections dock checks, runs and shows (no Qt: testable without a window).
+"""What the Compare detections dock checks, runs and shows (no Qt, no napari: testable without a window).
 
 The dock reads the chosen layers into a :class:`Selection`;
 :func:`selection_problem` refuses what cannot be compared with a message for
 the user; a :class:`CompareRun` holds one run's inputs, and
 :func:`compare_steps` (the worker's generator) deblurs first when asked, then
 detects and compares with :func:`~napari_mpt_deblur.detection.iter_compare`
-(StarDist in its own process). :func:`table_cells`, :func:`plot_bars` and
+(StarDist in its own process). :func:`image_titles`, :func:`plot_bars` and
 :func:`summary` turn the :class:`~napari_mpt_deblur.detection.Comparison`
-into what the dock shows; :func:`detections_layer_kwargs` places each image's
-detections over it, and :func:`write_labels` saves them with the plugin's writer.
+into what the dock shows (its table is the comparison's own,
+:meth:`~napari_mpt_deblur.detection.Comparison.summary_table`);
+:func:`detections_layer_kwargs` places each image's detections over it, and
+:func:`write_labels` saves them with the plugin's writer.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -24,22 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import napari.layers
 import numpy as np
 
-from .. import __version__
-from ..config import ConfigError
+from .._version import __version__
 from ..detection.engine import PRETRAINED_MODELS, CompareResult, DetectionSettings, iter_compare
 from ..detection.metrics import BLURRY, DEBLURRED, SHARP, Comparison
-from ..detection.worker import DetectionError, ModelInfo, pretrained_cache_folder, shared_worker
+from ..detection.worker import ModelInfo, pretrained_cache_folder, shared_worker
 from ..images import ImageError
-from ..inference import InputError, iter_deblur
-from ..models.files import ModelFileError
-from .deblur_job import METADATA_KEY, DeblurJob, layer_axes
+from . import session
+from .deblur_job import DeblurJob
 from .io import write_tiff_layer
-from .widgets_common import out_of_memory
-
-logger = logging.getLogger(__name__)
+from .layer_info import RECORD_KEY, LayerInfo
 
 ROLES = {BLURRY: "before", DEBLURRED: "after", SHARP: "sharp"}
 """The dock's word for each image the engine compares."""
@@ -53,10 +49,6 @@ INSTALL_HINT = (
     "StarDist is not installed: pip install 'napari-mpt-deblur[stardist]' (it runs in its own process, "
     "so napari need not restart)"
 )
-
-_FOLDERS: list[str] = []
-"""StarDist model folders chosen since napari started, oldest first (every Compare dock offers them)."""
-
 
 # --- layers and choices (no Qt) -------------------------------------------------------------------------------------
 
@@ -75,31 +67,12 @@ class Selection:
     """Ground-truth labels (optional): a Labels layer, or an image of integer labels."""
 
 
-def pixels(layer: Any) -> Any:
-    """The layer's full-resolution array (not read here)."""
-    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-
-
-def layer_shape(layer: Any) -> tuple[int, ...]:
-    """The shape of the layer's full-resolution data (RGB samples included)."""
-    return tuple(int(n) for n in pixels(layer).shape)
-
-
-def labels_shape_of(layer: Any) -> tuple[int, ...]:
-    """The shape of the detections of an image layer: its shape without RGB samples."""
-    shape = layer_shape(layer)
-    return shape[:-1] if getattr(layer, "rgb", False) else shape
-
-
 def is_label_image(layer: Any) -> bool:
     """Whether a layer can hold ground truth: a Labels layer, or a grey image of integers (as read from a file)."""
-    if isinstance(layer, napari.layers.Labels):
+    info = LayerInfo.of(layer)
+    if info.kind == "labels":
         return True
-    return (
-        isinstance(layer, napari.layers.Image)
-        and not layer.rgb
-        and np.issubdtype(np.dtype(pixels(layer).dtype), np.integer)
-    )
+    return info.kind == "image" and not info.rgb and np.issubdtype(np.dtype(info.pixels.dtype), np.integer)
 
 
 LABEL_SAMPLE_SIDE = 512
@@ -139,11 +112,12 @@ def looks_like_labels(layer: Any) -> bool:
     An image the plugin made (a deblurred result: ``metadata["napari_mpt_deblur"]``) is intensities, never labels,
     and is not read: the menus ask in the GUI thread, where reading a lazy result's plane would compute it there.
     """
-    if isinstance(layer, napari.layers.Labels):
+    info = LayerInfo.of(layer)
+    if info.kind == "labels":
         return True
-    if not is_label_image(layer) or METADATA_KEY in (layer.metadata or {}):
+    if not is_label_image(layer) or info.made_by_plugin:
         return False
-    data = pixels(layer)
+    data = info.pixels
     known = _LABEL_LIKE.get(layer)
     if known is None or known[0] != id(data):
         known = _LABEL_LIKE[layer] = (id(data), label_like(data))
@@ -166,19 +140,10 @@ def stardist_choices(_: Any = None) -> list[tuple[str, str]]:
 
     A folder is labelled with its name, or its full path when two share a name.
     """
-    folders = list(reversed(_FOLDERS))
+    folders = session.SESSION.stardist_folders()
     names = [Path(folder).name for folder in folders]
     labelled = [(name if names.count(name) == 1 else folder, folder) for name, folder in zip(names, folders)]
     return labelled + [(name, name) for name in PRETRAINED_MODELS]
-
-
-def remember_folder(folder: str | Path) -> str:
-    """Offer a StarDist model folder in every Compare dock's menu from now on; returns its choice."""
-    choice = str(Path(folder).expanduser().resolve())
-    if choice in _FOLDERS:
-        _FOLDERS.remove(choice)
-    _FOLDERS.append(choice)
-    return choice
 
 
 def folder_problem(folder: Path) -> str | None:
@@ -201,22 +166,21 @@ def describe_stardist(choice: str) -> str:
     return f"StarDist model: {Path(choice).name} (your folder, for {kind})"
 
 
-def _image_problem(role: str, layer: Any) -> str | None:
+def _image_problem(role: str, layer: LayerInfo) -> str | None:
     name = layer.name
-    if not isinstance(layer, napari.layers.Image):
-        kind = layer.__class__.__name__.lower()
+    if layer.kind != "image":
+        kind = layer.kind
         what = "segmentations" if kind == "labels" else "annotations"
         return (
             f"'{name}' ({role}) is a {kind} layer: choose an image layer; {kind} layers hold {what}, not intensities."
         )
-    shape = layer_shape(layer)
-    if 0 in shape:
-        return f"'{name}' ({role}) is empty (shape {shape}): choose a layer with pixels."
+    if 0 in layer.shape:
+        return f"'{name}' ({role}) is empty (shape {layer.shape}): choose a layer with pixels."
     return None
 
 
-def _described(layer: Any) -> str:
-    return f"{layer_shape(layer)}{' RGB' if layer.rgb else ''}"
+def _described(layer: LayerInfo) -> str:
+    return f"{layer.shape}{' RGB' if layer.rgb else ''}"
 
 
 def selection_problem(selection: Selection, deblur_first: bool, channels: int | None) -> str | None:
@@ -231,34 +195,35 @@ def selection_problem(selection: Selection, deblur_first: bool, channels: int | 
     channels
         The StarDist model's input channels (None when unknown).
     """
-    before = selection.before
-    if before is None:
+    if selection.before is None:
         return "No 'before' image: open the blurry image (or the sample) and choose it under 'before'."
     if not deblur_first and selection.after is None:
         return "No 'after' image: choose the deblurred layer under 'after', or click 'Deblur, then detect'."
-    images = [("before", before)]
+    chosen = [("before", selection.before)]
     if not deblur_first:
-        images.append(("after", selection.after))
+        chosen.append(("after", selection.after))
     if selection.sharp is not None:
-        images.append(("sharp", selection.sharp))
+        chosen.append(("sharp", selection.sharp))
+    images = [(role, LayerInfo.of(layer)) for role, layer in chosen]
     for role, layer in images:
         problem = _image_problem(role, layer)
         if problem:
             return problem
+    before = images[0][1]
     for i, (role, layer) in enumerate(images):
-        for other_role, other in images[:i]:
-            if layer is other:
+        for other_role, other in chosen[:i]:
+            if chosen[i][1] is other:
                 return (
                     f"'{layer.name}' is chosen as both '{other_role}' and '{role}': choose a different layer for each."
                 )
-        if layer_shape(layer) != layer_shape(before) or bool(layer.rgb) != bool(before.rgb):
+        if layer.shape != before.shape or layer.rgb != before.rgb:
             return (
                 f"'{layer.name}' ({role}) is {_described(layer)} but '{before.name}' (before) is {_described(before)}: "
                 "the layers to compare must show the same field, with the same shape."
             )
     try:
-        axes = {layer_axes(layer.ndim, bool(layer.rgb), layer.axis_labels) for _, layer in images}
-    except InputError as error:
+        axes = {layer.axes for _, layer in images}
+    except ImageError as error:
         return f"{str(error).rstrip('.')}."
     if len(axes) > 1:
         return f"The layers' axis labels name different axes ({', '.join(sorted(axes))}): set them alike."
@@ -267,17 +232,17 @@ def selection_problem(selection: Selection, deblur_first: bool, channels: int | 
             "This StarDist model takes RGB images (stained slides such as H&E), but the layers are grey: "
             "choose a fluorescence model such as 2D_versatile_fluo."
         )
-    truth = selection.truth
-    if truth is not None:
-        if not is_label_image(truth):
+    if selection.truth is not None:
+        truth = LayerInfo.of(selection.truth)
+        if not is_label_image(selection.truth):
             return (
                 f"'{truth.name}' (ground truth) is not a label image: choose a Labels layer, or an image of integer "
                 "labels (0 = background), or 'none'."
             )
-        if layer_shape(truth) != labels_shape_of(before):
+        if truth.shape != before.shape_without_samples:
             return (
-                f"'{truth.name}' (ground truth) has shape {layer_shape(truth)}, but the images need labels of shape "
-                f"{labels_shape_of(before)}."
+                f"'{truth.name}' (ground truth) has shape {truth.shape}, but the images need labels of shape "
+                f"{before.shape_without_samples}."
             )
     return None
 
@@ -312,37 +277,9 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-@dataclass(frozen=True)
-class Table:
-    """The results table: a column per image, a row per measurement (all planes pooled)."""
-
-    columns: list[str]
-    """Each image's layer name and role, e.g. ``cells (before)``."""
-    rows: list[str]
-    """What each row measures: ``objects``, ``mean area (px)``, ..., ``mean AP``, ``F1@0.5``."""
-    cells: list[list[str]]
-    """``cells[row][column]``, formatted; empty where there is nothing to show."""
-
-
-def table_cells(comparison: Comparison, names: Mapping[str, str]) -> Table:
-    """The results table of a comparison; ``names`` gives each engine image (``blurry``, ...) its layer's name.
-
-    Scores (AP at each IoU threshold, mean AP, F1 at the first threshold) appear when there is a reference.
-    """
-    reports = list(comparison.reports.values())
-    rows = ["objects", "mean area (px)", "diameter (px)"]
-    columns: list[list[str]] = [
-        [str(r.stats.objects), _fmt(r.stats.mean_area, 1), _fmt(r.stats.mean_diameter, 1)] for r in reports
-    ]
-    if any(report.scores for report in reports):
-        first = comparison.thresholds[0]
-        rows += [f"AP@{t:g}" for t in comparison.thresholds] + ["mean AP", f"F1@{first:g}"]
-        for column, report in zip(columns, reports):
-            scores = report.scores or []
-            column += [_fmt(score.ap, 3) for score in scores] or [""] * len(comparison.thresholds)
-            column += [_fmt(report.mean_ap, 3), _fmt(scores[0].f1, 3) if scores else ""]
-    headers = [f"{names.get(key, key)} ({ROLES.get(key, key)})" for key in comparison.reports]
-    return Table(headers, rows, [list(row) for row in zip(*columns)])
+def image_titles(comparison: Comparison, names: Mapping[str, str]) -> dict[str, str]:
+    """Each engine image's title in the dock's table, e.g. ``cells (before)``; ``names`` gives its layer's name."""
+    return {key: f"{names.get(key, key)} ({ROLES.get(key, key)})" for key in comparison.reports}
 
 
 def plot_bars(comparison: Comparison, names: Mapping[str, str]) -> tuple[str, list[tuple[str, float]], float | None]:
@@ -360,11 +297,7 @@ def summary(comparison: Comparison, info: ModelInfo | None = None, settings: Det
     if comparison.reference:
         scores = ", ".join(f"{ROLES.get(key, key)} {_fmt(r.mean_ap, 3)}" for key, r in reports.items())
         lines = [f"mean AP against the {comparison.reference}: {scores}"]
-        if comparison.gap_recovered is None and SHARP in reports:
-            lines.append("before and sharp score alike: no gap for deblurring to recover")
-        effect = comparison.deblurring_effect()  # the words mpt-deblur compare prints
-        if effect is not None:
-            lines.append(effect)
+        lines += comparison.findings()  # the words mpt-deblur compare prints
     else:
         counts = ", ".join(f"{ROLES.get(key, key)} {r.stats.objects}" for key, r in reports.items())
         lines = [f"objects: {counts} (add a sharp layer or ground truth to score them)"]
@@ -373,21 +306,6 @@ def summary(comparison: Comparison, info: ModelInfo | None = None, settings: Det
         nms = settings.nms_thresh if settings and settings.nms_thresh is not None else info.nms_thresh
         lines.append(f"StarDist {Path(info.name).name}: probability {prob:.2f}, overlap {nms:.2f}")
     return "\n".join(lines)
-
-
-def hint_for(error: BaseException) -> str:
-    """A message for the user for an error that stopped a comparison, with what to try."""
-    text = (str(error) or type(error).__name__).strip().rstrip(".")
-    if isinstance(error, DetectionError):  # WorkerCrashed included: its message says it restarts next time
-        return f"Detection failed: {text}."
-    if isinstance(error, ModelFileError):
-        return f"{text}. Pick another deblurring model."
-    if out_of_memory(error):
-        return f"Out of memory ({text}): crop the layers, or deblur on the CPU."
-    if isinstance(error, (InputError, ImageError, ConfigError, ValueError)):
-        return f"{text}. Check the chosen layers and settings."
-    logger.error("comparing detections failed", exc_info=error)
-    return f"Detection failed: {type(error).__name__}: {text}. The Python log has the details."
 
 
 def detections_layer_kwargs(source: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
@@ -402,7 +320,7 @@ def detections_layer_kwargs(source: Mapping[str, Any], record: Mapping[str, Any]
     """
     kwargs: dict[str, Any] = {"name": f"{source.get('name', 'image')} detections"}
     kwargs.update({key: source[key] for key in PLACEMENT if source.get(key) is not None})
-    kwargs["metadata"] = {METADATA_KEY: dict(record)}
+    kwargs["metadata"] = {RECORD_KEY: dict(record)}
     return kwargs
 
 
@@ -444,7 +362,7 @@ def write_labels(path: str | Path, data: Any, state: Mapping[str, Any]) -> list[
         labels = labels.astype(np.uint16)
     meta = {**state, "rgb": False}
     metadata = state.get("metadata") or {}
-    record = metadata.get(METADATA_KEY)
+    record = metadata.get(RECORD_KEY)
     if isinstance(record, Mapping) and isinstance(record.get("axes"), str):
         meta["metadata"] = {**metadata, "axes": record["axes"]}
     return write_tiff_layer(str(path), labels, meta)
@@ -495,7 +413,7 @@ def compare_steps(run: CompareRun) -> Generator[Any, None, CompareResult]:
     """Deblur first (when asked), then detect and compare; yields progress, status strings and :class:`Deblurred`."""
     job = run.deblur
     if job is not None:
-        result = yield from iter_deblur(job.model, job.data, job.axes, job.settings)
+        result = yield from job.deblur_steps()
         run.data[DEBLURRED] = result
         yield Deblurred(result)
     worker = shared_worker()

@@ -42,10 +42,11 @@ from qtpy.QtWidgets import (
 
 from ..config import ConfigError, DeblurSettings
 from ..detection.engine import CompareResult, DetectionProgress, DetectionSettings
-from ..detection.metrics import BLURRY, DEBLURRED, SHARP
+from ..detection.metrics import BLURRY, DEBLURRED, SHARP, SummaryTable
 from ..detection.worker import DetectionCancelled
 from ..inference import DeblurProgress, InputError
 from ..models.files import ModelFileError
+from . import session
 from .compare_job import (
     CONTOUR,
     INSTALL_HINT,
@@ -54,31 +55,28 @@ from .compare_job import (
     CompareRun,
     Deblurred,
     Selection,
-    Table,
     compare_steps,
     describe_stardist,
     detection_record,
     detections_layer_kwargs,
     folder_problem,
-    hint_for,
+    image_titles,
     is_label_image,
     labels_file_name,
     looks_like_labels,
-    pixels,
     plot_bars,
-    remember_folder,
     rgb_note,
     selection_problem,
     stardist_channels,
     stardist_choices,
     suggest_after,
     summary,
-    table_cells,
     write_labels,
 )
-from .deblur_job import METADATA_KEY, DeblurJob, layer_axes, result_layer_kwargs
+from .deblur_job import DeblurJob, result_layer_kwargs
+from .errors import COMPARE, user_message
 from .io import SaveError
-from .models import REGISTRY
+from .layer_info import RECORD_KEY, LayerInfo
 from .plot import BarPlot
 from .widgets_common import (
     DockState,
@@ -359,7 +357,7 @@ class CompareWidget(ScrollingDock):
         if self._folder_problem:
             self.status.value = self._folder_problem  # a notification when a run is refused, not at every keystroke
             return
-        choice = remember_folder(folder)
+        choice = session.SESSION.add_stardist_folder(folder)
         combo = self.stardist_model
         with combo.changed.blocked():
             combo.native.clear()  # magicgui keeps listed items in place and appends new ones: list them in order
@@ -430,12 +428,12 @@ class CompareWidget(ScrollingDock):
             return
         before = selection.before
         images = {BLURRY: before, DEBLURRED: None if deblur_first else selection.after, SHARP: selection.sharp}
-        sources = {key: layer.as_layer_data_tuple()[1] for key, layer in images.items() if layer is not None}
+        images = {key: layer for key, layer in images.items() if layer is not None}
         run = CompareRun(
-            sources=sources,
-            data={key: pixels(layer) for key, layer in images.items() if layer is not None},
-            truth=None if selection.truth is None else pixels(selection.truth),
-            axes=layer_axes(before.ndim, bool(before.rgb), before.axis_labels),
+            sources={key: layer.as_layer_data_tuple()[1] for key, layer in images.items()},
+            data={key: LayerInfo.of(layer).pixels for key, layer in images.items()},
+            truth=None if selection.truth is None else LayerInfo.of(selection.truth).pixels,
+            axes=LayerInfo.of(before).axes,
             settings=settings,
             deblur=job,
         )
@@ -474,20 +472,9 @@ class CompareWidget(ScrollingDock):
 
     def _deblur_job(self, layer: Any) -> DeblurJob:
         choice = self.model.value
-        model = REGISTRY.load(choice) if choice else None
-        return DeblurJob.from_layer(
-            "image",
-            layer.name,
-            layer.data,
-            layer.ndim,
-            bool(layer.rgb),
-            layer.axis_labels,
-            model,
-            DeblurSettings(device=str(self.device.value)),
-            False,
-            model_name=choice or "",
-            multiscale=bool(layer.multiscale),
-        )
+        model = session.SESSION.load_model(choice) if choice else None
+        settings = DeblurSettings(device=str(self.device.value))
+        return DeblurJob.from_layer(LayerInfo.of(layer), model, settings, False, model_name=choice or "")
 
     def _refuse(self, message: str) -> None:
         self.status.value = message
@@ -563,7 +550,7 @@ class CompareWidget(ScrollingDock):
         names = {key: source.get("name", key) for key, source in run.sources.items()}
         seconds = time.perf_counter() - run.started
         text = f"done in {seconds:.1f} s\n{summary(result.comparison, run.info, run.settings)}"
-        self._show_table(table_cells(result.comparison, names))
+        self._show_table(result.comparison.summary_table(image_titles(result.comparison, names)))
         title, bars, maximum = plot_bars(result.comparison, names)
         self.bar_plot.set_bars(bars, title, maximum, y_label="mean AP" if maximum else "objects")
         self.status.value = text
@@ -571,17 +558,20 @@ class CompareWidget(ScrollingDock):
         self._state.detections = [_weak_layer(layer) for layer in layers]
         self._enable_saving()  # the run may have finished while napari added the layers
 
-    def _show_table(self, table: Table | None) -> None:
-        """Fill the table (None empties it), as high as its rows: the bar plot stays in view."""
+    def _show_table(self, table: SummaryTable | None) -> None:
+        """Fill the table (None empties it), as high as its rows: the bar plot stays in view.
+
+        A column per image, a row per measurement: the images stand side by side in a narrow dock.
+        """
         widget = self.table
         widget.clear()
-        widget.setColumnCount(len(table.columns) if table else 0)
-        widget.setRowCount(len(table.rows) if table else 0)
+        widget.setColumnCount(len(table.rows) if table else 0)
+        widget.setRowCount(len(table.header) - 1 if table else 0)
         if table is not None:
-            widget.setHorizontalHeaderLabels([column.replace(" (", "\n(") for column in table.columns])
-            widget.setVerticalHeaderLabels(table.rows)
-            for r, row in enumerate(table.cells):
-                for c, cell in enumerate(row):
+            widget.setHorizontalHeaderLabels([row[0].replace(" (", "\n(") for row in table.rows])
+            widget.setVerticalHeaderLabels(table.header[1:])
+            for c, row in enumerate(table.rows):
+                for r, cell in enumerate(row[1:]):
                     item = QTableWidgetItem(cell)
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                     widget.setItem(r, c, item)
@@ -601,7 +591,7 @@ class CompareWidget(ScrollingDock):
                 for layer in self.viewer.layers
                 if isinstance(layer, napari.layers.Labels)
                 and layer.name == name
-                and "detections_of" in layer.metadata.get(METADATA_KEY, {})
+                and "detections_of" in layer.metadata.get(RECORD_KEY, {})
                 and layer.ndim == labels.ndim
             ),
             None,
@@ -619,7 +609,7 @@ class CompareWidget(ScrollingDock):
         if isinstance(error, DetectionCancelled):
             return  # the user's Cancel, or the dock closing: _on_finished says so
         self._state.failed = True
-        message = hint_for(error)
+        message = user_message(error, COMPARE)
         if not self._state.deleted:
             self.status.value = message.split("\n", 1)[0]  # the notification keeps the rest (the worker's log)
         show_error(message)

@@ -1,9 +1,10 @@
 """What one run of the Deblur widget does, checked before it starts (no Qt, no napari: testable headless).
 
-The widget reads a few attributes of the chosen layer, hands them to
+The widget reads the chosen layer (:class:`~.layer_info.LayerInfo`), hands it to
 :meth:`DeblurJob.from_layer` (which refuses what the model cannot process with
-a message for the user), runs the job through the inference engine and adds the
-result with :func:`result_layer_kwargs`. A lazy run's result is a
+a message for the user), runs the job's engine (:meth:`DeblurJob.deblur_steps`,
+or :meth:`DeblurJob.planes` for a lazy result) and adds the result with
+:func:`result_layer_kwargs`. A lazy run's result is a
 :class:`LazyResult`, whose planes are computed on request; :class:`SavedPlanes`
 lets *Save result...* follow and stop a writer. :func:`focus_profile` draws the
 per-plane focus curve.
@@ -18,72 +19,21 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..config import DeblurSettings
 from ..data.focus import focus_score
 from ..images import Image, ImageError, check_axes
-from ..inference import DEFAULT_TILE, Cancelled, DeblurProgress, InputError, PlaneByPlane, PlaneLayout
+from ..inference import Cancelled, DeblurProgress, Deblurrer, InputError, PlaneByPlane, PlaneLayout, iter_deblur
 from ..models.files import BUNDLED_MODELS
 from ..models.mpt import MPT
 from ..runtime import resolve_device, run_to_end
-
-LABEL_LETTERS = "TZCYX"
-"""Axis labels read as axes (case-insensitive); any other labels are ignored and the axes guessed."""
-
-_LEADING_AXES = {2: "", 3: "Z", 4: "TZ", 5: "TZC"}
-
-METADATA_KEY = "napari_mpt_deblur"
-"""Key of the result layer's metadata entry that records how it was made."""
-
-
-def layer_axes(ndim: int, rgb: bool, axis_labels: Sequence[str] | None) -> str:
-    """Axes letters (see :mod:`napari_mpt_deblur.images`) of a napari image layer.
-
-    Parameters
-    ----------
-    ndim
-        The layer's dimensions, without the RGB samples (napari's ``layer.ndim``).
-    rgb
-        Whether the data has a trailing axis of RGB(A) samples.
-    axis_labels
-        The layer's axis labels. Used when they are distinct single letters
-        among t, z, c, y, x (any case); otherwise the axes are guessed from
-        ``ndim``: 2-D ``YX``, 3-D ``ZYX``, 4-D ``TZYX``, 5-D ``TZCYX``.
-
-    Returns
-    -------
-    str
-        One upper-case letter per axis of the data, ``S`` last for RGB.
-
-    Raises
-    ------
-    InputError
-        When the labels name no axes and there are more than 5 (or fewer than 2) dimensions.
-    """
-    labels = [str(label).upper() for label in axis_labels] if axis_labels is not None else []
-    named = (
-        len(labels) == ndim
-        and all(len(label) == 1 and label in LABEL_LETTERS for label in labels)
-        and len(set(labels)) == ndim
-    )
-    if named:
-        axes = "".join(labels)
-    else:
-        leading = _LEADING_AXES.get(ndim)
-        if leading is None:
-            example = ", ".join(repr(a) for a in ("t", "z", "c", "y", "x")[-ndim:]) if ndim <= 5 else "'t', 'z', ..."
-            raise InputError(
-                f"cannot tell which axes of a {ndim}-D layer are which: set its axis labels to letters "
-                f"among t, z, c, y, x (e.g. layer.axis_labels = ({example}))"
-            )
-        axes = leading + "YX"
-    return axes + ("S" if rgb else "")
+from .layer_info import RECORD_KEY, LayerInfo
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,27 +62,19 @@ class DeblurJob:
     @classmethod
     def from_layer(
         cls,
-        kind: str,
-        name: str,
-        data: Any,
-        ndim: int,
-        rgb: bool,
-        axis_labels: Sequence[str] | None,
+        layer: LayerInfo,
         model: MPT | None,
         settings: DeblurSettings,
         lazy: bool,
         *,
         model_name: str = "",
-        multiscale: bool = False,
     ) -> DeblurJob:
         """Check a layer against a model and settings; the job, or an :class:`InputError` saying what to do.
 
         Parameters
         ----------
-        kind
-            The layer type in lower case (``image``, ``labels``, ``points``, ...).
-        name, data, ndim, rgb, axis_labels
-            The layer's attributes of these names (``ndim`` without the RGB samples).
+        layer
+            The layer to deblur (its full-resolution level, for a multiscale layer).
         model
             The network (None when no model is chosen yet).
         settings
@@ -141,8 +83,6 @@ class DeblurJob:
             Compute planes when shown instead of all at once.
         model_name
             The model choice, recorded in the result's metadata.
-        multiscale
-            The layer holds a resolution pyramid; its full-resolution level is deblurred.
 
         Raises
         ------
@@ -151,15 +91,14 @@ class DeblurJob:
             than integers or floating point, axes that cannot be told apart, a
             3-channel model on grey data, no model, or a device that is missing.
         """
+        name, kind = layer.name, layer.kind
         if kind != "image":
             what = "meshes" if kind == "surface" else "annotations"
             raise InputError(
                 f"layer {name!r} is a {kind} layer: choose an image layer; {kind} layers hold {what}, not intensities"
             )
-        if multiscale:
-            data = data[0]
         try:
-            axes = check_axes(layer_axes(ndim, rgb, axis_labels), tuple(data.shape))
+            axes = layer.axes
         except ImageError as error:
             raise InputError(f"layer {name!r}: {error}") from None
         if model is None:
@@ -167,10 +106,26 @@ class DeblurJob:
                 "no model chosen: pick a model file (.safetensors) or a reference checkpoint (.pth) under 'model file'"
             )
         try:
-            PlaneLayout.of(Image(data, axes, name), model.config.in_channels)
+            PlaneLayout.of(Image(layer.pixels, axes, name), model.config.in_channels)
         except InputError as error:
             raise InputError(f"layer {name!r}: {error}") from None
-        return cls(name, data, axes, settings, _model_for_device(model, settings.device), lazy, model_name)
+        return cls(name, layer.pixels, axes, settings, _model_for_device(model, settings.device), lazy, model_name)
+
+    @cached_property
+    def engine(self) -> Deblurrer:
+        """The engine that runs the job, built on first use (it moves the model to the device)."""
+        return Deblurrer(self.model, self.settings)
+
+    def deblur_steps(self) -> Generator[DeblurProgress, None, np.ndarray]:
+        """The eager run's compute generator: every plane, tile by tile; returns the deblurred array.
+
+        The engine is built when it starts, in the thread that runs it.
+        """
+        return (yield from iter_deblur(self.engine, self.data, self.axes))
+
+    def planes(self) -> PlaneByPlane:
+        """The lazy run's engine: the image deblurred one block at a time, on request."""
+        return PlaneByPlane(self.engine, self.data, self.axes)
 
     def rgb_note(self) -> str | None:
         """How an RGB layer is treated, for a notification (None for other layers): the user sees only colours."""
@@ -189,19 +144,17 @@ class DeblurJob:
         return None
 
     def provenance(self) -> dict[str, Any]:
-        """What made the result: model choice and card, settings and axes (JSON-ready), for its metadata."""
+        """What made the result (JSON-ready), for its metadata: model choice and card, axes, and the settings as
+        the engine used them (:meth:`~napari_mpt_deblur.inference.Deblurrer.settings_used`)."""
         card = getattr(self.model, "card", None)
-        normalization = self.settings.normalization or (card.normalization if card else None)
-        tile = self.settings.tile
-        if tile is None:
-            tile = (card.tile_size if card else None) or DEFAULT_TILE
+        used = self.engine.settings_used()
         return {
             "source": self.source,
             "model": self.model_name,
             "model_provenance": dict(card.provenance) if card else {},
-            "normalization": asdict(normalization) if normalization else None,
-            "tile": tile,
-            "settings": asdict(self.settings),
+            "normalization": asdict(used.normalization),
+            "tile": used.tile,
+            "settings": asdict(used),
             "axes": self.axes,
             "mode": "lazy" if self.lazy else "eager",
             "software": f"napari-mpt-deblur {__version__}",
@@ -211,7 +164,7 @@ class DeblurJob:
 def _model_for_device(model: MPT, device: str) -> MPT:
     """The model itself when it already lives on ``device``, else a copy.
 
-    The engine moves its model to the device in place; the registry's cached
+    The engine moves its model to the device in place; the session's cached
     model is shared by every layer and widget, so a GPU run must not move it
     away from under a lazy layer that computes on the CPU.
     """
@@ -241,7 +194,7 @@ def result_source(name: str, metadata: Mapping[str, Any] | None, names: Sequence
     The source its metadata records (see :func:`result_layer_kwargs`), else, for a result made elsewhere, the
     longest of ``names`` that its name starts with, followed by ``" deblurred"``.
     """
-    record = (metadata or {}).get(METADATA_KEY)
+    record = (metadata or {}).get(RECORD_KEY)
     recorded = record.get("source") if isinstance(record, Mapping) else None
     if recorded in names and recorded != name:
         return recorded
@@ -277,7 +230,7 @@ def result_layer_kwargs(source: Mapping[str, Any], provenance: Mapping[str, Any]
     if not source.get("rgb") and source.get("colormap") is not None:
         kwargs["colormap"] = source["colormap"]
     metadata = dict(source.get("metadata") or {})
-    metadata[METADATA_KEY] = dict(provenance or {})
+    metadata[RECORD_KEY] = dict(provenance or {})
     kwargs["metadata"] = metadata
     return kwargs
 

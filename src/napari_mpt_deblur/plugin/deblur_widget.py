@@ -30,11 +30,13 @@ from qtpy.QtWidgets import QFileDialog
 
 from .. import images
 from ..config import ConfigError, DeblurSettings, IntensityNormalization
-from ..inference import DEFAULT_TILE, DeblurProgress, InputError, PlaneByPlane, default_overlap, iter_deblur
+from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap
 from ..models.files import ModelFileError
-from .deblur_job import METADATA_KEY, DeblurJob, LazyResult, SavedPlanes, focus_profile, result_layer_kwargs
+from . import session
+from .deblur_job import DeblurJob, LazyResult, SavedPlanes, focus_profile, result_layer_kwargs
+from .errors import DEBLUR, user_message
 from .io import SaveError, write_tiff_layer
-from .models import REGISTRY
+from .layer_info import LayerInfo
 from .plot import LinePlot
 from .timing import TimeLeft
 from .widgets_common import (
@@ -45,7 +47,6 @@ from .widgets_common import (
     device_box,
     gui_relay,
     image_for,
-    out_of_memory,
     progress_and_status,
     row,
     start_worker,
@@ -68,16 +69,6 @@ def _compute(
     """The worker's generator: the engine's progress, then the result with both focus profiles."""
     result = yield from steps
     return result, focus_profile(data, axes), focus_profile(result, axes)
-
-
-def error_message(error: BaseException) -> str:
-    """What to tell the user about an error raised while deblurring (unexpected ones are logged in full)."""
-    if isinstance(error, (InputError, ModelFileError, ConfigError)):
-        return str(error)
-    if out_of_memory(error):
-        return f"out of memory ({error}): try smaller tiles or the CPU"
-    logger.error("deblurring failed", exc_info=error)
-    return f"deblurring failed: {type(error).__name__}: {error}"
 
 
 @dataclass(eq=False)
@@ -203,7 +194,7 @@ class LazyPlanes:
         run.done = True
 
     def _failed_with(self, run: _PlaneRun, error: BaseException) -> None:
-        message = f"'{self.name}', {run.where}: {error_message(error)}"
+        message = f"'{self.name}', {run.where}: {user_message(error, DEBLUR)}"
         self.failed[run.position] = message
         self._tell(message, 0, run.tiles)
         show_error(message)
@@ -394,7 +385,7 @@ class DeblurWidget(ScrollingDock):
             self.status.value = NO_MODEL_HINT
             return
         try:
-            model = REGISTRY.load(choice)
+            model = session.SESSION.load_model(choice)
         except (ModelFileError, OSError) as error:
             self.status.value = str(error)
             return
@@ -448,7 +439,7 @@ class DeblurWidget(ScrollingDock):
         low, high = float(self.low.value), float(self.high.value)
         normalization = None  # the model's own, unless the user changed the percentiles
         if (low, high) != self._default_percentiles and self.low.enabled:
-            card = getattr(REGISTRY.load(self.model.value), "card", None) if self.model.value else None
+            card = getattr(session.SESSION.load_model(self.model.value), "card", None) if self.model.value else None
             per = card.normalization.per if card else "plane"
             normalization = IntensityNormalization(mode="percentile", low=low, high=high, per=per)
         return DeblurSettings(tile=tile, overlap=overlap, device=str(self.device.value), normalization=normalization)
@@ -475,24 +466,12 @@ class DeblurWidget(ScrollingDock):
         if layer is None or self._models.problem:
             self._refuse(self._models.problem or "no image layer: open an image, or add one to the viewer, first")
             return
-        kind = "image" if isinstance(layer, napari.layers.Image) else layer.__class__.__name__.lower()
+        info = LayerInfo.of(layer)
         choice = self.model.value
         try:
             settings = self.settings()
-            model = REGISTRY.load(choice) if (choice and kind == "image") else None
-            job = DeblurJob.from_layer(
-                kind,
-                layer.name,
-                layer.data,
-                layer.ndim,
-                bool(getattr(layer, "rgb", False)),
-                getattr(layer, "axis_labels", None),
-                model,
-                settings,
-                bool(self.lazy.value),
-                model_name=choice or "",
-                multiscale=bool(getattr(layer, "multiscale", False)),
-            )
+            model = session.SESSION.load_model(choice) if (choice and info.kind == "image") else None
+            job = DeblurJob.from_layer(info, model, settings, bool(self.lazy.value), model_name=choice or "")
             source_state = layer.as_layer_data_tuple()[1]
             if job.lazy:
                 self._run_lazy(job, source_state)
@@ -510,7 +489,7 @@ class DeblurWidget(ScrollingDock):
         self.status.value = message
 
     def _run_lazy(self, job: DeblurJob, source_state: dict[str, Any]) -> None:
-        result = LazyResult(PlaneByPlane(job.model, job.data, job.axes, job.settings))
+        result = LazyResult(job.planes())
         kwargs = result_layer_kwargs(source_state, job.provenance())
         lazy = LazyPlanes(self.viewer, result, kwargs["name"])
         lazy.listener = weak_callback(self._on_lazy_progress)
@@ -551,7 +530,7 @@ class DeblurWidget(ScrollingDock):
         self.status.value = f"deblurring {job.source} ..."
         self.focus_plot.clear()
         state.start(
-            _compute(iter_deblur(job.model, job.data, job.axes, job.settings), job.data, job.axes),
+            _compute(job.deblur_steps(), job.data, job.axes),
             f"Deblurring {job.source}",
             on_yield=self._on_progress,
             on_return=self._on_returned,
@@ -605,7 +584,7 @@ class DeblurWidget(ScrollingDock):
         self.viewer.add_image(result, **kwargs)
 
     def _on_error(self, error: BaseException) -> None:
-        message = error_message(error)
+        message = user_message(error, DEBLUR)
         if not self._state.deleted:
             self.status.value = message
         show_error(message)
@@ -627,7 +606,7 @@ class DeblurWidget(ScrollingDock):
         layers = self.viewer.layers
 
         def is_result(layer: Any) -> bool:
-            return isinstance(layer, napari.layers.Image) and METADATA_KEY in (layer.metadata or {})
+            return isinstance(layer, napari.layers.Image) and LayerInfo.of(layer).made_by_plugin
 
         active = layers.selection.active
         if is_result(active):
@@ -671,8 +650,8 @@ class DeblurWidget(ScrollingDock):
         if isinstance(source, str) and Path(source).exists() and Path(source).resolve() == target.resolve():
             self._refuse(f"{target} is the input of '{layer.name}': choose another name, so the input stays")
             return
-        data, meta = unwrapped(layer.data), layer.as_layer_data_tuple()[1]
-        data = data[0] if getattr(layer, "multiscale", False) else data
+        data = unwrapped(LayerInfo.of(layer).pixels)
+        meta = {**layer.as_layer_data_tuple()[1], "multiscale": False}  # the writer gets the full-resolution level
         shape = tuple(data.shape)
         planes = math.prod(shape[: -3 if meta.get("rgb") else -2])
         stop = state.stop_saving

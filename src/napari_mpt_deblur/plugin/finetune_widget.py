@@ -1,9 +1,8 @@
 """The Fine-tune dock: fine-tune a model on the lab's own image layers with EFCR_ex, live.
 
-The dock gathers the layers and settings, then runs the same headless path as
-``mpt-deblur finetune`` (:func:`~napari_mpt_deblur.training.finetune.prepare_finetune`
-then :func:`~napari_mpt_deblur.training.finetune.run_finetune`) in a thread worker
-(:func:`~.widgets_common.start_worker`), so the viewer stays responsive. The
+The dock gathers the layers and settings into a run of :mod:`.finetune_job`, which
+holds what is not Qt, and runs it (the same headless path as ``mpt-deblur finetune``)
+in a thread worker (:func:`~.widgets_common.start_worker`), so the viewer stays responsive. The
 microscope row (NA, medium, emission wavelength, pixel size; the pixel size and Z
 step of the first layer's file by default) shapes the synthetic blur. Every
 step updates the loss and validation curves; Stop ends the run between steps,
@@ -16,18 +15,12 @@ bioimage.io package (:func:`~napari_mpt_deblur.models.bioimageio.export_package`
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import math
 import tempfile
-from collections.abc import Generator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, Select, SpinBox
 from napari.layers import Image, Labels
 from napari.utils import progress
@@ -39,8 +32,23 @@ from qtpy.QtWidgets import QFileDialog, QSizePolicy
 from ..config import MEDIA, ConfigError, Microscope, ModelCard
 from ..models.files import ModelFileError, save_model
 from ..training.config import TrainConfig
-from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune, run_finetune
-from .models import REGISTRY
+from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog
+from . import session
+from .errors import FINETUNE, user_message
+from .finetune_job import (
+    MODEL_SUFFIX,
+    FinetuneRun,
+    dock_schedule,
+    dock_validations,
+    export_for_bioimageio,
+    finetune_steps,
+    layer_problem,
+    model_provenance,
+    physical_size,
+    release,
+    suggested_model_path,
+)
+from .layer_info import LayerInfo
 from .plot import LinePlot
 from .timing import LONG_RUN_S, FinetuneEstimate, format_seconds, iter_measure_finetune
 from .widgets_common import (
@@ -50,7 +58,6 @@ from .widgets_common import (
     ScrollingDock,
     device_box,
     image_for,
-    out_of_memory,
     progress_and_status,
     row,
     show_path_end,
@@ -64,130 +71,11 @@ if TYPE_CHECKING:
     from superqt.utils import GeneratorWorker
 
     from ..models.mpt import MPT
-    from ..training.engine import TrainProgress
 
-MODEL_SUFFIX = ".safetensors"
 PACKAGE_SUFFIX = ".zip"
 """A bioimage.io model package."""
 ESTIMATE_DELAY_MS = 700
 """The time estimate waits this long after the last change of the settings it depends on before timing steps."""
-PLOTTED_VALIDATIONS = 20
-"""The dock validates about this many times per run (at most every ``FINETUNE_DEFAULTS.validate_every`` steps)."""
-
-
-def dock_schedule(steps: int) -> tuple[int, int]:
-    """(validate_every, checkpoint_every) for a run of ``steps`` in the dock.
-
-    The dock validates often enough to draw a curve and to keep good weights
-    (the CLI's default of every 100 steps would leave a short run with one
-    validation). Checkpoints go to a temporary folder, as the CLI's.
-    """
-    validate = max(1, min(FINETUNE_DEFAULTS.validate_every, steps // PLOTTED_VALIDATIONS))
-    return validate, min(FINETUNE_DEFAULTS.checkpoint_every, steps)
-
-
-@dataclass
-class _Run:
-    """One fine-tuning run: its inputs, and what the worker leaves behind (no Qt widgets here)."""
-
-    choice: str
-    config: TrainConfig
-    unlabeled: list[tuple[str, Any]]
-    labeled: tuple[tuple[str, Any], tuple[str, Any]] | None
-    min_focus: float
-    folder: tempfile.TemporaryDirectory
-    microscope: Microscope = field(default_factory=Microscope)
-    log: TrainingLog = field(default_factory=TrainingLog)
-    model: MPT | None = None
-    start_provenance: dict[str, Any] = field(default_factory=dict)
-    data_record: dict[str, Any] = field(default_factory=dict)
-    failed: bool = False
-    error: str = ""
-    """The message for the user of the error that ended the run (empty: none)."""
-    summary: str = ""
-    """What the run did and which weights the model kept (the status line's, after the run)."""
-    notes: list[str] = field(default_factory=list)
-    """What the data told (the blur measured, no in-focus planes...), shown after the run."""
-    done: bool = False
-    """The worker has stopped and the run is cleaned up."""
-
-    @property
-    def checkpoint(self) -> Path:
-        return Path(self.folder.name) / f"checkpoint{MODEL_SUFFIX}"
-
-
-def _train(run: _Run) -> Generator[str | TrainProgress, None, None]:
-    """The worker's generator: load, prepare, train; yields status strings then every step's progress.
-
-    Closing it (the dock's Stop, between steps), finishing or failing gives the model its best weights,
-    removes the temporary folder and lets go of the layers' pixels.
-    """
-    try:
-        yield f"loading {Path(run.choice).name}..."
-        # a copy: the registry's model is shared with the Deblur widget and must not change under it
-        model = copy.deepcopy(REGISTRY.load(run.choice))
-        run.model = model
-        card = getattr(model, "card", None)
-        run.start_provenance = dict(card.provenance) if card is not None else {}
-        yield "preparing patches (focus scores, validation)..."
-        data = prepare_finetune(
-            model,
-            [layer for _, layer in run.unlabeled],
-            labeled=None if run.labeled is None else (run.labeled[0][1], run.labeled[1][1]),
-            config=run.config,
-            min_focus_quantile=run.min_focus,
-            microscope=run.microscope,
-        )
-        run.config = data.config
-        run.data_record = {
-            "unlabeled_layers": [name for name, _ in run.unlabeled],
-            **data.provenance,
-            **({"labeled_layers": [run.labeled[0][0], run.labeled[1][0]]} if run.labeled else {}),
-        }
-        run.notes = list(data.notes)
-        if data.estimate is not None:
-            run.notes.insert(0, data.estimate.describe())
-        yield "scoring the starting model on held-out planes..."
-        steps = run_finetune(model, data, run.checkpoint, run.log)
-        with contextlib.closing(steps):
-            yield from steps
-    except Exception:  # reported by the dock (start_worker's on_error)
-        run.failed = True
-        raise
-    finally:
-        if run.model is not None:
-            run.log.restore_best(run.model)  # done by run_finetune too, unless it failed before it began
-        _release(run)
-
-
-def _release(run: _Run) -> None:
-    """Remove the run's temporary folder and let go of the layers' pixels (the viewer's; their layers may go)."""
-    run.folder.cleanup()
-    run.unlabeled = [(name, None) for name, _ in run.unlabeled]  # the names stay for the record
-    run.labeled = None if run.labeled is None else ((run.labeled[0][0], None), (run.labeled[1][0], None))
-
-
-def hint_for(error: BaseException) -> str:
-    """A user-facing message for an error raised while fine-tuning, with what to try."""
-    text = (str(error) or type(error).__name__).rstrip(". ")
-    if isinstance(error, ModelFileError):
-        return f"{text}. Pick another model file."
-    if isinstance(error, FloatingPointError):  # the engine's message already says to lower the learning rate
-        return f"Fine-tuning diverged: {text}."
-    if out_of_memory(error):
-        return f"Out of memory ({text}). Use a smaller patch or batch, or the cpu device."
-    if isinstance(error, OSError):
-        return f"{text}. Check the disk space and permissions of the temporary folder."
-    if isinstance(error, ValueError):
-        return f"{text}. Check the selected layers and settings."
-    return f"Fine-tuning failed: {type(error).__name__}: {text}."
-
-
-def dock_validations(steps: int) -> int:
-    """How many validations a dock run of ``steps`` makes: the starting model's, then every ``validate_every``
-    steps and at the last (see :func:`dock_schedule`)."""
-    validate_every, _ = dock_schedule(steps)
-    return 1 + math.ceil(steps / validate_every)
 
 
 class FinetuneWidget(ScrollingDock):
@@ -216,8 +104,8 @@ class FinetuneWidget(ScrollingDock):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = napari_viewer
-        self._run: _Run | None = None
-        self._last: _Run | None = None
+        self._run: FinetuneRun | None = None
+        self._last: FinetuneRun | None = None
         self._state = DockState()
         self.tuned_model: MPT | None = None
         defaults = FINETUNE_DEFAULTS
@@ -420,16 +308,17 @@ class FinetuneWidget(ScrollingDock):
         if (blurry is None) != (sharp is None):
             return "Choose both a blurry and a sharp layer for labeled pairs, or set both to 'none'."
         for layer in [*chosen, *(x for x in (blurry, sharp) if x is not None)]:
-            problem = _layer_problem(layer)
+            problem = layer_problem(LayerInfo.of(layer))
             if problem:
                 return problem
         if blurry is not None and sharp is not None:
             if blurry is sharp:
                 return f"'{blurry.name}' is chosen as both blurry and sharp; pick its sharp counterpart."
-            if _shape(blurry) != _shape(sharp):
+            blurry_shape, sharp_shape = LayerInfo.of(blurry).shape, LayerInfo.of(sharp).shape
+            if blurry_shape != sharp_shape:
                 return (
-                    f"The labeled pair differs in shape: '{blurry.name}' is {_shape(blurry)} and '{sharp.name}' is "
-                    f"{_shape(sharp)}. Choose a blurry and a sharp layer of the same shape, or 'none'."
+                    f"The labeled pair differs in shape: '{blurry.name}' is {blurry_shape} and '{sharp.name}' is "
+                    f"{sharp_shape}. Choose a blurry and a sharp layer of the same shape, or 'none'."
                 )
         if self._models.problem:
             return self._models.problem
@@ -473,13 +362,13 @@ class FinetuneWidget(ScrollingDock):
         labeled = None
         if self.blurry.value is not None:
             labeled = (
-                (self.blurry.value.name, _pixels(self.blurry.value)),
-                (self.sharp.value.name, _pixels(self.sharp.value)),
+                (self.blurry.value.name, LayerInfo.of(self.blurry.value).pixels),
+                (self.sharp.value.name, LayerInfo.of(self.sharp.value).pixels),
             )
-        run = _Run(
+        run = FinetuneRun(
             choice=str(self.model.value),
             config=config,
-            unlabeled=[(layer.name, _pixels(layer)) for layer in self.unlabeled.value],
+            unlabeled=[(layer.name, LayerInfo.of(layer).pixels) for layer in self.unlabeled.value],
             labeled=labeled,
             min_focus=float(self.min_focus.value),
             folder=tempfile.TemporaryDirectory(prefix="mpt-finetune-"),
@@ -495,7 +384,7 @@ class FinetuneWidget(ScrollingDock):
         self.status.value = "starting..."
         self._set_running(True)
         self._state.start(
-            _train(run),
+            finetune_steps(run),
             "Fine-tuning",
             steps,
             on_yield=self._on_yielded,
@@ -537,7 +426,7 @@ class FinetuneWidget(ScrollingDock):
             self.estimate.value = ""
             return
         try:
-            model = REGISTRY.load(choice)
+            model = session.SESSION.load_model(choice)
             config = FINETUNE_DEFAULTS.replace(
                 batch_size=key[1],
                 patch_size=key[2],
@@ -565,7 +454,7 @@ class FinetuneWidget(ScrollingDock):
     def _timing_failed(self, error: BaseException) -> None:
         self.time_per_step, self._timed = None, self._timing  # not again until the settings change
         if not self._state.deleted:
-            self.estimate.value = f"cannot estimate: {hint_for(error)}"
+            self.estimate.value = f"cannot estimate: {user_message(error, FINETUNE)}"
 
     def _timed_out(self) -> None:
         self._timing_worker, self._timing = None, None
@@ -611,7 +500,7 @@ class FinetuneWidget(ScrollingDock):
         """
         from ..data.optics import microscope_from_metadata
 
-        pixel_size, unit, z_spacing = _physical_size(layer)
+        pixel_size, unit, z_spacing = physical_size(LayerInfo.of(layer))
         given = {"na": float(self.na.value), "medium": str(self.medium.value)}
         given["wavelength_um"] = int(self.wavelength.value) / 1000
         given["pixel_size_um"] = float(self.pixel_size.value) or None
@@ -662,7 +551,7 @@ class FinetuneWidget(ScrollingDock):
         )
 
     def _on_errored(self, error: BaseException) -> None:
-        message = hint_for(error)
+        message = user_message(error, FINETUNE)
         if self._run is not None:
             self._run.error = message
         show_error(message)
@@ -671,7 +560,7 @@ class FinetuneWidget(ScrollingDock):
         run, self._run = self._run, None
         if run is None:
             return
-        _release(run)  # done by the worker too, unless it stopped before it began
+        release(run)  # done by the worker too, unless it stopped before it began
         run.done = True
         self._last = run
         log = run.log
@@ -685,7 +574,7 @@ class FinetuneWidget(ScrollingDock):
             run.summary = f"{what} after {log.step}/{log.steps} steps; {log.outcome()}"
             self.status.value = "\n".join([f"{run.summary}. Save the model to use it.", *run.notes])
             if not _chosen_file(self.save_path.value):
-                self.save_path.value = _suggest_path(run)
+                self.save_path.value = suggested_model_path(run)
         else:
             self.status.value = "stopped before the first step"
         if run.failed:
@@ -695,7 +584,7 @@ class FinetuneWidget(ScrollingDock):
         self._estimate_soon()  # settings may have changed since the timing the run interrupted
 
     def close_dock(self) -> None:
-        """Stop a running fine-tune and stop following the registry (done when napari closes the dock)."""
+        """Stop a running fine-tune and stop following the session's models (done when napari closes the dock)."""
         self._state.close()
 
     # save -------------------------------------------------------------------------------------
@@ -740,8 +629,8 @@ class FinetuneWidget(ScrollingDock):
         if path.suffix.lower() != MODEL_SUFFIX:
             path = path.with_name(path.name + MODEL_SUFFIX)
         normalization = getattr(getattr(model, "card", None), "normalization", None)
-        saved = save_model(model, path, normalization=normalization, provenance=_provenance(run))
-        REGISTRY.add_file(saved)
+        saved = save_model(model, path, normalization=normalization, provenance=model_provenance(run))
+        session.SESSION.add_model_file(saved)
         return saved
 
     # export -----------------------------------------------------------------------------------
@@ -758,7 +647,7 @@ class FinetuneWidget(ScrollingDock):
     def _package_path(self) -> Path:
         """The package name the dialog proposes: the model file's (chosen or saved), as a ``.zip``."""
         chosen = self.save_path.value
-        base = Path(chosen) if _chosen_file(chosen) else _suggest_path(self._last) if self._last else None
+        base = Path(chosen) if _chosen_file(chosen) else suggested_model_path(self._last) if self._last else None
         base = base or Path.home() / f"fine-tuned{MODEL_SUFFIX}"
         return base.with_name(base.name.removesuffix(MODEL_SUFFIX) + PACKAGE_SUFFIX)
 
@@ -800,7 +689,7 @@ class FinetuneWidget(ScrollingDock):
         if target.suffix.lower() != PACKAGE_SUFFIX:
             target = target.with_name(target.name + PACKAGE_SUFFIX)
         card = getattr(model, "card", None) or ModelCard(model.config)
-        card = dataclasses.replace(card, provenance=_provenance(run))
+        card = dataclasses.replace(card, provenance=model_provenance(run))
         layers = ", ".join(name for name, _ in run.unlabeled)
         description = (
             "Defocus deblurring of microscopy images with a Multi-Pyramid Transformer (MPT), fine-tuned with EFCR_ex "
@@ -808,7 +697,7 @@ class FinetuneWidget(ScrollingDock):
         )
         self.status.value = f"exporting to {target.name} (tested on the middle plane of '{layer.name}')..."
         self._export_worker = start_worker(
-            partial(_export, model, card, _pixels(layer), target, description),
+            partial(export_for_bioimageio, model, card, LayerInfo.of(layer).pixels, target, description),
             on_return=self._exported,
             on_error=self._export_failed,
             on_finished=self._export_finished,
@@ -864,75 +753,5 @@ def _float_box(label: str, value: float, low: float, high: float, step: float, d
     return box
 
 
-def _shape(layer: Any) -> tuple[int, ...]:
-    return tuple(int(n) for n in layer.data[0].shape) if layer.multiscale else tuple(int(n) for n in layer.data.shape)
-
-
-def _pixels(layer: Any) -> Any:
-    """The layer's full-resolution array (not read here: the worker reads it)."""
-    return layer.data[0] if layer.multiscale else layer.data
-
-
-def _layer_problem(layer: Any) -> str | None:
-    if isinstance(layer, Labels):
-        return (
-            f"'{layer.name}' is a Labels layer (a segmentation), not an image. Fine-tuning needs intensity images: "
-            "select image layers (right-click a layer > Convert to Image if it holds intensities)."
-        )
-    if not isinstance(layer, Image):
-        return f"'{layer.name}' is not an image layer; select image layers."
-    if getattr(layer, "rgb", False):
-        return f"'{layer.name}' is RGB; fine-tuning works on grayscale planes: split it into channels and select one."
-    shape = _shape(layer)
-    if 0 in shape:
-        return f"'{layer.name}' is empty (shape {shape}); select a layer with pixels."
-    if min(shape[-2:]) < 3:
-        return f"'{layer.name}' has planes of {shape[-2:]} pixels; they need at least 3 x 3."
-    return None
-
-
-def _physical_size(layer: Any) -> tuple[tuple[float, float] | None, str | None, float | None]:
-    """(Y, X) pixel size, unit and Z spacing of a layer: from its file's metadata, else from its scale and units."""
-    metadata = getattr(layer, "metadata", None) or {}
-    if metadata.get("pixel_size") or metadata.get("z_spacing"):
-        return metadata.get("pixel_size"), metadata.get("unit"), metadata.get("z_spacing")
-    units = [str(unit) for unit in getattr(layer, "units", ())]
-    scale = [float(value) for value in layer.scale]
-    if len(units) != len(scale) or units[-1] in ("pixel", "") or units[-1] != units[-2]:
-        return None, None, None
-    labels = [str(label).lower() for label in getattr(layer, "axis_labels", ())]
-    z_spacing = scale[labels.index("z")] if "z" in labels and units[labels.index("z")] == units[-1] else None
-    return (scale[-2], scale[-1]), units[-1], z_spacing
-
-
-def _provenance(run: _Run) -> dict[str, Any]:
-    """What a fine-tuned model records: the starting model's provenance, what it was tuned from and on, how."""
-    return {
-        **run.start_provenance,
-        "fine_tuned_from": run.choice,
-        "fine_tuned_on": run.data_record,
-        "fine_tune": {"tool": "napari dock", **run.log.summary()},
-        "train_config": run.config.to_dict(),
-    }
-
-
-def _export(model: MPT, card: ModelCard, data: Any, path: Path, description: str) -> Path:
-    """The export worker: the middle plane of ``data`` (a grey layer's array), then the package at ``path``."""
-    from ..models.bioimageio import export_package
-
-    plane = np.asarray(data[tuple(n // 2 for n in data.shape[:-2])])  # read here, off the GUI thread
-    # a copy with the fine-tune's card: the dock's model keeps its own, and may be saved again meanwhile
-    package = copy.deepcopy(model)
-    package.card = card
-    return export_package(package, path, plane, description=description)
-
-
 def _chosen_file(path: Any) -> bool:
     return path is not None and str(path) not in ("", ".") and not Path(path).is_dir()
-
-
-def _suggest_path(run: _Run) -> Path:
-    first = run.unlabeled[0][0] if run.unlabeled else "stack"
-    stem = Path(run.choice).name.removesuffix(MODEL_SUFFIX)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{stem}-tuned-{first}")
-    return Path.home() / f"{safe}{MODEL_SUFFIX}"

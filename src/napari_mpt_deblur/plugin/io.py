@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import images
 from ..images import Image, ImageError
+from .layer_info import LayerInfo
 
 LayerData = tuple[Any, dict[str, Any], str]
 """A napari layer data tuple: ``(data, meta, layer_type)``."""
@@ -35,11 +36,6 @@ ReaderFunction = Callable[[PathOrPaths], list[LayerData]]
 SMALL_BYTES = 64 * 2**20
 """Images up to this size are read into memory at once; larger ones stay lazy (dask, one plane per chunk)."""
 
-ZARR_MARKERS = images.ZARR_MARKERS
-"""Files whose presence makes a folder a Zarr store (Zarr v2 and v3)."""
-
-_DEFAULT_AXES = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}
-
 
 class SaveError(RuntimeError):
     """A layer that cannot be saved as asked; the message says why.
@@ -47,11 +43,6 @@ class SaveError(RuntimeError):
     Deliberately not a ``ValueError`` (as :class:`~napari_mpt_deblur.images.ImageError` is): napari 0.9 takes a
     ``ValueError`` from a writer for "no writer found", and would show that instead of this message.
     """
-
-
-def napari_unit(unit: str | None) -> str | None:
-    """The napari (pint) name of a length unit as a file spells it, or None when it is not a known length unit."""
-    return images.length_unit(unit)
 
 
 # --- reader ----------------------------------------------------------------------------------------------------------
@@ -158,7 +149,7 @@ def image_layer_data(image: Image, *, source: str | None = None) -> LayerData:
     shown = layer_axes.replace("S", "")  # the axes napari has dimensions for
 
     z_spacing = float(image.z_spacing) if image.z_spacing and "Z" in axes else None
-    unit = napari_unit(image.unit) if image.pixel_size or z_spacing else None
+    unit = images.length_unit(image.unit) if image.pixel_size or z_spacing else None
     scale, units = [], []
     for letter in shown:
         value, value_unit = 1.0, "pixel"
@@ -222,11 +213,11 @@ def write_tiff_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         list of levels, of which the first, full-resolution one is written).
         Lazy data are written plane by plane.
     meta
-        The layer's attributes (``layer.as_layer_data_tuple()[1]``). The axes come
-        from ``axis_labels`` when they are axis letters (t, z, c, q, i, y, x),
-        else from ``metadata["axes"]``, else from the number of dimensions
-        (YX, ZYX, TZYX, TZCYX); ``rgb`` adds S. The pixel size and Z spacing come
-        from ``scale``, their unit from ``units`` or ``metadata["unit"]``.
+        The layer's attributes (``layer.as_layer_data_tuple()[1]``). The axes are
+        those every dock reads (:attr:`~.layer_info.LayerInfo.axes`: the axis labels,
+        else ``metadata["axes"]``, else the default for the number of dimensions);
+        ``rgb`` adds S. The pixel size and Z spacing come from ``scale``, their
+        unit from ``units`` or ``metadata["unit"]``.
 
     Returns
     -------
@@ -256,20 +247,21 @@ def write_tiff_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def _write_tiff(target: Path, data: Any, meta: dict[str, Any]) -> None:
     if not target.name.lower().endswith(images.TIFF_SUFFIXES):
         raise ImageError(f"{target}: this writer saves TIFF files; name it .tif or .tiff")
-    array = data[0] if isinstance(data, (list, tuple)) else data
+    layer = LayerInfo.from_layer_data(data, meta)
+    array = layer.pixels
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         array = np.asarray(array)
-    shape = tuple(int(n) for n in array.shape)
+        layer = replace(layer, pixels=array)
+    shape = layer.shape
     dtype = np.dtype(array.dtype)
     dtype = dtype if dtype.isnative else dtype.newbyteorder("=")
     if dtype.kind not in "biufc":
         raise ImageError(f"{target}: cannot save data of type {dtype} as TIFF; convert the layer to a numeric type")
     if 0 in shape:
         raise ImageError(f"{target}: the layer is empty (shape {shape})")
-    rgb = bool(meta.get("rgb", False))
-    axes = layer_axes(meta, shape, rgb)
-    pixel_size, unit, z_spacing = _physical_size(meta, axes)
-    name = meta.get("name") if isinstance(meta.get("name"), str) else target.stem
+    axes = layer.axes
+    pixel_size, unit, z_spacing = _physical_size(layer, axes)
+    name = layer.name or target.stem
     # The layer as an Image: the physical size and unit to record, and ImageJ wherever the data allow.
     like = replace(
         images.as_image(array, axes, name),
@@ -288,63 +280,21 @@ def _write_tiff(target: Path, data: Any, meta: dict[str, Any]) -> None:
     images.write_tiff(target, planes(), shape, dtype, axes, like=like)
 
 
-def layer_axes(meta: dict[str, Any], shape: tuple[int, ...], rgb: bool = False) -> str:
-    """Axis letters of a layer's data: from its axis labels, its metadata, or its number of dimensions.
-
-    Parameters
-    ----------
-    meta
-        The layer's attributes (``axis_labels``, ``metadata``).
-    shape
-        Shape of the layer's data (with the RGB samples last when ``rgb``).
-    rgb
-        Whether the last axis holds RGB(A) samples.
-
-    Returns
-    -------
-    str
-        Upper-case axes, valid for :func:`napari_mpt_deblur.images.check_axes`
-        and ending in S exactly when ``rgb``.
-    """
-    candidates = []
-    labels = meta.get("axis_labels")
-    if labels is not None:
-        letters = [str(label).strip().upper() for label in labels]
-        if all(len(letter) == 1 and letter in images.PLANE_AXES + "YX" for letter in letters):
-            candidates.append("".join(letters) + ("S" if rgb else ""))
-    metadata = meta.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("axes"), str):
-        candidates.append(metadata["axes"].upper())
-    default = _DEFAULT_AXES.get(len(shape) - (1 if rgb else 0))
-    if default:
-        candidates.append(default + ("S" if rgb else ""))
-    for axes in candidates:
-        if axes.endswith("S") != rgb:
-            continue
-        try:
-            return images.check_axes(axes, shape)
-        except ImageError:
-            continue
-    raise ImageError(
-        f"cannot tell the axes of a layer of shape {shape}; name its axes with the letters "
-        "t, z, c, y, x in the layer's axis labels"
-    )
-
-
-def _physical_size(meta: dict[str, Any], axes: str) -> tuple[tuple[float, float] | None, str | None, float | None]:
-    """(Y, X) pixel size, its unit (napari's name) and the Z spacing, from a layer's scale, units and metadata."""
+def _physical_size(layer: LayerInfo, axes: str) -> tuple[tuple[float, float] | None, str | None, float | None]:
+    """(Y, X) pixel size, its unit (napari's name) and the Z spacing to record, from a layer's scale, units and
+    metadata (what napari shows wins over what the file said)."""
     shown = axes.replace("S", "")
-    scale = meta.get("scale")
-    scale = [float(v) for v in scale] if scale is not None and len(scale) == len(shown) else [1.0] * len(shown)
-    units = meta.get("units")
+    scale = layer.scale
+    scale = list(scale) if scale is not None and len(scale) == len(shown) else [1.0] * len(shown)
+    units = layer.units
     if isinstance(units, (str, bytes)) or units is None or len(units) != len(shown):
         units = [units if isinstance(units, str) else None] * len(shown)
     units = [images.clean_unit(u) for u in units]  # None for no unit ('pixel', '')
-    metadata = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    metadata = layer.metadata
 
     y, x = shown.index("Y"), shown.index("X")
     unit_text = units[x] or units[y] or images.clean_unit(metadata.get("unit"))
-    unit = napari_unit(unit_text) or (str(unit_text) if unit_text else None)
+    unit = images.length_unit(unit_text) or (str(unit_text) if unit_text else None)
     pixel_size = (scale[y], scale[x])
     if pixel_size == (1.0, 1.0) and not unit and not metadata.get("pixel_size"):
         pixel_size = None  # nothing known: write no resolution

@@ -25,7 +25,7 @@ from superqt.utils import GeneratorWorker
 
 from ..models.files import BUNDLED_MODELS, ModelFileError
 from ..runtime import available_devices, resolve_device
-from . import models
+from . import session
 from .deblur_job import result_source
 
 MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt *.zip);;All files (*)"
@@ -272,28 +272,21 @@ def gui_relay() -> GuiRelay:
     return _RELAY[0]
 
 
-def out_of_memory(error: BaseException) -> bool:
-    """Whether an error says the CPU or a GPU ran out of memory."""
-    import torch
-
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
-
-
 def model_choices(_: Any = None) -> list[tuple[str, str]]:
-    """(label, choice) for the registry's models: a file's name, its full path when two share a name."""
-    choices = models.REGISTRY.choices()
+    """(label, choice) for the session's models: a file's name, its full path when two share a name."""
+    choices = session.SESSION.model_choices()
     names = [Path(choice).name for choice in choices]
     return [(name if names.count(name) == 1 else choice, choice) for name, choice in zip(names, choices)]
 
 
 class ModelPicker:
-    """A dock's model menu (:attr:`combo`) and model-file box (:attr:`file`), following the shared registry.
+    """A dock's model menu (:attr:`combo`) and model-file box (:attr:`file`), following the shared session's models.
 
-    The menu follows every change of the registry (a model saved by the Fine-tune dock, a file picked in any dock),
-    which holds the picker weakly: it lives as long as the session and must keep no closed dock alive. The model just
-    added comes first and is chosen, in every picker. A picked file is loaded first: one that loads joins the
-    registry; one that does not is reported (a notification and ``status``), stays out of the menu, and is the
-    :attr:`problem` (docks refuse to start) until the user chooses again: a model in the menu (the one already
+    The menu follows every change of the :mod:`.session`'s models (a model saved by the Fine-tune dock, a file picked
+    in any dock), which holds the picker weakly: it lives as long as napari and must keep no closed dock alive. The
+    model just added comes first and is chosen, in every picker. A picked file is loaded first: one that loads joins
+    the session's models; one that does not is reported (a notification and ``status``), stays out of the menu, and is
+    the :attr:`problem` (docks refuse to start) until the user chooses again: a model in the menu (the one already
     chosen included), another file, or an empty box. The box shows the chosen model's file (empty for a bundled
     model), except after such a refused file.
     """
@@ -321,17 +314,17 @@ class ModelPicker:
         self.file.changed.connect(self._picked)
         picker = weakref.ref(self)
 
-        def registry_changed() -> None:
+        def models_changed() -> None:
             alive = picker()
             if alive is None:
                 unsubscribe()
             else:
                 alive.refresh()
 
-        self.unsubscribe = unsubscribe = models.REGISTRY.subscribe(registry_changed)
+        self.unsubscribe = unsubscribe = session.SESSION.subscribe(models_changed)
 
     def refresh(self) -> None:
-        """List the registry's models again, in its order, and choose the first: the one just added.
+        """List the session's models again, in its order, and choose the first: the one just added.
 
         The menu emits ``changed`` once, when its value changes.
         """
@@ -389,7 +382,7 @@ class ModelPicker:
         if not Path(path).is_file():
             return  # typing a path: wait until it names a file
         try:
-            models.REGISTRY.load(str(path))
+            session.SESSION.load_model(str(path))
         except (ModelFileError, OSError) as error:
             self.problem = f"Model file failed to load: {str(error).rstrip('. ')}. Pick another model file."
             self.status.value = self.problem
@@ -397,7 +390,7 @@ class ModelPicker:
             return
         refused, self.problem = self.problem, None
         before = self.combo.value
-        choice = models.REGISTRY.add_file(path)  # first and chosen in every picker's menu, this one's included
+        choice = session.SESSION.add_model_file(path)  # first and chosen in every picker's menu, this one's included
         self._show_file(choice)  # already chosen (no ``changed``): the box still shows the path as typed
         if refused is not None and self.combo.value == before:
             self._announce_choice(refused)
@@ -600,7 +593,7 @@ def start_worker(
 class DockState:
     """What a dock shares with its worker's slots and its clean-up: never the widget itself.
 
-    Qt keeps slots as long as the widget's Qt objects, and workers and the registry outlive a closed dock: what they
+    Qt keeps slots as long as the widget's Qt objects, and workers and the session outlive a closed dock: what they
     hold must not hold the widget (nor its viewer). The dock's own slots are bound methods, called while it lives.
     """
 

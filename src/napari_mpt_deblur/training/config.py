@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-from ..config import ConfigError, IntensityNormalization
+from ..config import ConfigError, FrozenConfig, IntensityNormalization
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FrozenConfig):
     """How to train (defaults: the paper's recipe, section 5)."""
+
+    config_name = "train config"
 
     steps: int = 20000
     """Optimizer steps in the whole run (the learning-rate schedule spans them)."""
@@ -97,19 +98,3 @@ class TrainConfig:
             raise ConfigError("weight_decay, efcr_beta, supervised_weight and reblur_weight must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["scale_range"], data["betas"] = list(self.scale_range), list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"TrainConfig: unknown field(s) {unknown}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return TrainConfig.from_dict({**self.to_dict(), **changes})

@@ -11,6 +11,7 @@ does not belong together (:func:`load_checkpoint`).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -29,7 +30,7 @@ from ..atomic import atomic_write
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
-from ..runtime import resolve_device, run_to_end
+from ..runtime import cpu_workers, map_side_by_side, resolve_device, run_to_end
 from .config import TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
 
@@ -165,6 +166,56 @@ def objective(
     return total, losses
 
 
+def backward_in_shards(
+    model: torch.nn.Module,
+    loss_fn: EFCRLoss,
+    config: TrainConfig,
+    blurry: torch.Tensor,
+    sharp: torch.Tensor,
+    unlabeled: torch.Tensor | None,
+    generator: torch.Generator,
+    shards: int,
+) -> dict[str, float]:
+    """The step's gradients, its batch cut into ``shards`` computed side by side on the CPU; the losses.
+
+    Every term of :func:`objective` is a mean over the samples, so the shards' losses,
+    weighted by their share of the batch, add up to the batch's loss, and their
+    gradients to its gradient. Each shard runs on its share of the threads: on a CPU
+    that needs no thread barriers inside the many small operations of a step, and
+    survives another process taking a core (``docs/benchmarks.md``, experiment 5).
+    The shards' gradients are added in shard order, so a run is as reproducible as
+    one without shards; the re-blur draws come from per-shard generators seeded
+    from ``generator``.
+    """
+    batch = blurry.shape[0]
+    bounds = [batch * i // shards for i in range(shards + 1)]
+    seeds = torch.randint(2**62, (shards,), generator=generator).tolist()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def shard(index: int) -> tuple[dict[str, float], tuple[torch.Tensor | None, ...]]:
+        rows = slice(bounds[index], bounds[index + 1])
+        weight = (rows.stop - rows.start) / batch
+        own = unlabeled[rows] if unlabeled is not None else None
+        shard_generator = torch.Generator().manual_seed(seeds[index])
+        total, losses = objective(model, loss_fn, config, blurry[rows], sharp[rows], own, shard_generator)
+        gradients = torch.autograd.grad(total * weight, parameters, allow_unused=True)
+        return {name: value * weight for name, value in losses.items()}, gradients
+
+    parts = list(map_side_by_side(shard, list(range(shards)), shards))
+    for parameter, *gradients in zip(parameters, *(gradients for _, gradients in parts)):
+        present = [g for g in gradients if g is not None]
+        if present:
+            parameter.grad = functools.reduce(torch.add, present)
+    return {name: sum(losses[name] for losses, _ in parts) for name in parts[0][0]}
+
+
+def training_shards(device: torch.device, batch_size: int, world: int, compiled: bool) -> int:
+    """How many shards :func:`backward_in_shards` cuts a step's batch into: CPU threads' worth, else 1."""
+    if device.type != "cpu" or world > 1 or compiled:
+        return 1
+    return cpu_workers(batch_size)
+
+
 def distributed_context(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device): joins the process group when started by ``torchrun``.
 
@@ -184,7 +235,7 @@ def distributed_context(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _step_generator(config: TrainConfig, step: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+def _step_rngs(config: TrainConfig, step: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
     """The random streams of one step: the same for a resumed run as for an uninterrupted one.
 
     Every rank of a distributed run draws its own batch.
@@ -370,6 +421,7 @@ def iter_train(
     autocast = device.type == "cuda" and config.amp
     amp_dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=autocast and amp_dtype == torch.float16)
+    shards = training_shards(device, config.batch_size, world, config.compile)
     record = {"trained_steps": config.steps, "train_config": config.to_dict(), **(provenance or {})}
     if world > 1:
         record["processes"] = world  # each drew its own batch: the effective batch is batch_size x processes
@@ -398,7 +450,7 @@ def iter_train(
         return output
 
     while step < config.steps:
-        numpy_rng, torch_rng = _step_generator(config, step, rank)
+        numpy_rng, torch_rng = _step_rngs(config, step, rank)
         blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
         lr = cosine_lr(step, config)
@@ -408,10 +460,13 @@ def iter_train(
         if unlabeled is not None:
             own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
             own = torch.from_numpy(own).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            total, losses = objective(network, loss_fn, config, blurry, sharp, own, torch_rng)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
+        if shards > 1:
+            losses = backward_in_shards(network, loss_fn, config, blurry, sharp, own, torch_rng, shards)
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
+                total, losses = objective(network, loss_fn, config, blurry, sharp, own, torch_rng)
+            scaler.scale(total).backward()
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

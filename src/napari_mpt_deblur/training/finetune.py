@@ -293,7 +293,6 @@ class AnchoredPairs:
 
     def __init__(self, pairs: Any, model: MPT, share: float) -> None:
         import copy
-        import dataclasses
 
         from .patches import SyntheticPairs
 
@@ -301,7 +300,7 @@ class AnchoredPairs:
         self.anchor = copy.deepcopy(model).to("cpu").eval()
         for parameter in self.anchor.parameters():
             parameter.requires_grad_(False)
-        unblurred = dataclasses.replace(pairs.defocus, no_blur_probability=1.0)
+        unblurred = pairs.defocus.replace(no_blur_probability=1.0)
         self.unblurred = SyntheticPairs(pairs.sharp, unblurred, normalization=pairs.normalization, margin=pairs.margin)
 
     def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]):

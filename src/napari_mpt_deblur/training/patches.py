@@ -3,8 +3,8 @@
 Every sampler draws from a ``numpy.random.Generator`` it is handed, so the
 training loop controls reproducibility (step ``s`` uses the seed ``(seed, s)``).
 Patches are normalised as the inference engine normalises planes: by the
-statistics of the *blurry* input, the target mapped with the same range, so the
-network learns the mapping it will be asked for.
+statistics of the *blurry* input (:func:`~napari_mpt_deblur.normalization.intensity_range`),
+the target mapped with the same range, so the network learns the mapping it will be asked for.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import IntensityNormalization
-from ..inference import normalization_range
+from ..normalization import intensity_range
 
 Batch = tuple[np.ndarray, np.ndarray]
 """(blurry, sharp), each float32 of shape (B, 1, P, P)."""
@@ -67,13 +67,13 @@ MIN_RANGE_FRACTION = 1e-3
 
 
 def safe_range(values: np.ndarray, normalization: IntensityNormalization) -> tuple[float, float]:
-    """``normalization_range`` made safe for any patch: never a zero range, never one that blows values up.
+    """``intensity_range`` made safe for any patch: never a zero range, never one that blows values up.
 
-    A constant patch maps to 0 (the range floor of ``normalization_range``). A patch whose
+    A constant patch maps to 0 (the flat range of ``intensity_range``). A patch whose
     percentiles coincide although it has content (a few bright spots on a dark background) is
     normalised by its full extent instead, so its spots do not become values in the thousands.
     """
-    low, high = normalization_range(values, normalization)
+    low, high = intensity_range(values, normalization)
     extent = float(values.max() - values.min())
     if high - low < MIN_RANGE_FRACTION * extent:
         high = low + extent
