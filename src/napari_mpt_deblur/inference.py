@@ -728,11 +728,16 @@ def _iter_blocks(
     if client is not None:
         yield from _iter_blocks_distributed(deblurrer, image, layout, ranges, client, per_block)
         return
+    indices = list(layout.block_indices())
     workers = cpu_workers(planes_total) if deblurrer.device.type == "cpu" else 1
-    if workers > 1:
-        yield from _iter_blocks_side_by_side(deblurrer, image, layout, ranges, workers, per_block)
-        return
-    for done, index in enumerate(layout.block_indices()):
+    # Whole rounds of planes side by side; the planes left over run one at a time on every thread
+    # (alone on its share, the last plane of a stack would leave the other cores idle).
+    side_by_side = planes_total - planes_total % workers if workers > 1 else 0
+    if side_by_side:
+        yield from _iter_blocks_side_by_side(
+            deblurrer, image, layout, ranges, workers, per_block, indices[:side_by_side]
+        )
+    for done, index in enumerate(indices[side_by_side:], start=side_by_side):
         block = read_block(image, index, layout)
         check_finite(block, layout.describe(index))
         steps = deblurrer.iter_block(block, layout, ranges, layout.stat_index(index))
@@ -748,10 +753,16 @@ def _iter_blocks(
 
 
 def _iter_blocks_side_by_side(
-    deblurrer: Deblurrer, image: Image, layout: PlaneLayout, ranges: np.ndarray | None, workers: int, per_block: int
+    deblurrer: Deblurrer,
+    image: Image,
+    layout: PlaneLayout,
+    ranges: np.ndarray | None,
+    workers: int,
+    per_block: int,
+    block_indices: list[tuple[int | slice, ...]],
 ) -> Iterator[DeblurProgress | tuple[tuple[int | slice, ...], np.ndarray]]:
-    """The same with ``workers`` blocks at a time on the CPU, each on its share of the threads (see
-    :func:`~napari_mpt_deblur.runtime.cpu_workers`); results come out in C order.
+    """The first blocks of a job (``block_indices``), ``workers`` at a time on the CPU, each on its share
+    of the threads (see :func:`~napari_mpt_deblur.runtime.cpu_workers`); results come out in C order.
 
     Every finished tile is reported; closing the generator stops each worker at its next tile.
     """
@@ -777,7 +788,7 @@ def _iter_blocks_side_by_side(
     window = 2 * workers  # blocks read ahead: a worker never waits for the reader
     tiles_done = planes_done = 0
     in_flight: deque = deque()
-    indices = iter(layout.block_indices())
+    indices = iter(block_indices)
     exhausted = False
     pool = ThreadPoolExecutor(workers, thread_name_prefix="deblur")
     try:
@@ -810,7 +821,6 @@ def _iter_blocks_side_by_side(
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-    yield DeblurProgress(planes_total, planes_total, planes_total * per_block, planes_total * per_block)
 
 
 def _units_per_block(layout: PlaneLayout, channels: int) -> int:
