@@ -113,7 +113,7 @@ def iter_measure_finetune(
 
     from ..losses.efcr import EFCRConfig, EFCRLoss
     from ..runtime import resolve_device
-    from ..training.engine import objective
+    from ..training.engine import compute_gradients, training_shards
 
     device = resolve_device(config.device)
     network = copy.deepcopy(model).to(device).train()  # the caller's model (shared with other docks) stays as is
@@ -123,7 +123,8 @@ def iter_measure_finetune(
     shape = (config.batch_size, 1, config.patch_size, config.patch_size)
     blurry, sharp, own = (torch.rand(shape, generator=generator).to(device) for _ in range(3))
     autocast = device.type == "cuda" and config.amp
-    amp_dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if autocast else None
+    shards = training_shards(device, config.batch_size, world=1, compiled=False)  # as the training will run
 
     def finish() -> float:
         if device.type == "cuda":
@@ -132,10 +133,8 @@ def iter_measure_finetune(
 
     def step() -> float:
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-            total, _ = objective(network, loss_fn, config, blurry, sharp, own, generator)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        compute_gradients(network, loss_fn, config, blurry, sharp, own, generator, shards, amp_dtype)
         optimizer.step()
         return finish() - started
 

@@ -209,6 +209,32 @@ def backward_in_shards(
     return {name: sum(losses[name] for losses, _ in parts) for name in parts[0][0]}
 
 
+def compute_gradients(
+    model: torch.nn.Module,
+    loss_fn: EFCRLoss,
+    config: TrainConfig,
+    blurry: torch.Tensor,
+    sharp: torch.Tensor,
+    unlabeled: torch.Tensor | None,
+    generator: torch.Generator,
+    shards: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One step's gradients into the parameters' ``.grad`` (cleared by the caller); returns the losses.
+
+    The step as training runs it and as the fine-tune dock times it: in ``shards``
+    side by side on the CPU (:func:`backward_in_shards`), else whole, under autocast
+    to ``amp_dtype`` when given, the loss scaled by ``scaler`` when given.
+    """
+    if shards > 1:
+        return backward_in_shards(model, loss_fn, config, blurry, sharp, unlabeled, generator, shards)
+    with torch.autocast(blurry.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        total, losses = objective(model, loss_fn, config, blurry, sharp, unlabeled, generator)
+    (scaler.scale(total) if scaler is not None else total).backward()
+    return losses
+
+
 def training_shards(device: torch.device, batch_size: int, world: int, compiled: bool) -> int:
     """How many shards :func:`backward_in_shards` cuts a step's batch into: CPU threads' worth, else 1."""
     if device.type != "cpu" or world > 1 or compiled:
@@ -461,12 +487,9 @@ def iter_train(
             own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
             own = torch.from_numpy(own).to(device)
         optimizer.zero_grad(set_to_none=True)
-        if shards > 1:
-            losses = backward_in_shards(network, loss_fn, config, blurry, sharp, own, torch_rng, shards)
-        else:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
-                total, losses = objective(network, loss_fn, config, blurry, sharp, own, torch_rng)
-            scaler.scale(total).backward()
+        losses = compute_gradients(
+            network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype if autocast else None, scaler
+        )
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
