@@ -45,6 +45,7 @@ import napari_mpt_deblur.inference as inference
 from napari_mpt_deblur.inference import Deblurrer, deblur_array
 from napari_mpt_deblur.models.files import load_model
 from napari_mpt_deblur.runtime import tune_cpu_allocator
+from napari_mpt_deblur.tiling import plan_tiles
 
 MATMUL_SIZE = 2048
 
@@ -73,12 +74,9 @@ def forward_gflop(model: torch.nn.Module, height: int, width: int) -> float:
 def plane_work(model: torch.nn.Module, height: int, width: int) -> tuple[float, float, int]:
     """(GFLOP, computed pixels / plane pixels, tiles) of deblurring one plane at default settings."""
     deblurrer = Deblurrer(model)
-    windows = deblurrer.tile_windows(height, width)
-    rows, columns = windows[0]
-    tile_h, tile_w = rows.stop - rows.start, columns.stop - columns.start
-    multiple = model.config.size_multiple
-    padded = -(-tile_h // multiple) * multiple * (-(-tile_w // multiple) * multiple)
-    return len(windows) * forward_gflop(model, tile_h, tile_w), len(windows) * padded / (height * width), len(windows)
+    plan = plan_tiles(height, width, deblurrer.tile, deblurrer.overlap, deblurrer.size_multiple, deblurrer.tile_growth)
+    gflop = plan.count * forward_gflop(model, *plan.tile_shape)
+    return gflop, plan.computed_pixels / (height * width), plan.count
 
 
 @contextlib.contextmanager

@@ -28,15 +28,14 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1):
-    """One step of the recipe; ``shards`` > 1 cuts the batch as the engine does on the CPU
-    (``training.engine.backward_in_shards``: side by side, one thread each)."""
+    """One step of the recipe as the engine runs it (``training.engine.compute_gradients``); ``shards`` > 1
+    cuts the batch as the engine does on the CPU (side by side, one thread each)."""
     from napari_mpt_deblur.losses.efcr import EFCRLoss
     from napari_mpt_deblur.training.config import TrainConfig
-    from napari_mpt_deblur.training.engine import backward_in_shards
+    from napari_mpt_deblur.training.engine import compute_gradients
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
     config, loss_fn = TrainConfig(efcr_beta=0.0), EFCRLoss()
@@ -45,10 +44,7 @@ def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1):
         if channels_last:
             blurry, sharp = (t.contiguous(memory_format=torch.channels_last) for t in (blurry, sharp))
         optimizer.zero_grad(set_to_none=True)
-        if shards > 1:
-            backward_in_shards(model, loss_fn, config, blurry, sharp, None, torch.Generator(), shards)
-        else:
-            F.l1_loss(model(blurry), sharp).backward()
+        compute_gradients(model, loss_fn, config, blurry, sharp, None, torch.Generator(), shards)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 

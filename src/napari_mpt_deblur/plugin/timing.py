@@ -113,7 +113,7 @@ def iter_measure_finetune(
 
     from ..losses.efcr import EFCRConfig, EFCRLoss
     from ..runtime import resolve_device
-    from ..training.engine import compute_gradients, training_shards
+    from ..training.engine import compute_gradients, training_autocast_dtype, training_shards
 
     device = resolve_device(config.device)
     network = copy.deepcopy(model).to(device).train()  # the caller's model (shared with other docks) stays as is
@@ -122,8 +122,7 @@ def iter_measure_finetune(
     generator = torch.Generator().manual_seed(0)
     shape = (config.batch_size, 1, config.patch_size, config.patch_size)
     blurry, sharp, own = (torch.rand(shape, generator=generator).to(device) for _ in range(3))
-    autocast = device.type == "cuda" and config.amp
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if autocast else None
+    amp_dtype = training_autocast_dtype(device, config)
     shards = training_shards(device, config.batch_size, world=1, compiled=False)  # as the training will run
 
     def finish() -> float:

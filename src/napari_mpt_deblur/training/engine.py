@@ -235,6 +235,13 @@ def compute_gradients(
     return losses
 
 
+def training_autocast_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
+    """The autocast dtype of a training step: bf16 (else fp16) on CUDA with ``config.amp``; None (fp32) otherwise."""
+    if device.type != "cuda" or not config.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def training_shards(device: torch.device, batch_size: int, world: int, compiled: bool) -> int:
     """How many shards :func:`backward_in_shards` cuts a step's batch into: CPU threads' worth, else 1."""
     if device.type != "cpu" or world > 1 or compiled:
@@ -444,9 +451,8 @@ def iter_train(
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{state_path(output)}: optimizer state does not fit this model ({error})") from error
     loss_fn = EFCRLoss(EFCRConfig(beta=config.efcr_beta))
-    autocast = device.type == "cuda" and config.amp
-    amp_dtype = torch.bfloat16 if autocast and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast and amp_dtype == torch.float16)
+    amp_dtype = training_autocast_dtype(device, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     shards = training_shards(device, config.batch_size, world, config.compile)
     record = {"trained_steps": config.steps, "train_config": config.to_dict(), **(provenance or {})}
     if world > 1:
@@ -487,9 +493,7 @@ def iter_train(
             own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
             own = torch.from_numpy(own).to(device)
         optimizer.zero_grad(set_to_none=True)
-        losses = compute_gradients(
-            network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype if autocast else None, scaler
-        )
+        losses = compute_gradients(network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler)
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
