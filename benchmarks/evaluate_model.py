@@ -47,6 +47,12 @@ def main() -> None:
     rows = evaluate(model, defocus_cases(stardist_images()), with_rl=not args.no_rl)
     print(f"model {args.model} (step {model.card.provenance.get('step', '?')}):")
     print_table(rows)
+    worse = [
+        f"{row['image']} at {row['defocus_um']:g} um: {row['mpt'][0] - row['input'][0]:+.2f} dB"
+        for row in rows
+        if row["mpt"][0] < row["input"][0]
+    ]
+    print("worse than its input:", "; ".join(worse) if worse else "never")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))

@@ -9,6 +9,8 @@ noisy, shared machine slows them alike and the ratios hold:
 * ``batch x2``: twice the batch (reported per sample: the same data per second?);
 * ``side by side``: the batch cut in two halves computed side by side, one thread each, as
   the training engine does on the CPU (``training.engine.backward_in_shards``);
+* ``side by side, bf16``: the same under bf16 autocast, as the engine runs it on a CPU
+  with bf16 in hardware (``training.engine.training_autocast_dtype``);
 * ``compile`` (``--compile``): ``torch.compile`` of the model (compilation not timed).
 
 It also times the data pipeline alone: a batch of the bundled training planes
@@ -30,9 +32,9 @@ import numpy as np
 import torch
 
 
-def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1):
+def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1, amp_dtype: torch.dtype | None = None):
     """One step of the recipe as the engine runs it (``training.engine.compute_gradients``); ``shards`` > 1
-    cuts the batch as the engine does on the CPU (side by side, one thread each)."""
+    cuts the batch as the engine does on the CPU (side by side, one thread each); ``amp_dtype`` autocasts."""
     from napari_mpt_deblur.losses.efcr import EFCRLoss
     from napari_mpt_deblur.training.config import TrainConfig
     from napari_mpt_deblur.training.engine import compute_gradients
@@ -44,7 +46,7 @@ def make_step(model: torch.nn.Module, channels_last: bool, shards: int = 1):
         if channels_last:
             blurry, sharp = (t.contiguous(memory_format=torch.channels_last) for t in (blurry, sharp))
         optimizer.zero_grad(set_to_none=True)
-        compute_gradients(model, loss_fn, config, blurry, sharp, None, torch.Generator(), shards)
+        compute_gradients(model, loss_fn, config, blurry, sharp, None, torch.Generator(), shards, amp_dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
@@ -83,6 +85,11 @@ def main() -> None:
         ),
         "batch x2": (make_step(build_model(args.preset), False), batch(2 * args.batch), 2 * args.batch),
         "side by side": (make_step(build_model(args.preset), False, shards=2), batch(args.batch), args.batch),
+        "side by side, bf16": (
+            make_step(build_model(args.preset), False, shards=2, amp_dtype=torch.bfloat16),
+            batch(args.batch),
+            args.batch,
+        ),
     }
     if args.compile:
         compiled = torch.compile(build_model(args.preset), dynamic=False)
@@ -96,7 +103,12 @@ def main() -> None:
             started = time.perf_counter()
             step(x, y)
             times[name].append(time.perf_counter() - started)
-    print(f"{args.preset}, batch {args.batch} of {args.patch}^2, {torch.get_num_threads()} threads, fp32")
+    from napari_mpt_deblur.runtime import cpu_has_native_bf16
+
+    print(
+        f"{args.preset}, batch {args.batch} of {args.patch}^2, {torch.get_num_threads()} threads, fp32 unless named; "
+        f"bf16 in hardware: {cpu_has_native_bf16()}"
+    )
     base = statistics.median(times["baseline"]) / args.batch
     print(f"{'variant':16s} {'s/step':>8s} {'s/sample':>9s} {'vs baseline':>12s}")
     for name, (_, _, size) in variants.items():

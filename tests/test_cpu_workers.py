@@ -144,3 +144,69 @@ def test_a_training_step_in_shards_has_the_whole_batch_gradient(beta: float) -> 
     for expected, parameter in zip(whole, network.parameters()):
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6)
     assert not side_by_side_threads()
+
+
+def test_shards_run_under_the_steps_autocast_each_in_its_own_thread() -> None:
+    """bf16 autocast is per thread: every shard turns it on itself, and the step's gradients follow it."""
+    from napari_mpt_deblur.losses.efcr import EFCRLoss
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import compute_gradients, objective
+
+    torch.manual_seed(3)
+    network = MPT(tiny_config()).train()
+    config = TrainConfig(efcr_beta=0.0, batch_size=4, patch_size=64)
+    blurry, sharp = torch.rand(4, 1, 64, 64), torch.rand(4, 1, 64, 64)
+
+    def gradients(dtype: torch.dtype | None, shards: int) -> list[torch.Tensor]:
+        network.zero_grad(set_to_none=True)
+        with torch_threads(2):
+            compute_gradients(network, EFCRLoss(), config, blurry, sharp, None, torch.Generator(), shards, dtype)
+        return [p.grad.clone() for p in network.parameters()]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = objective(network, EFCRLoss(), config, blurry, sharp, None, torch.Generator())
+    total.backward()
+    whole_bf16 = [p.grad.clone() for p in network.parameters()]
+    fp32, sharded_bf16 = gradients(None, 2), gradients(torch.bfloat16, 2)
+    flat = torch.cat([g.flatten() for g in fp32])
+    bf16_error = torch.cat([(a - b).flatten() for a, b in zip(sharded_bf16, fp32)]).norm() / flat.norm()
+    assert 1e-4 < bf16_error < 0.1  # bf16 moved the gradients a little: autocast was on in the shards
+    whole_error = torch.cat([(a - b).flatten() for a, b in zip(sharded_bf16, whole_bf16)]).norm() / flat.norm()
+    assert whole_error < 0.1
+
+
+def test_training_uses_bf16_on_a_cpu_that_computes_it_in_hardware() -> None:
+    from napari_mpt_deblur.runtime import cpu_has_native_bf16
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import training_autocast_dtype
+
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert training_autocast_dtype(cpu, TrainConfig()) is expected
+    assert training_autocast_dtype(cpu, TrainConfig(amp=False)) is None
+    assert training_autocast_dtype(torch.device("meta"), TrainConfig()) is None
+
+
+def test_a_bf16_step_in_shards_is_reproducible_when_the_network_runs_twice() -> None:
+    """EFCR passes every shard through the network twice; the shards' threads must not share autocast's casts."""
+    from napari_mpt_deblur.losses.efcr import EFCRConfig, EFCRLoss
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import compute_gradients
+
+    torch.manual_seed(0)
+    network = MPT(tiny_config()).train()
+    config = TrainConfig(efcr_beta=1e-3)
+    blurry, sharp = torch.rand(2, 1, 48, 48), torch.rand(2, 1, 48, 48)
+
+    def gradients() -> torch.Tensor:
+        network.zero_grad(set_to_none=True)
+        with torch_threads(2):
+            compute_gradients(
+                network, EFCRLoss(EFCRConfig(beta=1e-3)), config, blurry, sharp, None,
+                torch.Generator().manual_seed(1), 2, torch.bfloat16,
+            )  # fmt: skip
+        return torch.cat([p.grad.flatten() for p in network.parameters()])
+
+    first = gradients()
+    for _ in range(4):
+        torch.testing.assert_close(gradients(), first, rtol=0, atol=0)

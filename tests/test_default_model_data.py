@@ -78,6 +78,23 @@ def test_procedural_fluorescence_is_seeded_and_varied():
     assert first.shape == (128, 128) and first.dtype == np.float32 and 0 <= first.min() and first.max() < 5
 
 
+def test_procedural_puncta_are_seeded_sparse_and_mostly_faint():
+    from napari_mpt_deblur.data.bundled import procedural_puncta
+
+    first, again, other = procedural_puncta(3, 128), procedural_puncta(3, 128), procedural_puncta(4, 128)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert first.shape == (128, 128) and first.dtype == np.float32 and 0 <= first.min()
+    background = np.median(first)
+    assert background < 0.1  # a dark field
+    # local maxima above the background: many puncta, most of them faint next to the brightest
+    from scipy.ndimage import maximum_filter
+
+    peaks = first[(first == maximum_filter(first, size=3)) & (first > background + 1e-3)] - background
+    assert len(peaks) > 20
+    assert np.median(peaks) < 0.2 * peaks.max()
+
+
 def test_training_weights_give_each_group_its_share():
     from napari_mpt_deblur.data.bundled import GROUP_WEIGHTS, training_weights
     from napari_mpt_deblur.training.patches import _pick
@@ -87,6 +104,7 @@ def test_training_weights_give_each_group_its_share():
         "fluorescence": {"a": [np.ones((40, 40), np.float32)] * 5},  # many pixels
         "histology": {"b": [np.ones((10, 10), np.float32)]},
         "procedural fluorescence": {"c": [np.ones((20, 20), np.float32)] * 2},
+        "procedural puncta": {"e": [np.ones((15, 15), np.float32)] * 3},
         "natural": {"d": [np.ones((30, 30), np.float32)]},
     }
     planes, weights = training_weights(groups)

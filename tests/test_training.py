@@ -50,10 +50,11 @@ def test_a_tiny_model_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_stop_and_resume_gives_the_same_weights(tmp_path, ema_decay):
     blurry, sharp = pattern_pairs(2, 64)
     sampler = LabeledPairs(blurry, sharp)
-    config = TrainConfig(steps=6, checkpoint_every=3, **FAST)
+    config = TrainConfig(steps=6, checkpoint_every=3, ema_decay=ema_decay, **FAST)
     torch.manual_seed(0)
     straight = train(MPT(tiny_config()), sampler, tmp_path / "straight.safetensors", config)
 
@@ -68,6 +69,52 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path):
     resumed = train(MPT(tiny_config()), sampler, tmp_path / "resumed.safetensors", config, resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_the_model_file_holds_the_weight_average_and_the_state_file_the_raw_weights(tmp_path):
+    blurry, sharp = pattern_pairs(1, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    config = TrainConfig(steps=3, checkpoint_every=3, ema_decay=0.5, **FAST)
+    model = MPT(tiny_config())
+    expected = {name: value.detach().clone() for name, value in model.named_parameters()}
+    for event in iter_train(model, sampler, tmp_path / "m.safetensors", config):
+        # the decay warms up: min(0.5, (1 + n) / (10 + n)) for the n-th update
+        keep = min(0.5, (1 + event.step) / (10 + event.step))
+        for name, value in model.named_parameters():
+            expected[name] = keep * expected[name] + (1 - keep) * value.detach()
+    written = load_model(tmp_path / "m.safetensors").state_dict()
+    state = torch.load(state_path(tmp_path / "m.safetensors"), weights_only=True)
+    assert state["average_updates"] == 4  # the starting weights count as one
+    moved = 0.0
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(written[name], expected[name], msg=name)
+        torch.testing.assert_close(state["raw_weights"][name], value.detach(), rtol=0, atol=0, msg=name)
+        moved = max(moved, float((written[name] - value.detach()).abs().max()))
+    assert moved > 1e-4  # the average is not the last step's weights
+
+
+@pytest.mark.slow
+def test_a_run_without_an_average_resumes_with_one(tmp_path):
+    blurry, sharp = pattern_pairs(1, 64)
+    sampler = LabeledPairs(blurry, sharp)
+    output = tmp_path / "m.safetensors"
+    config = TrainConfig(steps=4, checkpoint_every=2, **FAST)
+    steps = iter_train(MPT(tiny_config()), sampler, output, config)
+    for event in steps:
+        if event.step == 2:
+            break
+    steps.close()
+    raw_at_2 = load_model(output).state_dict()  # no average yet: the model file holds the raw weights
+    model = MPT(tiny_config())
+    resumed = iter_train(model, sampler, output, config.replace(ema_decay=0.99), resume=True)
+    first = next(resumed)
+    assert first.step == 3
+    for name, value in model.named_parameters():  # training went on from the raw weights of step 2
+        assert not torch.equal(value.detach(), raw_at_2[name])
+    list(resumed)
+    state = torch.load(state_path(output), weights_only=True)
+    assert state["config"]["ema_decay"] == 0.99 and state["average_updates"] == 3
+    assert set(state["raw_weights"]) == set(load_model(output).state_dict())
 
 
 @pytest.mark.slow

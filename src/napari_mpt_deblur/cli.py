@@ -568,6 +568,10 @@ def _fresh_model(preset: str, pairing: str, seed: int):
         return build_model(preset, pairing=pairing)
 
 
+DEFAULT_TRAIN_EMA = 0.999
+"""``train``'s weight-average decay: about the last thousand steps (fine-tunes, hundreds of steps, keep none)."""
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .models.files import load_model
     from .training.data import prepare_training
@@ -575,7 +579,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     output = Path(args.output)
     resumed = _resumed_model(output, args)
-    config = _train_config(args)
+    config = _train_config(args, ema_decay=args.ema)
     try:
         data = prepare_training(
             pairs=args.pairs,
@@ -903,6 +907,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--model", help="start from this model file")
     trainer.add_argument("--pairing", default="aligned", choices=("aligned", "official"), help="for --preset")
     add_training_options(trainer, TrainConfig())
+    trainer.add_argument(
+        "--ema",
+        type=float,
+        default=DEFAULT_TRAIN_EMA,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights with this decay and write it as the model "
+        f"(steadier and usually better than the last step's weights; 0 turns it off; default {DEFAULT_TRAIN_EMA})",
+    )
     trainer.set_defaults(run=cmd_train)
 
     tune = commands.add_parser(

