@@ -226,7 +226,9 @@ def test_cli_bundled_training_validates_on_the_suite_and_logs(tmp_path):
     card = load_model(out).card.provenance
     assert card["train_config"]["scale_range"] == [0.8, 1.5]
     assert card["trained_on"]["synthetic_defocus"]["widefield_blur_px"] == [0.0, 16.0]
-    assert set(card["trained_on"]["bundled"]) == {"fluorescence", "histology", "procedural fluorescence", "natural"}
+    groups = {"fluorescence", "histology", "procedural fluorescence", "procedural puncta", "natural"}
+    assert set(card["trained_on"]["bundled"]) == groups
+    assert card["train_config"]["ema_decay"] == 0.999  # train keeps a moving average by default
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [2]  # the last step: validated and checkpointed
     assert records[-1]["validation"]["worst_gain_db"] < 0  # an untrained network: no best checkpoint kept

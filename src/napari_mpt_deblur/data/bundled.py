@@ -172,12 +172,10 @@ def procedural_puncta(seed: int, size: int = 384) -> np.ndarray:
 
 def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: float, brightness: float) -> None:
     """Add an elliptical Gaussian in place, its axes ``sigmas`` turned by ``angle`` (cut off at 4 sigma)."""
-    reach = int(np.ceil(4 * max(sigmas)))
-    y0, x0 = int(round(centre[0])), int(round(centre[1]))
-    ys = slice(max(0, y0 - reach), min(plane.shape[0], y0 + reach + 1))
-    xs = slice(max(0, x0 - reach), min(plane.shape[1], x0 + reach + 1))
-    if ys.start >= ys.stop or xs.start >= xs.stop:
+    window = _window(plane.shape, centre, int(np.ceil(4 * max(sigmas))))
+    if window is None:
         return
+    ys, xs = window
     yy, xx = np.mgrid[ys, xs]
     dy, dx = yy - centre[0], xx - centre[1]
     along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
@@ -186,14 +184,20 @@ def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: floa
 
 def _spot(plane: np.ndarray, centre: np.ndarray, sigma: float, brightness: float) -> None:
     """Add a Gaussian spot in place (cut off at 4 sigma; spots off the plane are skipped)."""
-    reach = int(np.ceil(4 * sigma))
-    y0, x0 = int(round(centre[0])), int(round(centre[1]))
-    ys = slice(max(0, y0 - reach), min(plane.shape[0], y0 + reach + 1))
-    xs = slice(max(0, x0 - reach), min(plane.shape[1], x0 + reach + 1))
-    if ys.start >= ys.stop or xs.start >= xs.stop:
+    window = _window(plane.shape, centre, int(np.ceil(4 * sigma)))
+    if window is None:
         return
+    ys, xs = window
     yy, xx = np.mgrid[ys, xs]
     plane[ys, xs] += brightness * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))
+
+
+def _window(shape: tuple[int, ...], centre: np.ndarray, reach: int) -> tuple[slice, slice] | None:
+    """The rows and columns within ``reach`` pixels of ``centre`` on a plane of ``shape``; None when off it."""
+    y0, x0 = int(round(centre[0])), int(round(centre[1]))
+    ys = slice(max(0, y0 - reach), min(shape[0], y0 + reach + 1))
+    xs = slice(max(0, x0 - reach), min(shape[1], x0 + reach + 1))
+    return None if ys.start >= ys.stop or xs.start >= xs.stop else (ys, xs)
 
 
 def training_groups() -> dict[str, dict[str, list[np.ndarray]]]:
