@@ -112,17 +112,26 @@ SKIMAGE_RL_ITERATIONS = (5, 10, 20, 40)
 
 
 def defocus_cases(
-    images: dict[str, np.ndarray], strengths: tuple[float, ...] = STRENGTHS_UM, seed: int = 7
+    images: dict[str, np.ndarray], strengths: tuple[float, ...] = STRENGTHS_UM, seed: int = 7, zoom: float = 1.0
 ) -> list[dict]:
-    """Every image defocused at every strength. RGB images (Y, X, 3) are blurred per channel."""
+    """Every image defocused at every strength. RGB images (Y, X, 3) are blurred per channel.
+
+    ``zoom`` enlarges the images first (cubic) and gives the PSF pixels ``zoom`` times finer, so
+    the same micrometres of defocus are seen on larger objects.
+    """
     from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, widefield_psf
 
     rng = np.random.default_rng(seed)
     cases = []
     for name, image in images.items():
         sharp = normalise(image.astype(np.float32))
+        if zoom != 1.0:
+            from skimage.transform import rescale
+
+            sharp = np.clip(rescale(sharp, zoom, order=3, channel_axis=-1 if sharp.ndim == 3 else None), 0, 1)
+            sharp = sharp.astype(np.float32)
         for strength in strengths:
-            psf = widefield_psf(strength)
+            psf = widefield_psf(strength, pixel_size_um=0.2 / zoom)
             blurred = per_channel(sharp, lambda plane, psf=psf: blur(plane, psf))
             blurry = add_poisson_gaussian_noise(blurred, photons=PHOTONS, read_noise=READ_NOISE, rng=rng)
             cases.append({"image": name, "defocus_um": strength, "sharp": sharp, "blurry": blurry, "psf": psf})
