@@ -111,6 +111,15 @@ SKIMAGE_RL_ITERATIONS = (5, 10, 20, 40)
 """Iteration counts at which scikit-image's Richardson-Lucy is scored in the defocus evaluation."""
 
 
+def heaviest_window(weights: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the ``size`` x ``size`` window of a 2-D array with the largest sum (box sums of an
+    integral image)."""
+    integral = np.pad(weights, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    boxes = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    y, x = np.unravel_index(int(np.argmax(boxes)), boxes.shape)
+    return int(y), int(x)
+
+
 def defocus_cases(
     images: dict[str, np.ndarray], strengths: tuple[float, ...] = STRENGTHS_UM, seed: int = 7, zoom: float = 1.0
 ) -> list[dict]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import best_richardson_lucy, gaussian_of_width
+from common import best_richardson_lucy, gaussian_of_width, heaviest_window
 
 CROP_SIZE = 160
 """Side of the gallery's crop: the window of the truth with the most edges (a cell's border, its nucleus)."""
@@ -38,18 +38,9 @@ CROP_SIZE = 160
 GALLERY_DISTANCES_UM = (0.0, 1.5, 3.0)
 
 
-def psnr(output: np.ndarray, sharp: np.ndarray) -> float:
-    error = np.mean((np.clip(output, 0, 1).astype(np.float64) - sharp) ** 2)
-    return float(10 * np.log10(1.0 / max(error, 1e-20)))
-
-
 def busiest_crop(truth: np.ndarray, size: int = CROP_SIZE) -> tuple[slice, slice]:
     """The ``size`` x ``size`` window of ``truth`` with the largest summed gradient magnitude."""
-    gy, gx = np.gradient(truth.astype(np.float64))
-    energy = np.hypot(gy, gx)
-    integral = np.pad(energy, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    boxes = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
-    y, x = np.unravel_index(int(np.argmax(boxes)), boxes.shape)
+    y, x = heaviest_window(np.hypot(*np.gradient(truth.astype(np.float64))), size)
     return slice(y, y + size), slice(x, x + size)
 
 
@@ -74,6 +65,7 @@ def main() -> None:
     from napari_mpt_deblur.data.defocus import widefield_psf
     from napari_mpt_deblur.inference import deblur_array
     from napari_mpt_deblur.plugin.samples import DEFOCUS_UM, PSF, defocused_cell_stack
+    from napari_mpt_deblur.training.suite import psnr
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import best_richardson_lucy, best_wiener, gaussian_of_width
+from common import best_richardson_lucy, best_wiener, gaussian_of_width, heaviest_window
 
 METHODS = ("input", "model", "rl_true", "rl_gaussian", "wiener")
 LABELS = {
@@ -130,11 +130,8 @@ def gallery(case, output: np.ndarray, path: Path, crop: int = 96) -> None:
     rl = best_richardson_lucy(case.blurry, case.psf, case.sharp, psnr)["output"]
     error = np.abs(np.clip(output, 0, 1) - case.sharp)
     error = error.mean(axis=-1) if error.ndim == 3 else error
-    # the crop with the largest summed error: box sums from an integral image
     size = min(crop, *error.shape)
-    integral = np.pad(error, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    boxes = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
-    y, x = np.unravel_index(int(np.argmax(boxes)), boxes.shape)
+    y, x = heaviest_window(error, size)  # the crop with the largest summed error
     panels = [np.clip(image[y : y + size, x : x + size], 0, 1) for image in (case.sharp, case.blurry, output, rl)]
     gap = np.ones((size, 4) + panels[0].shape[2:], np.float32)
     strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
