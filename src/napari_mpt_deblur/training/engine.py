@@ -33,7 +33,7 @@ from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
 from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
-from .config import TrainConfig
+from .config import INPUT_ERROR_FLOOR, TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
 
 STATE_FORMAT = 1
@@ -137,6 +137,29 @@ class Validation:
         return {"psnr": psnr(output, sharp), "ssim": ssim(output, sharp), **self.input_scores}
 
 
+def supervised_l1(output: torch.Tensor, sharp: torch.Tensor, blurry: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The L1 term of a batch, its samples weighted as ``TrainConfig.l1_weighting`` says.
+
+    Parameters
+    ----------
+    output, sharp, blurry
+        ``(N, C, H, W)``: the network's output, the target and the input.
+    weighting
+        ``uniform``: the plain mean; ``input_error``: each sample's mean absolute error times
+        ``f / (f + e)``, ``e`` its input's error and ``f`` the floor, then the mean over samples.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar; either way a mean over samples, so the shards of a batch add up to it.
+    """
+    if weighting == "uniform":
+        return F.l1_loss(output, sharp)
+    per_sample = (output.float() - sharp).abs().flatten(1).mean(dim=1)
+    input_error = (blurry - sharp).abs().flatten(1).mean(dim=1)
+    return (per_sample * (INPUT_ERROR_FLOOR / (INPUT_ERROR_FLOOR + input_error))).mean()
+
+
 def objective(
     model: torch.nn.Module,
     loss_fn: EFCRLoss,
@@ -157,7 +180,7 @@ def objective(
         total = config.supervised_weight * terms.l1 + config.efcr_beta * terms.contrastive
         losses = terms.as_floats()
     else:  # plain L1: no re-blurred forward passes
-        l1 = F.l1_loss(model(blurry), sharp)
+        l1 = supervised_l1(model(blurry), sharp, blurry, config.l1_weighting)
         total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
     if unlabeled is not None and config.reblur_weight > 0:
         reblurred = random_reblur(unlabeled, loss_fn.config.kernel_sizes, loss_fn.config.sigma, generator)
