@@ -18,7 +18,7 @@ range, so texture artefacts (a hatched ring, checkerboard) are seen.
 Examples::
 
     python benchmarks/sample_stack.py --model default --gallery docs/images/sample-stack-crops.png
-    python benchmarks/sample_stack.py --model model-training/default/default.best.safetensors --json runs/sample.json
+    python benchmarks/sample_stack.py --model run.best.safetensors --json runs/sample.json
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ script says whether this one does.
 Examples::
 
     python benchmarks/training_precision.py --model default --steps 200 --lr 2e-5     # the fine-tune's recipe
-    python benchmarks/training_precision.py --model model-training/default/default.safetensors --steps 200 \\
+    python benchmarks/training_precision.py --model run.safetensors --steps 200 \\
         --lr 1e-4 --json runs/precision.json
 """
 

@@ -21,7 +21,7 @@ the model: they are cached (``--baselines``) and recomputed when the suite chang
 Examples::
 
     python benchmarks/validate.py --model default
-    python benchmarks/validate.py --model model-training/default/default.best.safetensors \\
+    python benchmarks/validate.py --model run.best.safetensors \\
         --json runs/suite.json --gallery runs/worst.png
 """
 
