@@ -98,8 +98,10 @@ def _half_scale(plane: np.ndarray) -> np.ndarray:
     return rescale(plane.astype(np.float32), 0.5, anti_aliasing=True).astype(np.float32)
 
 
-def _nuclei_in_focus() -> list[np.ndarray]:
-    return sharpest_planes(list(_bio_sample("nuclei.tif").astype(np.float32)), 0.25)
+def _nuclei_in_focus(stack: np.ndarray | None = None) -> list[np.ndarray]:
+    """The in-focus quarter of the nuclei z-stack (float32), read from the package unless given."""
+    stack = _bio_sample("nuclei.tif").astype(np.float32) if stack is None else stack
+    return sharpest_planes(list(stack), 0.25)
 
 
 def procedural_fluorescence(seed: int, size: int = 384) -> np.ndarray:
@@ -150,7 +152,7 @@ def procedural_fluorescence(seed: int, size: int = 384) -> np.ndarray:
     for _ in range(int(rng.integers(0, 400))):  # sparse puncta, near the diffraction limit
         _spot(plane, rng.uniform(0, size, 2), rng.uniform(0.6, 2.0), float(rng.lognormal(-0.5, 0.6)))
     plane += rng.uniform(0, 0.1) * (1 + np.sin(xx / rng.uniform(40, 200)) * np.cos(yy / rng.uniform(40, 200)))
-    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+    return _to_unit(plane)
 
 
 def procedural_puncta(seed: int, size: int = 384) -> np.ndarray:
@@ -182,7 +184,7 @@ def procedural_puncta(seed: int, size: int = 384) -> np.ndarray:
     for _ in range(int(rng.integers(0, 25))):  # larger, elongated blobs (aggregates, galaxies)
         _blob(plane, rng.uniform(0, size, 2), rng.uniform(1.0, 6.0, 2), rng.uniform(0, np.pi), rng.uniform(0.1, 1))
     plane += rng.uniform(0, 0.03)
-    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+    return _to_unit(plane)
 
 
 def procedural_soft_nuclei(seed: int, size: int = 384) -> np.ndarray:
@@ -223,9 +225,7 @@ def procedural_soft_nuclei(seed: int, size: int = 384) -> np.ndarray:
         if window is None:
             continue
         ys, xs = window
-        yy, xx = np.mgrid[ys, xs]
-        dy, dx = yy - centre[0], xx - centre[1]
-        along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+        along, across = _turned_offsets(window, centre, angle)
         distance = np.sqrt((along / aspect) ** 2 + (across * aspect) ** 2)
         inside = 1 / (1 + np.exp(np.clip((distance - radius) / edge, -30, 30)))
         plane[ys, xs] = np.maximum(plane[ys, xs], float(10 ** rng.uniform(-1, 0)) * inside * texture[ys, xs])
@@ -239,7 +239,7 @@ def procedural_soft_nuclei(seed: int, size: int = 384) -> np.ndarray:
     for _ in range(int(rng.integers(0, 8))):  # cytoplasm: a faint, wide haze
         _blob(plane, rng.uniform(0, size, 2), rng.uniform(15, 40, 2), rng.uniform(0, np.pi), rng.uniform(0.02, 0.08))
     plane += rng.uniform(0, 0.08)
-    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
+    return _to_unit(plane)
 
 
 def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: float, brightness: float) -> None:
@@ -248,10 +248,20 @@ def _blob(plane: np.ndarray, centre: np.ndarray, sigmas: np.ndarray, angle: floa
     if window is None:
         return
     ys, xs = window
-    yy, xx = np.mgrid[ys, xs]
-    dy, dx = yy - centre[0], xx - centre[1]
-    along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+    along, across = _turned_offsets(window, centre, angle)
     plane[ys, xs] += brightness * np.exp(-0.5 * ((along / sigmas[0]) ** 2 + (across / sigmas[1]) ** 2))
+
+
+def _turned_offsets(window: tuple[slice, slice], centre: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets of the window's pixels from ``centre`` along and across the direction ``angle``."""
+    yy, xx = np.mgrid[window]
+    dy, dx = yy - centre[0], xx - centre[1]
+    return dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+
+
+def _to_unit(plane: np.ndarray) -> np.ndarray:
+    """A procedural plane scaled so its 99.9th percentile is 1, as float32."""
+    return (plane / max(float(np.percentile(plane, 99.9)), 1e-6)).astype(np.float32)
 
 
 def _spot(plane: np.ndarray, centre: np.ndarray, sigma: float, brightness: float) -> None:
@@ -322,7 +332,7 @@ def suite_images() -> dict[str, np.ndarray]:
     from skimage import data
 
     nuclei_stack = _bio_sample("nuclei.tif").astype(np.float32)
-    nuclei = _nuclei_in_focus()[0][:, NUCLEI_TRAIN_COLUMNS.stop :]
+    nuclei = _nuclei_in_focus(nuclei_stack)[0][:, NUCLEI_TRAIN_COLUMNS.stop :]
     return {
         "nuclei, held-out columns (fluorescence)": np.ascontiguousarray(nuclei),
         "2D_timelapse frame 29 (fluorescence)": _bio_sample("2D_timelapse.tif")[29, 128:384, 128:384].astype(
