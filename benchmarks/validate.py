@@ -12,6 +12,11 @@ For every strength the table gives mean PSNR and SSIM of:
 * Richardson-Lucy given a Gaussian of the PSF's 80 %-energy width (best iterations);
 * a Wiener filter given the true PSF (noise-to-signal ratio tuned against the truth).
 
+The model sees every case in its eight orientations (quarter turns, each also
+mirrored; ``training.suite.ORIENTATIONS``): its row is the mean over them, and a
+case counts as worse than its input when any orientation is. The classical
+methods, their PSFs symmetric, give the same figures in every orientation.
+
 It then names every case where the model is worse than its input and every
 strength where it is behind Richardson-Lucy with the Gaussian, and writes a crop
 gallery (PNG) of the worst case: truth, input, model, Richardson-Lucy, so
@@ -94,17 +99,20 @@ def print_tables(rows: list[dict], per_case: bool) -> None:
             means = [np.mean([row[m][index] for row in chosen]) for m in METHODS]
             print(f"{strength:10s} " + " ".join(f"{v:12.3f}" if index else f"{v:12.2f}" for v in means))
     if per_case:
-        print(f"\nPSNR dB per case\n{'image':48s} {'strength':10s} {header}")
+        print("\nPSNR dB per case (model: mean over orientations, then its worst)")
+        print(f"{'image':48s} {'strength':10s} {header} {'model worst':>12s}")
         for row in rows:
-            print(f"{row['image']:48s} {row['strength']:10s} " + " ".join(f"{row[m][0]:12.2f}" for m in METHODS))
+            figures = " ".join(f"{row[m][0]:12.2f}" for m in METHODS)
+            print(f"{row['image']:48s} {row['strength']:10s} {figures} {row['model_worst'][0]:12.2f}")
 
 
 def verdict(rows: list[dict]) -> dict:
     """What the targets ask: never below the input, above RL with a Gaussian at every strength."""
     below_input = [
-        f"{r['image']}, {r['strength']}: {r['model'][0] - r['input'][0]:+.2f} dB"
+        f"{r['image']}, {r['strength']}: {r['model_worst'][0] - r['input'][0]:+.2f} dB"
+        f" (orientation {r['model_worst'][1]}; mean over orientations {r['model'][0] - r['input'][0]:+.2f} dB)"
         for r in rows
-        if r["model"][0] < r["input"][0]
+        if r["model_worst"][0] < r["input"][0]
     ]
     strengths = list(dict.fromkeys(row["strength"] for row in rows))
     behind_gaussian, behind_true = [], []
@@ -151,28 +159,36 @@ def main() -> None:
     parser.add_argument("--per-case", action="store_true", help="also print PSNR per image and strength")
     parser.add_argument("--gallery", type=Path, default=Path("benchmarks/results/suite-worst.png"))
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--orientations", type=int, default=None, help="orientations per case (default: all 8; 1: as stored, faster)"
+    )
     args = parser.parse_args()
 
     import torch
 
     from napari_mpt_deblur import load_model
-    from napari_mpt_deblur.training.suite import deblur_case, psnr, suite_cases
+    from napari_mpt_deblur.training.suite import ORIENTATIONS, deblur_case, psnr, suite_cases
 
+    orientations = args.orientations or ORIENTATIONS
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = suite_cases()
     rows = classical_rows(cases, args.baselines, args.recompute_baselines)
     model = load_model(args.model)
-    outputs = []
+    worst_outputs = []
     for case, row in zip(cases, rows):
-        output = deblur_case(model, case, args.device)
-        row["model"] = [psnr(output, case.sharp), ssim(output, case.sharp)]
-        outputs.append(output)
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')})")
+        outputs = [deblur_case(model, case, args.device, k) for k in range(orientations)]
+        scores = [(psnr(output, case.sharp), ssim(output, case.sharp)) for output in outputs]
+        row["model"] = [float(np.mean([p for p, _ in scores])), float(np.mean([s for _, s in scores]))]
+        row["model_orientations"] = [p for p, _ in scores]
+        worst_orientation = int(np.argmin(row["model_orientations"]))
+        row["model_worst"] = [scores[worst_orientation][0], worst_orientation]
+        worst_outputs.append(outputs[worst_orientation])
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}), {orientations} orientations per case")
     print_tables(rows, args.per_case)
     result = verdict(rows)
-    worst = min(range(len(rows)), key=lambda i: rows[i]["model"][0] - rows[i]["input"][0])
-    gallery(cases[worst], outputs[worst], args.gallery)
+    worst = min(range(len(rows)), key=lambda i: rows[i]["model_worst"][0] - rows[i]["input"][0])
+    gallery(cases[worst], worst_outputs[worst], args.gallery)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "rows": rows, **result}, indent=1))

@@ -185,6 +185,32 @@ def test_suite_validation_keeps_only_models_never_worse_than_their_input():
     assert scrambled["worst_gain_db"] < 0 and validation.selection_score(scrambled) is None
 
 
+class _OneWayModel(MPT):
+    """Its input back while the top-left corner is darker than the bottom-right, else its input at half contrast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[..., :8, :8].mean() < x[..., 56:64, 56:64].mean():
+            return x
+        return 0.5 * x
+
+
+def test_suite_orientations_turn_back_exactly_and_catch_a_model_right_in_one_orientation_only():
+    from napari_mpt_deblur.training.suite import ORIENTATIONS, SuiteValidation, orient, suite_cases, unorient
+
+    image = np.random.default_rng(0).random((6, 9, 3))
+    turned = [orient(image, k) for k in range(ORIENTATIONS)]
+    assert all(np.array_equal(unorient(t, k), image) for k, t in enumerate(turned))
+    assert len({t.tobytes() + bytes(t.shape) for t in turned}) == ORIENTATIONS  # eight different views
+
+    ramp = np.add.outer(np.linspace(0.1, 0.6, 64), np.linspace(0, 0.3, 64)).astype(np.float32)
+    cases = suite_cases({"ramp": ramp + 0.1 * pattern_pairs(1, 64)[1][0]})
+    model = _OneWayModel(tiny_config()).eval()
+    as_stored = SuiteValidation(cases, orientations=1).evaluate(model, torch.device("cpu"))
+    every_way = SuiteValidation(cases).evaluate(model, torch.device("cpu"))
+    assert as_stored["worst_gain_db"] == pytest.approx(0, abs=1e-3)  # seen as stored it is the identity
+    assert every_way["worst_gain_db"] < -0.5 and SuiteValidation.selection_score(every_way) is None
+
+
 class _ScriptedValidation:
     """Scores set per validation, to check which checkpoint the loop keeps."""
 

@@ -474,3 +474,38 @@ def test_train_preset_seed_sets_the_initial_weights(tmp_path):
     other = trained_with_seed(2, "c.safetensors")
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+def _round_spots(height: int, width: int) -> np.ndarray:
+    """Disks of radius 8 on a 40-pixel grid: every 80 x 80 window holds a whole one."""
+    yy, xx = np.mgrid[:height, :width]
+    return (((yy % 40 - 20) ** 2 + (xx % 40 - 20) ** 2) <= 64).astype(np.float32)
+
+
+def _aspect_ratios(patches: np.ndarray) -> list[float]:
+    """Height over width of every spot that does not touch a patch's border."""
+    from scipy import ndimage
+
+    ratios = []
+    for patch in patches[:, 0]:
+        labels, _ = ndimage.label(patch > 0.5 * patch.max())
+        for rows, cols in ndimage.find_objects(labels):
+            if rows.start > 0 and cols.start > 0 and rows.stop < patch.shape[0] and cols.stop < patch.shape[1]:
+                ratios.append((rows.stop - rows.start) / (cols.stop - cols.start))
+    return ratios
+
+
+def test_patches_of_a_plane_too_small_for_the_zoom_out_keep_round_things_round():
+    """A 200 x 80 plane asked for a 2x zoom-out: the window is the largest square it holds, not 200 x 80."""
+    from napari_mpt_deblur.data.defocus import DefocusConfig
+    from napari_mpt_deblur.training.patches import SyntheticPairs, UnlabeledPlanes
+
+    plane = _round_spots(200, 80) + 0.01
+    rng = np.random.default_rng(0)
+    _, labeled = LabeledPairs(plane, plane).sample(rng, 8, 64, (0.5, 0.5))
+    unblurred = DefocusConfig(no_blur_probability=1.0, noise_probability=0.0)
+    _, synthetic = SyntheticPairs(plane, unblurred, margin=0).sample(rng, 8, 64, (0.5, 0.5))
+    unlabeled = UnlabeledPlanes(plane).sample(rng, 8, 64, (0.5, 0.5))
+    for patches in (labeled, synthetic, unlabeled):
+        ratios = _aspect_ratios(patches)
+        assert len(ratios) >= 8 and 0.85 < np.median(ratios) < 1.18

@@ -88,13 +88,15 @@ def _resize(plane: np.ndarray, size: int) -> np.ndarray:
 
 
 def _crop(rng: np.random.Generator, shape: tuple[int, int], side: int) -> tuple[slice, slice]:
-    """A random square window of ``side`` (or the whole axis where the plane is smaller)."""
-    window = []
-    for length in shape:
-        size = min(side, length)
-        start = int(rng.integers(0, length - size + 1))
-        window.append(slice(start, start + size))
-    return window[0], window[1]
+    """A random square window of ``side``, or of the plane's shorter side where the plane is smaller.
+
+    The window stays square so that resizing it to the patch keeps the content's aspect ratio: a plane
+    too small for the zoom-out drawn is zoomed out as far as it allows (a window of 256 x 160 pixels
+    resized to a square would stretch round nuclei into ellipses 1.6 times as wide as tall).
+    """
+    size = min(side, *shape)
+    starts = [int(rng.integers(0, length - size + 1)) for length in shape]
+    return slice(starts[0], starts[0] + size), slice(starts[1], starts[1] + size)
 
 
 def _augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
