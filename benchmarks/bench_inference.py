@@ -12,7 +12,8 @@ fresh subprocess (so its peak memory is its own, and ``tune_cpu_allocator()`` is
   forward passes of the same tiles, and against one whole-plane forward per plane;
 - ``waste``: pixels the network computes (every tile, padded to the network's size
   multiple) over the plane's pixels, for the tile planner before issue 20 (computed
-  analytically) and now, for a table of plane shapes and the worst case over a grid.
+  analytically) and now, plain and with planes of fewer tiles cut for ``--split`` CPU
+  workers (as the engine does), for a table of plane shapes and the worst case over a grid.
 
 Without ``--model FILE`` the network is a randomly initialised preset
 (``torch.manual_seed(0)``): a worst case for ``agreement``. ``--json FILE`` saves
@@ -83,7 +84,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "waste": [
         ("shape", "plane", "11s"), ("old_tiles", "old tiles", "9d"), ("old_tile_shape", "old tile", "10s"),
         ("old_ratio", "old x", "7.3f"), ("tiles", "tiles", "5d"), ("tile_shape", "tile", "10s"),
-        ("ratio", "new x", "7.3f"),
+        ("ratio", "new x", "7.3f"), ("split_tiles", "cut tiles", "9d"), ("split_ratio", "cut x", "7.3f"),
     ],
 }  # fmt: skip
 FIGURES = {
@@ -91,7 +92,7 @@ FIGURES = {
     "memory": ("peak_rss_mb", "time_s"),
     "agreement": ("psnr_db",),
     "overhead": ("lazy_s", "array_s", "tiles_s", "whole_s"),
-    "waste": ("ratio",),
+    "waste": ("ratio", "split_ratio"),
 }
 DEFAULT_SHAPES = [
     "512x512", "660x550", "768x768", "1000x1000", "1024x1024", "1024x2048", "1500x1500", "2048x2048", "3000x3000",
@@ -301,7 +302,7 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
     from napari_mpt_deblur import build_model, load_model
     from napari_mpt_deblur.config import DeblurSettings
     from napari_mpt_deblur.inference import Deblurrer
-    from napari_mpt_deblur.tiling import plan_tiles
+    from napari_mpt_deblur.tiling import plan_tiles, round_up, tile_grid
 
     model = load_model(args.model) if args.model else build_model(args.preset)
     label = Path(args.model).name if args.model else args.preset
@@ -311,6 +312,13 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
     def ratios(height: int, width: int) -> tuple[float, float]:
         plan = plan_tiles(height, width, tile, overlap, multiple, deblurrer.tile_growth)
         return legacy_plan(height, width, tile, multiple)[2] / (height * width), plan.computed_pixels / (height * width)
+
+    def cut_windows(height: int, width: int) -> list[tuple[slice, slice]]:
+        return tile_grid(height, width, tile, overlap, multiple, deblurrer.tile_growth, args.split)
+
+    def cut_ratio(height: int, width: int) -> float:
+        sides = [(r.stop - r.start, c.stop - c.start) for r, c in cut_windows(height, width)]
+        return sum(round_up(h, multiple) * round_up(w, multiple) for h, w in sides) / (height * width)
 
     rows = []
     for text in args.shapes:
@@ -322,16 +330,20 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
                      "multiple": multiple, "device": "any", "threads": 0, "old_tiles": planes * old_tiles,
                      "old_tile_shape": "x".join(map(str, old_shape)), "old_ratio": old_ratio,
                      "tiles": planes * plan.count, "tile_shape": "x".join(map(str, plan.tile_shape)),
-                     "ratio": ratio})  # fmt: skip
+                     "ratio": ratio, "split": args.split, "split_tiles": planes * len(cut_windows(height, width)),
+                     "split_ratio": cut_ratio(height, width)})  # fmt: skip
     squares = range(512, 4097)
     rectangles = [(h, w) for h in range(512, 4097, 64) for w in range(512 + 29, 4097, 67)]
     for name, shapes in (("squares 512..4096", [(s, s) for s in squares]), ("rectangles 512..4096", rectangles)):
         old_worst = max(shapes, key=lambda shape: ratios(*shape)[0])
         worst = max(shapes, key=lambda shape: ratios(*shape)[1])
+        cut_worst = max(shapes, key=lambda shape: cut_ratio(*shape))
         print(f"# {name} ({len(shapes)} shapes): worst old {ratios(*old_worst)[0]:.3f} at {old_worst}, "
-              f"worst new {ratios(*worst)[1]:.3f} at {worst}; mean old "
+              f"worst new {ratios(*worst)[1]:.3f} at {worst}, cut for {args.split} workers "
+              f"{cut_ratio(*cut_worst):.3f} at {cut_worst}; mean old "
               f"{statistics.mean(ratios(*s)[0] for s in shapes):.3f}, new "
-              f"{statistics.mean(ratios(*s)[1] for s in shapes):.3f}")  # fmt: skip
+              f"{statistics.mean(ratios(*s)[1] for s in shapes):.3f}, cut "
+              f"{statistics.mean(cut_ratio(*s) for s in shapes):.3f}")  # fmt: skip
     return rows
 
 
@@ -422,6 +434,9 @@ def main() -> None:
     waste.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="HxW or ZxHxW")
     waste.add_argument("--tile", type=int, help="default: the model's tile size")
     waste.add_argument("--overlap", type=int, help="default: the engine's")
+    waste.add_argument(
+        "--split", type=int, default=2, help="CPU workers a plane of fewer tiles is cut for (the engine: its threads)"
+    )
     args = parser.parse_args()
 
     import torch

@@ -93,6 +93,34 @@ def test_tiles_of_one_plane_side_by_side_match(model: MPT) -> None:
     np.testing.assert_allclose(side_by_side, sequential, atol=1e-5)
 
 
+def test_a_plane_of_one_tile_is_cut_for_the_workers_unless_planes_run_side_by_side(
+    model: MPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plane = np.random.default_rng(2).random((550, 660)).astype(np.float32)
+    deblurrer = Deblurrer(model, DeblurSettings())
+    with torch_threads(1):
+        assert deblurrer.tiles_per_plane(550, 660) == 1  # one thread, or inside a plane beside others
+    calls = []
+    forward = Deblurrer._network
+
+    def record(self: Deblurrer, x: torch.Tensor) -> torch.Tensor:
+        calls.append((threading.current_thread().name, torch.get_num_threads(), tuple(x.shape[-2:])))
+        return forward(self, x)
+
+    monkeypatch.setattr(Deblurrer, "_network", record)
+    with torch_threads(2):
+        assert deblurrer.tiles_per_plane(550, 660) == 2
+        deblur_array(model, plane, "YX")
+        assert torch.get_num_threads() == 2
+    # two tiles of 550 x 384, side by side on one thread each, instead of one tile on both threads
+    assert len(calls) == 2 and all(name.startswith("torch-side-by-side") and threads == 1 for name, threads, _ in calls)
+    assert {shape for _, _, shape in calls} == {(550, 384)}
+    calls.clear()
+    with torch_threads(2):
+        deblur_array(model, plane, "YX", DeblurSettings(tile=0))  # the whole plane was asked for
+    assert len(calls) == 1 and calls[0][1:] == (2, (550, 660))
+
+
 def test_closing_stops_every_worker(model: MPT, stack: np.ndarray) -> None:
     with torch_threads(2):
         steps = iter_deblur(model, stack, "ZYX")

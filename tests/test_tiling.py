@@ -12,7 +12,15 @@ from helpers import tiny_config
 from napari_mpt_deblur import MPT
 from napari_mpt_deblur.inference import DEFAULT_TILE, default_overlap
 from napari_mpt_deblur.runtime import run_to_end
-from napari_mpt_deblur.tiling import TILE_GROWTH, blend_window, iter_tiled_forward, plan_tiles, round_up, tile_grid
+from napari_mpt_deblur.tiling import (
+    SPLIT_MAX_WASTE,
+    TILE_GROWTH,
+    blend_window,
+    iter_tiled_forward,
+    plan_tiles,
+    round_up,
+    tile_grid,
+)
 
 LITE_MULTIPLE = 64  # the default model's config.size_multiple
 PLAN_CASES = [
@@ -98,26 +106,54 @@ def test_tiles_stay_within_the_memory_bound(height, width, tile, overlap, multip
     assert padded_area(plan) <= (growth * round_up(tile, multiple)) ** 2
 
 
-def waste(height: int, width: int) -> float:
-    """Pixels the default model computes over the plane's pixels, at default settings."""
-    plan = plan_tiles(height, width, DEFAULT_TILE, default_overlap(DEFAULT_TILE), LITE_MULTIPLE)
-    return plan.computed_pixels / (height * width)
+def waste(height: int, width: int, split: int = 1) -> float:
+    """Pixels the default model computes over the plane's pixels, at default settings, cut for ``split`` workers."""
+    windows = tile_grid(height, width, DEFAULT_TILE, default_overlap(DEFAULT_TILE), LITE_MULTIPLE, split=split)
+    sides = [(r.stop - r.start, c.stop - c.start) for r, c in windows]
+    computed = sum(round_up(h, LITE_MULTIPLE) * round_up(w, LITE_MULTIPLE) for h, w in sides)
+    return computed / (height * width)
 
 
 ODD_SHAPES = [(660, 550), (513, 4096), (4096, 513), (1025, 777), (3001, 2999), (577, 1153), (4096, 4096)]
 
 
-def test_pixels_computed_at_most_1_3x_from_512_to_4096():
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_pixels_computed_at_most_1_3x_from_512_to_4096(split):
     sizes = list(range(512, 4097, 97)) + [4096]
     shapes = list(itertools.product(sizes, sizes[::3])) + ODD_SHAPES
-    worst = max(shapes, key=lambda shape: waste(*shape))
-    assert waste(*worst) <= 1.3, worst
+    worst = max(shapes, key=lambda shape: waste(*shape, split))
+    assert waste(*worst, split) <= 1.3, worst
 
 
 @pytest.mark.slow
-def test_pixels_computed_at_most_1_3x_for_every_square_size():
-    worst = max(range(512, 4097), key=lambda side: waste(side, side))
-    assert waste(worst, worst) <= 1.3, worst
+@pytest.mark.parametrize("split", [1, 2])
+def test_pixels_computed_at_most_1_3x_for_every_square_size(split):
+    worst = max(range(512, 4097), key=lambda side: waste(side, side, split))
+    assert waste(worst, worst, split) <= 1.3, worst
+
+
+@pytest.mark.parametrize(
+    "height, width, tiles",
+    [
+        (550, 660, 2),  # the sample plane: one tile of 550 x 660, or two of 550 x 384 (1.22x its pixels)
+        (512, 512, 2),  # two of 512 x 320 (1.25x), not three of 512 x 192: each worker has one
+        (768, 768, 2),
+        (513, 513, 1),  # two would compute 1.40x its pixels: it stays one tile
+        (256, 256, 1),  # 1.5x
+        (1024, 1024, 2),  # two tiles already: as planned
+    ],
+)
+def test_a_plane_of_fewer_tiles_than_workers_is_cut_for_them_when_that_wastes_little(height, width, tiles):
+    overlap = default_overlap(DEFAULT_TILE)
+    windows = tile_grid(height, width, DEFAULT_TILE, overlap, LITE_MULTIPLE, split=2)
+    assert len(windows) == tiles and waste(height, width, split=2) <= SPLIT_MAX_WASTE
+    covered = torch.zeros(height, width, dtype=torch.int32)
+    for rows, columns in windows:
+        covered[rows, columns] += 1
+    assert (covered > 0).all() and (covered.sum() - height * width) >= overlap * min(height, width) * (tiles - 1)
+    assert len(tile_grid(height, width, DEFAULT_TILE, overlap, LITE_MULTIPLE)) == (2 if height == 1024 else 1)
+    assert tile_grid(height, width, 0, overlap, LITE_MULTIPLE, split=2) == [(slice(0, height), slice(0, width))]
+    assert plan_tiles(9, 9, DEFAULT_TILE, overlap, LITE_MULTIPLE, min_tiles=4).count == 1  # too small to cut
 
 
 def test_bad_plans_are_refused():

@@ -38,7 +38,7 @@ from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT
 from .normalization import intensity_range
-from .runtime import autocast_dtype, cpu_workers, resolve_device, run_to_end, torch_threads
+from .runtime import MAX_CPU_WORKERS, autocast_dtype, cpu_workers, resolve_device, run_to_end, torch_threads
 from .tiling import TILE_GROWTH, iter_tiled_forward, tile_grid
 
 DEFAULT_TILE = 512
@@ -297,8 +297,14 @@ class Deblurrer:
         )
 
     def tile_windows(self, height: int, width: int) -> list[tuple[slice, slice]]:
-        """The tiles of a plane as this deblurrer plans them (see :func:`~napari_mpt_deblur.tiling.plan_tiles`)."""
-        return tile_grid(height, width, self.tile, self.overlap, self.size_multiple, self.tile_growth)
+        """The tiles of a plane as this deblurrer plans them in the calling thread (see
+        :func:`~napari_mpt_deblur.tiling.plan_tiles`; on the CPU a plane of one tile is cut into one per worker
+        when that wastes little, except inside a plane deblurred side by side with others)."""
+        return tile_grid(height, width, self.tile, self.overlap, self.size_multiple, self.tile_growth, self._split())
+
+    def _split(self) -> int:
+        """Tiles a plane is cut into at least, so each CPU worker has one (1 on a GPU or on one thread)."""
+        return cpu_workers(MAX_CPU_WORKERS) if self.device.type == "cpu" else 1
 
     def tiles_per_plane(self, height: int, width: int) -> int:
         return len(self.tile_windows(height, width))
@@ -359,6 +365,7 @@ class Deblurrer:
                         self.size_multiple,
                         self.tile_growth,
                         workers=self._tile_workers(*x.shape[-2:]),
+                        split=self._split(),
                     )
                     while True:
                         try:
