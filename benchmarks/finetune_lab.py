@@ -128,6 +128,10 @@ def finetune(model_name: str, data_of, steps: int, patch: int, guard: bool) -> t
                 log.update(event, model)
             log.restore_best(model)
     print(f"  {log.outcome()}")
+    if log.gentle_start_psnr is not None:
+        scored = ", ".join(f"step {step}: {value:.2f}" for step, value in log.gentle_psnr)
+        start = f"starting model {log.gentle_start_psnr:.2f} dB"
+        print(f"  unblurred or mildly blurred held-out patches: {start}; {scored}")
     return model, log, time.perf_counter() - started
 
 
@@ -162,6 +166,9 @@ def main() -> None:
             rows[arm] = score(model, cases)
             rows[arm]["seconds"] = round(seconds, 1)
             rows[arm]["kept starting model"] = float(log.kept_start)
+            rows[arm]["validations"] = {"psnr": log.psnr, "start": log.start_psnr}
+            if log.gentle_start_psnr is not None:
+                rows[arm]["validations"].update(gentle=log.gentle_psnr, gentle_start=log.gentle_start_psnr)
         results[situation] = rows
         print(f"\n{situation} (mean PSNR dB over {len(TEST_SEEDS)} held-out fields; {args.steps} steps)")
         print("| arm | " + " | ".join(TEST_DEFOCUS_UM) + " |")

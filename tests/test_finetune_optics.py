@@ -17,11 +17,11 @@ from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, gau
 from napari_mpt_deblur.data.optics import estimate_blur, microscope_from_metadata
 from napari_mpt_deblur.training.engine import TrainProgress, Validation, state_path
 from napari_mpt_deblur.training.finetune import (
+    ANCHORED_SHARE,
     FINETUNE_DEFAULTS,
-    NO_FOCUS_ANCHORED,
+    NO_FOCUS_ANCHORED_SHARE,
     NO_FOCUS_EFCR_BETA,
     NO_FOCUS_MAX_STEPS,
-    NO_FOCUS_UNBLURRED,
     AnchoredPairs,
     TrainingLog,
     prepare_finetune,
@@ -125,13 +125,25 @@ def test_a_stack_through_focus_has_in_focus_planes_and_a_defocused_one_has_none(
 def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_gently():
     config = FINETUNE_DEFAULTS.replace(patch_size=32, batch_size=2, steps=500)
     model = small_model()
-    stacks = [through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5), seed=s) for s in range(2)]
+    stacks = [through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5), seed=s) for s in range(4)]
     data = prepare_finetune(model, stacks, config=config, microscope=LAB)
     assert data.estimate is not None and data.estimate.in_focus and not data.notes
-    assert len(data.sampler.sharp) == 3  # the sharpest quarter of 16 planes, less the one held out
+    # of the sharpest quarter of 32 planes only the 4 in focus: the planes 0.3 um away are blurred (80 % radius
+    # 4 px) and would teach the network to keep that blur; one of the 4 is held out
+    assert data.provenance["sharp_planes"] == 4 and len(data.sampler.pairs.sharp) == 3
+    # in-focus planes are kept as the starting model treats them, not copied onto their denoised targets
+    assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == ANCHORED_SHARE
+    assert data.sampler.pairs.defocus.no_blur_probability == 0
     assert data.provenance["validation"].startswith("1 of the sharpest planes held out")
     assert data.provenance["blur_estimate"]["microscope"]["na"] == 1.4
     assert data.config.steps == 500 and data.config.lr == config.lr
+    # the guard's second score: the same held-out plane unblurred or mildly blurred, much closer to its truth
+    gentle, measured = data.gentle_validation, data.validation
+    assert gentle is not None and gentle.blurry.shape == measured.blurry.shape
+    cpu = torch.device("cpu")
+    assert gentle.evaluate(model, cpu)["input_psnr"] > measured.evaluate(model, cpu)["input_psnr"] + 3
+    labeled = prepare_finetune(model, stacks, labeled=(stacks[0][4:], stacks[0][:4]), config=config)
+    assert labeled.gentle_validation is None  # the user's pairs are the truth to score on
 
     defocused = [through_focus((0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6), seed=s) for s in range(2)]
     data = prepare_finetune(model, defocused, config=config, microscope=LAB)
@@ -139,8 +151,8 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 4)
     assert data.config.efcr_beta == NO_FOCUS_EFCR_BETA
     assert data.provenance["targets"].startswith("starting model's deblurred")
-    assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == NO_FOCUS_ANCHORED
-    assert data.sampler.pairs.defocus.no_blur_probability == NO_FOCUS_UNBLURRED
+    assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == NO_FOCUS_ANCHORED_SHARE
+    assert data.sampler.pairs.defocus.no_blur_probability == 0  # unblurred samples are the anchored ones only
     # a share of every batch keeps the network where it started: unblurred input, the starting model's output
     always = AnchoredPairs(data.sampler.pairs, model, share=1.0)
     blurry, sharp = always.sample(np.random.default_rng(0), 2, 32, (1.0, 1.0))
@@ -179,6 +191,41 @@ def test_the_starting_model_is_kept_unless_the_fine_tune_beats_it():
     better.update(TrainProgress(1, 1, {"total": 1.0}, 1e-4, 1.0, 0.0, scores), model)
     assert better.restore_best(model) == 1 and not better.kept_start
     assert better.summary()["kept_starting_model"] is False and "kept the weights of step 1" in better.outcome()
+
+
+def test_a_fine_tune_that_gains_on_strong_blur_but_loses_in_focus_is_not_kept():
+    model = small_model().eval()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(1)
+    sharp = rng.random((4, 1, 32, 32), dtype=np.float32)
+    validation = Validation(sharp + 0.1, sharp)
+    # in-focus patches the starting model already gets nearly right: any change of its weights loses on them
+    in_focus = rng.random((4, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        gentle = Validation(in_focus, model(torch.from_numpy(in_focus)).numpy() + 1e-3)
+
+    def progress(index: int, psnr: float) -> TrainProgress:
+        scores = {"psnr": psnr, "ssim": 0.5, "input_psnr": 18.0, "input_ssim": 0.4}
+        return TrainProgress(index, 2, {"total": 1.0}, 1e-4, index, 2 - index, scores)
+
+    log = TrainingLog()
+    log.begin(model, validation, gentle)
+    assert log.gentle_start_psnr is not None and log.gentle_start_psnr > 50
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05)
+    assert not log.update(progress(1, log.start_psnr + 3.0), model)  # far better on the blur, worse in focus
+    assert log.gentle_rejected == [1] and log.gentle_psnr[0][1] < log.gentle_start_psnr
+    assert log.restore_best(model) == 0 and log.kept_start
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+    assert "made planes in focus or mildly blurred worse" in log.outcome()
+    assert log.summary()["steps_rejected_for_in_focus_or_mild_loss"] == [1]
+
+    unharmed = TrainingLog()
+    unharmed.begin(model, validation, gentle)
+    assert unharmed.update(progress(1, unharmed.start_psnr + 1.0), model)  # same weights: nothing lost in focus
+    assert unharmed.restore_best(model) == 1 and not unharmed.gentle_rejected
+    assert unharmed.summary()["in_focus_or_mild_psnr"] == unharmed.summary()["starting_model_in_focus_or_mild_psnr"]
 
 
 @pytest.mark.slow

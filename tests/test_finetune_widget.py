@@ -14,7 +14,7 @@ from napari_mpt_deblur.config import IntensityNormalization, ModelCard
 from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.plugin import session
 from napari_mpt_deblur.training.engine import TrainProgress
-from napari_mpt_deblur.training.finetune import FINETUNE_DEFAULTS, TrainingLog, prepare_finetune
+from napari_mpt_deblur.training.finetune import FINETUNE_DEFAULTS, AnchoredPairs, TrainingLog, prepare_finetune
 from napari_mpt_deblur.training.patches import LabeledPairs, SyntheticPairs
 
 PLUGIN, DOCK = "napari-mpt-deblur", "Fine-tune (EFCR_ex)"
@@ -83,10 +83,10 @@ def test_prepare_finetune_makes_synthetic_or_labeled_pairs_and_records_them():
     model.card = ModelCard(model.config, IntensityNormalization(mode="percentile", low=0.5, high=99.5))
 
     data = prepare_finetune(model, stack[None], config=config)  # any N-D: leading axes are planes
-    assert isinstance(data.sampler, SyntheticPairs)
+    assert isinstance(data.sampler, AnchoredPairs) and isinstance(data.sampler.pairs, SyntheticPairs)
     from napari_mpt_deblur.data.defocus import denoise_target
 
-    sharp_planes = data.sampler.sharp  # the sharpest quarter of the 8 planes: 2 of the in-focus ones, denoised
+    sharp_planes = data.sampler.pairs.sharp  # the sharpest quarter of the 8 planes, all in focus: 2, denoised
     assert len(sharp_planes) == 2
     assert all(any(np.array_equal(p, denoise_target(s)) for s in sharp) for p in sharp_planes)
     record = data.provenance
@@ -204,18 +204,17 @@ def test_stop_mid_run_keeps_the_best_weights_and_returns_to_idle(make_napari_vie
     from napari_mpt_deblur.training import engine
 
     validations = iter([10.0, *range(100)])
+    scored_first = []
+
     # the starting model scores 20 dB; the validation gets worse after the first one of the run, so the weights
-    # kept must be step 2's, not the last ones
-    monkeypatch.setattr(
-        engine.Validation,
-        "evaluate",
-        lambda self, model, device: {
-            "psnr": 30.0 - next(validations),
-            "ssim": 0.9,
-            "input_psnr": 20.0,
-            "input_ssim": 0.5,
-        },
-    )
+    # kept must be step 2's, not the last ones; the guard's unblurred and mildly blurred patches (scored second)
+    # always score 25 dB: no step loses there
+    def evaluate(self, model, device):
+        scored_first[:] = scored_first or [self]
+        psnr = 30.0 - next(validations) if self is scored_first[0] else 25.0
+        return {"psnr": psnr, "ssim": 0.9, "input_psnr": 20.0, "input_ssim": 0.5}
+
+    monkeypatch.setattr(engine.Validation, "evaluate", evaluate)
     last_weights = {}
     update = TrainingLog.update
 

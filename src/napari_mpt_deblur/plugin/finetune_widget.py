@@ -124,7 +124,7 @@ class FinetuneWidget(ScrollingDock):
             label="labeled: blurry",
             choices=self._optional_layers,
             tooltip="Optional: a blurry layer with its sharp counterpart (same shape). Without them, pairs are "
-            "made by synthetic defocus of the sharpest quarter of your planes.",
+            "made by synthetic defocus of the sharpest of your planes.",
         )
         self.sharp = ComboBox(label="labeled: sharp", choices=self._optional_layers, tooltip=self.blurry.tooltip)
         self._models = ModelPicker(

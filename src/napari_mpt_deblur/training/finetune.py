@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..data.optics import BlurEstimate
     from ..models.mpt import MPT
     from .engine import TrainProgress, Validation
-    from .patches import PairSampler, UnlabeledPlanes
+    from .patches import PairSampler, SyntheticPairs, UnlabeledPlanes
 
 FINETUNE_DEFAULTS = TrainConfig(
     steps=1000, batch_size=4, patch_size=128, lr=2e-5, efcr_beta=0.0, checkpoint_every=100, validate_every=100
@@ -42,7 +42,14 @@ domain they added nothing (beta 1e-5), cost up to 0.1 dB (beta 1e-3) or 0.6 dB (
 from the user's sharpest planes (experiment 3 in docs/benchmarks.md)."""
 
 SHARPEST_FRACTION = 0.25
-"""Without labeled pairs, synthetic pairs are made from this fraction of the user's planes, the sharpest."""
+"""Without labeled pairs, synthetic pairs are made from at most this fraction of the user's planes, the sharpest."""
+
+FOCUS_RATIO = 0.6
+"""Of the sharpest planes, only those whose focus score is at least this share of the best in their own stack
+are targets of synthetic pairs. In a Z stack the planes beside focus are among the sharpest quarter but blurred
+(at NA 1.4 and 0.3 um steps they score 0.4 of the plane in focus, an 80 % radius of 4 px): as targets they teach
+the network to keep that blur (experiment 4: -1.33 dB at 0.3 um, -0.59 dB in focus). Planes given one by one are
+each their own stack."""
 
 VALIDATION_PATCHES = 16
 """Patches drawn (with a fixed seed) for the validation PSNR/SSIM."""
@@ -56,6 +63,18 @@ MIN_GAIN_DB = 0.05
 otherwise the starting model's weights are the result (a fine-tune never makes the model worse on
 what it can check)."""
 
+GENTLE_SIGMA_PX = 1.5
+GENTLE_UNBLURRED = 0.5
+"""Besides the blur measured, a fine-tune without labeled pairs is scored on the same held-out planes unblurred
+(half of the patches, noise only) or mildly blurred (Gaussian sigma up to 1.5 px): the planes biologists look at
+most. A fine-tune learns the strong blur of a lab's stack and its score on that blur range can rise while in-focus
+planes get worse (experiment 4: +0.33 dB at 1.2 um, -0.59 dB in focus), so a step is kept only when it does not
+lose on these against the starting model (:data:`GENTLE_TOLERANCE_DB`)."""
+
+GENTLE_TOLERANCE_DB = 0.0
+"""How much a fine-tune's steps may lose against the starting model on the unblurred and mildly blurred
+held-out patches (:data:`GENTLE_SIGMA_PX`) and still be kept: nothing."""
+
 NO_FOCUS_LR_FACTOR = 0.25
 NO_FOCUS_MAX_STEPS = 200
 NO_FOCUS_EFCR_BETA = 1e-5
@@ -63,15 +82,15 @@ NO_FOCUS_EFCR_BETA = 1e-5
 (its own deblurred planes as targets, re-blurred with the blur measured), EFCR_ex's contrast against
 re-blurred copies, a quarter of the learning rate and at most 200 steps."""
 
-NO_FOCUS_ANCHORED = 0.25
-"""Share of samples that, when a stack has no in-focus planes, anchor the network to the starting model: sharp-looking
-input (the starting model's deblurring, with noise only) whose target is the starting model's own output on it. The
-fine-tune learns the lab's blur without forgetting how the starting model treats planes in focus."""
-
-NO_FOCUS_UNBLURRED = 0.0
-"""Share of unblurred samples when a stack has no in-focus planes (0.1 otherwise). None: the targets are then
-the starting model's deblurring, smoother than real focus, and copying them onto unblurred input taught the
-network to smooth in-focus planes (experiment 4: -0.75 dB in focus with a quarter unblurred, -0.22 with none)."""
+ANCHORED_SHARE = 0.25
+NO_FOCUS_ANCHORED_SHARE = 0.5
+"""Share of samples that anchor the network to the starting model: unblurred input (a target plane with noise only)
+whose target is the starting model's own output on it; half of them when the stack has no in-focus planes, whose
+targets are only the starting model's deblurring. The fine-tune learns the lab's blur without forgetting how the
+starting model treats planes in focus. There are no other unblurred samples: their targets (denoised planes in focus,
+or the starting model's deblurring) are smoother than real focus, and copying them onto unblurred input taught the
+network to smooth in-focus planes (experiment 4: -0.17 dB in focus with a tenth unblurred, -0.04 dB anchored;
+on a time-lapse without focus -0.11 dB with a quarter anchored, -0.04 dB with half)."""
 
 PRIOR_TARGET_PLANES = 8
 PRIOR_TARGET_SIDE = 768
@@ -113,6 +132,9 @@ class FinetuneData:
     """The blur measured in the stack (None with labeled pairs)."""
     notes: list[str] = field(default_factory=list)
     """What the user should know about the data (no in-focus planes, the recipe changed for it...)."""
+    gentle_validation: Validation | None = None
+    """The held-out planes unblurred or mildly blurred (:data:`GENTLE_SIGMA_PX`), scored against the starting
+    model by :class:`TrainingLog` (None with labeled pairs: their own validation is the truth)."""
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -155,14 +177,14 @@ def prepare_finetune(
 ) -> FinetuneData:
     """Samplers, validation patches and a record for fine-tuning ``model`` on the user's planes.
 
-    Without labeled pairs the pairs are synthetic, made to look like the user's microscope: the
-    blur across the stack is measured against its sharpest planes
-    (:func:`~napari_mpt_deblur.data.optics.estimate_blur`), and the sharpest quarter is blurred again
-    with widefield PSFs of ``microscope``'s optics and Gaussians up to that blur, with noise at the
-    level measured. Every fourth of those planes is held out for validation. When even the sharpest
-    planes are blurred (no usable in-focus planes), the starting model's deblurred planes become the
-    targets and the recipe gentler (:data:`NO_FOCUS_LR_FACTOR`, :data:`NO_FOCUS_MAX_STEPS`,
-    :data:`NO_FOCUS_EFCR_BETA`); ``notes`` says so.
+    Without labeled pairs the pairs are synthetic, made to look like the user's microscope: the blur across
+    the stack is measured against its sharpest planes (:func:`~napari_mpt_deblur.data.optics.estimate_blur`),
+    and the sharpest planes (at most a quarter, only those near their stack's focus: :data:`FOCUS_RATIO`) are
+    blurred again with widefield PSFs of ``microscope``'s optics and Gaussians up to that blur, with noise at
+    the level measured. Every fourth of those planes is held out for validation. When even the sharpest planes
+    are blurred (no usable in-focus planes), the starting model's deblurred planes become the targets and the
+    recipe gentler (:data:`NO_FOCUS_LR_FACTOR`, :data:`NO_FOCUS_MAX_STEPS`, :data:`NO_FOCUS_EFCR_BETA`);
+    ``notes`` says so.
 
     Parameters
     ----------
@@ -195,18 +217,20 @@ def prepare_finetune(
     from ..config import Microscope
     from ..data.optics import estimate_blur
     from .engine import Validation
-    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, drop_blank_planes
+    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, drop_blank_planes, is_blank
 
     if model.config.in_channels != 1:
         raise ValueError(f"fine-tuning needs a grayscale (1-channel) model; this one reads {model.config.in_channels}")
     card = getattr(model, "card", None)
     if card is not None and card.normalization != config.normalization:
         config = config.replace(normalization=card.normalization)
-    own = as_planes(unlabeled_planes)
-    if not own:
+    arrays = unlabeled_planes if isinstance(unlabeled_planes, (list, tuple)) else [unlabeled_planes]
+    stacks = [as_planes(array) for array in arrays]
+    if not any(stacks):
         raise ValueError("no unlabeled planes to fine-tune on")
     # blank planes (empty ends of a stack) are left out before anything ranks planes by focus
-    own, blank = drop_blank_planes(own)
+    stack_of = [k for k, stack in enumerate(stacks) for plane in stack if not is_blank(plane)]
+    own, blank = drop_blank_planes([plane for stack in stacks for plane in stack])
     if not own:
         raise ValueError(f"all {blank} unlabeled planes are blank (constant): nothing to fine-tune on")
     quantile = float(min_focus_quantile or 0.0)
@@ -214,7 +238,7 @@ def prepare_finetune(
     record: dict[str, Any] = {"planes": len(own) + blank, "planes_for_efcr": len(unlabeled.planes)}
     if quantile > 0:
         record["min_focus_quantile"] = quantile
-    estimate, notes = None, []
+    estimate, notes, gentle_validation = None, [], None
     if labeled is not None:
         blurry, sharp = (as_planes(part) for part in labeled)
         sampler = LabeledPairs(blurry, sharp, config.normalization)
@@ -224,8 +248,12 @@ def prepare_finetune(
     else:
         estimate = estimate_blur(own, microscope or Microscope())
         notes += estimate.notes
-        defocus = estimate.defocus_config(unblurred=0.1 if estimate.in_focus else NO_FOCUS_UNBLURRED)
-        order = sorted(range(len(own)), key=lambda i: estimate.focus_scores[i], reverse=True)
+        defocus = estimate.defocus_config(unblurred=0.0)
+        scores = estimate.focus_scores
+        order = sorted(range(len(own)), key=lambda i: scores[i], reverse=True)
+        if estimate.in_focus:
+            best = {k: max(scores[i] for i in range(len(own)) if stack_of[i] == k) for k in set(stack_of)}
+            order = [i for i in order if scores[i] >= FOCUS_RATIO * best[stack_of[i]]]
         sharpest = [own[i] for i in order[: max(1, round(SHARPEST_FRACTION * len(own)))]]
         held_out = len(sharpest) >= HELD_OUT_EVERY
         held = sharpest[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if held_out else []
@@ -234,6 +262,8 @@ def prepare_finetune(
             # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
             targets, held_targets, denoise = kept, held, True
             record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
+            record["sharp_planes"] = len(sharpest)
+            record["focus_ratio"] = FOCUS_RATIO
         else:
             targets, held_targets = _prior_targets(model, kept), _prior_targets(model, held)
             denoise = False
@@ -247,7 +277,7 @@ def prepare_finetune(
             changed["checkpoint_every"] = min(config.checkpoint_every, changed["steps"])
             config = config.replace(**changed)
             notes.append(
-                f"fine-tuning gently: the starting model's own deblurred planes as targets, a quarter of the samples "
+                f"fine-tuning gently: the starting model's own deblurred planes as targets, half of the samples "
                 f"anchored to its output, learning rate {config.lr:.1e}, {config.steps} steps, EFCR_ex on; the "
                 "starting model is kept unless this beats it"
             )
@@ -255,10 +285,10 @@ def prepare_finetune(
         sampler = SyntheticPairs(
             targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
         )
-        if not estimate.in_focus:
-            sampler = AnchoredPairs(sampler, model, NO_FOCUS_ANCHORED)
-            record["anchored_to_starting_model"] = NO_FOCUS_ANCHORED
-        validation_sampler = sampler.pairs if isinstance(sampler, AnchoredPairs) else sampler
+        validation_sampler = sampler
+        anchored = ANCHORED_SHARE if estimate.in_focus else NO_FOCUS_ANCHORED_SHARE
+        sampler = AnchoredPairs(sampler, model, anchored)
+        record["anchored_to_starting_model"] = anchored
         if held_targets:
             validation_sampler = SyntheticPairs(
                 held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
@@ -267,12 +297,27 @@ def prepare_finetune(
         else:
             record["validation"] = "patches of the training planes, re-blurred as measured (too few planes to hold out)"
         validation = Validation.from_sampler(validation_sampler, VALIDATION_PATCHES, config.patch_size)
+        gentle_validation = _gentle_validation(validation_sampler, config.patch_size)
         record["denoised_targets"] = denoise
         record["blur_estimate"] = estimate.to_dict()
         record["synthetic_defocus"] = defocus.to_dict()
     if blank:
         record["blank_planes_skipped"] = blank
-    return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes)
+    return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes, gentle_validation)
+
+
+def _gentle_validation(pairs: SyntheticPairs, patch: int) -> Validation:
+    """Fixed patches of ``pairs``' planes unblurred or mildly blurred, with their noise (:data:`GENTLE_SIGMA_PX`)."""
+    from .engine import Validation
+    from .patches import SyntheticPairs
+
+    sigma = min(GENTLE_SIGMA_PX, pairs.defocus.gaussian_sigma[1])
+    gentle = pairs.defocus.replace(
+        kinds=("gaussian",), gaussian_sigma=(0.0, sigma), no_blur_probability=GENTLE_UNBLURRED
+    )
+    # pairs.sharp are already denoised where the pairs denoise their targets
+    sampler = SyntheticPairs(pairs.sharp, gentle, normalization=pairs.normalization, margin=pairs.margin)
+    return Validation.from_sampler(sampler, VALIDATION_PATCHES, patch)
 
 
 class AnchoredPairs:
@@ -357,6 +402,15 @@ class TrainingLog:
     """A CPU copy of the starting weights, kept when the fine-tune does not beat them."""
     kept_start: bool = False
     """True once :meth:`restore_best` gave the model back its starting weights."""
+    gentle: Validation | None = None
+    """Held-out patches unblurred or mildly blurred (:attr:`FinetuneData.gentle_validation`); a step that
+    scores below the starting model on them by more than :data:`GENTLE_TOLERANCE_DB` is never kept."""
+    gentle_start_psnr: float | None = None
+    """The starting model's PSNR on :attr:`gentle` (None without it)."""
+    gentle_psnr: list[tuple[int, float]] = field(default_factory=list)
+    """(step, PSNR in dB on :attr:`gentle`) of every validation that was the best so far (only those could be kept)."""
+    gentle_rejected: list[int] = field(default_factory=list)
+    """Steps whose validation was the best so far but which lost on :attr:`gentle`: not kept."""
     step: int = 0
     """Steps done."""
     steps: int = 0
@@ -364,11 +418,20 @@ class TrainingLog:
     elapsed_s: float = 0.0
     remaining_s: float = math.inf
 
-    def begin(self, model: MPT, validation: Validation) -> float:
+    def begin(self, model: MPT, validation: Validation, gentle: Validation | None = None) -> float:
         """Score the starting model on the validation and keep a copy of its weights.
 
         After this, :meth:`restore_best` keeps the starting weights unless the best validation beats
-        them by :data:`MIN_GAIN_DB`.
+        them by :data:`MIN_GAIN_DB`, and considers only steps that do not lose on ``gentle``.
+
+        Parameters
+        ----------
+        model
+            The starting model.
+        validation
+            What the fine-tune is scored on (:attr:`FinetuneData.validation`).
+        gentle
+            Held-out patches unblurred or mildly blurred (:attr:`FinetuneData.gentle_validation`), or None.
 
         Returns
         -------
@@ -376,8 +439,12 @@ class TrainingLog:
             The starting model's validation PSNR (dB).
         """
         self.start_state = {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
-        scores = validation.evaluate(model, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        scores = validation.evaluate(model, device)
         self.start_psnr, self.input_psnr = float(scores["psnr"]), float(scores["input_psnr"])
+        self.gentle = gentle
+        if gentle is not None:
+            self.gentle_start_psnr = float(gentle.evaluate(model, device)["psnr"])
         return self.start_psnr
 
     def update(self, progress: TrainProgress, model: MPT) -> bool:
@@ -407,6 +474,12 @@ class TrainingLog:
             self.input_psnr = float(scores["input_psnr"])
         if self.best_psnr is not None and not value > self.best_psnr:
             return False
+        if self.gentle is not None and self.gentle_start_psnr is not None:
+            gentle = float(self.gentle.evaluate(model, next(model.parameters()).device)["psnr"])
+            self.gentle_psnr.append((progress.step, gentle))
+            if gentle < self.gentle_start_psnr - GENTLE_TOLERANCE_DB:
+                self.gentle_rejected.append(progress.step)
+                return False
         self.best_psnr, self.best_step = value, progress.step
         self.best_state = {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
         return True
@@ -449,10 +522,16 @@ class TrainingLog:
         """One line for the user: which weights the model holds and why."""
         if self.start_psnr is not None and not self.beats_start:
             best = "no validation" if self.best_psnr is None else f"best {self.best_psnr:.2f} dB"
-            return (
+            text = (
                 f"kept the starting model: the fine-tune did not beat it on held-out planes "
                 f"({best} against {self.start_psnr:.2f} dB)"
             )
+            if self.gentle_rejected:
+                text += (
+                    f"; {len(self.gentle_rejected)} better-scoring step(s) made planes in focus or mildly "
+                    "blurred worse than the starting model did"
+                )
+            return text
         text = f"kept the weights of step {self.weights_step}"
         if self.best_psnr is not None:
             text += f" (val PSNR {self.best_psnr:.2f} dB"
@@ -471,6 +550,13 @@ class TrainingLog:
         if self.start_psnr is not None:
             record["starting_model_validation_psnr"] = round(self.start_psnr, 3)
             record["kept_starting_model"] = not self.beats_start
+        if self.gentle_start_psnr is not None:
+            record["starting_model_in_focus_or_mild_psnr"] = round(self.gentle_start_psnr, 3)
+            kept = dict(self.gentle_psnr).get(self.weights_step)
+            if kept is not None:
+                record["in_focus_or_mild_psnr"] = round(kept, 3)
+            if self.gentle_rejected:
+                record["steps_rejected_for_in_focus_or_mild_loss"] = list(self.gentle_rejected)
         return record
 
 
@@ -494,7 +580,7 @@ def run_finetune(
     from .engine import iter_train
 
     if not resume:
-        log.begin(model, data.validation)
+        log.begin(model, data.validation, data.gentle_validation)
     steps = iter_train(
         model,
         data.sampler,

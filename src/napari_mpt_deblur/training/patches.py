@@ -48,11 +48,12 @@ def drop_blank_planes(planes: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
     Blank planes (empty planes at the ends of a stack, a shutter closed) teach nothing; their
     intensity range is zero, and a network fed only constant patches learns nothing from them.
     """
-    kept = [plane for plane in planes if not _is_blank(plane)]
+    kept = [plane for plane in planes if not is_blank(plane)]
     return kept, len(planes) - len(kept)
 
 
-def _is_blank(plane: np.ndarray) -> bool:
+def is_blank(plane: np.ndarray) -> bool:
+    """Whether a plane is constant (or empty): nothing to learn from it."""
     # a plane holding NaN is not blank: it is kept, and the loss tells of it
     return plane.size == 0 or bool(np.ptp(plane) == 0)
 
@@ -147,7 +148,7 @@ class LabeledPairs:
         for index, (b, s) in enumerate(zip(self.blurry, self.sharp)):
             if b.shape != s.shape:
                 raise ValueError(f"pair {index}: blurry {b.shape} and sharp {s.shape} differ in shape")
-        pairs = [(b, s) for b, s in zip(self.blurry, self.sharp) if not (_is_blank(b) or _is_blank(s))]
+        pairs = [(b, s) for b, s in zip(self.blurry, self.sharp) if not (is_blank(b) or is_blank(s))]
         self.blank_planes = len(self.blurry) - len(pairs)  # pairs left out: one of their planes is constant
         _check_content(pairs, self.blank_planes)
         self.blurry, self.sharp = [b for b, _ in pairs], [s for _, s in pairs]
@@ -203,7 +204,7 @@ class SyntheticPairs:
         planes = _as_planes(sharp)
         if weights is not None and len(weights) != len(planes):
             raise ValueError(f"need one weight per plane ({len(planes)}), got {len(weights)}")
-        keep = [not _is_blank(plane) for plane in planes]
+        keep = [not is_blank(plane) for plane in planes]
         self.weights = None if weights is None else np.array([w for w, k in zip(weights, keep) if k], np.float64)
         self.sharp, self.blank_planes = drop_blank_planes(planes)
         _check_content(self.sharp, self.blank_planes)
