@@ -145,6 +145,16 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     labeled = prepare_finetune(model, stacks, labeled=(stacks[0][4:], stacks[0][:4]), config=config)
     assert labeled.gentle_validation is None  # the user's pairs are the truth to score on
 
+    # one Z stack has one plane in focus: the last quarter of it is held out instead of whole planes
+    rng = np.random.default_rng(3)
+    truth = cells(size=520)[:160]
+    planes = [blur(truth, widefield_psf(z, **LAB.optics())) for z in (0.0, 0.6, 1.2)]
+    one_stack = np.stack([add_poisson_gaussian_noise(plane, 2000.0, 0.002, rng) for plane in planes])
+    data = prepare_finetune(model, one_stack, config=config, microscope=LAB)
+    assert data.provenance["validation"].startswith("the last quarter of the sharpest plane held out")
+    assert data.provenance["sharp_planes"] == 1 and [p.shape for p in data.sampler.pairs.sharp] == [(160, 390)]
+    assert data.validation.blurry.shape == data.gentle_validation.blurry.shape == (16, 1, 32, 32)
+
     defocused = [through_focus((0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6), seed=s) for s in range(2)]
     data = prepare_finetune(model, defocused, config=config, microscope=LAB)
     assert "no usable in-focus planes" in data.notes[0] and "fine-tuning gently" in data.notes[1]

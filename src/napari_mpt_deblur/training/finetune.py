@@ -51,12 +51,17 @@ are targets of synthetic pairs. In a Z stack the planes beside focus are among t
 the network to keep that blur (experiment 4: -1.33 dB at 0.3 um, -0.59 dB in focus). Planes given one by one are
 each their own stack."""
 
+PAIR_MARGIN = 48
+"""Pixels of context around a synthetic pair's patch, so the blur near its border is a real one."""
+
 VALIDATION_PATCHES = 16
 """Patches drawn (with a fixed seed) for the validation PSNR/SSIM."""
 
 HELD_OUT_EVERY = 4
 """Without labeled pairs, every fourth of the sharpest planes (when there are at least four) is held out of
-training: validation re-blurs them with the blur measured in the stack and scores undoing it."""
+training: validation re-blurs them with the blur measured in the stack and scores undoing it. With fewer (one
+Z stack has one or two planes in focus), the last quarter of each plane is held out instead, when that quarter
+is wide enough for a validation patch with its margin (planes of about 900 pixels and more at patch 128)."""
 
 MIN_GAIN_DB = 0.05
 """A fine-tune is kept only when its best validation PSNR beats the starting model's by this much;
@@ -181,7 +186,8 @@ def prepare_finetune(
     the stack is measured against its sharpest planes (:func:`~napari_mpt_deblur.data.optics.estimate_blur`),
     and the sharpest planes (at most a quarter, only those near their stack's focus: :data:`FOCUS_RATIO`) are
     blurred again with widefield PSFs of ``microscope``'s optics and Gaussians up to that blur, with noise at
-    the level measured. Every fourth of those planes is held out for validation. When even the sharpest planes
+    the level measured. Every fourth of those planes (or, with fewer than four, the last quarter of each) is held
+    out for validation. When even the sharpest planes
     are blurred (no usable in-focus planes), the starting model's deblurred planes become the targets and the
     recipe gentler (:data:`NO_FOCUS_LR_FACTOR`, :data:`NO_FOCUS_MAX_STEPS`, :data:`NO_FOCUS_EFCR_BETA`);
     ``notes`` says so.
@@ -258,6 +264,9 @@ def prepare_finetune(
         held_out = len(sharpest) >= HELD_OUT_EVERY
         held = sharpest[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if held_out else []
         kept = [p for i, p in enumerate(sharpest) if not held_out or i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        strips = None if held_out else _hold_out_strips(sharpest, config.patch_size + 2 * PAIR_MARGIN)
+        if strips is not None:
+            kept, held = strips
         if estimate.in_focus:
             # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
             targets, held_targets, denoise = kept, held, True
@@ -283,7 +292,7 @@ def prepare_finetune(
             )
             record["targets"] = "starting model's deblurred sharpest planes (no usable in-focus planes)"
         sampler = SyntheticPairs(
-            targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
+            targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=PAIR_MARGIN
         )
         validation_sampler = sampler
         anchored = ANCHORED_SHARE if estimate.in_focus else NO_FOCUS_ANCHORED_SHARE
@@ -291,9 +300,15 @@ def prepare_finetune(
         record["anchored_to_starting_model"] = anchored
         if held_targets:
             validation_sampler = SyntheticPairs(
-                held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=48
+                held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=PAIR_MARGIN
             )
             record["validation"] = f"{len(held)} of the sharpest planes held out, re-blurred as measured"
+            if strips is not None:
+                which = "the sharpest plane" if len(held) == 1 else f"each of the {len(held)} sharpest planes"
+                record["validation"] = (
+                    f"the last quarter of {which} held out (too few planes to hold whole ones out), "
+                    "re-blurred as measured"
+                )
         else:
             record["validation"] = "patches of the training planes, re-blurred as measured (too few planes to hold out)"
         validation = Validation.from_sampler(validation_sampler, VALIDATION_PATCHES, config.patch_size)
@@ -304,6 +319,22 @@ def prepare_finetune(
     if blank:
         record["blank_planes_skipped"] = blank
     return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes, gentle_validation)
+
+
+def _hold_out_strips(planes: list[np.ndarray], width: int) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Each plane cut along its longer axis: the first three quarters to train on, the last quarter held out.
+
+    None when a held-out quarter would be narrower than ``width`` (a validation patch with its margin).
+    """
+    kept, held = [], []
+    for plane in planes:
+        axis = 1 if plane.shape[1] >= plane.shape[0] else 0
+        cut = plane.shape[axis] - plane.shape[axis] // 4
+        if plane.shape[axis] - cut < width:
+            return None
+        kept.append(plane[:, :cut] if axis == 1 else plane[:cut])
+        held.append(plane[:, cut:] if axis == 1 else plane[cut:])
+    return kept, held
 
 
 def _gentle_validation(pairs: SyntheticPairs, patch: int) -> Validation:
