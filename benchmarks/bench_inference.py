@@ -302,7 +302,7 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
     from napari_mpt_deblur import build_model, load_model
     from napari_mpt_deblur.config import DeblurSettings
     from napari_mpt_deblur.inference import Deblurrer
-    from napari_mpt_deblur.tiling import plan_tiles, round_up, tile_grid
+    from napari_mpt_deblur.tiling import TilePlan, plan_for_workers, plan_tiles
 
     model = load_model(args.model) if args.model else build_model(args.preset)
     label = Path(args.model).name if args.model else args.preset
@@ -313,12 +313,11 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
         plan = plan_tiles(height, width, tile, overlap, multiple, deblurrer.tile_growth)
         return legacy_plan(height, width, tile, multiple)[2] / (height * width), plan.computed_pixels / (height * width)
 
-    def cut_windows(height: int, width: int) -> list[tuple[slice, slice]]:
-        return tile_grid(height, width, tile, overlap, multiple, deblurrer.tile_growth, args.split)
+    def cut_plan(height: int, width: int) -> TilePlan:
+        return plan_for_workers(height, width, tile, overlap, multiple, deblurrer.tile_growth, args.split)
 
     def cut_ratio(height: int, width: int) -> float:
-        sides = [(r.stop - r.start, c.stop - c.start) for r, c in cut_windows(height, width)]
-        return sum(round_up(h, multiple) * round_up(w, multiple) for h, w in sides) / (height * width)
+        return cut_plan(height, width).computed_pixels / (height * width)
 
     rows = []
     for text in args.shapes:
@@ -330,7 +329,7 @@ def waste_rows(args: argparse.Namespace) -> list[Row]:
                      "multiple": multiple, "device": "any", "threads": 0, "old_tiles": planes * old_tiles,
                      "old_tile_shape": "x".join(map(str, old_shape)), "old_ratio": old_ratio,
                      "tiles": planes * plan.count, "tile_shape": "x".join(map(str, plan.tile_shape)),
-                     "ratio": ratio, "split": args.split, "split_tiles": planes * len(cut_windows(height, width)),
+                     "ratio": ratio, "split": args.split, "split_tiles": planes * cut_plan(height, width).count,
                      "split_ratio": cut_ratio(height, width)})  # fmt: skip
     squares = range(512, 4097)
     rectangles = [(h, w) for h in range(512, 4097, 64) for w in range(512 + 29, 4097, 67)]

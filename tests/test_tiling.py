@@ -17,6 +17,7 @@ from napari_mpt_deblur.tiling import (
     TILE_GROWTH,
     blend_window,
     iter_tiled_forward,
+    plan_for_workers,
     plan_tiles,
     round_up,
     tile_grid,
@@ -108,10 +109,8 @@ def test_tiles_stay_within_the_memory_bound(height, width, tile, overlap, multip
 
 def waste(height: int, width: int, split: int = 1) -> float:
     """Pixels the default model computes over the plane's pixels, at default settings, cut for ``split`` workers."""
-    windows = tile_grid(height, width, DEFAULT_TILE, default_overlap(DEFAULT_TILE), LITE_MULTIPLE, split=split)
-    sides = [(r.stop - r.start, c.stop - c.start) for r, c in windows]
-    computed = sum(round_up(h, LITE_MULTIPLE) * round_up(w, LITE_MULTIPLE) for h, w in sides)
-    return computed / (height * width)
+    plan = plan_for_workers(height, width, DEFAULT_TILE, default_overlap(DEFAULT_TILE), LITE_MULTIPLE, split=split)
+    return plan.computed_pixels / (height * width)
 
 
 ODD_SHAPES = [(660, 550), (513, 4096), (4096, 513), (1025, 777), (3001, 2999), (577, 1153), (4096, 4096)]

@@ -230,12 +230,26 @@ def tile_grid(
     """
     if tile == 0:
         return [(slice(0, height), slice(0, width))]
+    return plan_for_workers(height, width, tile, overlap, multiple, growth, split).windows()
+
+
+def plan_for_workers(
+    height: int,
+    width: int,
+    tile: int,
+    overlap: int,
+    multiple: int = 1,
+    growth: float = TILE_GROWTH,
+    split: int = 1,
+) -> TilePlan:
+    """:func:`plan_tiles`, with a plane of fewer than ``split`` tiles cut into at least ``split`` when they
+    compute at most :data:`SPLIT_MAX_WASTE` times its pixels (the plan :func:`tile_grid` gives windows of)."""
     plan = plan_tiles(height, width, tile, overlap, multiple, growth)
     if plan.count < split:
         cut = plan_tiles(height, width, tile, overlap, multiple, growth, min_tiles=split)
         if cut.count >= split and cut.computed_pixels <= SPLIT_MAX_WASTE * height * width:
-            plan = cut
-    return plan.windows()
+            return cut
+    return plan
 
 
 def iter_tiled_forward(

@@ -223,7 +223,7 @@ def prepare_finetune(
     from ..config import Microscope
     from ..data.optics import estimate_blur
     from .engine import Validation
-    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, drop_blank_planes, is_blank
+    from .patches import LabeledPairs, SyntheticPairs, UnlabeledPlanes, is_blank
 
     if model.config.in_channels != 1:
         raise ValueError(f"fine-tuning needs a grayscale (1-channel) model; this one reads {model.config.in_channels}")
@@ -235,8 +235,9 @@ def prepare_finetune(
     if not any(stacks):
         raise ValueError("no unlabeled planes to fine-tune on")
     # blank planes (empty ends of a stack) are left out before anything ranks planes by focus
-    stack_of = [k for k, stack in enumerate(stacks) for plane in stack if not is_blank(plane)]
-    own, blank = drop_blank_planes([plane for stack in stacks for plane in stack])
+    numbered = [(k, plane) for k, stack in enumerate(stacks) for plane in stack if not is_blank(plane)]
+    stack_of, own = [k for k, _ in numbered], [plane for _, plane in numbered]
+    blank = sum(len(stack) for stack in stacks) - len(own)
     if not own:
         raise ValueError(f"all {blank} unlabeled planes are blank (constant): nothing to fine-tune on")
     quantile = float(min_focus_quantile or 0.0)
@@ -258,7 +259,9 @@ def prepare_finetune(
         scores = estimate.focus_scores
         order = sorted(range(len(own)), key=lambda i: scores[i], reverse=True)
         if estimate.in_focus:
-            best = {k: max(scores[i] for i in range(len(own)) if stack_of[i] == k) for k in set(stack_of)}
+            best: dict[int, float] = {}  # each stack's best focus score
+            for k, score in zip(stack_of, scores):
+                best[k] = max(best.get(k, score), score)
             order = [i for i in order if scores[i] >= FOCUS_RATIO * best[stack_of[i]]]
         sharpest = [own[i] for i in order[: max(1, round(SHARPEST_FRACTION * len(own)))]]
         held_out = len(sharpest) >= HELD_OUT_EVERY
@@ -302,8 +305,9 @@ def prepare_finetune(
             validation_sampler = SyntheticPairs(
                 held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=PAIR_MARGIN
             )
-            record["validation"] = f"{len(held)} of the sharpest planes held out, re-blurred as measured"
-            if strips is not None:
+            if strips is None:
+                record["validation"] = f"{len(held)} of the sharpest planes held out, re-blurred as measured"
+            else:
                 which = "the sharpest plane" if len(held) == 1 else f"each of the {len(held)} sharpest planes"
                 record["validation"] = (
                     f"the last quarter of {which} held out (too few planes to hold whole ones out), "
