@@ -253,6 +253,15 @@ def test_the_microscope_row_takes_the_pixel_size_and_z_step_from_the_layer(make_
     plain = viewer.add_image(stack)
     _, widget = open_dock(viewer)
     assert widget.pixel_size.value == 0 and "from the first stack's file" in widget.pixel_size.tooltip
+    # the box at 0 shows what 0 stands for: the first stack's pixel size, or the size assumed without one
+    shown = widget.pixel_size.native
+    for stacks, text in [
+        ([from_file, plain], "0.065 (from the image)"),  # the first in the layer list
+        ([scaled], "0.1 (from the image)"),
+        ([plain], "0.2 (the image does not say)"),
+    ]:
+        widget.unlabeled.value = stacks
+        assert shown.text() == text and shown.specialValueText() == text
     microscope = widget.microscope_for(from_file)
     assert microscope.pixel_size_um == pytest.approx(0.065) and microscope.z_step_um == pytest.approx(0.3)
     microscope = widget.microscope_for(scaled)

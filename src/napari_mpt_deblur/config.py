@@ -417,6 +417,9 @@ MEDIA = {"air": 1.0, "water": 1.333, "silicone": 1.406, "glycerol": 1.47, "oil":
 AIRY_SIGMA = 0.21
 """The in-focus widefield PSF as a Gaussian: sigma = 0.21 wavelength / NA."""
 
+UNKNOWN_PIXEL_UM = 0.2
+"""The pixel size the optics assume when neither the file nor the user gives one, micrometres."""
+
 
 @dataclass(frozen=True)
 class Microscope(FrozenConfig):
@@ -471,8 +474,9 @@ class Microscope(FrozenConfig):
 
     @property
     def model_pixel_um(self) -> float:
-        """The pixel size used to model the PSF: the given one, at most the Nyquist size (0.2 um when unknown)."""
-        return min(self.pixel_size_um or 0.2, self.nyquist_pixel_um)
+        """The pixel size used to model the PSF: the given one, at most the Nyquist size (:data:`UNKNOWN_PIXEL_UM`
+        when unknown)."""
+        return min(self.pixel_size_um or UNKNOWN_PIXEL_UM, self.nyquist_pixel_um)
 
     def in_focus_sigma_px(self) -> float:
         """The in-focus PSF's width as a Gaussian sigma, in pixels of :attr:`model_pixel_um`."""

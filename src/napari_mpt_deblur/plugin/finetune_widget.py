@@ -29,7 +29,7 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtGui import QPalette
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
 
-from ..config import MEDIA, ConfigError, Microscope, ModelCard
+from ..config import MEDIA, UNKNOWN_PIXEL_UM, ConfigError, Microscope, ModelCard
 from ..models.files import ModelFileError, save_model
 from ..training.config import TrainConfig
 from ..training.finetune import FINETUNE_DEFAULTS, TrainingLog
@@ -170,8 +170,8 @@ class FinetuneWidget(ScrollingDock):
         self.pixel_size = _float_box("pixel um", 0.0, 0.0, 100.0, 0.01, 4)
         self.pixel_size.tooltip = (
             "Pixel size in the sample, micrometres. 0: from the first stack's file (its metadata or the layer's "
-            "scale); if neither says, 0.2 um. Synthetic pairs are blurred as this microscope blurs, up to the "
-            "blur measured across your stacks."
+            "scale), shown in the box; if neither says, 0.2 um. Synthetic pairs are blurred as this microscope "
+            "blurs, up to the blur measured across your stacks."
         )
         self.microscope = Container(
             label="microscope", layout="horizontal", labels=True, widgets=[self.na, self.medium, self.wavelength]
@@ -228,6 +228,8 @@ class FinetuneWidget(ScrollingDock):
         stop_when_closed(self, self._state)
         self._follow = FollowSelection(napari_viewer, self._state, [self.unlabeled], self._suggest_stacks)
         self._follow.follow()  # start on the selected layers
+        self.unlabeled.changed.connect(self._show_pixel_source)
+        self._show_pixel_source()
 
         # the time estimate: steps of the chosen model timed in a worker, once the settings rest for a moment
         self.time_per_step: FinetuneEstimate | None = None
@@ -505,6 +507,18 @@ class FinetuneWidget(ScrollingDock):
         given["wavelength_um"] = int(self.wavelength.value) / 1000
         given["pixel_size_um"] = float(self.pixel_size.value) or None
         return microscope_from_metadata(pixel_size, unit, z_spacing, **given)
+
+    def _show_pixel_source(self, *_: Any) -> None:
+        """The pixel box at 0 says what 0 stands for: the first stack's pixel size, or that none is known."""
+        from ..data.optics import microscope_from_metadata
+
+        stacks = list(self.unlabeled.value or [])
+        known = None
+        if stacks:
+            pixel_size, unit, _z = physical_size(LayerInfo.of(stacks[0]))
+            known = microscope_from_metadata(pixel_size, unit, None).pixel_size_um
+        text = f"{known:.4g} (from the image)" if known else f"{UNKNOWN_PIXEL_UM:g} (the image does not say)"
+        self.pixel_size.native.setSpecialValueText(text)
 
     def _refuse(self, problem: str) -> None:
         """Start found a problem: nothing starts, and the warning and the status line say why."""
