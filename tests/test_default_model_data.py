@@ -274,11 +274,13 @@ def test_cli_bundled_training_validates_on_the_suite_and_logs(tmp_path):
     out, log = tmp_path / "bundled.safetensors", tmp_path / "log.jsonl"
     common = ["--model", str(start), "--steps", "2", "--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]
     args = ["train", "--bundled", "-o", str(out), *common, "--validate-every", "2", "--scale", "0.8", "1.5"]
-    assert main([*args, "--log", str(log), "--beta", "0", "--l1-weighting", "input_error"]) == 0
+    more = ["--beta", "0", "--l1-weighting", "input_error", "--mild-share", "0.5"]
+    assert main([*args, "--log", str(log), *more]) == 0
     card = load_model(out).card.provenance
     assert card["train_config"]["scale_range"] == [0.8, 1.5]
     assert card["train_config"]["l1_weighting"] == "input_error"
     assert card["trained_on"]["synthetic_defocus"]["widefield_blur_px"] == [0.0, 16.0]
+    assert card["trained_on"]["synthetic_defocus"]["mild_probability"] == 0.5
     groups = {
         "fluorescence",
         "histology",

@@ -9,6 +9,8 @@ import pytest
 
 from napari_mpt_deblur.config import ConfigError
 from napari_mpt_deblur.data.defocus import (
+    KINDS,
+    MILD_FRACTION,
     DefocusConfig,
     add_poisson_gaussian_noise,
     blur,
@@ -237,6 +239,7 @@ def test_config_defaults_and_round_trip():
         {"pixel_size_um": 0.4},  # undersampled for the widefield model
         {"noise_probability": 1.5},
         {"noise_probability": None},
+        {"mild_probability": -0.1},
         {"unknown_field": 1},
     ],
 )
@@ -413,6 +416,35 @@ def test_coverage_config_spans_the_products_blur_and_optics():
     assert max(radii["widefield"]) <= 16 * 1.15
     assert max(radii["gaussian"]) > 10 and max(radii["disk"]) > 7
     assert media == {1.0, 1.33, 1.515} and min(pixels) < 0.1 and max(pixels) > 0.3
+
+
+def test_mild_probability_draws_that_share_of_the_blur_from_the_low_end_of_each_range():
+    parameter = {"gaussian": "sigma", "disk": "radius", "widefield": "defocus_um"}
+    base = DefocusConfig(gaussian_sigma=(1.0, 9.0), disk_radius=(2.0, 10.0), defocus_um=(0.0, 4.0))
+    ranges = {"gaussian": base.gaussian_sigma, "disk": base.disk_radius, "widefield": base.defocus_um}
+
+    def lowest_quarter_share(mild: float, draws: int) -> tuple[float, set[str]]:
+        rng = np.random.default_rng(7)
+        low = []
+        kinds = set()
+        for _ in range(draws):
+            _, description = sample_psf(base.replace(mild_probability=mild), rng)
+            kind = description["kind"]
+            start, stop = ranges[kind]
+            low.append(abs(description[parameter[kind]]) <= start + MILD_FRACTION * (stop - start))
+            kinds.add(kind)
+        return float(np.mean(low)), kinds
+
+    share, kinds = lowest_quarter_share(1.0, 60)
+    assert share == 1.0 and kinds == set(KINDS)  # every kind, all mild
+    assert lowest_quarter_share(0.0, 400)[0] == pytest.approx(MILD_FRACTION, abs=0.06)  # uniform
+    assert lowest_quarter_share(0.5, 400)[0] == pytest.approx(0.5 + 0.5 * MILD_FRACTION, abs=0.06)
+    # without mild samples nothing extra is drawn: the draws of earlier runs (and their --resume) are as they were
+    rng = np.random.default_rng(3)
+    draws = [sample_psf(DefocusConfig.coverage(), rng)[1] for _ in range(6)]
+    pinned = [("widefield", 3.841342), ("disk", 1.597389), ("disk", 7.345772), ("gaussian", 3.129826)]
+    pinned += [("gaussian", 4.133921), ("disk", 5.867986)]  # drawn before mild_probability existed
+    assert [(d["kind"], round(d[parameter[d["kind"]]], 6)) for d in draws] == pinned
 
 
 def test_no_blur_probability_leaves_planes_unblurred():

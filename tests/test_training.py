@@ -221,6 +221,9 @@ def test_prepare_training_holds_out_data_and_names_what_is_wrong(tmp_path, capsy
     assert data.provenance == {"pairs": str(tmp_path / "pairs"), "pair_files": 2} and data.blank_planes == 0
     data = prepare_training(sharp=[tmp_path / "pairs" / "sharp"], config=config)
     assert data.provenance["planes"] == 2 and data.validation is not None  # one plane of two held out
+    assert data.sampler.defocus.mild_probability == 0 and "mild_share" not in data.provenance
+    data = prepare_training(sharp=[tmp_path / "pairs" / "sharp"], config=config, mild_share=0.25)
+    assert data.sampler.defocus.mild_probability == 0.25 and data.provenance["mild_share"] == 0.25
     with pytest.raises(ValueError, match="exactly one"):
         prepare_training(pairs=tmp_path / "pairs", sharp=[tmp_path / "pairs" / "sharp"])
     (tmp_path / "pairs" / "sharp" / "p0.tif").rename(tmp_path / "pairs" / "sharp" / "other.tif")
@@ -233,6 +236,10 @@ def test_prepare_training_holds_out_data_and_names_what_is_wrong(tmp_path, capsy
     assert err == f"mpt-deblur train: error: {tmp_path / 'pairs'}: no file name appears in both blurry/ and sharp/"
     assert main(["train", "--sharp", str(tmp_path / "missing"), "-o", str(tmp_path / "m.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == f"mpt-deblur train: error: {tmp_path / 'missing'}: no such file or folder"
+    # labeled pairs have their own blur: no share of it can be drawn mild
+    args = ["train", "--pairs", str(tmp_path / "pairs"), "-o", str(tmp_path / "m.safetensors"), "--mild-share", "0.5"]
+    assert main(args) == 2
+    assert "--mild-share draws synthetic defocus: use it with --sharp or --bundled" in capsys.readouterr().err
 
 
 @pytest.mark.slow

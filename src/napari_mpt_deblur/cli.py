@@ -578,6 +578,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training.engine import iter_train
 
     output = Path(args.output)
+    if args.mild_share and args.pairs:
+        raise UsageError("--mild-share draws synthetic defocus: use it with --sharp or --bundled, not --pairs")
     resumed = _resumed_model(output, args)
     config = _train_config(args, ema_decay=args.ema, l1_weighting=args.l1_weighting)
     try:
@@ -587,6 +589,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             bundled=args.bundled,
             config=config,
             denoise_targets=args.denoise_targets,
+            mild_share=args.mild_share,
         )
     except ImportError as error:
         if args.bundled:
@@ -921,6 +924,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=L1_WEIGHTINGS,
         help="uniform: the plain mean L1; input_error: each sample weighted down by its own input error, so "
         "strongly blurred samples do not outweigh mild and in-focus ones (with --beta 0 only)",
+    )
+    trainer.add_argument(
+        "--mild-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --sharp or --bundled: the share of samples whose blur is drawn from the mildest quarter of its "
+        "range, so mild blur is not outweighed by strong blur in the loss (default 0: uniform over the range)",
     )
     trainer.set_defaults(run=cmd_train)
 

@@ -27,6 +27,9 @@ from ..normalization import percentile_values
 
 KINDS: tuple[str, ...] = ("gaussian", "disk", "widefield")
 
+MILD_FRACTION = 0.25
+"""The share of each blur range, from its low end, that :attr:`DefocusConfig.mild_probability` draws from."""
+
 MAX_DEFAULT_SIZE = 127
 """Largest side a PSF gets when its size is left to the default (larger blurs are cropped)."""
 
@@ -426,6 +429,11 @@ class DefocusConfig(FrozenConfig):
     noise_probability: float = 0.9
     """Chance that a sample gets noise at all (the rest stay noise-free)."""
 
+    mild_probability: float = 0.0
+    """Chance that a sample's blur is drawn from the lowest :data:`MILD_FRACTION` of its kind's range (the
+    Gaussian's sigma, the disk's radius, the widefield blur radius or defocus). Drawn uniformly, strong blur makes
+    most of an L1 loss, and mild blur, where Richardson-Lucy does well, gets little of the network's attention."""
+
     def __post_init__(self) -> None:
         # Normalise sequences so JSON lists and tuples compare equal.
         if isinstance(self.kinds, str) or not _is_sequence(self.kinds):
@@ -497,7 +505,7 @@ class DefocusConfig(FrozenConfig):
                 raise ConfigError(f"{name} must be a positive number or a (min, max) range of them, got {(low, high)}")
         if self.na[0] >= max(self.refractive_index):
             raise ConfigError(f"na ({self.na[0]}) must be smaller than refractive_index ({max(self.refractive_index)})")
-        for name in ("noise_probability", "no_blur_probability"):
+        for name in ("noise_probability", "no_blur_probability", "mild_probability"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value <= 1:
                 raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
@@ -527,7 +535,8 @@ class DefocusConfig(FrozenConfig):
 def sample_psf(config: DefocusConfig, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
     """Draw a random PSF as the config describes.
 
-    The kind is uniform among ``config.kinds`` and its parameter uniform in its range;
+    The kind is uniform among ``config.kinds`` and its parameter uniform in its range (in the
+    range's lowest :data:`MILD_FRACTION` for a share ``config.mild_probability`` of the draws);
     a widefield defocus gets a random sign.
 
     Parameters
@@ -546,18 +555,24 @@ def sample_psf(config: DefocusConfig, rng: np.random.Generator) -> tuple[np.ndar
         ``radius`` (disk) or ``defocus_um`` (widefield, signed).
     """
     kind = config.kinds[int(rng.integers(len(config.kinds)))]
+    # no draw without mild samples, so the random stream of every config before them is unchanged
+    mild = config.mild_probability > 0 and rng.random() < config.mild_probability
+
+    def draw(low: float, high: float) -> float:
+        return float(rng.uniform(low, low + (high - low) * MILD_FRACTION if mild else high))
+
     if kind == "gaussian":
-        sigma = float(rng.uniform(*config.gaussian_sigma))
+        sigma = draw(*config.gaussian_sigma)
         return gaussian_psf(sigma), {"kind": kind, "sigma": sigma}
     if kind == "disk":
-        radius = float(rng.uniform(*config.disk_radius))
+        radius = draw(*config.disk_radius)
         return disk_psf(radius), {"kind": kind, "radius": radius}
     optics = draw_optics(config, rng)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     if config.widefield_blur_px is None:
-        defocus = float(rng.uniform(*config.defocus_um))
+        defocus = draw(*config.defocus_um)
     else:
-        defocus = defocus_for_blur(float(rng.uniform(*config.widefield_blur_px)), **optics)
+        defocus = defocus_for_blur(draw(*config.widefield_blur_px), **optics)
     psf = widefield_psf(sign * defocus, **optics)
     return psf, {"kind": kind, "defocus_um": sign * defocus, **optics}
 

@@ -185,6 +185,7 @@ def prepare_training(
     bundled: bool = False,
     config: TrainConfig | None = None,
     denoise_targets: bool = False,
+    mild_share: float = 0.0,
 ) -> TrainingData:
     """Training pairs, a held-out set and a record, from exactly one source.
 
@@ -205,6 +206,9 @@ def prepare_training(
         The recipe: its intensity normalisation and patch size apply (default: :class:`TrainConfig`'s).
     denoise_targets
         With ``sharp``: suppress the images' camera noise before blurring them (needs scikit-image).
+    mild_share
+        With ``sharp`` or ``bundled``: the share of samples whose blur is drawn from the mild end of its range
+        (:attr:`~napari_mpt_deblur.data.defocus.DefocusConfig.mild_probability`).
 
     Returns
     -------
@@ -225,15 +229,17 @@ def prepare_training(
     """
     if sum((pairs is not None, sharp is not None, bool(bundled))) != 1:
         raise ValueError("give exactly one of pairs, sharp or bundled")
+    if mild_share and pairs is not None:
+        raise ValueError("mild_share draws synthetic defocus: it applies to sharp or bundled, not to pairs")
     config = config or TrainConfig()
     if isinstance(sharp, (str, os.PathLike)):  # one file or folder, not a sequence of names
         sharp = [sharp]
     if pairs is not None:
         data = _from_pairs(Path(pairs), config)
     elif bundled:
-        data = _from_bundled(config)
+        data = _from_bundled(config, mild_share)
     else:
-        data = _from_sharp(list(sharp), config, denoise_targets)
+        data = _from_sharp(list(sharp), config, denoise_targets, mild_share)
     if data.blank_planes:
         data.provenance["blank_planes_skipped"] = data.blank_planes
     return data
@@ -253,7 +259,7 @@ def _from_pairs(root: Path, config: TrainConfig) -> TrainingData:
     return TrainingData(sampler, validation, {"pairs": str(root), "pair_files": len(names)}, blank)
 
 
-def _from_bundled(config: TrainConfig) -> TrainingData:
+def _from_bundled(config: TrainConfig, mild_share: float = 0.0) -> TrainingData:
     from ..data.bundled import training_groups, training_weights
     from ..data.defocus import DefocusConfig
     from .patches import SyntheticPairs
@@ -263,7 +269,7 @@ def _from_bundled(config: TrainConfig) -> TrainingData:
     cases = suite_cases()
     # real planes carry camera noise: the bundled recipe always trains on denoised targets
     planes, weights = training_weights(groups)
-    defocus = DefocusConfig.coverage()
+    defocus = DefocusConfig.coverage().replace(mild_probability=mild_share)
     sampler = SyntheticPairs(
         planes,
         defocus,
@@ -281,7 +287,10 @@ def _from_bundled(config: TrainConfig) -> TrainingData:
     return TrainingData(sampler, SuiteValidation(cases), record, sampler.blank_planes)
 
 
-def _from_sharp(names: list[str | os.PathLike], config: TrainConfig, denoise_targets: bool) -> TrainingData:
+def _from_sharp(
+    names: list[str | os.PathLike], config: TrainConfig, denoise_targets: bool, mild_share: float = 0.0
+) -> TrainingData:
+    from ..data.defocus import DefocusConfig
     from .engine import Validation
     from .patches import SyntheticPairs, drop_blank_planes
 
@@ -291,13 +300,16 @@ def _from_sharp(names: list[str | os.PathLike], config: TrainConfig, denoise_tar
             f"{', '.join(map(str, names))}: all {blank} planes are blank (constant): nothing to train on"
         )
     held = max(1, len(planes) // 10) if len(planes) > 1 else 0
+    defocus = DefocusConfig(mild_probability=mild_share)
     sampler = SyntheticPairs(
-        planes[: len(planes) - held], normalization=config.normalization, denoise_targets=denoise_targets
+        planes[: len(planes) - held], defocus, normalization=config.normalization, denoise_targets=denoise_targets
     )
     validation = None
     if held:
         held_out_planes = SyntheticPairs(planes[len(planes) - held :], normalization=config.normalization)
         validation = Validation.from_sampler(held_out_planes, HELD_OUT_PATCHES, config.patch_size)
     record = {"sharp": [str(name) for name in names], "synthetic_defocus": True, "planes": len(planes)}
+    if mild_share:
+        record["mild_share"] = mild_share
     record["denoised_targets"] = denoise_targets
     return TrainingData(sampler, validation, record, blank)
