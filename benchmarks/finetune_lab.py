@@ -104,11 +104,15 @@ def fixed_optics_data(model, stacks: list[np.ndarray], config) -> FinetuneData:
     return FinetuneData(sampler, validation, UnlabeledPlanes(planes, config.normalization), config)
 
 
-def finetune(model_name: str, data_of, steps: int, patch: int, guard: bool) -> tuple[object, TrainingLog, float]:
+def finetune(
+    model_name: str, data_of, steps: int, patch: int, guard: bool, lr: float | None = None
+) -> tuple[object, TrainingLog, float]:
     model = load_model(model_name)
     config = FINETUNE_DEFAULTS.replace(
         steps=steps, patch_size=patch, device="cpu", normalization=model.card.normalization
     )
+    if lr is not None:
+        config = config.replace(lr=lr, lr_min=min(config.lr_min, lr))
     config = config.replace(validate_every=max(1, steps // 6), checkpoint_every=steps)
     data = data_of(model, config)
     for note in data.notes:
@@ -142,6 +146,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["fixed optics", "optics-aware"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument(
+        "--lr", type=float, help=f"learning rate of the fine-tunes (default: the recipe's {FINETUNE_DEFAULTS.lr:g})"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -162,7 +169,9 @@ def main() -> None:
             if arm not in args.arms:
                 continue
             print(f"{situation}: {arm}...", file=sys.stderr)
-            model, log, seconds = finetune(args.model, data_of, args.steps, args.patch, guard=arm == "optics-aware")
+            model, log, seconds = finetune(
+                args.model, data_of, args.steps, args.patch, guard=arm == "optics-aware", lr=args.lr
+            )
             rows[arm] = score(model, cases)
             rows[arm]["seconds"] = round(seconds, 1)
             rows[arm]["kept starting model"] = float(log.kept_start)
@@ -180,7 +189,9 @@ def main() -> None:
             print(f"| {arm} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"steps": args.steps, "patch": args.patch, "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"steps": args.steps, "patch": args.patch, "lr": args.lr, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":
