@@ -3,6 +3,7 @@ the starting model when a fine-tune does not beat it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from helpers import tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
 from napari_mpt_deblur.config import ConfigError, Microscope
 from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, gaussian_psf, widefield_psf
-from napari_mpt_deblur.data.optics import estimate_blur, microscope_from_metadata
+from napari_mpt_deblur.data.optics import MAX_WIDEFIELD_R80_PX, estimate_blur, microscope_from_metadata
 from napari_mpt_deblur.training.engine import TrainProgress, Validation, state_path
 from napari_mpt_deblur.training.finetune import (
     ANCHORED_SHARE,
@@ -105,6 +106,14 @@ def test_a_stack_through_focus_has_in_focus_planes_and_a_defocused_one_has_none(
     assert config.na == (1.4, 1.4) and config.refractive_index == (1.515,) and config.pixel_size_um == (0.1, 0.1)
     assert 0.4 < config.defocus_um[1] <= 0.9 and config.widefield_blur_px is None
     assert config.no_blur_probability > 0  # in-focus planes must be left alone
+
+    # blur measured at the Gaussian's cap: the widefield range still reaches the coverage's 16 px, not the cap's 14.3
+    strong = dataclasses.replace(estimate, extra_sigma_px={0: 8.0}, microscope=LAB.replace(z_step_um=None))
+    config = strong.defocus_config()
+    assert config.gaussian_sigma == (0.0, 8.0)
+    assert config.widefield_blur_px == (0.0, MAX_WIDEFIELD_R80_PX) == (0.0, 16.0)
+    on_a_step = dataclasses.replace(strong, microscope=LAB).defocus_config()  # 0.3 um steps, 3 planes from focus
+    assert on_a_step.defocus_um[1] == pytest.approx(0.9)
 
     defocused = through_focus((0.9, 1.0, 1.1, 1.2, 1.3))
     estimate = estimate_blur(list(defocused), LAB)

@@ -31,6 +31,9 @@ from .focus import focus_score, haar_noise_sd
 GAUSSIAN_R80 = math.sqrt(-2 * math.log(0.2))
 """A Gaussian PSF's 80 %-encircled-energy radius, in units of its sigma (1.79)."""
 
+MAX_WIDEFIELD_R80_PX = 16.0
+"""The strongest widefield blur a fine-tune draws (80 %-energy radius, pixels): the default model's coverage."""
+
 IN_FOCUS_EXCESS_SIGMA_PX = 1.5
 """A stack has usable in-focus planes when its sharpest planes are blurred by at most this much (Gaussian
 sigma, pixels) beyond the in-focus PSF of the optics. Gaussian blur of sigma 1 still leaves what a
@@ -231,14 +234,18 @@ class BlurEstimate:
             Factor on the strongest blur measured (the estimate is a lower bound for planes blurred
             past the noise).
         max_sigma_px
-            Cap on the Gaussian sigma (the default model's coverage stops at 8).
+            Cap on the Gaussian sigma (the default model's coverage stops at 8); the widefield blur stops at
+            :data:`MAX_WIDEFIELD_R80_PX`.
         unblurred
             Share of samples left unblurred (noise only).
         """
-        sigma = min(max(self.max_extra_sigma_px * margin, 1.0), max_sigma_px)
+        wanted = max(self.max_extra_sigma_px * margin, 1.0)
+        sigma = min(wanted, max_sigma_px)
         optics = self.microscope.optics()
-        # a PSF 16 px wide still fits the 48-pixel margin patches are blurred with
-        r80 = min(sigma * GAUSSIAN_R80, 16.0)
+        # The widefield range is not held to the Gaussian's cap: sigma 8 is an 80 % radius of 14.3 px, short of
+        # the 16 px of the coverage (a Z stack's farthest planes). A PSF 16 px wide still fits the 48-pixel
+        # margin patches are blurred with.
+        r80 = min(wanted * GAUSSIAN_R80, MAX_WIDEFIELD_R80_PX)
         widefield: dict[str, Any] = {"widefield_blur_px": (0.0, r80)}
         step, count = self.microscope.z_step_um, len(self.focus_scores)
         if step and count >= 3 and self.reference_planes:
