@@ -170,8 +170,8 @@ class FinetuneWidget(ScrollingDock):
         self.pixel_size = _float_box("pixel um", 0.0, 0.0, 100.0, 0.01, 4)
         self.pixel_size.tooltip = (
             "Pixel size in the sample, micrometres. 0: from the first stack's file (its metadata or the layer's "
-            "scale), shown in the box; if neither says, 0.2 um. Synthetic pairs are blurred as this microscope "
-            "blurs, up to the blur measured across your stacks."
+            f"scale), shown in the box; if neither says, {UNKNOWN_PIXEL_UM:g} um. Synthetic pairs are blurred as this "
+            "microscope blurs, up to the blur measured across your stacks."
         )
         self.microscope = Container(
             label="microscope", layout="horizontal", labels=True, widgets=[self.na, self.medium, self.wavelength]
