@@ -105,11 +105,11 @@ def fixed_optics_data(model, stacks: list[np.ndarray], config) -> FinetuneData:
 
 
 def finetune(
-    model_name: str, data_of, steps: int, patch: int, guard: bool, lr: float | None = None
+    model_name: str, data_of, steps: int, patch: int, guard: bool, lr: float | None = None, seed: int = 0
 ) -> tuple[object, TrainingLog, float]:
     model = load_model(model_name)
     config = FINETUNE_DEFAULTS.replace(
-        steps=steps, patch_size=patch, device="cpu", normalization=model.card.normalization
+        steps=steps, patch_size=patch, device="cpu", normalization=model.card.normalization, seed=seed
     )
     if lr is not None:
         config = config.replace(lr=lr, lr_min=min(config.lr_min, lr))
@@ -149,6 +149,12 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, help=f"learning rate of the fine-tunes (default: the recipe's {FINETUNE_DEFAULTS.lr:g})"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the fine-tunes' patches, blur and noise (the lab's fields stay fixed)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -170,7 +176,7 @@ def main() -> None:
                 continue
             print(f"{situation}: {arm}...", file=sys.stderr)
             model, log, seconds = finetune(
-                args.model, data_of, args.steps, args.patch, guard=arm == "optics-aware", lr=args.lr
+                args.model, data_of, args.steps, args.patch, guard=arm == "optics-aware", lr=args.lr, seed=args.seed
             )
             rows[arm] = score(model, cases)
             rows[arm]["seconds"] = round(seconds, 1)
@@ -190,7 +196,10 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps({"steps": args.steps, "patch": args.patch, "lr": args.lr, "results": results}, indent=1)
+            json.dumps(
+                {"steps": args.steps, "patch": args.patch, "lr": args.lr, "seed": args.seed, "results": results},
+                indent=1,
+            )
         )
 
 

@@ -274,11 +274,12 @@ def test_cli_bundled_training_validates_on_the_suite_and_logs(tmp_path):
     out, log = tmp_path / "bundled.safetensors", tmp_path / "log.jsonl"
     common = ["--model", str(start), "--steps", "2", "--batch", "1", "--patch", "32", "--device", "cpu", "--quiet"]
     args = ["train", "--bundled", "-o", str(out), *common, "--validate-every", "2", "--scale", "0.8", "1.5"]
-    more = ["--beta", "0", "--l1-weighting", "input_error", "--mild-share", "0.5"]
+    more = ["--beta", "0", "--l1-weighting", "input_error", "--mild-share", "0.5", "--orientation-weight", "0.5"]
     assert main([*args, "--log", str(log), *more]) == 0
     card = load_model(out).card.provenance
     assert card["train_config"]["scale_range"] == [0.8, 1.5]
     assert card["train_config"]["l1_weighting"] == "input_error"
+    assert card["train_config"]["orientation_weight"] == 0.5
     assert card["trained_on"]["synthetic_defocus"]["widefield_blur_px"] == [0.0, 16.0]
     assert card["trained_on"]["synthetic_defocus"]["mild_probability"] == 0.5
     groups = {
@@ -293,5 +294,6 @@ def test_cli_bundled_training_validates_on_the_suite_and_logs(tmp_path):
     assert card["train_config"]["ema_decay"] == 0.999  # train keeps a moving average by default
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [2]  # the last step: validated and checkpointed
+    assert records[-1]["losses"]["orientation"] > 0  # an untrained network answers differently when turned
     assert records[-1]["validation"]["worst_gain_db"] < 0  # an untrained network: no best checkpoint kept
     assert not best_path(out).exists()

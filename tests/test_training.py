@@ -51,6 +51,36 @@ def test_input_error_weighting_evens_out_blur_strengths_and_splits_into_shards()
         TrainConfig(l1_weighting="input_error", efcr_beta=1e-5)
 
 
+def test_orientation_consistency_compares_the_outputs_turned_back_and_only_with_plain_l1():
+    from napari_mpt_deblur.config import ConfigError
+    from napari_mpt_deblur.training.engine import ORIENTATIONS, objective, turn, turn_back
+
+    images = torch.rand(2, 1, 6, 9)
+    turned = [turn(images, k) for k in range(ORIENTATIONS)]
+    assert all(torch.equal(turn_back(t, k), images) for k, t in enumerate(turned))
+    assert len({t.numpy().tobytes() + bytes(t.shape) for t in turned}) == ORIENTATIONS  # eight different views
+
+    blurry, sharp = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    config = TrainConfig(orientation_weight=0.5, efcr_beta=0.0)
+    pointwise = torch.nn.Conv2d(1, 1, 1)  # answers the same in every orientation
+    total, losses = objective(pointwise, None, config, blurry, sharp, None, torch.Generator().manual_seed(0))
+    plain = torch.nn.functional.l1_loss(pointwise(blurry), sharp).detach()
+    assert losses["orientation"] == pytest.approx(0, abs=1e-7) and float(total.detach()) == pytest.approx(float(plain))
+
+    one_way = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)  # a kernel that is not symmetric
+    with torch.no_grad():
+        one_way.weight.copy_(torch.arange(9.0).view(1, 1, 3, 3))
+    total, losses = objective(one_way, None, config, blurry, sharp, None, torch.Generator().manual_seed(0))
+    assert losses["orientation"] > 0.1
+    assert float(total.detach()) == pytest.approx(losses["l1"] + 0.5 * losses["orientation"], rel=1e-5)
+    total.backward()
+    assert one_way.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="orientation_weight applies to plain L1"):
+        TrainConfig(orientation_weight=0.5, efcr_beta=1e-5)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        TrainConfig(orientation_weight=-1.0, efcr_beta=0.0)
+
+
 @pytest.mark.slow
 def test_a_tiny_model_learns(tmp_path):
     blurry, sharp = pattern_pairs()

@@ -581,7 +581,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.mild_share and args.pairs:
         raise UsageError("--mild-share draws synthetic defocus: use it with --sharp or --bundled, not --pairs")
     resumed = _resumed_model(output, args)
-    config = _train_config(args, ema_decay=args.ema, l1_weighting=args.l1_weighting)
+    config = _train_config(
+        args, ema_decay=args.ema, l1_weighting=args.l1_weighting, orientation_weight=args.orientation_weight
+    )
     try:
         data = prepare_training(
             pairs=args.pairs,
@@ -924,6 +926,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=L1_WEIGHTINGS,
         help="uniform: the plain mean L1; input_error: each sample weighted down by its own input error, so "
         "strongly blurred samples do not outweigh mild and in-focus ones (with --beta 0 only)",
+    )
+    trainer.add_argument(
+        "--orientation-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="also pass each sample through the network turned or mirrored and add W times the L1 between the two "
+        "outputs, so it answers the same in every orientation (twice the compute per sample; with --beta 0 only; "
+        "default 0: off)",
     )
     trainer.add_argument(
         "--mild-share",

@@ -66,6 +66,13 @@ class TrainConfig(FrozenConfig):
     whose large errors otherwise dominate the mean, count less (about half as much as in-focus ones:
     noise alone gives an input error of 0.01-0.03). Plain L1 training only (``efcr_beta`` 0)."""
 
+    orientation_weight: float = 0.0
+    """Weight of the orientation-consistency term (0 turns it off). Each sample also passes through the
+    network turned by one of the square's 7 other orientations (drawn per step); the L1 term becomes the
+    mean of both outputs' L1 (turned back), and the L1 between the two outputs, times this weight, is
+    added, so the network learns to answer the same in every orientation. Twice the compute per sample.
+    Plain L1 training only (``efcr_beta`` 0)."""
+
     reblur_weight: float = 0.0
     """Weight of the self-supervised re-blur term when fine-tuning on unlabeled planes:
     L1(net(reblur(U)), U), the unlabeled patch U as its own target (the reference code's)."""
@@ -114,12 +121,16 @@ class TrainConfig(FrozenConfig):
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
         weights = (self.weight_decay, self.efcr_beta, self.supervised_weight, self.reblur_weight)
-        if min(weights) < 0:
-            raise ConfigError("weight_decay, efcr_beta, supervised_weight and reblur_weight must be >= 0")
+        if min(weights) < 0 or self.orientation_weight < 0:
+            raise ConfigError(
+                "weight_decay, efcr_beta, supervised_weight, reblur_weight and orientation_weight must be >= 0"
+            )
         if self.l1_weighting not in L1_WEIGHTINGS:
             raise ConfigError(f"l1_weighting must be one of {', '.join(L1_WEIGHTINGS)}, got {self.l1_weighting!r}")
         if self.l1_weighting != "uniform" and self.efcr_beta > 0:
             raise ConfigError("l1_weighting 'input_error' weighs plain L1 training only: set efcr_beta to 0")
+        if self.orientation_weight > 0 and self.efcr_beta > 0:
+            raise ConfigError("orientation_weight applies to plain L1 training only: set efcr_beta to 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -160,6 +160,46 @@ def supervised_l1(output: torch.Tensor, sharp: torch.Tensor, blurry: torch.Tenso
     return (per_sample * (INPUT_ERROR_FLOOR / (INPUT_ERROR_FLOOR + input_error))).mean()
 
 
+ORIENTATIONS = 8
+"""The square's orientations: 4 rotations by 90 degrees, each also mirrored."""
+
+
+def turn(images: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``(N, C, H, W)`` images in one of the :data:`ORIENTATIONS`: mirrored (4-7), then turned 90 degrees
+    ``orientation % 4`` times."""
+    mirrored = images.flip(-1) if orientation >= 4 else images
+    return torch.rot90(mirrored, orientation % 4, dims=(-2, -1))
+
+
+def turn_back(images: torch.Tensor, orientation: int) -> torch.Tensor:
+    """The inverse of :func:`turn`."""
+    unrotated = torch.rot90(images, -(orientation % 4), dims=(-2, -1))
+    return unrotated.flip(-1) if orientation >= 4 else unrotated
+
+
+def orientation_consistent_l1(
+    model: torch.nn.Module, blurry: torch.Tensor, sharp: torch.Tensor, config: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The L1 term with the orientation-consistency term of ``TrainConfig.orientation_weight``.
+
+    The batch passes through the network as it is and turned by one of the 7 other
+    orientations, drawn from ``generator`` (per shard when a step is cut into shards).
+    Returns the mean of the two outputs' L1 to ``sharp`` plus the weight times the L1
+    between the outputs (the turned one turned back), and the terms. Both are means
+    over samples, so shards add up to the batch.
+    """
+    orientation = int(torch.randint(1, ORIENTATIONS, (1,), generator=generator))
+    output = model(blurry)
+    turned_output = turn_back(model(turn(blurry, orientation)), orientation)
+    l1 = (
+        supervised_l1(output, sharp, blurry, config.l1_weighting)
+        + supervised_l1(turned_output, sharp, blurry, config.l1_weighting)
+    ) / 2
+    consistency = F.l1_loss(output, turned_output)
+    total = l1 + config.orientation_weight * consistency
+    return total, {"l1": float(l1.detach()), "orientation": float(consistency.detach())}
+
+
 def objective(
     model: torch.nn.Module,
     loss_fn: EFCRLoss,
@@ -172,13 +212,17 @@ def objective(
     """The step's loss and its terms.
 
     ``supervised_weight * L1(net(B), S) + efcr_beta * L_CR`` on the labeled batch,
-    with Lext from the unlabeled batch when there is one (EFCR_ex), plus
+    with Lext from the unlabeled batch when there is one (EFCR_ex), or with the
+    orientation-consistency term (:func:`orientation_consistent_l1`) in its L1, plus
     ``reblur_weight * L1(net(reblur(U)), U)`` on the unlabeled batch.
     """
     if config.efcr_beta > 0:
         terms = loss_fn(model, blurry, sharp, unlabeled=unlabeled, generator=generator)
         total = config.supervised_weight * terms.l1 + config.efcr_beta * terms.contrastive
         losses = terms.as_floats()
+    elif config.orientation_weight > 0:
+        supervised, losses = orientation_consistent_l1(model, blurry, sharp, config, generator)
+        total = config.supervised_weight * supervised
     else:  # plain L1: no re-blurred forward passes
         l1 = supervised_l1(model(blurry), sharp, blurry, config.l1_weighting)
         total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
