@@ -167,7 +167,7 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     defocused = [through_focus((0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6), seed=s) for s in range(2)]
     data = prepare_finetune(model, defocused, config=config, microscope=LAB)
     assert "no usable in-focus planes" in data.notes[0] and "fine-tuning gently" in data.notes[1]
-    assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 4)
+    assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 12)
     assert data.config.efcr_beta == NO_FOCUS_EFCR_BETA
     assert data.provenance["targets"].startswith("starting model's deblurred")
     assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == NO_FOCUS_ANCHORED_SHARE
