@@ -40,8 +40,8 @@ FINETUNE_DEFAULTS = TrainConfig(
 """Fine-tuning starts from a trained model: fewer, gentler steps. EFCR_ex and the re-blur term are off: on a new
 domain they added nothing (beta 1e-5), cost up to 0.1 dB (beta 1e-3) or 0.6 dB (re-blur) against L1 on pairs made
 from the user's sharpest planes (experiment 3 in docs/benchmarks.md). The learning rate, 6e-5, gained 0.5 dB more
-than 2e-5 at 0.3 um and 0.2 dB more at 1.2 um on a lab's Z stacks, over two seeds, and nothing less in focus
-(experiment 4)."""
+than 2e-5 at 0.3 um and 0.17 dB more at 1.2 um on a lab's Z stacks over three seeds, and the same within 0.06 dB
+in focus (experiment 4)."""
 
 SHARPEST_FRACTION = 0.25
 """Without labeled pairs, synthetic pairs are made from at most this fraction of the user's planes, the sharpest."""
