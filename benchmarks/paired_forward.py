@@ -50,18 +50,6 @@ def import_revision(revision: str, folder: Path):
     return importlib.import_module("mpt_deblur_baseline.models.presets")
 
 
-def cell_plane(size: int):
-    """scikit-image's ``cell`` (660 x 550, uint8) mirrored to ``size`` x ``size``, as uint16."""
-    import numpy as np
-    from skimage import data
-
-    cell = data.cell().astype(np.uint16)
-    rows, cols = (-(-size // n) for n in cell.shape)
-    return np.pad(
-        cell, ((0, rows * cell.shape[0] - cell.shape[0]), (0, cols * cell.shape[1] - cell.shape[1])), "symmetric"
-    )[:size, :size]
-
-
 def paired_times(first, second, pairs: int) -> tuple[list[float], list[float]]:
     """Seconds of ``pairs`` calls of each function, alternating which goes first."""
     first_times: list[float] = []
@@ -91,10 +79,11 @@ def engine(args: argparse.Namespace) -> None:
     """The inference engine of both revisions at their default settings on one plane."""
     import numpy as np
 
+    from bench_inference import sample_image
     from napari_mpt_deblur.inference import deblur_array
     from napari_mpt_deblur.models.files import load_model
 
-    plane = cell_plane(args.size)
+    plane = sample_image(args.size)
     model_file = args.model or str(REPO / PACKAGE / "weights" / "default.safetensors")
     with tempfile.TemporaryDirectory() as folder:
         import_revision(args.against, Path(folder))

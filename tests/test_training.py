@@ -54,10 +54,13 @@ def test_input_error_weighting_evens_out_blur_strengths_and_splits_into_shards()
 def test_orientation_consistency_compares_the_outputs_turned_back_and_only_with_plain_l1():
     from napari_mpt_deblur.config import ConfigError
     from napari_mpt_deblur.training.engine import ORIENTATIONS, objective, turn, turn_back
+    from napari_mpt_deblur.training.suite import orient
 
     images = torch.rand(2, 1, 6, 9)
     turned = [turn(images, k) for k in range(ORIENTATIONS)]
     assert all(torch.equal(turn_back(t, k), images) for k, t in enumerate(turned))
+    # orientation k is the view the suite scores as orientation k
+    assert all(np.array_equal(t[0, 0].numpy(), orient(images[0, 0].numpy(), k)) for k, t in enumerate(turned))
     assert len({t.numpy().tobytes() + bytes(t.shape) for t in turned}) == ORIENTATIONS  # eight different views
 
     blurry, sharp = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)

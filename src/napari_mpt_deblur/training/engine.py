@@ -35,6 +35,7 @@ from ..models.mpt import MPT
 from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
 from .config import INPUT_ERROR_FLOOR, TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
+from .suite import ORIENTATIONS
 
 STATE_FORMAT = 1
 
@@ -160,21 +161,17 @@ def supervised_l1(output: torch.Tensor, sharp: torch.Tensor, blurry: torch.Tenso
     return (per_sample * (INPUT_ERROR_FLOOR / (INPUT_ERROR_FLOOR + input_error))).mean()
 
 
-ORIENTATIONS = 8
-"""The square's orientations: 4 rotations by 90 degrees, each also mirrored."""
-
-
 def turn(images: torch.Tensor, orientation: int) -> torch.Tensor:
-    """``(N, C, H, W)`` images in one of the :data:`ORIENTATIONS`: mirrored (4-7), then turned 90 degrees
-    ``orientation % 4`` times."""
-    mirrored = images.flip(-1) if orientation >= 4 else images
-    return torch.rot90(mirrored, orientation % 4, dims=(-2, -1))
+    """``(N, C, H, W)`` images in orientation ``orientation`` of the suite's :data:`ORIENTATIONS`, as
+    :func:`~.suite.orient` turns a case: ``orientation % 4`` quarter turns, mirrored for 4-7."""
+    turned = torch.rot90(images, orientation % 4, dims=(-2, -1))
+    return turned.flip(-1) if orientation >= 4 else turned
 
 
 def turn_back(images: torch.Tensor, orientation: int) -> torch.Tensor:
     """The inverse of :func:`turn`."""
-    unrotated = torch.rot90(images, -(orientation % 4), dims=(-2, -1))
-    return unrotated.flip(-1) if orientation >= 4 else unrotated
+    unmirrored = images.flip(-1) if orientation >= 4 else images
+    return torch.rot90(unmirrored, -(orientation % 4), dims=(-2, -1))
 
 
 def orientation_consistent_l1(
