@@ -1,4 +1,4 @@
-"""Forward-pass speed and peak memory of an MPT preset.
+"""Forward-pass speed and peak memory of an MPT preset or a model file.
 
 Each configuration runs in a fresh subprocess so that its peak memory is its own.
 Prints a table; ``--json`` saves the figures and ``--baseline`` compares the
@@ -10,6 +10,7 @@ Examples::
     python benchmarks/bench_model.py --preset lite --sizes 256 512 1024 --json lite.json
     python benchmarks/bench_model.py --preset paper --device cuda --dtype bf16 --sizes 256 1024 --batch 4
     python benchmarks/bench_model.py --preset paper --pairing official --sizes 256 --per-level
+    python benchmarks/bench_model.py --model grown.safetensors --sizes 1024   # e.g. a network from mpt-deblur grow
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -35,7 +37,13 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(args.preset, pairing=args.pairing, channels=args.channels).to(device).eval()
+    if args.model:
+        from napari_mpt_deblur import load_model
+
+        model = load_model(args.model, device=device)
+        args.channels, args.pairing = model.config.in_channels, model.config.pairing
+    else:
+        model = build_model(args.preset, pairing=args.pairing, channels=args.channels).to(device).eval()
     if args.compile:
         model = torch.compile(model, dynamic=False)
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
@@ -65,7 +73,7 @@ def measure(args: argparse.Namespace) -> dict:
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     levels = time_per_level(model, forward, args.repeats, synchronize) if args.per_level else None
     return {
-        "preset": args.preset,
+        "preset": Path(args.model).stem if args.model else args.preset,
         "pairing": args.pairing,
         "size": args.size,
         "batch": args.batch,
@@ -130,6 +138,7 @@ def key(row: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper")
+    parser.add_argument("--model", help="a model file or bundled model name instead of a fresh --preset network")
     parser.add_argument("--pairing", default="official", choices=("aligned", "official"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--batch", type=int, default=1)

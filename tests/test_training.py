@@ -51,6 +51,50 @@ def test_input_error_weighting_evens_out_blur_strengths_and_splits_into_shards()
         TrainConfig(l1_weighting="input_error", efcr_beta=1e-5)
 
 
+def test_the_mse_pixel_loss_learns_the_mean_where_l1_learns_the_median():
+    from napari_mpt_deblur.config import ConfigError
+    from napari_mpt_deblur.training.engine import objective
+
+    # one blurry patch, three possible sharp ones: 0, 0 and 1 (a soft blob twice, a point once)
+    blurry = torch.zeros(3, 1, 4, 4)
+    sharp = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1, 1).expand(3, 1, 4, 4)
+    answers = {}
+    for loss in ("l1", "mse"):
+        config = TrainConfig(pixel_loss=loss, efcr_beta=0.0)
+        shift = torch.nn.Conv2d(1, 1, 1)  # output = input + bias: a constant answer
+        with torch.no_grad():
+            shift.weight.fill_(1.0)
+            shift.bias.fill_(0.5)
+        shift.weight.requires_grad_(False)
+        optimizer = torch.optim.SGD([shift.bias], lr=0.05)
+        for _ in range(400):
+            optimizer.zero_grad()
+            total, losses = objective(shift, None, config, blurry, sharp, None, torch.Generator())
+            total.backward()
+            optimizer.step()
+        answers[loss] = float(shift.bias.detach())
+        assert set(losses) == {loss, "total"}
+    assert answers["l1"] == pytest.approx(0.0, abs=0.05)  # the median: the blob
+    assert answers["mse"] == pytest.approx(1 / 3, abs=0.01)  # the mean
+    # psnr: each sample's error in decibels, averaged as the suite averages them
+    from napari_mpt_deblur.training.engine import PSNR_LOSS_FLOOR, supervised_squared_error
+
+    errors = torch.tensor([0.001, 0.01, 0.1]).view(3, 1, 1, 1).expand(3, 1, 4, 4)
+    decibels = supervised_squared_error(errors, torch.zeros(3, 1, 4, 4), "psnr")
+    expected = np.mean([10 * np.log10(e**2 + PSNR_LOSS_FLOOR) for e in (0.001, 0.01, 0.1)])
+    assert float(decibels) == pytest.approx(expected, rel=1e-5)
+    halves = [
+        supervised_squared_error(errors[s], torch.zeros(3, 1, 4, 4)[s], "psnr") for s in (slice(0, 1), slice(1, 3))
+    ]
+    assert float(halves[0] / 3 + halves[1] * 2 / 3) == pytest.approx(expected, rel=1e-5)  # shards add up
+    with pytest.raises(ConfigError, match="pixel_loss must be one of"):
+        TrainConfig(pixel_loss="l2")
+    with pytest.raises(ConfigError, match="plain training only"):
+        TrainConfig(pixel_loss="mse", efcr_beta=1e-5)
+    with pytest.raises(ConfigError, match="plain training only"):
+        TrainConfig(pixel_loss="mse", efcr_beta=0.0, orientation_weight=0.5)
+
+
 def test_orientation_consistency_compares_the_outputs_turned_back_and_only_with_plain_l1():
     from napari_mpt_deblur.config import ConfigError
     from napari_mpt_deblur.training.engine import ORIENTATIONS, objective, turn, turn_back

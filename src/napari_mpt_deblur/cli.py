@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import MEDIA, PRECISIONS, ConfigError
-from .training.config import L1_WEIGHTINGS, TrainConfig
+from .training.config import L1_WEIGHTINGS, PIXEL_LOSSES, TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
 
@@ -121,6 +121,29 @@ def cmd_new(args: argparse.Namespace) -> None:
     )
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {output}: untrained '{args.preset}' model ({params:,} parameters)")
+
+
+def cmd_grow(args: argparse.Namespace) -> None:
+    from .models.files import load_model, save_model
+    from .models.grow import deepen
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    try:
+        scales = [float(Fraction(item.strip())) for item in args.scales.split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--scales: cannot read {args.scales!r}; use e.g. '1,1' or '1/2,1/2'") from None
+    source = load_model(args.model)
+    grown, new_blocks = deepen(source, args.level, scales)
+    provenance = {
+        **source.card.provenance,
+        "grown_from": str(args.model),
+        "grown": {"level": args.level, "scales": scales, "new_blocks": new_blocks},
+    }
+    save_model(grown, output, provenance=provenance)
+    added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
+    print(f"wrote {output}: {len(new_blocks)} new blocks ({added:,} parameters), the same output as {args.model}")
+    print(f"train them alone with: --train-only {' '.join(new_blocks)}")
 
 
 def cmd_export_bioimageio(args: argparse.Namespace) -> None:
@@ -582,7 +605,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError("--mild-share draws synthetic defocus: use it with --sharp or --bundled, not --pairs")
     resumed = _resumed_model(output, args)
     config = _train_config(
-        args, ema_decay=args.ema, l1_weighting=args.l1_weighting, orientation_weight=args.orientation_weight
+        args,
+        ema_decay=args.ema,
+        l1_weighting=args.l1_weighting,
+        orientation_weight=args.orientation_weight,
+        trainable=tuple(args.train_only or ()),
+        pixel_loss=args.pixel_loss,
     )
     try:
         data = prepare_training(
@@ -937,6 +965,21 @@ def build_parser() -> argparse.ArgumentParser:
         "default 0: off)",
     )
     trainer.add_argument(
+        "--pixel-loss",
+        default="l1",
+        choices=PIXEL_LOSSES,
+        help="the supervised term: l1 (default, the paper's), mse (the mean squared error: where a blurry patch "
+        "could come from different sharp ones it learns their mean, as PSNR rewards) or psnr (each sample's squared "
+        "error in decibels, averaged: mild blur counts as much as strong); with --beta 0 only",
+    )
+    trainer.add_argument(
+        "--train-only",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only the parameters whose names start with these prefixes and keep the others as they are "
+        "(e.g. the new blocks 'mpt-deblur grow' prints); default: all",
+    )
+    trainer.add_argument(
         "--mild-share",
         type=float,
         default=0.0,
@@ -1015,6 +1058,24 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     new.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     new.set_defaults(run=cmd_new)
+
+    grow = commands.add_parser(
+        "grow",
+        help="write a deeper copy of a trained model whose new blocks compute nothing until trained",
+        description="Append pyramid sub-blocks to the encoder and decoder stage of one level (or to the latent). "
+        "Their output projections start at zero, so the grown model deblurs exactly as the one it grew from; "
+        "train it with 'mpt-deblur train --model OUTPUT --train-only ...' (the prefixes are printed).",
+    )
+    grow.add_argument("model", help="model file or bundled model name to grow")
+    grow.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    grow.add_argument(
+        "--level", type=int, required=True, choices=(1, 2, 3, 4), help="1 (full resolution) to 4 (latent)"
+    )
+    grow.add_argument(
+        "--scales", required=True, help="pyramid scale of each new block, comma-separated (e.g. '1,1' or '1/2,1/2')"
+    )
+    grow.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    grow.set_defaults(run=cmd_grow)
 
     export = commands.add_parser(
         "export-bioimageio",

@@ -9,6 +9,9 @@ from ..config import ConfigError, FrozenConfig, IntensityNormalization
 L1_WEIGHTINGS = ("uniform", "input_error")
 """The values :attr:`TrainConfig.l1_weighting` takes."""
 
+PIXEL_LOSSES = ("l1", "mse", "psnr")
+"""The values :attr:`TrainConfig.pixel_loss` takes."""
+
 INPUT_ERROR_FLOOR = 0.02
 """Input error (normalised intensity) below which ``input_error`` weighting stops growing a sample's weight."""
 
@@ -73,6 +76,20 @@ class TrainConfig(FrozenConfig):
     added, so the network learns to answer the same in every orientation. Twice the compute per sample.
     Plain L1 training only (``efcr_beta`` 0)."""
 
+    pixel_loss: str = "l1"
+    """The supervised term's distance: ``l1`` (the paper's), ``mse`` (the mean squared error) or ``psnr``
+    (the mean over samples of ``10 log10(MSE + 1e-5)``, each sample's error in decibels as the suite
+    scores it, so a mildly blurred sample counts as much as a strong one). Where one blurry patch could
+    come from two different sharp ones (a mildly blurred point, an in-focus soft blob), L1 learns the
+    median of the two, which is one of them, and the squared errors their mean, which is what PSNR
+    rewards. Plain training only (``efcr_beta`` 0, ``l1_weighting`` uniform, no orientation term)."""
+
+    trainable: tuple[str, ...] = ()
+    """Names of the parameters to train, as prefixes (``decoders.2.2`` is a block and all it holds);
+    the others stay as they are. Empty: all of them. For a network grown from a trained one
+    (:func:`~napari_mpt_deblur.models.grow.deepen`): train the new blocks alone, so that what the
+    trained network does well cannot be lost while they learn."""
+
     reblur_weight: float = 0.0
     """Weight of the self-supervised re-blur term when fine-tuning on unlabeled planes:
     L1(net(reblur(U)), U), the unlabeled patch U as its own target (the reference code's)."""
@@ -104,6 +121,9 @@ class TrainConfig(FrozenConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
         object.__setattr__(self, "betas", tuple(float(v) for v in self.betas))
+        if isinstance(self.trainable, str) or not all(isinstance(name, str) and name for name in self.trainable):
+            raise ConfigError(f"trainable must be a list of parameter-name prefixes, got {self.trainable!r}")
+        object.__setattr__(self, "trainable", tuple(self.trainable))
         if isinstance(self.normalization, dict):
             object.__setattr__(self, "normalization", IntensityNormalization.from_dict(self.normalization))
         positive = {"steps": self.steps, "batch_size": self.batch_size, "validate_every": self.validate_every}
@@ -131,6 +151,15 @@ class TrainConfig(FrozenConfig):
             raise ConfigError("l1_weighting 'input_error' weighs plain L1 training only: set efcr_beta to 0")
         if self.orientation_weight > 0 and self.efcr_beta > 0:
             raise ConfigError("orientation_weight applies to plain L1 training only: set efcr_beta to 0")
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ConfigError(f"pixel_loss must be one of {', '.join(PIXEL_LOSSES)}, got {self.pixel_loss!r}")
+        if self.pixel_loss != "l1" and (
+            self.efcr_beta > 0 or self.l1_weighting != "uniform" or self.orientation_weight > 0
+        ):
+            raise ConfigError(
+                f"pixel_loss {self.pixel_loss!r} applies to plain training only: efcr_beta 0, uniform weighting, "
+                "no orientation term"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write
+from ..config import ConfigError
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
 from ..models.files import save_model
 from ..models.mpt import MPT
@@ -161,6 +162,22 @@ def supervised_l1(output: torch.Tensor, sharp: torch.Tensor, blurry: torch.Tenso
     return (per_sample * (INPUT_ERROR_FLOOR / (INPUT_ERROR_FLOOR + input_error))).mean()
 
 
+PSNR_LOSS_FLOOR = 1e-5
+"""Added to each sample's MSE before its logarithm: a sample past 50 dB weighs no more than one at 50 dB."""
+
+
+def supervised_squared_error(output: torch.Tensor, sharp: torch.Tensor, kind: str) -> torch.Tensor:
+    """``mse``: the batch's mean squared error; ``psnr``: the mean of each sample's ``10 log10(MSE + floor)``.
+
+    Either way a mean over samples, so the shards of a batch add up to it. The second is minus the
+    PSNR of each sample (on the normalised range) averaged, as the suite averages its decibels.
+    """
+    if kind == "mse":
+        return F.mse_loss(output, sharp)
+    per_sample = (output.float() - sharp).square().flatten(1).mean(dim=1)
+    return (10 * torch.log10(per_sample + PSNR_LOSS_FLOOR)).mean()
+
+
 def turn(images: torch.Tensor, orientation: int) -> torch.Tensor:
     """``(N, C, H, W)`` images in orientation ``orientation`` of the suite's :data:`ORIENTATIONS`, as
     :func:`~.suite.orient` turns a case: ``orientation % 4`` quarter turns, mirrored for 4-7."""
@@ -220,6 +237,9 @@ def objective(
     elif config.orientation_weight > 0:
         supervised, losses = orientation_consistent_l1(model, blurry, sharp, config, generator)
         total = config.supervised_weight * supervised
+    elif config.pixel_loss in ("mse", "psnr"):
+        squared = supervised_squared_error(model(blurry), sharp, config.pixel_loss)
+        total, losses = config.supervised_weight * squared, {config.pixel_loss: float(squared.detach())}
     else:  # plain L1: no re-blurred forward passes
         l1 = supervised_l1(model(blurry), sharp, blurry, config.l1_weighting)
         total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
@@ -558,6 +578,11 @@ def iter_train(
             )
         if trained.config != model.config:
             raise CheckpointError(f"{output}: its architecture differs from the model being trained")
+        if saved.trainable != config.trainable:
+            raise CheckpointError(
+                f"{state_path(output)}: was written training {list(saved.trainable) or 'all parameters'}; "
+                "resume with the same --train-only, or start a new output"
+            )
         # A run with a weight average keeps its raw weights in the state file (the model file holds the average)
         raw_weights = state.get("raw_weights")
         model.load_state_dict(trained.state_dict() if raw_weights is None else raw_weights)
@@ -568,6 +593,7 @@ def iter_train(
     model.to(device).train()
     rank, world, device = distributed_context(device)
     model.to(device)
+    trained_parameters = select_trainable(model, config.trainable)  # before DDP, which hooks what it trains
     average = None
     if config.ema_decay > 0:
         average = WeightAverage(model, config.ema_decay, updates=state.get("average_updates", 0) if resume else 0)
@@ -582,7 +608,7 @@ def iter_train(
     if config.compile:
         network = torch.compile(network, dynamic=False)  # fixed patch size: one graph
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        trained_parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
     if optimizer_state is not None:
         try:
@@ -635,7 +661,7 @@ def iter_train(
         losses = compute_gradients(network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler)
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained_parameters, config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if average is not None:
@@ -669,6 +695,29 @@ def iter_train(
         yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
     kept.eval()
     return kept
+
+
+def select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The parameters named by ``prefixes`` (all when empty), the others frozen (``requires_grad`` off).
+
+    Raises
+    ------
+    ConfigError
+        For a prefix that names no parameter of ``model`` (a typo would otherwise train nothing).
+    """
+    if not prefixes:
+        return list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ConfigError(f"trainable: {prefix!r} names no parameter of this network (e.g. {names[0]!r})")
+    selected = []
+    for name, parameter in model.named_parameters():
+        chosen = any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+        parameter.requires_grad_(chosen)
+        if chosen:
+            selected.append(parameter)
+    return selected
 
 
 def _diverged_message(

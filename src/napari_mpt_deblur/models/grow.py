@@ -1,0 +1,74 @@
+"""Growing a trained network: more blocks that compute nothing until they are trained.
+
+A pyramid sub-block adds three residual branches to its input (ISCA, CSWA and
+the FEFN), each ending in an output projection. With those three projections
+at zero the block is the identity, so a network deepened with such blocks
+gives exactly the output of the network it grew from, and training starts
+from that network's quality rather than from scratch. The projections still
+receive gradients, so the new blocks learn from the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ConfigError
+from .mpt import MPT, PyramidSubBlock
+
+
+def stage_names(level: int) -> list[str]:
+    """Parameter-name prefixes of the stages at ``level`` (1-3: encoder and decoder; 4: the latent)."""
+    if level == 4:
+        return ["latent"]
+    if level in (1, 2, 3):
+        return [f"encoders.{level - 1}", f"decoders.{3 - level}"]
+    raise ConfigError(f"level must be 1, 2, 3 or 4 (the latent), got {level}")
+
+
+def deepen(model: MPT, level: int, scales: Sequence[float]) -> tuple[MPT, list[str]]:
+    """A copy of ``model`` with blocks of pyramid scales ``scales`` appended to each stage at ``level``.
+
+    Parameters
+    ----------
+    model
+        The trained network; it is not changed.
+    level
+        1, 2 or 3 (the encoder and the decoder stage of that level both grow), or 4 (the latent).
+    scales
+        The pyramid scale of each new block (1, 1/2, 1/4, ...). Block ``i`` of a stage uses shifted
+        windows when ``i`` is odd, so the new blocks continue the stage's alternation.
+
+    Returns
+    -------
+    MPT, list of str
+        The deeper network, in eval mode, whose output equals ``model``'s (its new blocks' output
+        projections are zero), and the parameter-name prefixes of the new blocks (what
+        ``TrainConfig.trainable`` takes to train them alone).
+    """
+    if not scales:
+        raise ConfigError("give the pyramid scale of at least one new block")
+    config = model.config
+    index = level - 1
+    stage_names(level)  # validates the level
+    num_blocks = list(config.num_blocks)
+    level_scales = [list(s) for s in config.scales]
+    first_new = num_blocks[index]
+    num_blocks[index] += len(scales)
+    level_scales[index] += [float(r) for r in scales]
+    grown = MPT(config.replace(num_blocks=tuple(num_blocks), scales=tuple(tuple(s) for s in level_scales)))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    new_prefixes = [f"{stage}.{i}" for stage in stage_names(level) for i in range(first_new, num_blocks[index])]
+    if unexpected or any(not key.startswith(tuple(p + "." for p in new_prefixes)) for key in missing):
+        raise RuntimeError(f"growing moved existing weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for prefix in new_prefixes:
+            block = grown.get_submodule(prefix)
+            assert isinstance(block, PyramidSubBlock)
+            for projection in (block.isca.project_out, block.cswa.project_out, block.ffn.project_out):
+                projection.zero_()
+    card = getattr(model, "card", None)
+    if card is not None:  # normalisation, tile size and provenance carry over; the architecture is the new one
+        grown.card = card.replace(architecture=grown.config)
+    return grown.to(next(model.parameters()).device).eval(), new_prefixes
