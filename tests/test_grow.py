@@ -80,6 +80,9 @@ def test_training_only_the_new_blocks_leaves_every_other_weight_as_it_was(tmp_pa
     assert moved and all(name.startswith(tuple(b + "." for b in new_blocks)) for name in moved)
     # the new blocks' output projections left zero: the network now differs from the one it grew from
     assert any(name.endswith("project_out") for name in moved)
+    # the same network trained again with every parameter: none stays frozen from the run before
+    train(grown, LabeledPairs(blurry, sharp), tmp_path / "all.safetensors", config.replace(trainable=()))
+    assert all(parameter.requires_grad for parameter in grown.parameters())
 
 
 def test_trainable_names_must_name_parameters_and_a_resume_must_keep_them(tmp_path):

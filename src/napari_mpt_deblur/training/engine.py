@@ -700,20 +700,20 @@ def iter_train(
 def select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """The parameters named by ``prefixes`` (all when empty), the others frozen (``requires_grad`` off).
 
+    Every parameter's ``requires_grad`` is set, so a model frozen in part by an earlier run trains as asked.
+
     Raises
     ------
     ConfigError
         For a prefix that names no parameter of ``model`` (a typo would otherwise train nothing).
     """
-    if not prefixes:
-        return list(model.parameters())
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
         if not any(name == prefix or name.startswith(prefix + ".") for name in names):
             raise ConfigError(f"trainable: {prefix!r} names no parameter of this network (e.g. {names[0]!r})")
     selected = []
     for name, parameter in model.named_parameters():
-        chosen = any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+        chosen = not prefixes or any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
         parameter.requires_grad_(chosen)
         if chosen:
             selected.append(parameter)
