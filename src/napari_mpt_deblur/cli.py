@@ -42,10 +42,15 @@ def _handle_sigterm() -> object:
     return signal.signal(signal.SIGTERM, _terminate)
 
 
+def parse_fractions(text: str) -> list[float]:
+    """'1/8,1/8,1' -> [0.125, 0.125, 1.0]; ValueError or ZeroDivisionError for what is not a fraction."""
+    return [float(Fraction(item.strip())) for item in text.split(",")]
+
+
 def parse_scales(text: str) -> list[list[float]]:
     """'1/8,1/8,1,1;1/4,1/4;...' -> [[0.125, 0.125, 1.0, 1.0], [0.25, 0.25], ...] (4 levels)."""
     try:
-        levels = [[float(Fraction(item.strip())) for item in level.split(",")] for level in text.split(";")]
+        levels = [parse_fractions(level) for level in text.split(";")]
     except (ValueError, ZeroDivisionError) as error:
         raise UsageError(
             f"--scales: cannot read {text!r} ({error}); use e.g. '1/8,1/8;1/4,1/4;1/2,1/2;1/2,1/2'"
@@ -130,7 +135,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
     output = Path(args.output)
     _check_output(output, args.overwrite)
     try:
-        scales = [float(Fraction(item.strip())) for item in args.scales.split(",")]
+        scales = parse_fractions(args.scales)
     except (ValueError, ZeroDivisionError):
         raise UsageError(f"--scales: cannot read {args.scales!r}; use e.g. '1,1' or '1/2,1/2'") from None
     source = load_model(args.model)

@@ -49,9 +49,9 @@ def deepen(model: MPT, level: int, scales: Sequence[float]) -> tuple[MPT, list[s
     """
     if not scales:
         raise ConfigError("give the pyramid scale of at least one new block")
+    stages = stage_names(level)  # validates the level
     config = model.config
     index = level - 1
-    stage_names(level)  # validates the level
     num_blocks = list(config.num_blocks)
     level_scales = [list(s) for s in config.scales]
     first_new = num_blocks[index]
@@ -59,7 +59,7 @@ def deepen(model: MPT, level: int, scales: Sequence[float]) -> tuple[MPT, list[s
     level_scales[index] += [float(r) for r in scales]
     grown = MPT(config.replace(num_blocks=tuple(num_blocks), scales=tuple(tuple(s) for s in level_scales)))
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    new_prefixes = [f"{stage}.{i}" for stage in stage_names(level) for i in range(first_new, num_blocks[index])]
+    new_prefixes = [f"{stage}.{i}" for stage in stages for i in range(first_new, num_blocks[index])]
     if unexpected or any(not key.startswith(tuple(p + "." for p in new_prefixes)) for key in missing):
         raise RuntimeError(f"growing moved existing weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():

@@ -707,13 +707,17 @@ def select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[
     ConfigError
         For a prefix that names no parameter of ``model`` (a typo would otherwise train nothing).
     """
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+        if not any(under(name, prefix) for name in names):
             raise ConfigError(f"trainable: {prefix!r} names no parameter of this network (e.g. {names[0]!r})")
     selected = []
     for name, parameter in model.named_parameters():
-        chosen = not prefixes or any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+        chosen = not prefixes or any(under(name, prefix) for prefix in prefixes)
         parameter.requires_grad_(chosen)
         if chosen:
             selected.append(parameter)
