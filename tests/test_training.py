@@ -76,17 +76,29 @@ def test_the_mse_pixel_loss_learns_the_mean_where_l1_learns_the_median():
         assert set(losses) == {loss, "total"}
     assert answers["l1"] == pytest.approx(0.0, abs=0.05)  # the median: the blob
     assert answers["mse"] == pytest.approx(1 / 3, abs=0.01)  # the mean
-    # psnr: each sample's error in decibels, averaged as the suite averages them
-    from napari_mpt_deblur.training.engine import PSNR_LOSS_FLOOR, supervised_squared_error
+    # psnr and log_l1: each sample's error in decibels, averaged as the suite averages them
+    from napari_mpt_deblur.training.engine import LOG_L1_FLOOR, PSNR_LOSS_FLOOR, supervised_pixel_loss
 
     errors = torch.tensor([0.001, 0.01, 0.1]).view(3, 1, 1, 1).expand(3, 1, 4, 4)
-    decibels = supervised_squared_error(errors, torch.zeros(3, 1, 4, 4), "psnr")
-    expected = np.mean([10 * np.log10(e**2 + PSNR_LOSS_FLOOR) for e in (0.001, 0.01, 0.1)])
-    assert float(decibels) == pytest.approx(expected, rel=1e-5)
-    halves = [
-        supervised_squared_error(errors[s], torch.zeros(3, 1, 4, 4)[s], "psnr") for s in (slice(0, 1), slice(1, 3))
-    ]
-    assert float(halves[0] / 3 + halves[1] * 2 / 3) == pytest.approx(expected, rel=1e-5)  # shards add up
+    for kind, expected in (
+        ("psnr", np.mean([10 * np.log10(e**2 + PSNR_LOSS_FLOOR) for e in (0.001, 0.01, 0.1)])),
+        ("log_l1", np.mean([20 * np.log10(e + LOG_L1_FLOOR) for e in (0.001, 0.01, 0.1)])),
+    ):
+        decibels = supervised_pixel_loss(errors, torch.zeros(3, 1, 4, 4), kind)
+        assert float(decibels) == pytest.approx(expected, rel=1e-5)
+        halves = [
+            supervised_pixel_loss(errors[s], torch.zeros(3, 1, 4, 4)[s], kind) for s in (slice(0, 1), slice(1, 3))
+        ]
+        assert float(halves[0] / 3 + halves[1] * 2 / 3) == pytest.approx(expected, rel=1e-5)  # shards add up
+    # log_l1 keeps L1's distance: a pixel's error counts by its size, not its square
+    one_large = torch.tensor([0.0, 0.0, 0.0, 0.2]).view(1, 1, 2, 2)
+    four_small = torch.full((1, 1, 2, 2), 0.05)
+    zeros = torch.zeros(1, 1, 2, 2)
+    assert float(supervised_pixel_loss(one_large, zeros, "log_l1")) == pytest.approx(
+        float(supervised_pixel_loss(four_small, zeros, "log_l1"))
+    )
+    squared = [float(supervised_pixel_loss(errors, zeros, "psnr")) for errors in (one_large, four_small)]
+    assert squared[0] > squared[1]
     with pytest.raises(ConfigError, match="pixel_loss must be one of"):
         TrainConfig(pixel_loss="l2")
     with pytest.raises(ConfigError, match="plain training only"):

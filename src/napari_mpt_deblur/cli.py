@@ -975,7 +975,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PIXEL_LOSSES,
         help="the supervised term: l1 (default, the paper's), mse (the mean squared error: where a blurry patch "
         "could come from different sharp ones it learns their mean, as PSNR rewards) or psnr (each sample's squared "
-        "error in decibels, averaged: mild blur counts as much as strong); with --beta 0 only",
+        "error in decibels, averaged: mild blur counts as much as strong) or log_l1 (the same, with each sample's mean "
+        "absolute error); with --beta 0 only",
     )
     trainer.add_argument(
         "--train-only",

@@ -9,7 +9,7 @@ from ..config import ConfigError, FrozenConfig, IntensityNormalization
 L1_WEIGHTINGS = ("uniform", "input_error")
 """The values :attr:`TrainConfig.l1_weighting` takes."""
 
-PIXEL_LOSSES = ("l1", "mse", "psnr")
+PIXEL_LOSSES = ("l1", "mse", "psnr", "log_l1")
 """The values :attr:`TrainConfig.pixel_loss` takes."""
 
 INPUT_ERROR_FLOOR = 0.02
@@ -82,7 +82,9 @@ class TrainConfig(FrozenConfig):
     scores it, so a mildly blurred sample counts as much as a strong one). Where one blurry patch could
     come from two different sharp ones (a mildly blurred point, an in-focus soft blob), L1 learns the
     median of the two, which is one of them, and the squared errors their mean, which is what PSNR
-    rewards. Plain training only (``efcr_beta`` 0, ``l1_weighting`` uniform, no orientation term)."""
+    rewards. ``log_l1`` is the mean over samples of ``20 log10(L1 + 0.003)``: the samples weighed as
+    ``psnr`` weighs them, with L1's distance within each. Plain training only (``efcr_beta`` 0,
+    ``l1_weighting`` uniform, no orientation term)."""
 
     trainable: tuple[str, ...] = ()
     """Names of the parameters to train, as prefixes (``decoders.2.2`` is a block and all it holds);

@@ -165,17 +165,25 @@ def supervised_l1(output: torch.Tensor, sharp: torch.Tensor, blurry: torch.Tenso
 PSNR_LOSS_FLOOR = 1e-5
 """Added to each sample's MSE before its logarithm: a sample past 50 dB weighs no more than one at 50 dB."""
 
+LOG_L1_FLOOR = PSNR_LOSS_FLOOR**0.5
+"""Added to each sample's mean absolute error before its logarithm (``log_l1``): the same 50 dB."""
 
-def supervised_squared_error(output: torch.Tensor, sharp: torch.Tensor, kind: str) -> torch.Tensor:
-    """``mse``: the batch's mean squared error; ``psnr``: the mean of each sample's ``10 log10(MSE + floor)``.
 
-    Either way a mean over samples, so the shards of a batch add up to it. The second is minus the
-    PSNR of each sample (on the normalised range) averaged, as the suite averages its decibels.
+def supervised_pixel_loss(output: torch.Tensor, sharp: torch.Tensor, kind: str) -> torch.Tensor:
+    """The supervised term of :attr:`TrainConfig.pixel_loss` other than plain ``l1``.
+
+    ``mse``: the batch's mean squared error; ``psnr``: the mean of each sample's
+    ``10 log10(MSE + floor)`` (minus its PSNR on the normalised range), averaged as the suite
+    averages decibels; ``log_l1``: the mean of each sample's ``20 log10(L1 + floor)``, weighing the
+    samples as ``psnr`` does while keeping L1's distance. Each is a mean over samples, so the
+    shards of a batch add up to it.
     """
     if kind == "mse":
         return F.mse_loss(output, sharp)
-    per_sample = (output.float() - sharp).square().flatten(1).mean(dim=1)
-    return (10 * torch.log10(per_sample + PSNR_LOSS_FLOOR)).mean()
+    error = (output.float() - sharp).flatten(1)
+    if kind == "log_l1":
+        return (20 * torch.log10(error.abs().mean(dim=1) + LOG_L1_FLOOR)).mean()
+    return (10 * torch.log10(error.square().mean(dim=1) + PSNR_LOSS_FLOOR)).mean()
 
 
 def turn(images: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -237,9 +245,9 @@ def objective(
     elif config.orientation_weight > 0:
         supervised, losses = orientation_consistent_l1(model, blurry, sharp, config, generator)
         total = config.supervised_weight * supervised
-    elif config.pixel_loss in ("mse", "psnr"):
-        squared = supervised_squared_error(model(blurry), sharp, config.pixel_loss)
-        total, losses = config.supervised_weight * squared, {config.pixel_loss: float(squared.detach())}
+    elif config.pixel_loss != "l1":
+        pixel = supervised_pixel_loss(model(blurry), sharp, config.pixel_loss)
+        total, losses = config.supervised_weight * pixel, {config.pixel_loss: float(pixel.detach())}
     else:  # plain L1: no re-blurred forward passes
         l1 = supervised_l1(model(blurry), sharp, blurry, config.l1_weighting)
         total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
