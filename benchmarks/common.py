@@ -40,9 +40,9 @@ WIENER_NSR = tuple(np.logspace(-4, -0.5, 15))
 
 def gaussian_of_width(psf: np.ndarray) -> np.ndarray:
     """The Gaussian with the PSF's 80 %-encircled-energy radius (a Gaussian holds 80 % within 1.794 sigma)."""
-    from napari_mpt_deblur.data.defocus import encircled_energy_radius, gaussian_psf
+    from napari_mpt_deblur.data.defocus import blur_sigma_px, gaussian_psf
 
-    sigma = encircled_energy_radius(psf) / 1.794
+    sigma = blur_sigma_px(psf)
     return gaussian_psf(sigma, size=psf.shape[0]) if sigma > 0 else gaussian_psf(0.0, size=psf.shape[0])
 
 
@@ -180,15 +180,22 @@ def best_skimage_richardson_lucy(
     return best
 
 
-def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu") -> list[dict]:
-    """Input, model output (fp32 on ``device``) and (optionally) Richardson-Lucy scores for every case."""
+def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu", width: str = "given") -> list[dict]:
+    """Input, model output (fp32 on ``device``) and (optionally) Richardson-Lucy scores for every case.
+
+    A model that takes the blur's width is told the PSF's (``width="given"``, as Richardson-Lucy with a
+    Gaussian is) or judges it from the image (``"judged"``).
+    """
     from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.data.defocus import blur_sigma_px
     from napari_mpt_deblur.inference import deblur_array
 
     rows = []
     for case in cases:
         axes = "YXS" if case["blurry"].ndim == 3 else "YX"
-        settings = DeblurSettings(tile=0, device=device, precision="fp32")
+        given = width == "given" and model.config.blur_conditioned
+        sigma = blur_sigma_px(case["psf"]) if given else None
+        settings = DeblurSettings(tile=0, device=device, precision="fp32", blur_sigma_px=sigma)
         output = deblur_array(model, case["blurry"], axes=axes, settings=settings)
         row = {
             "image": case["image"],

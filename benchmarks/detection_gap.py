@@ -269,15 +269,23 @@ def summary(comparison: Any) -> dict[str, Any]:
 
 
 def evaluate_detection(
-    model: Any, folder: str, strengths: tuple[float, ...], seeds: tuple[int, ...], with_rl: bool, device: str
+    model: Any,
+    folder: str,
+    strengths: tuple[float, ...],
+    seeds: tuple[int, ...],
+    with_rl: bool,
+    device: str,
+    width: str = "given",
 ) -> list[dict[str, Any]]:
     """Detect on sharp, defocused, MPT-deblurred and Richardson-Lucy images of the test image at every strength.
 
-    Each of ``seeds`` draws its own camera noise (``common.defocus_cases``'s seed; 7 is its default).
+    Each of ``seeds`` draws its own camera noise (``common.defocus_cases``'s seed; 7 is its default). A model
+    that takes the blur's width is told the PSF's (``width="given"``) or judges it (``"judged"``).
     """
     from stardist.data import test_image_nuclei_2d
 
     from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.data.defocus import blur_sigma_px
     from napari_mpt_deblur.detection import DetectionSettings, StarDistWorker, compare, compare_labels, detect
     from napari_mpt_deblur.detection.metrics import BLURRY, DEBLURRED, SHARP
     from napari_mpt_deblur.inference import deblur_array
@@ -289,11 +297,13 @@ def evaluate_detection(
         for case in defocus_cases({"stardist nuclei_2d": image}, strengths, seed=seed)
     ]
     settings = DetectionSettings(model=folder)
-    deblur_settings = DeblurSettings(tile=0, device=device, precision="fp32")
     rows = []
     with StarDistWorker() as worker:
         for case in cases:
             start = time.perf_counter()
+            given = width == "given" and model.config.blur_conditioned
+            sigma = blur_sigma_px(case["psf"]) if given else None
+            deblur_settings = DeblurSettings(tile=0, device=device, precision="fp32", blur_sigma_px=sigma)
             deblurred = deblur_array(model, case["blurry"], axes="YX", settings=deblur_settings)
             row: dict[str, Any] = {
                 "defocus_um": case["defocus_um"],
@@ -404,6 +414,12 @@ def main() -> None:
     parser.add_argument("--noise-seeds", type=int, nargs="+", default=[7, 8, 9], help="one noise draw per seed")
     parser.add_argument("--no-rl", action="store_true", help="skip Richardson-Lucy")
     parser.add_argument("--device", default="cpu", help="where the deblurring model runs")
+    parser.add_argument(
+        "--width",
+        choices=("given", "judged"),
+        default="given",
+        help="a model that takes the blur's width is told the PSF's (given, as RL is given the PSF) or not",
+    )
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--compare", metavar="BASELINE", help="an earlier --json file to compare with")
@@ -420,7 +436,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
     rows = evaluate_detection(
-        model, args.detector_dir, tuple(args.strengths), tuple(args.noise_seeds), not args.no_rl, args.device
+        model,
+        args.detector_dir,
+        tuple(args.strengths),
+        tuple(args.noise_seeds),
+        not args.no_rl,
+        args.device,
+        args.width,
     )
     print(
         f"\ndeblurring model {args.model} (step {model.card.provenance.get('step', '?')}), detector {args.detector_dir}"

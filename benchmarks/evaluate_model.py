@@ -43,6 +43,12 @@ def main() -> None:
     parser.add_argument(
         "--zoom", type=float, default=1.0, help="enlarge the images (and make the PSF's pixels finer) by this factor"
     )
+    parser.add_argument(
+        "--width",
+        choices=("given", "judged"),
+        default="given",
+        help="a model that takes the blur's width is told the PSF's (given, as RL with a Gaussian is) or not",
+    )
     args = parser.parse_args()
 
     import torch
@@ -52,8 +58,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    rows = evaluate(model, defocus_cases(stardist_images(), zoom=args.zoom), with_rl=not args.no_rl)
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}):")
+    rows = evaluate(model, defocus_cases(stardist_images(), zoom=args.zoom), with_rl=not args.no_rl, width=args.width)
+    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{width}):")
     print_table(rows)
     worse = [
         f"{row['image']} at {row['defocus_um']:g} um: {row['mpt'][0] - row['input'][0]:+.2f} dB"

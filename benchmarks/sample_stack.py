@@ -9,6 +9,9 @@ the photons at full scale) and scores it against the noise-free truth, next to
 Richardson-Lucy given the true PSF and given a Gaussian of its width (each the
 best of 5-100 iterations, scored against the truth). The planes at +z and -z
 share their PSF, so the table has one row per distance, the mean of the two.
+A model that takes the blur's width judges it from the image, as in the Deblur
+dock by default; ``--width given`` tells it each plane's PSF width instead
+(plane by plane, as a user who knows the defocus of each would).
 
 It then writes a crop gallery: for the in-focus plane, 1.5 um and 3 um, the
 truth, the input, the model and Richardson-Lucy (true PSF), side by side at 2x
@@ -57,12 +60,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--gallery", type=Path, default=Path("benchmarks/results/sample-stack-crops.png"))
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--width",
+        choices=("judged", "given"),
+        default="judged",
+        help="a model that takes the blur's width judges it (the dock's default) or is told each plane's",
+    )
     args = parser.parse_args()
 
     import torch
 
     from napari_mpt_deblur import load_model
-    from napari_mpt_deblur.data.defocus import widefield_psf
+    from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.data.defocus import blur_sigma_px, widefield_psf
     from napari_mpt_deblur.inference import deblur_array
     from napari_mpt_deblur.plugin.samples import DEFOCUS_UM, PSF, defocused_cell_stack
     from napari_mpt_deblur.training.suite import psnr
@@ -73,7 +83,16 @@ def main() -> None:
     truth = to_intensity(truth_counts[0])  # rounded to counts: 1/1000 of full scale, far below the errors here
     model = load_model(args.model)
     started = time.perf_counter()
-    output = deblur_array(model, stack, axes="ZYX")
+    if args.width == "given" and model.config.blur_conditioned:
+        widths = [blur_sigma_px(widefield_psf(abs(z), **PSF)) for z in DEFOCUS_UM]
+        output = np.stack(
+            [
+                deblur_array(model, plane, axes="YX", settings=DeblurSettings(blur_sigma_px=w))
+                for plane, w in zip(stack, widths)
+            ]
+        )
+    else:
+        output = deblur_array(model, stack, axes="ZYX")
     seconds = time.perf_counter() - started
     rows: dict[float, dict[str, list[float]]] = {}
     planes: dict[float, dict[str, np.ndarray]] = {}
@@ -90,7 +109,8 @@ def main() -> None:
         row["rl_gaussian"].append(rl_gaussian["psnr"])
         planes.setdefault(distance, {"input": blurry, "model": deblurred, "rl_true": rl_true["output"]})
 
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}); the stack took {seconds:.1f} s")
+    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{width}); the stack took {seconds:.1f} s")
     print(
         f"\nPSNR dB against the truth (mean of the planes at +z and -z)\n{'defocus':>8s} "
         + " ".join(f"{name:>12s}" for name in ("input", "model", "RL true PSF", "RL Gaussian"))

@@ -7,7 +7,8 @@ moderate, strong widefield defocus, and a pillbox), with fixed, seeded noise.
 For every strength the table gives mean PSNR and SSIM of:
 
 * the blurry input;
-* the model (whole planes, fp32; colour channel by channel);
+* the model (whole planes, fp32; colour channel by channel); a model that takes the blur's
+  width is given it, as Richardson-Lucy with a Gaussian is (``--width judged``: not given);
 * Richardson-Lucy given the true PSF (best of 5-100 iterations, scored against the truth);
 * Richardson-Lucy given a Gaussian of the PSF's 80 %-energy width (best iterations);
 * a Wiener filter given the true PSF (noise-to-signal ratio tuned against the truth).
@@ -26,6 +27,8 @@ the model: they are cached (``--baselines``) and recomputed when the suite chang
 Examples::
 
     python benchmarks/validate.py --model default
+    python benchmarks/validate.py --model default --width judged
+    python benchmarks/validate.py --model default --width-error 0.75 --orientations 1
     python benchmarks/validate.py --model run.best.safetensors \\
         --json runs/suite.json --gallery runs/worst.png
 """
@@ -162,6 +165,20 @@ def main() -> None:
     parser.add_argument(
         "--orientations", type=int, default=None, help="orientations per case (default: all 8; 1: as stored, faster)"
     )
+    parser.add_argument(
+        "--width",
+        choices=("given", "judged"),
+        default="given",
+        help="a model that takes the blur's width is told each case's (given, as RL with a Gaussian is) "
+        "or judges it from the image (judged)",
+    )
+    parser.add_argument(
+        "--width-error",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="with --width given: tell the model each case's width times FACTOR (an estimate that is off)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -177,14 +194,18 @@ def main() -> None:
     model = load_model(args.model)
     worst_outputs = []
     for case, row in zip(cases, rows):
-        outputs = [deblur_case(model, case, args.device, k) for k in range(orientations)]
+        outputs = [deblur_case(model, case, args.device, k, args.width, args.width_error) for k in range(orientations)]
         scores = [(psnr(output, case.sharp), ssim(output, case.sharp)) for output in outputs]
         row["model"] = [float(np.mean([p for p, _ in scores])), float(np.mean([s for _, s in scores]))]
         row["model_orientations"] = [p for p, _ in scores]
         worst_orientation = int(np.argmin(row["model_orientations"]))
         row["model_worst"] = [scores[worst_orientation][0], worst_orientation]
         worst_outputs.append(outputs[worst_orientation])
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}), {orientations} orientations per case")
+    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
+    if model.config.blur_conditioned and args.width == "given" and args.width_error != 1:
+        width += f" x {args.width_error:g}"
+    step = model.card.provenance.get("step", "?")
+    print(f"model {args.model} (step {step}), {orientations} orientations per case{width}")
     print_tables(rows, args.per_case)
     result = verdict(rows)
     worst = min(range(len(rows)), key=lambda i: rows[i]["model_worst"][0] - rows[i]["input"][0])

@@ -418,3 +418,26 @@ def test_a_package_whose_card_or_weights_do_not_fit_is_refused(package, tmp_path
     assert not is_package(tmp_path / "plain.pth")
     with pytest.raises(ModelFileError, match="plain.pth: cannot import as a reference MPT checkpoint"):
         load_model(tmp_path / "plain.pth")
+
+
+def test_a_model_that_takes_the_blur_width_exports_and_its_architecture_file_builds_it(tmp_path, sample_plane):
+    needs_bioimageio()
+    from napari_mpt_deblur.models.bioimageio import ARCHITECTURE_CALLABLE, export_package
+
+    torch.manual_seed(4)
+    network = MPT(tiny_config(blur_conditioned=True)).eval()
+    with torch.no_grad():  # a trained modulation: not zero
+        network.blur_modulation.project.weight.normal_(0, 0.05)
+    package = export_package(network, tmp_path / "width.zip", sample_plane)
+    reloaded = load_model(package)
+    assert reloaded.config.blur_conditioned
+    x = torch.rand(1, 1, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, 2.0), network(x, 2.0), rtol=0, atol=0)
+    # the self-contained file builds the same network (its inputs: the image; the width left unknown)
+    namespace: dict = {}
+    exec(compile(architecture_source(), "mpt_architecture.py", "exec"), namespace)  # noqa: S102
+    standalone = namespace[ARCHITECTURE_CALLABLE](**network.config.to_dict()).eval()
+    standalone.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(standalone(x), network(x), rtol=0, atol=0)

@@ -998,3 +998,23 @@ def test_the_dock_fits_a_laptop_screen_beside_the_fine_tune_dock(make_napari_vie
         ],
     )
     assert advanced.is_expanded()  # revealing the tile box opened its section
+
+
+def test_the_blur_width_box_reaches_a_model_that_takes_one_and_is_off_for_others(
+    viewer_and_widget, registry, grey_model_file, tmp_path
+):
+    import torch
+
+    viewer, widget = viewer_and_widget
+    # the grey model takes no width: the box is off, and its value is not passed
+    assert not widget.blur_sigma.enabled and "takes no blur width" in widget.blur_sigma.tooltip
+    widget.blur_sigma.value = 2.0
+    assert widget.settings().blur_sigma_px is None
+    torch.manual_seed(3)
+    conditioned = save_model(build_model(tiny_config(blur_conditioned=True)), tmp_path / "width.safetensors")
+    registry.add_model_file(conditioned)
+    widget.model.value = str(conditioned.resolve())
+    assert widget.blur_sigma.enabled and "if you know it" in widget.blur_sigma.tooltip
+    assert widget.settings().blur_sigma_px == 2.0
+    widget.blur_sigma.value = 0.0  # 0: judged from the image
+    assert widget.settings().blur_sigma_px is None

@@ -14,6 +14,7 @@ from napari_mpt_deblur.data.defocus import (
     DefocusConfig,
     add_poisson_gaussian_noise,
     blur,
+    blur_sigma_px,
     defocus_for_blur,
     denoise_target,
     disk_psf,
@@ -310,7 +311,8 @@ def test_make_defocused_without_noise_is_the_plain_blur():
     config = DefocusConfig(kinds=("gaussian",), gaussian_sigma=(1.5, 1.5), noise_probability=0.0)
     sharp = _sharp_plane()
     blurry, description = make_defocused(sharp, config, np.random.default_rng(9))
-    assert description == {"kind": "gaussian", "sigma": 1.5, "photons": None, "read_noise": None}
+    width = blur_sigma_px(gaussian_psf(1.5))
+    assert description == {"kind": "gaussian", "sigma": 1.5, "sigma_px": width, "photons": None, "read_noise": None}
     np.testing.assert_array_equal(blurry, blur(sharp, gaussian_psf(1.5)))
 
 

@@ -130,10 +130,24 @@ def cmd_new(args: argparse.Namespace) -> None:
 
 def cmd_grow(args: argparse.Namespace) -> None:
     from .models.files import load_model, save_model
-    from .models.grow import deepen
+    from .models.grow import condition_on_blur, deepen
 
     output = Path(args.output)
     _check_output(output, args.overwrite)
+    if args.blur_width:
+        if args.level is not None or args.scales is not None:
+            raise UsageError("--blur-width grows no blocks: give it without --level and --scales")
+        source = load_model(args.model)
+        grown = condition_on_blur(source)
+        save_model(
+            grown, output, provenance={**source.card.provenance, "grown_from": str(args.model), "grown": "blur width"}
+        )
+        added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
+        print(f"wrote {output}: a blur-width input ({added:,} parameters), the same output as {args.model}")
+        print(f"train it with: mpt-deblur train --model {output} ... (every sample is given its blur's width)")
+        return
+    if args.level is None or args.scales is None:
+        raise UsageError("give --level and --scales (new blocks), or --blur-width")
     try:
         scales = parse_fractions(args.scales)
     except (ValueError, ZeroDivisionError):
@@ -311,6 +325,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
         device=args.device,
         precision=args.precision,
         normalization=normalization,
+        blur_sigma_px=args.blur_sigma,
     )
     model = load_model(args.model)
     deblurrer = Deblurrer(model, settings)
@@ -616,6 +631,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         orientation_weight=args.orientation_weight,
         trainable=tuple(args.train_only or ()),
         pixel_loss=args.pixel_loss,
+        blur_width_dropout=args.blur_width_dropout,
     )
     try:
         data = prepare_training(
@@ -891,6 +907,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"), help="normalise these percentiles to 0..1"
     )
     deblur.add_argument("--per", choices=("plane", "stack"), help="normalisation statistics per plane or stack")
+    deblur.add_argument(
+        "--blur-sigma",
+        type=float,
+        metavar="PX",
+        help="the blur's width, for a model that takes it (one grown with 'grow --blur-width' and trained): "
+        "sigma in pixels of the Gaussian with the PSF's 80%%-energy radius, in-focus blur included (in focus "
+        "about 0.21 x wavelength / NA / pixel size); default: the model judges it from the image",
+    )
     deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
     deblur.add_argument("--overwrite", action="store_true", help="replace existing output files")
     deblur.add_argument(
@@ -977,6 +1001,15 @@ def build_parser() -> argparse.ArgumentParser:
         "could come from different sharp ones it learns their mean, as PSNR rewards) or psnr (each sample's squared "
         "error in decibels, averaged: mild blur counts as much as strong) or log_l1 (the same, with each sample's mean "
         "absolute error); with --beta 0 only",
+    )
+    trainer.add_argument(
+        "--blur-width-dropout",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="for a model that takes the blur's width (mpt-deblur grow --blur-width): the share of samples "
+        "trained without it, so it also deblurs without one; the others are given their PSF's width "
+        "(synthetic pairs, --beta 0; default 0.25)",
     )
     trainer.add_argument(
         "--train-only",
@@ -1070,15 +1103,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a deeper copy of a trained model whose new blocks compute nothing until trained",
         description="Append pyramid sub-blocks to the encoder and decoder stage of one level (or to the latent). "
         "Their output projections start at zero, so the grown model deblurs exactly as the one it grew from; "
-        "train it with 'mpt-deblur train --model OUTPUT --train-only ...' (the prefixes are printed).",
+        "train it with 'mpt-deblur train --model OUTPUT --train-only ...' (the prefixes are printed). "
+        "With --blur-width, add instead an input for the blur's width (zero at first: the same output).",
     )
     grow.add_argument("model", help="model file or bundled model name to grow")
     grow.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    grow.add_argument("--level", type=int, choices=(1, 2, 3, 4), help="1 (full resolution) to 4 (latent)")
+    grow.add_argument("--scales", help="pyramid scale of each new block, comma-separated (e.g. '1,1' or '1/2,1/2')")
     grow.add_argument(
-        "--level", type=int, required=True, choices=(1, 2, 3, 4), help="1 (full resolution) to 4 (latent)"
-    )
-    grow.add_argument(
-        "--scales", required=True, help="pyramid scale of each new block, comma-separated (e.g. '1,1' or '1/2,1/2')"
+        "--blur-width",
+        action="store_true",
+        help="instead of blocks, let the network be told the blur's width (deblur --blur-sigma); "
+        "it deblurs as before until trained",
     )
     grow.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     grow.set_defaults(run=cmd_grow)

@@ -134,6 +134,8 @@ MAX_SIZE_MULTIPLE = 2048
 """Largest padding multiple (``window_size * 2**level / scale``) a network may need; the paper's needs 128."""
 MAX_TILE_SIZE = 8192
 """Largest preferred tile a model card may record."""
+MAX_BLUR_SIGMA_PX = 32.0
+"""Largest blur width a deblur may be given (the bundled training coverage reaches about 9 pixels)."""
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
@@ -194,6 +196,11 @@ class MPTConfig(FrozenConfig):
     description, default for new models) or ``official`` (bit-compatible with the
     reference code and its released checkpoints)."""
 
+    blur_conditioned: bool = False
+    """Whether the network can be told the blur's width (:class:`~napari_mpt_deblur.models.mpt.BlurModulation`):
+    each stage's input is then scaled and shifted per channel by a function of it. Without a width it
+    judges the blur from the image alone, as an unconditioned network does."""
+
     def __post_init__(self) -> None:
         # Normalise sequences so JSON lists and tuples compare equal; bound every number first, so that
         # no card can ask for an absurd network (the checks below, and MPT itself, trust these ranges).
@@ -213,6 +220,8 @@ class MPTConfig(FrozenConfig):
         object.__setattr__(self, "scales", tuple(scales))
         object.__setattr__(self, "ffn_expansion", _real("ffn_expansion", self.ffn_expansion))
         object.__setattr__(self, "window_size", _integer("window_size", self.window_size, 2, MAX_WINDOW))
+        if not isinstance(self.blur_conditioned, bool):
+            raise ConfigError(f"blur_conditioned must be true or false, got {self.blur_conditioned!r}")
         self._validate()
 
     def _validate(self) -> None:
@@ -392,6 +401,11 @@ class DeblurSettings(FrozenConfig):
     normalization: IntensityNormalization | None = None
     """Intensity normalisation; ``None`` uses what the model file records (it was trained with it)."""
 
+    blur_sigma_px: float | None = None
+    """The blur's width, for a model that takes it (``MPTConfig.blur_conditioned``): the sigma in pixels of
+    the Gaussian with the PSF's 80 %-encircled-energy radius, the in-focus PSF included (about
+    ``0.21 wavelength / NA`` over the pixel size in focus). ``None``: the model judges it from the image."""
+
     def __post_init__(self) -> None:
         if isinstance(self.normalization, dict):  # as to_dict writes it
             object.__setattr__(self, "normalization", IntensityNormalization.from_dict(self.normalization))
@@ -409,6 +423,11 @@ class DeblurSettings(FrozenConfig):
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.normalization is not None and not isinstance(self.normalization, IntensityNormalization):
             raise ConfigError("normalization must be an IntensityNormalization or None")
+        if self.blur_sigma_px is not None:
+            sigma = _real("blur_sigma_px", self.blur_sigma_px)
+            if not 0 <= sigma <= MAX_BLUR_SIGMA_PX:
+                raise ConfigError(f"blur_sigma_px must be between 0 and {MAX_BLUR_SIGMA_PX:g} pixels, got {sigma:g}")
+            object.__setattr__(self, "blur_sigma_px", sigma)
 
 
 MEDIA = {"air": 1.0, "water": 1.333, "silicone": 1.406, "glycerol": 1.47, "oil": 1.515}

@@ -261,6 +261,11 @@ class Deblurrer:
             self.device = resolve_device(self.settings.device)
         except ValueError as error:
             raise InputError(str(error)) from None
+        if self.settings.blur_sigma_px is not None and not model.config.blur_conditioned:
+            raise InputError(
+                "this model takes no blur width (it judges the blur from the image): leave the blur width out, "
+                "or use a model that takes one (mpt-deblur grow --blur-width, then train it)"
+            )
         self.model = model.to(self.device).eval()
         card = getattr(model, "card", None)
         self.normalization = self.settings.normalization or (card.normalization if card else IntensityNormalization())
@@ -310,10 +315,12 @@ class Deblurrer:
         return len(self.tile_windows(height, width))
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
+        width = self.settings.blur_sigma_px  # only a blur-conditioned model is given one (__init__ checks)
+        arguments = (x,) if width is None else (x, width)
         if self.autocast is None:
-            return self.model(x)
+            return self.model(*arguments)
         with torch.autocast(self.device.type, dtype=self.autocast):
-            return self.model(x).float()
+            return self.model(*arguments).float()
 
     def iter_block(
         self, block: np.ndarray, layout: PlaneLayout, ranges: np.ndarray | None = None, stat_index: int | None = None

@@ -27,6 +27,9 @@ from ..normalization import percentile_values
 
 KINDS: tuple[str, ...] = ("gaussian", "disk", "widefield")
 
+GAUSSIAN_R80 = math.sqrt(-2 * math.log(0.2))
+"""A Gaussian PSF's 80 %-encircled-energy radius, in units of its sigma (1.79)."""
+
 MILD_FRACTION = 0.25
 """The share of each blur range, from its low end, that :attr:`DefocusConfig.mild_probability` draws from."""
 
@@ -245,6 +248,17 @@ def encircled_energy_radius(psf: np.ndarray, fraction: float = 0.8) -> float:
     index = min(int(np.searchsorted(energy, fraction)), len(energy) - 1)
     r0, r1, e0, e1 = unique_radii[index - 1], unique_radii[index], energy[index - 1], energy[index]
     return float(r0 + (r1 - r0) * (fraction - e0) / max(e1 - e0, 1e-12))
+
+
+def blur_sigma_px(psf: np.ndarray) -> float:
+    """A PSF's width as the sigma (pixels) of the Gaussian with its 80 %-encircled-energy radius.
+
+    The width a blur-conditioned model is told (``DeblurSettings.blur_sigma_px``), and the
+    one Richardson-Lucy with a Gaussian is given in ``benchmarks/validate.py``. The radius is
+    measured on the pixel grid (:func:`encircled_energy_radius`), which reads narrow PSFs a little
+    narrow: a Gaussian of sigma 1 px reads 0.87, one of 1.5 px 1.38, one of 3 px 2.88.
+    """
+    return encircled_energy_radius(psf) / GAUSSIAN_R80
 
 
 # --- blur and noise --------------------------------------------------------------------------------------------------
@@ -650,8 +664,8 @@ def make_defocused(
     blurry : numpy.ndarray
         Float32 plane of the input's shape.
     description : dict
-        What :func:`sample_psf` describes, plus ``photons`` and ``read_noise`` (both
-        ``None`` when the sample got no noise).
+        What :func:`sample_psf` describes, plus ``sigma_px`` (the PSF's width, :func:`blur_sigma_px`;
+        0 unblurred), ``photons`` and ``read_noise`` (both ``None`` when the sample got no noise).
     """
     sharp = np.asarray(sharp, dtype=np.float32)
     if sharp.ndim != 2:
@@ -668,7 +682,7 @@ def make_defocused(
         photons = float(np.exp(rng.uniform(math.log(low), math.log(high))))
         read_noise = float(rng.uniform(*config.read_noise))
         blurry = add_poisson_gaussian_noise(blurry, photons, read_noise, rng)
-    return blurry, {**description, "photons": photons, "read_noise": read_noise}
+    return blurry, {**description, "sigma_px": blur_sigma_px(psf), "photons": photons, "read_noise": read_noise}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------

@@ -25,11 +25,8 @@ import numpy as np
 
 from ..config import Microscope
 from ..normalization import percentile_values
-from .defocus import DefocusConfig, defocus_for_blur
+from .defocus import GAUSSIAN_R80, DefocusConfig, defocus_for_blur
 from .focus import focus_score, haar_noise_sd
-
-GAUSSIAN_R80 = math.sqrt(-2 * math.log(0.2))
-"""A Gaussian PSF's 80 %-encircled-energy radius, in units of its sigma (1.79)."""
 
 MAX_WIDEFIELD_R80_PX = 16.0
 """The strongest widefield blur a fine-tune draws (80 %-energy radius, pixels): the default model's coverage."""

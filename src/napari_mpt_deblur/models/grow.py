@@ -1,4 +1,4 @@
-"""Growing a trained network: more blocks that compute nothing until they are trained.
+"""Growing a trained network: more blocks, or a blur-width input, that change nothing until trained.
 
 A pyramid sub-block adds three residual branches to its input (ISCA, CSWA and
 the FEFN), each ending in an output projection. With those three projections
@@ -6,6 +6,9 @@ at zero the block is the identity, so a network deepened with such blocks
 gives exactly the output of the network it grew from, and training starts
 from that network's quality rather than from scratch. The projections still
 receive gradients, so the new blocks learn from the first step.
+
+The blur-width modulation (:class:`~.mpt.BlurModulation`) is grown the same way:
+its last layer starts at zero, so the network deblurs as before, with or without a width.
 """
 
 from __future__ import annotations
@@ -72,3 +75,29 @@ def deepen(model: MPT, level: int, scales: Sequence[float]) -> tuple[MPT, list[s
     if card is not None:  # normalisation, tile size and provenance carry over; the architecture is the new one
         grown.card = card.replace(architecture=grown.config)
     return grown.to(next(model.parameters()).device).eval(), new_prefixes
+
+
+def condition_on_blur(model: MPT) -> MPT:
+    """A copy of ``model`` that can be told the blur's width, deblurring exactly as ``model`` until trained.
+
+    Parameters
+    ----------
+    model
+        The trained network (without :class:`~.mpt.BlurModulation`); it is not changed.
+
+    Returns
+    -------
+    MPT
+        The network with the modulation (its last layer zero), in eval mode; train it with
+        ``mpt-deblur train``, which gives every sample the width of its blur.
+    """
+    if model.config.blur_conditioned:
+        raise ConfigError("the model already takes the blur's width")
+    grown = MPT(model.config.replace(blur_conditioned=True))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("blur_modulation.") for key in missing):
+        raise RuntimeError(f"adding the blur width moved existing weights (missing {missing[:3]})")
+    card = getattr(model, "card", None)
+    if card is not None:
+        grown.card = card.replace(architecture=grown.config)
+    return grown.to(next(model.parameters()).device).eval()

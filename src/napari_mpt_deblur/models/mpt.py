@@ -427,12 +427,62 @@ class Upsample(nn.Module):
 # --------------------------------------------------------------------------- network
 
 
+def blur_features(sigma_px: Tensor) -> Tensor:
+    """(B,) blur widths in pixels, NaN where unknown -> (B, 3): known, known * log(1 + sigma), known * sigma / 8."""
+    known = torch.isfinite(sigma_px).to(torch.float32)
+    sigma = torch.nan_to_num(sigma_px.to(torch.float32), nan=0.0).clamp(min=0.0)
+    return torch.stack([known, known * torch.log1p(sigma), known * sigma / 8], dim=-1)
+
+
+class BlurModulation(nn.Module):
+    """Per-channel scale and shift of each stage's input, from the blur's width (feature-wise modulation).
+
+    The width is the sigma, in pixels, of the Gaussian with the PSF's 80 %-encircled-energy
+    radius (the width Richardson-Lucy with a Gaussian is given). A small MLP maps
+    :func:`blur_features` to ``(1 + scale, shift)`` for the seven stages (encoders, latent,
+    decoders). Its last layer starts at zero, so a network given the modulation deblurs
+    exactly as before until it is trained with widths; an unknown width (NaN) has its own
+    learned modulation, so the network still deblurs without one.
+    """
+
+    def __init__(self, stage_widths: tuple[int, ...], hidden: int = 64) -> None:
+        super().__init__()
+        self.stage_widths = tuple(stage_widths)
+        self.embed = nn.Linear(3, hidden)
+        self.project = nn.Linear(hidden, 2 * sum(self.stage_widths))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.embed.reset_parameters()
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, sigma_px: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(B,) widths -> one ``(scale, shift)`` pair of (B, 1, 1, C) per stage, for token maps."""
+        film = self.project(F.gelu(self.embed(blur_features(sigma_px))))
+        pairs, start = [], 0
+        for width in self.stage_widths:
+            scale, shift = film[:, start : start + width], film[:, start + width : start + 2 * width]
+            pairs.append((scale[:, None, None, :], shift[:, None, None, :]))
+            start += 2 * width
+        return pairs
+
+
+def modulate(features: Tensor, pair: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``features * (1 + scale) + shift`` for a stage's (B, H, W, C) input; unchanged without a pair."""
+    if pair is None:
+        return features
+    scale, shift = pair
+    return features * (1 + scale.to(features.dtype)) + shift.to(features.dtype)
+
+
 class MPT(nn.Module):
     """Multi-Pyramid Transformer: a 4-level U-shape of pyramid sub-blocks.
 
     Maps (B, in_channels, H, W) float images to the same shape. Any H and W are
     accepted: the input is reflect-padded to ``config.size_multiple`` and the
-    output cropped back, in :meth:`forward` only.
+    output cropped back, in :meth:`forward` only. With ``config.blur_conditioned``
+    it also takes the blur's width (:class:`BlurModulation`).
     """
 
     def __init__(self, config: MPTConfig) -> None:
@@ -451,6 +501,8 @@ class MPT(nn.Module):
             Stage(widths[level], config.heads[level], config.scales[level], config) for level in (2, 1, 0)
         )
         self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
+        stage_widths = (*widths[:3], widths[3], *widths[2::-1])  # encoders, latent, decoders
+        self.blur_modulation = BlurModulation(stage_widths) if config.blur_conditioned else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -464,23 +516,42 @@ class MPT(nn.Module):
             layer.reset_parameters()
         for stage in (*self.encoders, self.latent, *self.decoders):
             stage.reset_parameters()
+        if self.blur_modulation is not None:  # last: the unconditioned network's draws stay as they were
+            self.blur_modulation.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, blur_sigma_px: float | Tensor | None = None) -> Tensor:
+        """Deblur ``x`` (B, C, H, W); ``blur_sigma_px``: the blur's width, one for all or (B,), NaN or None: unknown."""
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
+        pairs = self._stage_modulation(blur_sigma_px, x)
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.config.size_multiple)
         skips = []
         features = to_tokens(self.stem(x))
-        for encoder, downsample in zip(self.encoders, self.downsamples):
-            features = encoder(features)
+        for encoder, downsample, pair in zip(self.encoders, self.downsamples, pairs[:3]):
+            features = encoder(modulate(features, pair))
             skips.append(features)
             features = downsample(features)
-        features = self.latent(features)
-        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
-            features = decoder(upsample(features) + skip)
+        features = self.latent(modulate(features, pairs[3]))
+        for upsample, decoder, skip, pair in zip(self.upsamples, self.decoders, reversed(skips), pairs[4:]):
+            features = decoder(modulate(upsample(features) + skip, pair))
         out = self.head(to_nchw(features)) + x
         return out[..., :height, :width].contiguous(memory_format=torch.contiguous_format)
+
+    def _stage_modulation(self, blur_sigma_px: float | Tensor | None, x: Tensor) -> list:
+        """Seven ``(scale, shift)`` pairs, or seven ``None`` for a network without :class:`BlurModulation`."""
+        if self.blur_modulation is None:
+            if blur_sigma_px is not None:
+                raise ValueError("this network takes no blur width (its architecture is not blur_conditioned)")
+            return [None] * 7
+        if blur_sigma_px is None:
+            blur_sigma_px = float("nan")
+        sigma = torch.as_tensor(blur_sigma_px, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        if sigma.numel() != x.shape[0]:
+            raise ValueError(f"need one blur width or one per image ({x.shape[0]}), got {sigma.numel()}")
+        return self.blur_modulation(sigma)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:

@@ -29,7 +29,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
 from .. import images
-from ..config import ConfigError, DeblurSettings, IntensityNormalization
+from ..config import MAX_BLUR_SIGMA_PX, ConfigError, DeblurSettings, IntensityNormalization
 from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap
 from ..models.files import ModelFileError
 from . import session
@@ -59,6 +59,13 @@ logger = logging.getLogger(__name__)
 
 UPDATE_S = 0.25
 """A lazy plane's progress is shown at most this often (seconds)."""
+
+BLUR_WIDTH_TIP = (
+    "The blur's width, if you know it: sigma in pixels of a Gaussian as wide as the PSF (its 80 % radius / 1.79), "
+    "in-focus blur included (in focus about 0.21 x wavelength / NA / pixel size). The model deblurs better when "
+    "told. 0: it judges the blur from the image."
+)
+NO_BLUR_WIDTH_TIP = "This model takes no blur width: it judges the blur from the image."
 
 NO_MODEL_HINT = "No model yet: pick a model file (.safetensors) or a reference checkpoint (.pth) under 'model file'."
 
@@ -244,7 +251,7 @@ class DeblurWidget(ScrollingDock):
 
     Attributes
     ----------
-    layer, model, model_file, device, tile, overlap, low, high, lazy
+    layer, model, model_file, blur_sigma, device, tile, overlap, low, high, lazy
         The inputs (magicgui widgets; set their ``value`` to drive the widget from code).
     advanced
         The folding section that holds ``device``, ``tile``, ``overlap``, ``low`` and ``high`` (collapsed at first).
@@ -276,6 +283,15 @@ class DeblurWidget(ScrollingDock):
             tooltip="Bundled models, models saved by the Fine-tune dock and files picked below.",
         )
         self.model, self.model_file = self._models.combo, self._models.file
+        self.blur_sigma = FloatSpinBox(
+            name="blur_sigma",
+            label="blur width (px)",
+            min=0.0,
+            max=MAX_BLUR_SIGMA_PX,
+            step=0.1,
+            value=0.0,
+            tooltip=BLUR_WIDTH_TIP,
+        )
         self.device = device_box()
         self.tile = SpinBox(
             name="tile",
@@ -332,7 +348,7 @@ class DeblurWidget(ScrollingDock):
         self._lazy: LazyPlanes | None = None  # the newest lazy result's, which reports on the status line
         self._lazy_note = ""
         super().__init__()
-        self.add_part(Container(widgets=[self.layer, self.model, self.model_file, self.lazy]))
+        self.add_part(Container(widgets=[self.layer, self.model, self.model_file, self.blur_sigma, self.lazy]))
         # rarely changed: the model sets the tile and percentiles, and "auto" finds the GPU
         self.advanced = self.add_section(
             "advanced: device, tiles, percentiles",
@@ -407,6 +423,8 @@ class DeblurWidget(ScrollingDock):
                 )
         finally:
             self._setting_defaults = False
+        self.blur_sigma.enabled = model.config.blur_conditioned
+        self.blur_sigma.tooltip = BLUR_WIDTH_TIP if model.config.blur_conditioned else NO_BLUR_WIDTH_TIP
         channels = model.config.in_channels
         kind = "RGB" if channels == 3 else "grey"
         self.status.value = (
@@ -442,7 +460,14 @@ class DeblurWidget(ScrollingDock):
             card = getattr(session.SESSION.load_model(self.model.value), "card", None) if self.model.value else None
             per = card.normalization.per if card else "plane"
             normalization = IntensityNormalization(mode="percentile", low=low, high=high, per=per)
-        return DeblurSettings(tile=tile, overlap=overlap, device=str(self.device.value), normalization=normalization)
+        width = float(self.blur_sigma.value)
+        return DeblurSettings(
+            tile=tile,
+            overlap=overlap,
+            device=str(self.device.value),
+            normalization=normalization,
+            blur_sigma_px=width if width > 0 and self.blur_sigma.enabled else None,
+        )
 
     # --- running ----------------------------------------------------------------------------------------------------
 

@@ -86,6 +86,17 @@ class TrainConfig(FrozenConfig):
     ``psnr`` weighs them, with L1's distance within each. Plain training only (``efcr_beta`` 0,
     ``l1_weighting`` uniform, no orientation term)."""
 
+    blur_width_dropout: float = 0.25
+    """For a model that takes the blur's width (``MPTConfig.blur_conditioned``): the share of samples
+    trained without it, so that the network still deblurs well when no width is given. The others are
+    given their PSF's width (:func:`~napari_mpt_deblur.data.defocus.blur_sigma_px`). Plain training on
+    synthetic pairs only: with EFCR or the orientation term, or on labeled pairs (whose blur is not
+    known), every sample is trained without a width."""
+
+    modulation_lr_scale: float = 5.0
+    """The blur modulation's learning rate as a multiple of ``lr``: it starts from zero in a network
+    grown from a trained one (``mpt-deblur grow --blur-width``), whose other weights need only small steps."""
+
     trainable: tuple[str, ...] = ()
     """Names of the parameters to train, as prefixes (``decoders.2.2`` is a block and all it holds);
     the others stay as they are. Empty: all of them. For a network grown from a trained one
@@ -162,6 +173,10 @@ class TrainConfig(FrozenConfig):
                 f"pixel_loss {self.pixel_loss!r} applies to plain training only: efcr_beta 0, uniform weighting, "
                 "no orientation term"
             )
+        if not self.modulation_lr_scale > 0:
+            raise ConfigError(f"modulation_lr_scale must be positive, got {self.modulation_lr_scale}")
+        if not 0 <= self.blur_width_dropout <= 1:
+            raise ConfigError(f"blur_width_dropout must be in [0, 1], got {self.blur_width_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:

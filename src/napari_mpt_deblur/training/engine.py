@@ -230,8 +230,12 @@ def objective(
     sharp: torch.Tensor,
     unlabeled: torch.Tensor | None,
     generator: torch.Generator,
+    widths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The step's loss and its terms.
+
+    ``widths`` (B,), for a blur-conditioned network: each sample's blur width (NaN: not given),
+    passed to the network in the plain supervised terms (``pixel_loss``, L1).
 
     ``supervised_weight * L1(net(B), S) + efcr_beta * L_CR`` on the labeled batch,
     with Lext from the unlabeled batch when there is one (EFCR_ex), or with the
@@ -246,10 +250,10 @@ def objective(
         supervised, losses = orientation_consistent_l1(model, blurry, sharp, config, generator)
         total = config.supervised_weight * supervised
     elif config.pixel_loss != "l1":
-        pixel = supervised_pixel_loss(model(blurry), sharp, config.pixel_loss)
+        pixel = supervised_pixel_loss(_forward(model, blurry, widths), sharp, config.pixel_loss)
         total, losses = config.supervised_weight * pixel, {config.pixel_loss: float(pixel.detach())}
     else:  # plain L1: no re-blurred forward passes
-        l1 = supervised_l1(model(blurry), sharp, blurry, config.l1_weighting)
+        l1 = supervised_l1(_forward(model, blurry, widths), sharp, blurry, config.l1_weighting)
         total, losses = config.supervised_weight * l1, {"l1": float(l1.detach())}
     if unlabeled is not None and config.reblur_weight > 0:
         reblurred = random_reblur(unlabeled, loss_fn.config.kernel_sizes, loss_fn.config.sigma, generator)
@@ -258,6 +262,11 @@ def objective(
         losses["reblur"] = float(reblur.detach())
     losses["total"] = float(total.detach())
     return total, losses
+
+
+def _forward(model: torch.nn.Module, blurry: torch.Tensor, widths: torch.Tensor | None) -> torch.Tensor:
+    """``model(blurry)``, with the samples' blur widths when there are any (a blur-conditioned network)."""
+    return model(blurry) if widths is None else model(blurry, widths)
 
 
 def backward_in_shards(
@@ -270,6 +279,7 @@ def backward_in_shards(
     generator: torch.Generator,
     shards: int,
     amp_dtype: torch.dtype | None = None,
+    widths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The step's gradients, its batch cut into ``shards`` computed side by side on the CPU; the losses.
 
@@ -291,12 +301,15 @@ def backward_in_shards(
         rows = slice(bounds[index], bounds[index + 1])
         weight = (rows.stop - rows.start) / batch
         own = unlabeled[rows] if unlabeled is not None else None
+        shard_widths = widths[rows] if widths is not None else None
         shard_generator = torch.Generator().manual_seed(seeds[index])
         # Autocast is per thread: each shard's thread turns it on for itself. Its cache of weights cast to
         # bf16 is not: shards that share it and call the network twice (EFCR) get gradients that depend
         # on the threads' timing. Without the cache a run is reproducible; the casts cost little.
         with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
-            total, losses = objective(model, loss_fn, config, blurry[rows], sharp[rows], own, shard_generator)
+            total, losses = objective(
+                model, loss_fn, config, blurry[rows], sharp[rows], own, shard_generator, shard_widths
+            )
         gradients = torch.autograd.grad(total * weight, parameters, allow_unused=True)
         return {name: value * weight for name, value in losses.items()}, gradients
 
@@ -319,6 +332,7 @@ def compute_gradients(
     shards: int = 1,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    widths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One step's gradients into the parameters' ``.grad`` (cleared by the caller); returns the losses.
 
@@ -327,9 +341,11 @@ def compute_gradients(
     to ``amp_dtype`` when given, the loss scaled by ``scaler`` when given.
     """
     if shards > 1:
-        return backward_in_shards(model, loss_fn, config, blurry, sharp, unlabeled, generator, shards, amp_dtype)
+        return backward_in_shards(
+            model, loss_fn, config, blurry, sharp, unlabeled, generator, shards, amp_dtype, widths
+        )
     with torch.autocast(blurry.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        total, losses = objective(model, loss_fn, config, blurry, sharp, unlabeled, generator)
+        total, losses = objective(model, loss_fn, config, blurry, sharp, unlabeled, generator, widths)
     (scaler.scale(total) if scaler is not None else total).backward()
     return losses
 
@@ -616,7 +632,10 @@ def iter_train(
     if config.compile:
         network = torch.compile(network, dynamic=False)  # fixed patch size: one graph
     optimizer = torch.optim.AdamW(
-        trained_parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        parameter_groups(model, trained_parameters, config),
+        lr=config.lr,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
     )
     if optimizer_state is not None:
         try:
@@ -627,6 +646,7 @@ def iter_train(
     amp_dtype = training_autocast_dtype(device, config)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     shards = training_shards(device, config.batch_size, world, config.compile)
+    with_widths = blur_widths_trained(model, sampler, config)
     record = {"trained_steps": config.steps, "train_config": config.to_dict(), **(provenance or {})}
     if world > 1:
         record["processes"] = world  # each drew its own batch: the effective batch is batch_size x processes
@@ -656,17 +676,27 @@ def iter_train(
 
     while step < config.steps:
         numpy_rng, torch_rng = _step_rngs(config, step, rank)
-        blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
+        widths = None
+        if with_widths:
+            blurry, sharp, drawn = sampler.sample_with_widths(
+                numpy_rng, config.batch_size, config.patch_size, config.scale_range
+            )
+            withheld = numpy_rng.random(len(drawn)) < config.blur_width_dropout
+            widths = torch.from_numpy(np.where(withheld, np.nan, drawn).astype(np.float32)).to(device)
+        else:
+            blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
         lr = cosine_lr(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # state files of earlier versions have no scale
         own = None
         if unlabeled is not None:
             own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
             own = torch.from_numpy(own).to(device)
         optimizer.zero_grad(set_to_none=True)
-        losses = compute_gradients(network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler)
+        losses = compute_gradients(
+            network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler, widths
+        )
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trained_parameters, config.grad_clip)
@@ -703,6 +733,28 @@ def iter_train(
         yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
     kept.eval()
     return kept
+
+
+def parameter_groups(model: MPT, parameters: list[torch.nn.Parameter], config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's groups: the blur modulation at ``modulation_lr_scale`` times the learning rate, the rest at 1."""
+    modulation = getattr(model, "blur_modulation", None)
+    own = {id(p) for p in modulation.parameters()} if modulation is not None else set()
+    groups = [
+        {"params": [p for p in parameters if id(p) not in own], "lr_scale": 1.0},
+        {"params": [p for p in parameters if id(p) in own], "lr_scale": config.modulation_lr_scale},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def blur_widths_trained(model: MPT, sampler: PairSampler, config: TrainConfig) -> bool:
+    """Whether a run gives its samples their blur's width: a blur-conditioned network, plain supervised
+    training (no EFCR, no orientation term) and a sampler that knows each sample's PSF."""
+    return (
+        model.config.blur_conditioned
+        and config.efcr_beta == 0
+        and config.orientation_weight == 0
+        and hasattr(sampler, "sample_with_widths")
+    )
 
 
 def select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:

@@ -215,9 +215,20 @@ class SyntheticPairs:
         self.margin = margin
 
     def sample(self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]) -> Batch:
+        blurry, sharp, _ = self.sample_with_widths(rng, batch, patch, scale_range)
+        return blurry, sharp
+
+    def sample_with_widths(
+        self, rng: np.random.Generator, batch: int, patch: int, scale_range: tuple[float, float]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch as :meth:`sample` draws it (the same draws), and each sample's blur width: (B,) float32.
+
+        The width is that of the PSF the sample was blurred with (``blur_sigma_px``, pixels of the patch:
+        the crop is resized before it is blurred); 0 for an unblurred sample.
+        """
         from ..data.defocus import make_defocused
 
-        blurry, sharp = [], []
+        blurry, sharp, widths = [], [], []
         for _ in range(batch):
             plane = _pick(rng, self.sharp, self.weights)
             scale = rng.uniform(*scale_range)
@@ -226,12 +237,17 @@ class SyntheticPairs:
             # the noise model counts photons: bring the sharp crop to 0..1 first
             low, high = safe_range(crop, IntensityNormalization())
             crop = np.clip((crop - low) / (high - low), 0, None).astype(np.float32)
-            defocused, _ = make_defocused(crop, self.defocus, rng)
+            defocused, description = make_defocused(crop, self.defocus, rng)
             inner = slice(self.margin, self.margin + patch)
             b, s = _augment(rng, *_normalise_pair(defocused[inner, inner], crop[inner, inner], self.normalization))
             blurry.append(b)
             sharp.append(s)
-        return np.stack(blurry)[:, None].astype(np.float32), np.stack(sharp)[:, None].astype(np.float32)
+            widths.append(description["sigma_px"])
+        return (
+            np.stack(blurry)[:, None].astype(np.float32),
+            np.stack(sharp)[:, None].astype(np.float32),
+            np.array(widths, np.float32),
+        )
 
 
 class UnlabeledPlanes:

@@ -66,6 +66,14 @@ class SuiteCase:
     psf: np.ndarray
     optics: dict = field(default_factory=dict)
 
+    @property
+    def blur_sigma_px(self) -> float:
+        """The PSF's width (:func:`~napari_mpt_deblur.data.defocus.blur_sigma_px`): what a blur-conditioned
+        model is told, and the width of the Gaussian Richardson-Lucy is given."""
+        from ..data.defocus import blur_sigma_px
+
+        return blur_sigma_px(self.psf)
+
 
 def normalise(image: np.ndarray) -> np.ndarray:
     """Percentiles 0.1 and 99.9 (of all channels jointly) to 0..1, clipped."""
@@ -139,12 +147,29 @@ def unorient(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, -(orientation % 4), axes=(0, 1)))
 
 
-def deblur_case(model, case: SuiteCase, device: str | torch.device = "cpu", orientation: int = 0) -> np.ndarray:
-    """The model's output for a case seen in ``orientation``, turned back: whole planes, fp32, channels one by one."""
+def deblur_case(
+    model,
+    case: SuiteCase,
+    device: str | torch.device = "cpu",
+    orientation: int = 0,
+    width: str = "given",
+    width_error: float = 1.0,
+) -> np.ndarray:
+    """The model's output for a case seen in ``orientation``, turned back: whole planes, fp32, channels one by one.
+
+    ``width``: a blur-conditioned model is told the case's blur width (``given``, as Richardson-Lucy with a
+    Gaussian is) times ``width_error`` (a user's estimate that is off), or not (``judged``: it judges it
+    from the image); other models judge it either way.
+    """
     from ..config import DeblurSettings
     from ..inference import deblur_array
 
-    settings = DeblurSettings(tile=0, device=str(device), precision="fp32")
+    if width not in ("given", "judged"):
+        raise ValueError(f"width must be 'given' or 'judged', got {width!r}")
+    given = width == "given" and model.config.blur_conditioned
+    settings = DeblurSettings(
+        tile=0, device=str(device), precision="fp32", blur_sigma_px=case.blur_sigma_px * width_error if given else None
+    )
     axes = "YXS" if case.blurry.ndim == 3 else "YX"
     return unorient(deblur_array(model, orient(case.blurry, orientation), axes=axes, settings=settings), orientation)
 
@@ -155,7 +180,8 @@ class SuiteValidation:
 
     Has the interface of :class:`~napari_mpt_deblur.training.engine.Validation`
     (``evaluate``) plus :meth:`selection_score`, which the training loop uses to keep
-    the best checkpoint beside the output.
+    the best checkpoint beside the output. A blur-conditioned model is told each case's
+    blur width, as Richardson-Lucy with a Gaussian is.
     """
 
     cases: list[SuiteCase] = field(default_factory=suite_cases)
