@@ -38,6 +38,23 @@ WIENER_NSR = tuple(np.logspace(-4, -0.5, 15))
 """Noise-to-signal ratios the Wiener filter is tuned over."""
 
 
+def add_width_argument(parser, default: str = "given", told: str = "the PSF's, as RL with a Gaussian is") -> None:
+    """``--width given|judged``: whether a model that takes the blur's width is told it (``told`` says what)."""
+    from napari_mpt_deblur.training.suite import WIDTHS
+
+    parser.add_argument(
+        "--width",
+        choices=WIDTHS,
+        default=default,
+        help=f"a model that takes the blur's width is told {told} (given) or judges it from the image (judged)",
+    )
+
+
+def width_label(model, width: str) -> str:
+    """``", blur width given"`` (or ``judged``) for a model that takes the width, for a report's header; else ``""``."""
+    return f", blur width {width}" if model.config.blur_conditioned else ""
+
+
 def gaussian_of_width(psf: np.ndarray) -> np.ndarray:
     """The Gaussian with the PSF's 80 %-encircled-energy radius (a Gaussian holds 80 % within 1.794 sigma)."""
     from napari_mpt_deblur.data.defocus import blur_sigma_px, gaussian_psf
@@ -187,14 +204,13 @@ def evaluate(model, cases: list[dict], with_rl: bool = True, device: str = "cpu"
     Gaussian is) or judges it from the image (``"judged"``).
     """
     from napari_mpt_deblur.config import DeblurSettings
-    from napari_mpt_deblur.data.defocus import blur_sigma_px
     from napari_mpt_deblur.inference import deblur_array
+    from napari_mpt_deblur.training.suite import told_width
 
     rows = []
     for case in cases:
         axes = "YXS" if case["blurry"].ndim == 3 else "YX"
-        given = width == "given" and model.config.blur_conditioned
-        sigma = blur_sigma_px(case["psf"]) if given else None
+        sigma = told_width(model, case["psf"], width)
         settings = DeblurSettings(tile=0, device=device, precision="fp32", blur_sigma_px=sigma)
         output = deblur_array(model, case["blurry"], axes=axes, settings=settings)
         row = {

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from common import best_skimage_richardson_lucy, defocus_cases, scores
+from common import add_width_argument, best_skimage_richardson_lucy, defocus_cases, scores
 
 PERCENTILES = (1.0, 99.8)
 """StarDist's normalisation, as the detection engine applies it (``DetectionSettings.percentiles``)."""
@@ -285,10 +285,10 @@ def evaluate_detection(
     from stardist.data import test_image_nuclei_2d
 
     from napari_mpt_deblur.config import DeblurSettings
-    from napari_mpt_deblur.data.defocus import blur_sigma_px
     from napari_mpt_deblur.detection import DetectionSettings, StarDistWorker, compare, compare_labels, detect
     from napari_mpt_deblur.detection.metrics import BLURRY, DEBLURRED, SHARP
     from napari_mpt_deblur.inference import deblur_array
+    from napari_mpt_deblur.training.suite import told_width
 
     image, truth = test_image_nuclei_2d(return_mask=True)
     cases = [
@@ -301,8 +301,7 @@ def evaluate_detection(
     with StarDistWorker() as worker:
         for case in cases:
             start = time.perf_counter()
-            given = width == "given" and model.config.blur_conditioned
-            sigma = blur_sigma_px(case["psf"]) if given else None
+            sigma = told_width(model, case["psf"], width)
             deblur_settings = DeblurSettings(tile=0, device=device, precision="fp32", blur_sigma_px=sigma)
             deblurred = deblur_array(model, case["blurry"], axes="YX", settings=deblur_settings)
             row: dict[str, Any] = {
@@ -414,12 +413,7 @@ def main() -> None:
     parser.add_argument("--noise-seeds", type=int, nargs="+", default=[7, 8, 9], help="one noise draw per seed")
     parser.add_argument("--no-rl", action="store_true", help="skip Richardson-Lucy")
     parser.add_argument("--device", default="cpu", help="where the deblurring model runs")
-    parser.add_argument(
-        "--width",
-        choices=("given", "judged"),
-        default="given",
-        help="a model that takes the blur's width is told the PSF's (given, as RL is given the PSF) or not",
-    )
+    add_width_argument(parser, told="the PSF's, as RL is given the PSF")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--compare", metavar="BASELINE", help="an earlier --json file to compare with")

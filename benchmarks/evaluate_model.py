@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import defocus_cases, evaluate, print_table
+from common import add_width_argument, defocus_cases, evaluate, print_table, width_label
 
 
 def stardist_images() -> dict:
@@ -43,12 +43,7 @@ def main() -> None:
     parser.add_argument(
         "--zoom", type=float, default=1.0, help="enlarge the images (and make the PSF's pixels finer) by this factor"
     )
-    parser.add_argument(
-        "--width",
-        choices=("given", "judged"),
-        default="given",
-        help="a model that takes the blur's width is told the PSF's (given, as RL with a Gaussian is) or not",
-    )
+    add_width_argument(parser)
     args = parser.parse_args()
 
     import torch
@@ -59,8 +54,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
     rows = evaluate(model, defocus_cases(stardist_images(), zoom=args.zoom), with_rl=not args.no_rl, width=args.width)
-    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{width}):")
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{width_label(model, args.width)}):")
     print_table(rows)
     worse = [
         f"{row['image']} at {row['defocus_um']:g} um: {row['mpt'][0] - row['input'][0]:+.2f} dB"

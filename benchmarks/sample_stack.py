@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import best_richardson_lucy, gaussian_of_width, heaviest_window
+from common import add_width_argument, best_richardson_lucy, gaussian_of_width, heaviest_window, width_label
 
 CROP_SIZE = 160
 """Side of the gallery's crop: the window of the truth with the most edges (a cell's border, its nucleus)."""
@@ -60,22 +60,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--gallery", type=Path, default=Path("benchmarks/results/sample-stack-crops.png"))
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument(
-        "--width",
-        choices=("judged", "given"),
-        default="judged",
-        help="a model that takes the blur's width judges it (the dock's default) or is told each plane's",
-    )
+    add_width_argument(parser, default="judged", told="each plane's (judged: the Deblur dock's default)")
     args = parser.parse_args()
 
     import torch
 
     from napari_mpt_deblur import load_model
     from napari_mpt_deblur.config import DeblurSettings
-    from napari_mpt_deblur.data.defocus import blur_sigma_px, widefield_psf
+    from napari_mpt_deblur.data.defocus import widefield_psf
     from napari_mpt_deblur.inference import deblur_array
     from napari_mpt_deblur.plugin.samples import DEFOCUS_UM, PSF, defocused_cell_stack
-    from napari_mpt_deblur.training.suite import psnr
+    from napari_mpt_deblur.training.suite import psnr, told_width
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +79,7 @@ def main() -> None:
     model = load_model(args.model)
     started = time.perf_counter()
     if args.width == "given" and model.config.blur_conditioned:
-        widths = [blur_sigma_px(widefield_psf(abs(z), **PSF)) for z in DEFOCUS_UM]
+        widths = [told_width(model, widefield_psf(abs(z), **PSF)) for z in DEFOCUS_UM]
         output = np.stack(
             [
                 deblur_array(model, plane, axes="YX", settings=DeblurSettings(blur_sigma_px=w))
@@ -109,8 +104,8 @@ def main() -> None:
         row["rl_gaussian"].append(rl_gaussian["psnr"])
         planes.setdefault(distance, {"input": blurry, "model": deblurred, "rl_true": rl_true["output"]})
 
-    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
-    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{width}); the stack took {seconds:.1f} s")
+    label = width_label(model, args.width)
+    print(f"model {args.model} (step {model.card.provenance.get('step', '?')}{label}); the stack took {seconds:.1f} s")
     print(
         f"\nPSNR dB against the truth (mean of the planes at +z and -z)\n{'defocus':>8s} "
         + " ".join(f"{name:>12s}" for name in ("input", "model", "RL true PSF", "RL Gaussian"))

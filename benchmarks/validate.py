@@ -42,7 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import best_richardson_lucy, best_wiener, gaussian_of_width, heaviest_window
+from common import (
+    add_width_argument,
+    best_richardson_lucy,
+    best_wiener,
+    gaussian_of_width,
+    heaviest_window,
+    width_label,
+)
 
 METHODS = ("input", "model", "rl_true", "rl_gaussian", "wiener")
 LABELS = {
@@ -165,13 +172,7 @@ def main() -> None:
     parser.add_argument(
         "--orientations", type=int, default=None, help="orientations per case (default: all 8; 1: as stored, faster)"
     )
-    parser.add_argument(
-        "--width",
-        choices=("given", "judged"),
-        default="given",
-        help="a model that takes the blur's width is told each case's (given, as RL with a Gaussian is) "
-        "or judges it from the image (judged)",
-    )
+    add_width_argument(parser, told="each case's, as RL with a Gaussian is")
     parser.add_argument(
         "--width-error",
         type=float,
@@ -201,7 +202,7 @@ def main() -> None:
         worst_orientation = int(np.argmin(row["model_orientations"]))
         row["model_worst"] = [scores[worst_orientation][0], worst_orientation]
         worst_outputs.append(outputs[worst_orientation])
-    width = f", blur width {args.width}" if model.config.blur_conditioned else ""
+    width = width_label(model, args.width)
     if model.config.blur_conditioned and args.width == "given" and args.width_error != 1:
         width += f" x {args.width_error:g}"
     step = model.card.provenance.get("step", "?")

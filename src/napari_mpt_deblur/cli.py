@@ -137,32 +137,27 @@ def cmd_grow(args: argparse.Namespace) -> None:
     if args.blur_width:
         if args.level is not None or args.scales is not None:
             raise UsageError("--blur-width grows no blocks: give it without --level and --scales")
-        source = load_model(args.model)
-        grown = condition_on_blur(source)
-        save_model(
-            grown, output, provenance={**source.card.provenance, "grown_from": str(args.model), "grown": "blur width"}
-        )
-        added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
-        print(f"wrote {output}: a blur-width input ({added:,} parameters), the same output as {args.model}")
-        print(f"train it with: mpt-deblur train --model {output} ... (every sample is given its blur's width)")
-        return
-    if args.level is None or args.scales is None:
+    elif args.level is None or args.scales is None:
         raise UsageError("give --level and --scales (new blocks), or --blur-width")
-    try:
-        scales = parse_fractions(args.scales)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--scales: cannot read {args.scales!r}; use e.g. '1,1' or '1/2,1/2'") from None
+    else:
+        try:
+            scales = parse_fractions(args.scales)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--scales: cannot read {args.scales!r}; use e.g. '1,1' or '1/2,1/2'") from None
     source = load_model(args.model)
-    grown, new_blocks = deepen(source, args.level, scales)
-    provenance = {
-        **source.card.provenance,
-        "grown_from": str(args.model),
-        "grown": {"level": args.level, "scales": scales, "new_blocks": new_blocks},
-    }
-    save_model(grown, output, provenance=provenance)
+    if args.blur_width:
+        grown, record = condition_on_blur(source), "blur width"
+        added_what = "a blur-width input"
+        next_step = f"train it with: mpt-deblur train --model {output} ... (every sample is given its blur's width)"
+    else:
+        grown, new_blocks = deepen(source, args.level, scales)
+        record = {"level": args.level, "scales": scales, "new_blocks": new_blocks}
+        added_what = f"{len(new_blocks)} new blocks"
+        next_step = f"train them alone with: --train-only {' '.join(new_blocks)}"
+    save_model(grown, output, provenance={**source.card.provenance, "grown_from": str(args.model), "grown": record})
     added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
-    print(f"wrote {output}: {len(new_blocks)} new blocks ({added:,} parameters), the same output as {args.model}")
-    print(f"train them alone with: --train-only {' '.join(new_blocks)}")
+    print(f"wrote {output}: {added_what} ({added:,} parameters), the same output as {args.model}")
+    print(next_step)
 
 
 def cmd_export_bioimageio(args: argparse.Namespace) -> None:

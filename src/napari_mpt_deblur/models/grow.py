@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, MPTConfig
 from .mpt import MPT, PyramidSubBlock
 
 
@@ -60,21 +60,17 @@ def deepen(model: MPT, level: int, scales: Sequence[float]) -> tuple[MPT, list[s
     first_new = num_blocks[index]
     num_blocks[index] += len(scales)
     level_scales[index] += [float(r) for r in scales]
-    grown = MPT(config.replace(num_blocks=tuple(num_blocks), scales=tuple(tuple(s) for s in level_scales)))
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     new_prefixes = [f"{stage}.{i}" for stage in stages for i in range(first_new, num_blocks[index])]
-    if unexpected or any(not key.startswith(tuple(p + "." for p in new_prefixes)) for key in missing):
-        raise RuntimeError(f"growing moved existing weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    grown = _grown_copy(
+        model, config.replace(num_blocks=tuple(num_blocks), scales=tuple(tuple(s) for s in level_scales)), new_prefixes
+    )
     with torch.no_grad():
         for prefix in new_prefixes:
             block = grown.get_submodule(prefix)
             assert isinstance(block, PyramidSubBlock)
             for projection in (block.isca.project_out, block.cswa.project_out, block.ffn.project_out):
                 projection.zero_()
-    card = getattr(model, "card", None)
-    if card is not None:  # normalisation, tile size and provenance carry over; the architecture is the new one
-        grown.card = card.replace(architecture=grown.config)
-    return grown.to(next(model.parameters()).device).eval(), new_prefixes
+    return grown, new_prefixes
 
 
 def condition_on_blur(model: MPT) -> MPT:
@@ -93,10 +89,19 @@ def condition_on_blur(model: MPT) -> MPT:
     """
     if model.config.blur_conditioned:
         raise ConfigError("the model already takes the blur's width")
-    grown = MPT(model.config.replace(blur_conditioned=True))
+    return _grown_copy(model, model.config.replace(blur_conditioned=True), ["blur_modulation"])
+
+
+def _grown_copy(model: MPT, config: MPTConfig, new_prefixes: list[str]) -> MPT:
+    """A network of ``config`` holding ``model``'s weights, on its device, in eval mode, with its card.
+
+    Only the parameters under ``new_prefixes`` may be new (they keep their initialisation for the caller to set);
+    normalisation, tile size and provenance carry over, the architecture is the new one.
+    """
+    grown = MPT(config)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("blur_modulation.") for key in missing):
-        raise RuntimeError(f"adding the blur width moved existing weights (missing {missing[:3]})")
+    if unexpected or any(not key.startswith(tuple(p + "." for p in new_prefixes)) for key in missing):
+        raise RuntimeError(f"growing moved existing weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
     card = getattr(model, "card", None)
     if card is not None:
         grown.card = card.replace(architecture=grown.config)

@@ -66,14 +66,6 @@ class SuiteCase:
     psf: np.ndarray
     optics: dict = field(default_factory=dict)
 
-    @property
-    def blur_sigma_px(self) -> float:
-        """The PSF's width (:func:`~napari_mpt_deblur.data.defocus.blur_sigma_px`): what a blur-conditioned
-        model is told, and the width of the Gaussian Richardson-Lucy is given."""
-        from ..data.defocus import blur_sigma_px
-
-        return blur_sigma_px(self.psf)
-
 
 def normalise(image: np.ndarray) -> np.ndarray:
     """Percentiles 0.1 and 99.9 (of all channels jointly) to 0..1, clipped."""
@@ -147,6 +139,23 @@ def unorient(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, -(orientation % 4), axes=(0, 1)))
 
 
+WIDTHS = ("given", "judged")
+"""Whether a blur-conditioned model is told a case's blur width (as Richardson-Lucy with a Gaussian is) or not."""
+
+
+def told_width(model, psf: np.ndarray, width: str = "given", error: float = 1.0) -> float | None:
+    """The blur width to tell ``model`` for an image blurred by ``psf``, or None: it judges the blur itself.
+
+    The PSF's width (:func:`~napari_mpt_deblur.data.defocus.blur_sigma_px`) times ``error`` (an estimate
+    that is off) when ``width`` is ``given`` and the model takes one; None when ``judged`` or it takes none.
+    """
+    from ..data.defocus import blur_sigma_px
+
+    if width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
+    return blur_sigma_px(psf) * error if width == "given" and model.config.blur_conditioned else None
+
+
 def deblur_case(
     model,
     case: SuiteCase,
@@ -157,19 +166,13 @@ def deblur_case(
 ) -> np.ndarray:
     """The model's output for a case seen in ``orientation``, turned back: whole planes, fp32, channels one by one.
 
-    ``width``: a blur-conditioned model is told the case's blur width (``given``, as Richardson-Lucy with a
-    Gaussian is) times ``width_error`` (a user's estimate that is off), or not (``judged``: it judges it
-    from the image); other models judge it either way.
+    ``width`` and ``width_error``: what a blur-conditioned model is told (:func:`told_width`).
     """
     from ..config import DeblurSettings
     from ..inference import deblur_array
 
-    if width not in ("given", "judged"):
-        raise ValueError(f"width must be 'given' or 'judged', got {width!r}")
-    given = width == "given" and model.config.blur_conditioned
-    settings = DeblurSettings(
-        tile=0, device=str(device), precision="fp32", blur_sigma_px=case.blur_sigma_px * width_error if given else None
-    )
+    sigma = told_width(model, case.psf, width, width_error)
+    settings = DeblurSettings(tile=0, device=str(device), precision="fp32", blur_sigma_px=sigma)
     axes = "YXS" if case.blurry.ndim == 3 else "YX"
     return unorient(deblur_array(model, orient(case.blurry, orientation), axes=axes, settings=settings), orientation)
 
