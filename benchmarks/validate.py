@@ -23,12 +23,15 @@ strength where it is behind Richardson-Lucy with the Gaussian, and writes a crop
 gallery (PNG) of the worst case: truth, input, model, Richardson-Lucy, so
 artefacts are seen and not averaged away. The classical figures do not depend on
 the model: they are cached (``--baselines``) and recomputed when the suite changes.
+``--against`` compares the model with another one's ``--json``, image by image: a
+strength's mean can rise on one image while others fall.
 
 Examples::
 
     python benchmarks/validate.py --model default
     python benchmarks/validate.py --model default --width judged
     python benchmarks/validate.py --model default --width-error 0.75 --orientations 1
+    python benchmarks/validate.py --model candidate.safetensors --against default.json
     python benchmarks/validate.py --model run.best.safetensors \\
         --json runs/suite.json --gallery runs/worst.png
 """
@@ -139,6 +142,30 @@ def verdict(rows: list[dict]) -> dict:
     return {"below_input": below_input, "behind_rl_gaussian": behind_gaussian, "behind_rl_true": behind_true}
 
 
+def paired(rows: list[dict], earlier: dict) -> dict:
+    """Per image and per strength, the model's mean PSNR against another model's on the same suite.
+
+    ``earlier`` is that model's ``--json`` file. Means over strengths (or images) hide an image the
+    model loses on when another carries the mean: a new default must not trade one kind for another.
+    """
+    theirs = {(row["image"], row["strength"]): row["model"][0] for row in earlier["rows"]}
+    missing = [key for key in ((r["image"], r["strength"]) for r in rows) if key not in theirs]
+    if missing:
+        raise SystemExit(f"--against {earlier['model']}: a suite without {missing[0]}; rerun it on this suite")
+    change = {(r["image"], r["strength"]): r["model"][0] - theirs[(r["image"], r["strength"])] for r in rows}
+    per_image, per_strength = ({key[part]: 0.0 for key in change} for part in (0, 1))
+    for part, means in ((0, per_image), (1, per_strength)):
+        for name in means:
+            means[name] = float(np.mean([d for key, d in change.items() if key[part] == name]))
+    print(f"\nagainst {earlier['model']}: mean PSNR change, dB")
+    for image, d in per_image.items():
+        print(f"{image[:58]:58s} {d:+6.2f}")
+    print("per strength: " + "; ".join(f"{s} {d:+.2f}" for s, d in per_strength.items()))
+    cases_behind, images_behind = (sum(d < 0 for d in values) for values in (change.values(), per_image.values()))
+    print(f"behind it on {cases_behind} of {len(change)} cases, on {images_behind} of {len(per_image)} images")
+    return {"against": earlier["model"], "change_per_image": per_image, "change_per_strength": per_strength}
+
+
 def gallery(case, output: np.ndarray, path: Path, crop: int = 96) -> None:
     """Truth, input, model and Richardson-Lucy (true PSF) crops where the model's error is largest."""
     from skimage.io import imsave
@@ -180,7 +207,14 @@ def main() -> None:
         metavar="FACTOR",
         help="with --width given: tell the model each case's width times FACTOR (an estimate that is off)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="JSON",
+        help="another model's --json on this suite: print the change per image and per strength against it",
+    )
     args = parser.parse_args()
+    earlier = json.loads(args.against.read_text()) if args.against else None  # a bad file fails before the work
 
     import torch
 
@@ -209,6 +243,8 @@ def main() -> None:
     print(f"model {args.model} (step {step}), {orientations} orientations per case{width}")
     print_tables(rows, args.per_case)
     result = verdict(rows)
+    if earlier:
+        result.update(paired(rows, earlier))
     worst = min(range(len(rows)), key=lambda i: rows[i]["model_worst"][0] - rows[i]["input"][0])
     gallery(cases[worst], worst_outputs[worst], args.gallery)
     if args.json:

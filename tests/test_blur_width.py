@@ -217,3 +217,20 @@ def test_a_model_that_takes_the_width_fine_tunes_on_a_users_stack_without_widths
     events = list(run_finetune(model, data, tmp_path / "tuned.safetensors", TrainingLog()))
     assert [event.step for event in events] == [1, 2]
     assert model.config.blur_conditioned  # still takes a width after the fine-tune
+
+
+def test_suite_validation_scores_a_conditioned_model_told_and_not_told_and_keeps_it_only_if_both_hold():
+    from napari_mpt_deblur.training.suite import SuiteValidation, suite_cases
+
+    cases = suite_cases({"cells": pattern_pairs(1, 64)[1][0]})
+    validation = SuiteValidation(cases, orientations=1)
+    plain = validation.evaluate(trained_like(), torch.device("cpu"))
+    assert not any(key.startswith("judged") for key in plain)
+    scores = validation.evaluate(trained_like(blur_conditioned=True), torch.device("cpu"))
+    assert {"judged psnr", "judged worst_gain_db", "judged mean_gain_db", "judged gain_db mild"} <= set(scores)
+    assert scores["judged psnr"] != pytest.approx(scores["psnr"], abs=1e-4)  # the width changes the output
+    both_hold = {**scores, "worst_gain_db": 0.0, "judged worst_gain_db": 0.5}
+    expected = (scores["mean_gain_db"] + scores["judged mean_gain_db"]) / 2
+    assert validation.selection_score(both_hold) == pytest.approx(expected)
+    assert validation.selection_score({**both_hold, "judged worst_gain_db": -0.1}) is None
+    assert validation.selection_score({**both_hold, "worst_gain_db": -0.1}) is None

@@ -685,6 +685,9 @@ def _run_with_bar(steps, output: Path, quiet: bool, blank_planes: int = 0, log: 
                 postfix += f" val {event.validation['psnr']:.2f} dB (input {event.validation['input_psnr']:.2f})"
                 if "worst_gain_db" in event.validation:
                     postfix += f" worst {event.validation['worst_gain_db']:+.2f}"
+                if "judged psnr" in event.validation:  # a blur-conditioned model, not told the width
+                    postfix += f" (not told: {event.validation['judged psnr']:.2f} dB"
+                    postfix += f", worst {event.validation['judged worst_gain_db']:+.2f})"
             bar.set_postfix_str(postfix)
             bar.refresh()
             last = event
@@ -698,6 +701,9 @@ def _run_with_bar(steps, output: Path, quiet: bool, blank_planes: int = 0, log: 
                 line += f", SSIM {v['ssim']:.3f} (input {v['input_ssim']:.3f})"
             if "worst_gain_db" in v:
                 line += f", worst case {v['worst_gain_db']:+.2f} dB over its input"
+            if "judged psnr" in v:
+                line += f"; not told the blur width: {v['judged psnr']:.2f} dB"
+                line += f", worst case {v['judged worst_gain_db']:+.2f} dB"
             print(line)
         if blank_planes:
             print(f"skipped {blank_planes} blank (constant) plane{'s' if blank_planes > 1 else ''}")

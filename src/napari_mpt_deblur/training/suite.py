@@ -196,15 +196,25 @@ class SuiteValidation:
         """Mean PSNR of the model and of the input, the worst and mean gain, and the mean gain per strength.
 
         Means are over cases and orientations; the worst gain is over every case in every orientation.
+        A blur-conditioned model is scored twice: told each case's width (the plain keys), and judging
+        it itself, as it deblurs when a user gives no width (the same keys prefixed ``judged``).
         """
         if not self.input_psnr:
             self.input_psnr = [psnr(case.blurry, case.sharp) for case in self.cases]
         model.eval()
+        scores = self._scores(model, device, "given")
+        if model.config.blur_conditioned:
+            judged = self._scores(model, device, "judged")
+            scores.update({f"judged {key}": value for key, value in judged.items() if key != "input_psnr"})
+        return scores
+
+    def _scores(self, model, device: torch.device, width: str) -> dict[str, float]:
+        """:meth:`evaluate`'s figures for one way of telling the model the width (:data:`WIDTHS`)."""
         gains: dict[str, list[float]] = {}
         outputs = []
         for case, before in zip(self.cases, self.input_psnr):
             for orientation in range(self.orientations):
-                after = psnr(deblur_case(model, case, device, orientation), case.sharp)
+                after = psnr(deblur_case(model, case, device, orientation, width), case.sharp)
                 outputs.append(after)
                 gains.setdefault(case.strength, []).append(after - before)
         every = [g for values in gains.values() for g in values]
@@ -219,5 +229,12 @@ class SuiteValidation:
 
     @staticmethod
     def selection_score(scores: dict[str, float]) -> float | None:
-        """The mean gain over the input, or ``None`` when any case is worse than its input (never kept)."""
-        return scores["mean_gain_db"] if scores["worst_gain_db"] >= 0 else None
+        """The mean gain over the input, or ``None`` when any case is worse than its input (never kept).
+
+        For a blur-conditioned model, the mean of its gains told and not told the width, and ``None``
+        when either way leaves a case worse than its input.
+        """
+        ways = [prefix for prefix in ("", "judged ") if f"{prefix}worst_gain_db" in scores]
+        if any(scores[f"{prefix}worst_gain_db"] < 0 for prefix in ways):
+            return None
+        return float(np.mean([scores[f"{prefix}mean_gain_db"] for prefix in ways]))
