@@ -59,8 +59,7 @@ def gaussian_of_width(psf: np.ndarray) -> np.ndarray:
     """The Gaussian with the PSF's 80 %-encircled-energy radius (a Gaussian holds 80 % within 1.794 sigma)."""
     from napari_mpt_deblur.data.defocus import blur_sigma_px, gaussian_psf
 
-    sigma = blur_sigma_px(psf)
-    return gaussian_psf(sigma, size=psf.shape[0]) if sigma > 0 else gaussian_psf(0.0, size=psf.shape[0])
+    return gaussian_psf(max(blur_sigma_px(psf), 0.0), size=psf.shape[0])
 
 
 def richardson_lucy(blurry: np.ndarray, psf: np.ndarray, iterations=RL_ITERATIONS):

@@ -183,8 +183,8 @@ class SuiteValidation:
 
     Has the interface of :class:`~napari_mpt_deblur.training.engine.Validation`
     (``evaluate``) plus :meth:`selection_score`, which the training loop uses to keep
-    the best checkpoint beside the output. A blur-conditioned model is told each case's
-    blur width, as Richardson-Lucy with a Gaussian is.
+    the best checkpoint beside the output. A blur-conditioned model is scored both told
+    each case's blur width, as Richardson-Lucy with a Gaussian is, and not told it.
     """
 
     cases: list[SuiteCase] = field(default_factory=suite_cases)
