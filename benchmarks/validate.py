@@ -8,7 +8,8 @@ For every strength the table gives mean PSNR and SSIM of:
 
 * the blurry input;
 * the model (whole planes, fp32; colour channel by channel); a model that takes the blur's
-  width is given it, as Richardson-Lucy with a Gaussian is (``--width judged``: not given);
+  width is given it, as Richardson-Lucy with a Gaussian is (``--width judged``: not given, so
+  a model with its own estimator uses its estimate, and ``--per-case`` lists the estimates);
 * Richardson-Lucy given the true PSF (best of 5-100 iterations, scored against the truth);
 * Richardson-Lucy given a Gaussian of the PSF's 80 %-energy width (best iterations);
 * a Wiener filter given the true PSF (noise-to-signal ratio tuned against the truth).
@@ -30,6 +31,7 @@ Examples::
 
     python benchmarks/validate.py --model default
     python benchmarks/validate.py --model default --width judged
+    python benchmarks/validate.py --model est.safetensors --width judged --per-case   # and its width estimates
     python benchmarks/validate.py --model default --width-error 0.75 --orientations 1
     python benchmarks/validate.py --model candidate.safetensors --against default.json
     python benchmarks/validate.py --model run.best.safetensors \\
@@ -117,6 +119,29 @@ def print_tables(rows: list[dict], per_case: bool) -> None:
         for row in rows:
             figures = " ".join(f"{row[m][0]:12.2f}" for m in METHODS)
             print(f"{row['image']:48s} {row['strength']:10s} {figures} {row['model_worst'][0]:12.2f}")
+
+
+def record_estimates(model, cases, rows: list[dict]) -> None:
+    """Each case's true blur width and the model's own estimate of it (as stored; colour: mean of the channels)."""
+    from napari_mpt_deblur.data.defocus import blur_sigma_px
+    from napari_mpt_deblur.inference import estimate_blur_width
+
+    for case, row in zip(cases, rows):
+        planes = [case.blurry] if case.blurry.ndim == 2 else [case.blurry[..., c] for c in range(case.blurry.shape[-1])]
+        row["width_true"] = blur_sigma_px(case.psf)
+        row["width_estimated"] = float(np.mean([estimate_blur_width(model, plane) for plane in planes]))
+
+
+def print_estimates(rows: list[dict]) -> None:
+    ratios = np.array([row["width_estimated"] / row["width_true"] for row in rows])
+    print("\nblur width (px): true, and the model's own estimate (as stored)")
+    for row in rows:
+        true, estimated = row["width_true"], row["width_estimated"]
+        print(f"{row['image']:48s} {row['strength']:10s} {true:6.2f} {estimated:6.2f} x{estimated / true:.2f}")
+    print(
+        f"estimate / true: median x{np.median(ratios):.2f}, from x{ratios.min():.2f} to x{ratios.max():.2f}; "
+        f"above the true width in {int((ratios > 1).sum())} of {len(ratios)} cases"
+    )
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -236,12 +261,16 @@ def main() -> None:
         worst_orientation = int(np.argmin(row["model_orientations"]))
         row["model_worst"] = [scores[worst_orientation][0], worst_orientation]
         worst_outputs.append(outputs[worst_orientation])
+    if model.config.blur_estimator and args.width == "judged":
+        record_estimates(model, cases, rows)
     width = width_label(model, args.width)
     if model.config.blur_conditioned and args.width == "given" and args.width_error != 1:
         width += f" x {args.width_error:g}"
     step = model.card.provenance.get("step", "?")
     print(f"model {args.model} (step {step}), {orientations} orientations per case{width}")
     print_tables(rows, args.per_case)
+    if args.per_case and "width_estimated" in rows[0]:
+        print_estimates(rows)
     result = verdict(rows)
     if earlier:
         result.update(paired(rows, earlier))

@@ -103,9 +103,9 @@ def test_a_plane_of_one_tile_is_cut_for_the_workers_unless_planes_run_side_by_si
     calls = []
     forward = Deblurrer._network
 
-    def record(self: Deblurrer, x: torch.Tensor) -> torch.Tensor:
+    def record(self: Deblurrer, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
         calls.append((threading.current_thread().name, torch.get_num_threads(), tuple(x.shape[-2:])))
-        return forward(self, x)
+        return forward(self, x, width)
 
     monkeypatch.setattr(Deblurrer, "_network", record)
     with torch_threads(2):
@@ -136,11 +136,11 @@ def test_a_failing_plane_fails_the_job_and_leaves_no_worker(
     calls = []
     forward = Deblurrer._network
 
-    def fail_on_third(self: Deblurrer, x: torch.Tensor) -> torch.Tensor:
+    def fail_on_third(self: Deblurrer, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("plane failed")
-        return forward(self, x)
+        return forward(self, x, width)
 
     monkeypatch.setattr(Deblurrer, "_network", fail_on_third)
     with torch_threads(2), pytest.raises(RuntimeError, match="plane failed"):

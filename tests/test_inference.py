@@ -300,10 +300,10 @@ def test_out_of_memory_retries_with_smaller_batches_and_tiles(model):
     deblurrer = Deblurrer(model, DeblurSettings(tile=128, overlap=16, batch=4))
     real_network = deblurrer._network
 
-    def small_passes_only(x):
+    def small_passes_only(x, width=None):
         if x.shape[0] > 1 or x.shape[-1] > 64:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_network(x)
+        return real_network(x, width)
 
     deblurrer._network = small_passes_only
     plane = np.random.default_rng(9).random((150, 170)).astype(np.float32)
@@ -316,7 +316,7 @@ def test_out_of_memory_retries_with_smaller_batches_and_tiles(model):
     strict.tile_growth = 1.0  # as the back-off left it
     np.testing.assert_allclose(deblur_array(deblurrer, plane), deblur_array(strict, plane), atol=1e-6)
 
-    def never(x):
+    def never(x, width=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     deblurrer._network = never

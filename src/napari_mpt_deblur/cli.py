@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import MEDIA, PRECISIONS, ConfigError
-from .training.config import L1_WEIGHTINGS, PIXEL_LOSSES, TrainConfig
+from .training.config import L1_WEIGHTINGS, PIXEL_LOSSES, EstimatorRecipe, TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
 
@@ -158,6 +159,59 @@ def cmd_grow(args: argparse.Namespace) -> None:
     added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
     print(f"wrote {output}: {added_what} ({added:,} parameters), the same output as {args.model}")
     print(next_step)
+
+
+def cmd_train_estimator(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .models.files import load_model, save_model
+    from .training.blur_width import iter_train_blur_estimator
+    from .training.data import prepare_training
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    model = load_model(args.model)
+    if not model.config.blur_conditioned:
+        raise UsageError(
+            f"{args.model} takes no blur width, so it has no use for an estimate of it: "
+            "grow it with 'mpt-deblur grow --blur-width' and train it first"
+        )
+    try:
+        recipe = EstimatorRecipe(
+            steps=args.steps, pool=args.pool, batch=args.batch, patch=args.patch, seed=args.seed, workers=args.workers
+        )
+        data = prepare_training(sharp=args.sharp, bundled=args.bundled, denoise_targets=args.denoise_targets)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    except ImportError as error:
+        raise UsageError(f"--bundled needs: pip install 'napari-mpt-deblur[train]' ({error})") from None
+    steps, last = iter_train_blur_estimator(model, data.sampler, recipe), None
+    with tqdm(disable=args.quiet, dynamic_ncols=True) as bar:
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as finished:
+                trained = finished.value
+                break
+            bar.set_description("drawing patches" if event.phase == "drawing" else "training")
+            bar.total, bar.n = event.total, event.done
+            if event.held_out_error is not None:
+                bar.set_postfix_str(f"loss {event.loss:.3f}; held out: off by x{math.exp(event.held_out_error):.2f}")
+                last = event
+            bar.refresh()
+    record = {
+        **{key: value for key, value in vars(recipe).items()},
+        "trained_on": data.provenance,
+        "held_out_log_error": last.held_out_error,
+        "held_out_above": last.held_out_above,
+        "minutes": round(last.elapsed_s / 60, 1),
+    }
+    save_model(trained, output, provenance={**model.card.provenance, "blur_estimator": record})
+    print(
+        f"wrote {output}: its estimate of the blur's width is off by a factor of {math.exp(last.held_out_error):.2f} "
+        f"on held-out patches (geometric mean), above the true width for {100 * last.held_out_above:.0f} % of them; "
+        "deblur with it and no --blur-sigma to use it"
+    )
 
 
 def cmd_export_bioimageio(args: argparse.Namespace) -> None:
@@ -1119,6 +1173,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grow.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     grow.set_defaults(run=cmd_grow)
+
+    estimator = commands.add_parser(
+        "train-estimator",
+        help="teach a model that takes the blur's width to estimate it from each plane itself",
+        description="Add to a blur-conditioned model (grow --blur-width, trained) a small network that reads the "
+        "blur's width from each plane, and train it alone on defocused patches (drawn once, in worker processes). "
+        "The deblurring weights stay as they are. Deblurring then uses the estimate whenever no --blur-sigma is given.",
+    )
+    estimator.add_argument("model", help="blur-conditioned model file")
+    source = estimator.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sharp", nargs="+", metavar="PATH", help="sharp TIFFs or folders, defocused on the fly")
+    source.add_argument("--bundled", action="store_true", help="the bundled microscopy (needs the [train] extra)")
+    estimator.add_argument(
+        "--denoise-targets", action="store_true", help="with --sharp: suppress the sharp images' camera noise first"
+    )
+    estimator.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    defaults = EstimatorRecipe()
+    estimator.add_argument("--steps", type=int, default=defaults.steps, help=f"default {defaults.steps}")
+    estimator.add_argument(
+        "--pool", type=int, default=defaults.pool, help=f"defocused patches drawn once (default {defaults.pool})"
+    )
+    estimator.add_argument("--batch", type=int, default=defaults.batch, help=f"default {defaults.batch}")
+    estimator.add_argument("--patch", type=int, default=defaults.patch, help=f"default {defaults.patch}")
+    estimator.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    estimator.add_argument(
+        "--workers", type=int, default=defaults.workers, help=f"processes drawing patches (default {defaults.workers})"
+    )
+    estimator.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    estimator.add_argument("--quiet", action="store_true", help="no progress bar")
+    estimator.set_defaults(run=cmd_train_estimator)
 
     export = commands.add_parser(
         "export-bioimageio",

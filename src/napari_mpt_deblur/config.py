@@ -201,6 +201,11 @@ class MPTConfig(FrozenConfig):
     each stage's input is then scaled and shifted per channel by a function of it. Without a width it
     judges the blur from the image alone, as an unconditioned network does."""
 
+    blur_estimator: bool = False
+    """Whether a blur-conditioned network carries its own estimate of the width
+    (:class:`~napari_mpt_deblur.models.blur_width.BlurWidthEstimator`), read from each plane and used
+    whenever no width is given. Without one, a network told no width judges the blur itself."""
+
     def __post_init__(self) -> None:
         # Normalise sequences so JSON lists and tuples compare equal; bound every number first, so that
         # no card can ask for an absurd network (the checks below, and MPT itself, trust these ranges).
@@ -222,6 +227,10 @@ class MPTConfig(FrozenConfig):
         object.__setattr__(self, "window_size", _integer("window_size", self.window_size, 2, MAX_WINDOW))
         if not isinstance(self.blur_conditioned, bool):
             raise ConfigError(f"blur_conditioned must be true or false, got {self.blur_conditioned!r}")
+        if not isinstance(self.blur_estimator, bool):
+            raise ConfigError(f"blur_estimator must be true or false, got {self.blur_estimator!r}")
+        if self.blur_estimator and not self.blur_conditioned:
+            raise ConfigError("blur_estimator needs blur_conditioned: only such a network can use a width")
         self._validate()
 
     def _validate(self) -> None:

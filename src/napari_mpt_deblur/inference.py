@@ -314,8 +314,19 @@ class Deblurrer:
     def tiles_per_plane(self, height: int, width: int) -> int:
         return len(self.tile_windows(height, width))
 
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        width = self.settings.blur_sigma_px  # only a blur-conditioned model is given one (__init__ checks)
+    def unit_width(self, scaled: torch.Tensor) -> float | None:
+        """The blur width the network is told for one normalised (C, H, W) unit, or None (it judges the blur).
+
+        The settings' width when there is one (only a blur-conditioned model is given one: ``__init__``
+        checks); else the model's own estimate from the whole unit when it carries an estimator
+        (``MPTConfig.blur_estimator``), so that every tile of a plane is told the same width.
+        """
+        if self.settings.blur_sigma_px is not None:
+            return self.settings.blur_sigma_px
+        estimator = getattr(self.model, "blur_estimator", None)
+        return None if estimator is None else estimator.estimate(scaled)
+
+    def _network(self, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
         arguments = (x,) if width is None else (x, width)
         if self.autocast is None:
             return self.model(*arguments)
@@ -363,8 +374,9 @@ class Deblurrer:
         while True:
             try:
                 with torch.inference_mode():
+                    network = functools.partial(self._network, width=self.unit_width(x[0]))
                     steps = iter_tiled_forward(
-                        self._network,
+                        network,
                         x,
                         self.tile,
                         self.overlap,
@@ -636,6 +648,20 @@ def iter_deblur(
             index, result = item
             out[index] = result
     return out
+
+
+def estimate_blur_width(model: MPT, plane: np.ndarray, settings: DeblurSettings | None = None) -> float | None:
+    """The blur width (pixels) the engine would tell ``model`` for one 2-D ``plane`` given no width, or None.
+
+    None when the model carries no estimator (``MPTConfig.blur_estimator``): it then judges the blur
+    itself. The plane is normalised as the engine normalises it (the settings', else the model file's).
+    """
+    deblurrer = Deblurrer(model, replace(settings or DeblurSettings(), blur_sigma_px=None))
+    values = np.asarray(plane, dtype=np.float32)[None]
+    low, high = intensity_range(values, deblurrer.normalization)
+    scaled = torch.from_numpy((values - low) / (high - low)).to(deblurrer.device)
+    with torch.inference_mode():
+        return deblurrer.unit_width(scaled)
 
 
 def deblur_array(

@@ -96,12 +96,13 @@ class MPTConfig:
     """The architecture of a napari-mpt-deblur model card (napari_mpt_deblur.config.MPTConfig, inlined)."""
 
     def __init__(self, in_channels=1, out_channels=1, dim=40, num_blocks=(6, 6, 6, 6), heads=(1, 2, 4, 8),
-                 scales=(), ffn_expansion=2.6, window_size=8, pairing="aligned", blur_conditioned=False):
+                 scales=(), ffn_expansion=2.6, window_size=8, pairing="aligned", blur_conditioned=False,
+                 blur_estimator=False):
         self.in_channels, self.out_channels, self.dim = int(in_channels), int(out_channels), int(dim)
         self.num_blocks, self.heads = tuple(num_blocks), tuple(heads)
         self.scales = tuple(tuple(float(r) for r in level) for level in scales)
         self.ffn_expansion, self.window_size, self.pairing = float(ffn_expansion), int(window_size), pairing
-        self.blur_conditioned = bool(blur_conditioned)
+        self.blur_conditioned, self.blur_estimator = bool(blur_conditioned), bool(blur_estimator)
 
     @property
     def size_multiple(self):
@@ -115,7 +116,7 @@ def build_mpt(**architecture):
     """The MPT network a model card's ``architecture`` describes (weights not loaded)."""
     return MPT(MPTConfig(**architecture))
 '''
-_ARCHITECTURE_MODULES = ("ops", "strips", "windows", "mpt")
+_ARCHITECTURE_MODULES = ("ops", "strips", "windows", "blur_width", "mpt")
 """The network's modules, as the architecture file inlines them: each needs only those before it."""
 
 
@@ -173,7 +174,7 @@ def architecture_source() -> str:
     """The source of the self-contained architecture file: the network's modules in one, configuration inlined.
 
     ``models/mpt.py``'s docstring, the standard imports of the modules in
-    ``_ARCHITECTURE_MODULES`` (``ops``, ``strips``, ``windows``, ``mpt``), their
+    ``_ARCHITECTURE_MODULES`` (``ops``, ``strips``, ``windows``, ``blur_width``, ``mpt``), their
     code in that order without their imports from the package, and a plain
     ``MPTConfig`` with ``build_mpt`` at the end.
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MPTConfig
+from .blur_width import BlurWidthEstimator
 from .ops import (
     batch_rows,
     depthwise_conv3x3,
@@ -503,6 +504,7 @@ class MPT(nn.Module):
         self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
         stage_widths = (*widths[:3], widths[3], *widths[2::-1])  # encoders, latent, decoders
         self.blur_modulation = BlurModulation(stage_widths) if config.blur_conditioned else None
+        self.blur_estimator = BlurWidthEstimator(config.in_channels) if config.blur_estimator else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -518,9 +520,14 @@ class MPT(nn.Module):
             stage.reset_parameters()
         if self.blur_modulation is not None:  # last: the unconditioned network's draws stay as they were
             self.blur_modulation.reset_parameters()
+        # the estimator's own draws happen at its construction; it is trained apart (training.blur_width)
 
     def forward(self, x: Tensor, blur_sigma_px: float | Tensor | None = None) -> Tensor:
-        """Deblur ``x`` (B, C, H, W); ``blur_sigma_px``: the blur's width, one for all or (B,), NaN or None: unknown."""
+        """Deblur ``x`` (B, C, H, W); ``blur_sigma_px``: the blur's width, one for all or (B,).
+
+        None: the network's own estimate of each image's width when it has a
+        :class:`~.blur_width.BlurWidthEstimator`, else unknown; NaN: unknown (the network judges the blur itself).
+        """
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
         pairs = self._stage_modulation(blur_sigma_px, x)
@@ -545,7 +552,8 @@ class MPT(nn.Module):
                 raise ValueError("this network takes no blur width (its architecture is not blur_conditioned)")
             return [None] * 7
         if blur_sigma_px is None:
-            blur_sigma_px = float("nan")
+            # the estimate is detached: the estimator learns the width alone (training.blur_width), not from deblurring
+            blur_sigma_px = float("nan") if self.blur_estimator is None else self.blur_estimator(x).detach()
         sigma = torch.as_tensor(blur_sigma_px, dtype=torch.float32, device=x.device).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])

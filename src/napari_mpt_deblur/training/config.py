@@ -15,6 +15,11 @@ PIXEL_LOSSES = ("l1", "mse", "psnr", "log_l1")
 INPUT_ERROR_FLOOR = 0.02
 """Input error (normalised intensity) below which ``input_error`` weighting stops growing a sample's weight."""
 
+WIDTH_QUANTILE = 0.7
+"""The quantile of the true blur width, given the image, that a blur-width estimator is trained to give: above
+the median, because a width told too wide costs the deblurring network little and one told too narrow leaves
+blur in place (experiment 14 in docs/benchmarks.md)."""
+
 
 @dataclass(frozen=True)
 class TrainConfig(FrozenConfig):
@@ -181,3 +186,30 @@ class TrainConfig(FrozenConfig):
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EstimatorRecipe:
+    """How ``mpt-deblur train-estimator`` trains a network's blur-width estimator (recorded in its model file)."""
+
+    steps: int = 5000
+    """Optimizer steps (Adam, cosine schedule from ``lr`` to ``lr / 50``)."""
+    pool: int = 24000
+    """Defocused patches drawn once; 1/24 of them is held out to report the error."""
+    batch: int = 16
+    patch: int = 192
+    """Side of the pooled patches; each step crops all of its batch to one side drawn in ``patch/2 .. patch``."""
+    scale_range: tuple[float, float] = (0.45, 1.8)
+    """Zoom range of the crops, as in training the network."""
+    lr: float = 1e-3
+    quantile: float = WIDTH_QUANTILE
+    """The quantile of the true width, given the image, the estimator learns to give."""
+    seed: int = 0
+    workers: int = 2
+    """Processes drawing the pool."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.pool < 48 or self.batch < 1 or self.patch < 32 or self.workers < 1:
+            raise ConfigError("steps, batch and workers must be at least 1, pool at least 48 and patch at least 32")
+        if not 0 < self.quantile < 1:
+            raise ConfigError(f"quantile must lie between 0 and 1, got {self.quantile:g}")

@@ -683,6 +683,8 @@ def iter_train(
             )
             withheld = numpy_rng.random(len(drawn)) < config.blur_width_dropout
             widths = torch.from_numpy(np.where(withheld, np.nan, drawn).astype(np.float32)).to(device)
+            if model.blur_estimator is not None:  # told no width, it is told its own estimate: train it so
+                widths = _estimates_where_withheld(model, blurry, widths, device)
         else:
             blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
@@ -744,6 +746,15 @@ def parameter_groups(model: MPT, parameters: list[torch.nn.Parameter], config: T
         {"params": [p for p in parameters if id(p) in own], "lr_scale": config.modulation_lr_scale},
     ]
     return [group for group in groups if group["params"]]
+
+
+@torch.no_grad()
+def _estimates_where_withheld(
+    model: MPT, blurry: np.ndarray, widths: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """``widths`` with the withheld ones (NaN) replaced by the network's own estimate of each sample's width."""
+    estimates = model.blur_estimator(torch.from_numpy(blurry).to(device))
+    return torch.where(torch.isnan(widths), estimates, widths)
 
 
 def blur_widths_trained(model: MPT, sampler: PairSampler, config: TrainConfig) -> bool:

@@ -1,0 +1,238 @@
+"""A blur-conditioned network's own estimate of the width: read per plane, told to every tile, trained alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import pattern_pairs, tiny_config
+from napari_mpt_deblur import MPT, load_model, save_model
+from napari_mpt_deblur.config import ConfigError, DeblurSettings, MPTConfig
+from napari_mpt_deblur.data.defocus import DefocusConfig
+from napari_mpt_deblur.inference import deblur_array
+from napari_mpt_deblur.models.blur_width import ESTIMATE_CROP, BlurWidthEstimator, _crop_starts, quantile_loss
+from napari_mpt_deblur.training.blur_width import iter_train_blur_estimator, with_blur_estimator
+from napari_mpt_deblur.training.config import EstimatorRecipe
+from napari_mpt_deblur.training.patches import SyntheticPairs
+
+
+def conditioned(seed: int = 0, estimator: bool = True) -> MPT:
+    """A tiny blur-conditioned network with every weight random, as a trained one has."""
+    torch.manual_seed(seed)
+    model = MPT(tiny_config(blur_conditioned=True, blur_estimator=estimator))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def test_only_a_network_that_takes_a_width_can_carry_an_estimate_of_it():
+    with pytest.raises(ConfigError, match="blur_estimator needs blur_conditioned"):
+        tiny_config(blur_estimator=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        tiny_config(blur_conditioned=True, blur_estimator="yes")
+    assert MPTConfig.from_dict(tiny_config(blur_conditioned=True, blur_estimator=True).to_dict()).blur_estimator
+    assert MPT(tiny_config(blur_conditioned=True)).blur_estimator is None
+
+
+def test_the_estimate_is_a_width_per_image_and_a_large_plane_is_read_in_crops():
+    torch.manual_seed(0)
+    estimator = BlurWidthEstimator().eval()
+    with torch.no_grad():
+        widths = estimator(torch.rand(3, 1, 64, 80))
+    assert widths.shape == (3,) and bool((widths >= 0).all())
+    small = torch.rand(1, 100, 120)
+    with torch.no_grad():
+        whole = float(estimator(small[None])[0])
+    assert estimator.estimate(small) == pytest.approx(whole, abs=1e-5)
+    # a large plane: three crops a side, spread evenly from edge to edge, their log-widths averaged
+    assert _crop_starts(ESTIMATE_CROP) == [0]
+    assert _crop_starts(1200) == [0, 344, 688]
+    assert _crop_starts(700) == [0, 188]
+    large = torch.rand(1, 1200, 700)
+    crops = [large[None, :, t : t + ESTIMATE_CROP, s : s + ESTIMATE_CROP] for t in (0, 344, 688) for s in (0, 188)]
+    with torch.no_grad():
+        log_width = torch.stack([estimator.log_width(c)[0] for c in crops]).mean()
+    assert estimator.estimate(large) == pytest.approx(max(float(torch.exp(log_width)) - 0.5, 0.0), rel=1e-5)
+
+
+def test_the_quantile_loss_is_smallest_at_that_quantile_of_the_widths():
+    truth = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0] * 20)
+    candidates = torch.linspace(-1, 3, 401)
+    losses = torch.stack([quantile_loss(c.expand(len(truth)), truth, 0.7) for c in candidates])
+    best = float(torch.exp(candidates[int(losses.argmin())]) - 0.5)
+    assert best == pytest.approx(4.0, rel=0.02)  # 70 % of the widths are at or below 4
+
+
+def test_told_no_width_a_network_with_an_estimator_is_told_its_own_estimate_and_files_keep_it(tmp_path):
+    model = conditioned()
+    x = torch.rand(2, 1, 48, 40)
+    with torch.no_grad():
+        estimates = model.blur_estimator(x)
+        own = model(x)
+        torch.testing.assert_close(own, model(x, estimates), rtol=0, atol=0)
+        assert not torch.allclose(own, model(x, float("nan")))  # NaN: unknown, the network judges
+        assert not torch.allclose(own, model(x, estimates + 3))
+    save_model(model, tmp_path / "m.safetensors")
+    reloaded = load_model(tmp_path / "m.safetensors")
+    assert reloaded.config.blur_estimator
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), own, rtol=0, atol=0)
+
+
+def test_the_engine_tells_every_tile_of_a_plane_that_planes_estimate(monkeypatch):
+    model = conditioned()
+    seen = []
+
+    def estimate(plane: torch.Tensor) -> float:
+        seen.append(tuple(plane.shape))
+        return 1.7 if len(seen) == 1 else 0.4
+
+    monkeypatch.setattr(model.blur_estimator, "estimate", estimate)
+    stack = np.stack([pattern_pairs(1, 96, seed=s)[0][0] for s in (1, 2)])
+    tiled = DeblurSettings(tile=64, overlap=16, device="cpu", precision="fp32")
+    out = deblur_array(model, stack, axes="ZYX", settings=tiled)
+    assert seen == [(1, 96, 96), (1, 96, 96)]  # once per plane, the whole plane, whatever the tiles
+    for index, width in enumerate((1.7, 0.4)):
+        told = DeblurSettings(tile=64, overlap=16, device="cpu", precision="fp32", blur_sigma_px=width)
+        np.testing.assert_allclose(out[index], deblur_array(model, stack[index], axes="YX", settings=told), atol=1e-6)
+    # a width the user gives wins over the estimate
+    seen.clear()
+    deblur_array(model, stack[0], axes="YX", settings=DeblurSettings(tile=64, device="cpu", blur_sigma_px=2.0))
+    assert seen == []
+
+
+@pytest.mark.slow
+def test_training_the_estimator_changes_only_it_and_learns_which_patches_are_blurred():
+    torch.manual_seed(0)
+    plain = conditioned(estimator=False)
+    planes = [pattern_pairs(1, 160, seed=s)[1][0] for s in range(4)]
+    defocus = DefocusConfig(
+        kinds=("gaussian",), gaussian_sigma=(0.0, 5.0), no_blur_probability=0.3, photons=(2000.0, 2000.0)
+    )
+    sampler = SyntheticPairs(planes, defocus, margin=16)
+    recipe = EstimatorRecipe(steps=1200, pool=480, batch=8, patch=48, workers=1, scale_range=(1.0, 1.0))
+    steps = iter_train_blur_estimator(plain, sampler, recipe)
+    events = []
+    while True:
+        try:
+            events.append(next(steps))
+        except StopIteration as finished:
+            model = finished.value
+            break
+    assert [e.phase for e in events[:2]] == ["drawing", "drawing"] and events[-1].phase == "training"
+    assert events[-1].done == 1200 and events[-1].held_out_error is not None
+    assert model.config.blur_estimator and plain.blur_estimator is None  # a copy; the model given is unchanged
+    deblurring = {k: v for k, v in model.state_dict().items() if not k.startswith("blur_estimator.")}
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(deblurring[key], value, rtol=0, atol=0)
+    # fresh draws: the estimate follows the true width
+    blurry, _, widths = sampler.sample_with_widths(np.random.default_rng(99), 64, 48, (1.0, 1.0))
+    with torch.no_grad():
+        estimates = model.blur_estimator(torch.from_numpy(blurry)).numpy()
+    assert np.corrcoef(estimates, widths)[0, 1] > 0.5
+    assert events[-1].held_out_error < _constant_error(widths)
+
+
+def _constant_error(widths: np.ndarray) -> float:
+    """The mean absolute log error of the best constant guess (the median), what learning nothing scores."""
+    logs = np.log(widths + 0.5)
+    return float(np.abs(logs - np.median(logs)).mean())
+
+
+def test_an_estimator_is_added_only_to_a_network_that_takes_a_width():
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="takes the blur's width"):
+        next(iter_train_blur_estimator(MPT(tiny_config()), None, EstimatorRecipe(workers=1)))
+    grown = with_blur_estimator(conditioned(estimator=False))
+    assert grown.config.blur_estimator and isinstance(grown.blur_estimator, BlurWidthEstimator)
+    with pytest.raises(ConfigError, match="quantile"):
+        EstimatorRecipe(quantile=1.0)
+
+
+def test_cli_trains_an_estimator_in_worker_processes_and_records_it(tmp_path, capsys):
+    import tifffile
+
+    from napari_mpt_deblur.cli import main
+
+    source = tmp_path / "conditioned.safetensors"
+    save_model(conditioned(estimator=False), source)
+    sharp = tmp_path / "sharp"
+    sharp.mkdir()
+    for seed in range(3):
+        tifffile.imwrite(sharp / f"p{seed}.tif", (pattern_pairs(1, 128, seed=seed)[1][0] * 1000).astype(np.uint16))
+    out = tmp_path / "with-estimator.safetensors"
+    arguments = ["train-estimator", str(source), "--sharp", str(sharp), "-o", str(out), "--quiet"]
+    assert main([*arguments, "--steps", "3", "--pool", "96", "--patch", "48", "--batch", "4", "--workers", "2"]) == 0
+    assert "on held-out patches" in capsys.readouterr().out
+    model = load_model(out)
+    record = model.card.provenance["blur_estimator"]
+    assert model.config.blur_estimator and record["steps"] == 3 and record["pool"] == 96
+    assert "held_out_log_error" in record
+    assert main([*arguments, "--steps", "3"]) == 2  # the output exists
+    plain = tmp_path / "plain.safetensors"
+    torch.manual_seed(0)
+    save_model(MPT(tiny_config()), plain)
+    capsys.readouterr()
+    assert main(["train-estimator", str(plain), "--sharp", str(sharp), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "takes no blur width" in capsys.readouterr().err
+
+
+def test_trained_with_widths_a_network_with_an_estimator_is_told_its_estimate_where_one_is_withheld(
+    tmp_path, monkeypatch
+):
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import train
+
+    sharp = pattern_pairs(2, 96)[1]
+    defocus = DefocusConfig(kinds=("gaussian",), gaussian_sigma=(0.5, 4.0), no_blur_probability=0.0)
+    sampler = SyntheticPairs(sharp, defocus, margin=16)
+    model = conditioned()
+    recipe = TrainConfig(
+        steps=6, batch_size=4, patch_size=32, scale_range=(1.0, 1.0), lr=1e-3, efcr_beta=0.0, device="cpu",
+        blur_width_dropout=0.5,
+    )  # fmt: skip
+    told, estimated = [], []
+    forward, estimate = MPT.forward, BlurWidthEstimator.forward
+
+    def recording_forward(self, x, blur_sigma_px=None):
+        told.append(None if blur_sigma_px is None else blur_sigma_px.clone())
+        return forward(self, x, blur_sigma_px)
+
+    def recording_estimate(self, x):
+        widths = estimate(self, x)
+        estimated.append(widths.clone())
+        return widths
+
+    monkeypatch.setattr(MPT, "forward", recording_forward)
+    monkeypatch.setattr(BlurWidthEstimator, "forward", recording_estimate)
+    estimator_before = {k: v.clone() for k, v in model.blur_estimator.state_dict().items()}
+    trained = train(model, sampler, tmp_path / "m.safetensors", recipe)
+    given = torch.cat([w for w in told if w is not None and w.numel() > 1])
+    assert given.numel() == 6 * 4 and bool(torch.isfinite(given).all())  # none unknown: withheld means estimated
+    from_estimates = torch.cat(estimated)
+    assert len(estimated) == 6  # one estimate of each step's batch
+    withheld = torch.isin(given, from_estimates)
+    assert 0 < int(withheld.sum()) < given.numel()
+    for key, value in trained.blur_estimator.state_dict().items():  # the estimator is not trained by deblurring
+        torch.testing.assert_close(value, estimator_before[key], rtol=0, atol=0)
+
+
+def test_the_estimate_the_engine_would_use_can_be_asked_for_a_plane():
+    from napari_mpt_deblur.inference import estimate_blur_width
+    from napari_mpt_deblur.normalization import intensity_range
+
+    model = conditioned()
+    plane = (pattern_pairs(1, 80, seed=3)[0][0] * 1000 + 100).astype(np.uint16)
+    low, high = intensity_range(plane.astype(np.float32)[None], model_normalization(model))
+    scaled = torch.from_numpy(((plane.astype(np.float32) - low) / (high - low))[None])
+    assert estimate_blur_width(model, plane) == pytest.approx(model.blur_estimator.estimate(scaled), rel=1e-6)
+    assert estimate_blur_width(conditioned(estimator=False), plane) is None
+
+
+def model_normalization(model):
+    from napari_mpt_deblur.config import IntensityNormalization
+
+    card = getattr(model, "card", None)
+    return card.normalization if card else IntensityNormalization()
