@@ -12,7 +12,8 @@ from napari_mpt_deblur.config import ConfigError, DeblurSettings, MPTConfig
 from napari_mpt_deblur.data.defocus import DefocusConfig
 from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.models.blur_width import ESTIMATE_CROP, BlurWidthEstimator, _crop_starts, quantile_loss
-from napari_mpt_deblur.training.blur_width import iter_train_blur_estimator, with_blur_estimator
+from napari_mpt_deblur.models.grow import add_blur_estimator
+from napari_mpt_deblur.training.blur_width import iter_train_blur_estimator
 from napari_mpt_deblur.training.config import EstimatorRecipe
 from napari_mpt_deblur.training.patches import SyntheticPairs
 
@@ -145,7 +146,7 @@ def test_an_estimator_is_added_only_to_a_network_that_takes_a_width():
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match="takes the blur's width"):
         next(iter_train_blur_estimator(MPT(tiny_config()), None, EstimatorRecipe(workers=1)))
-    grown = with_blur_estimator(conditioned(estimator=False))
+    grown = add_blur_estimator(conditioned(estimator=False))
     assert grown.config.blur_estimator and isinstance(grown.blur_estimator, BlurWidthEstimator)
     with pytest.raises(ConfigError, match="quantile"):
         EstimatorRecipe(quantile=1.0)

@@ -92,6 +92,16 @@ def condition_on_blur(model: MPT) -> MPT:
     return _grown_copy(model, model.config.replace(blur_conditioned=True), ["blur_modulation"])
 
 
+def add_blur_estimator(model: MPT) -> MPT:
+    """A copy of a blur-conditioned ``model`` with an untrained :class:`~.blur_width.BlurWidthEstimator`.
+
+    Its other weights and its card carry over; train the estimator with ``mpt-deblur train-estimator``.
+    """
+    if not model.config.blur_conditioned:
+        raise ConfigError("only a model that takes the blur's width can use an estimate of it (grow --blur-width)")
+    return _grown_copy(model, model.config.replace(blur_estimator=True), ["blur_estimator"])
+
+
 def _grown_copy(model: MPT, config: MPTConfig, new_prefixes: list[str]) -> MPT:
     """A network of ``config`` holding ``model``'s weights, on its device, in eval mode, with its card.
 

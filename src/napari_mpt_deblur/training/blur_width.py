@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ConfigError
 from ..models.blur_width import WIDTH_OFFSET, quantile_loss
+from ..models.grow import add_blur_estimator
 from ..models.mpt import MPT
 from .config import EstimatorRecipe
 from .patches import SyntheticPairs
@@ -59,10 +59,8 @@ def iter_train_blur_estimator(
         Steps, pool and batch sizes, learning rate and seed.
     """
     recipe = recipe or EstimatorRecipe()
-    if not model.config.blur_conditioned:
-        raise ConfigError("only a model that takes the blur's width can use an estimate of it (grow --blur-width)")
     if model.blur_estimator is None:
-        model = with_blur_estimator(model)
+        model = add_blur_estimator(model)  # refuses a model that takes no width
     start = time.perf_counter()
     blurry, widths = [], []
     for chunk in _draw_pool(sampler, recipe):
@@ -96,18 +94,6 @@ def iter_train_blur_estimator(
         error, above = _held_out(estimator, held_images, held_truth) if report else (None, None)
         yield EstimatorProgress("training", step, recipe.steps, running, error, above, time.perf_counter() - start)
     return model.eval()
-
-
-def with_blur_estimator(model: MPT) -> MPT:
-    """A copy of a blur-conditioned ``model`` with an untrained estimator; its card and other weights carry over."""
-    grown = MPT(model.config.replace(blur_estimator=True))
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("blur_estimator.") for key in missing):
-        raise RuntimeError(f"adding the estimator moved existing weights ({missing[:3]}, {unexpected[:3]})")
-    card = getattr(model, "card", None)
-    if card is not None:
-        grown.card = card.replace(architecture=grown.config)
-    return grown.to(next(model.parameters()).device)
 
 
 @torch.no_grad()
