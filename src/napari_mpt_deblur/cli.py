@@ -165,6 +165,7 @@ def cmd_train_estimator(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .models.files import load_model, save_model
+    from .runtime import run_to_end
     from .training.blur_width import iter_train_blur_estimator
     from .training.data import prepare_training
 
@@ -185,22 +186,22 @@ def cmd_train_estimator(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     except ImportError as error:
         raise UsageError(f"--bundled needs: pip install 'napari-mpt-deblur[train]' ({error})") from None
-    steps, last = iter_train_blur_estimator(model, data.sampler, recipe), None
+    reports = []  # the events that carry a held-out figure; the last is recorded
+
     with tqdm(disable=args.quiet, dynamic_ncols=True) as bar:
-        while True:
-            try:
-                event = next(steps)
-            except StopIteration as finished:
-                trained = finished.value
-                break
+
+        def show(event) -> None:
             bar.set_description("drawing patches" if event.phase == "drawing" else "training")
             bar.total, bar.n = event.total, event.done
             if event.held_out_error is not None:
                 bar.set_postfix_str(f"loss {event.loss:.3f}; held out: off by x{math.exp(event.held_out_error):.2f}")
-                last = event
+                reports.append(event)
             bar.refresh()
+
+        trained = run_to_end(iter_train_blur_estimator(model, data.sampler, recipe), show)
+    last = reports[-1]
     record = {
-        **{key: value for key, value in vars(recipe).items()},
+        **vars(recipe),
         "trained_on": data.provenance,
         "held_out_log_error": last.held_out_error,
         "held_out_above": last.held_out_above,

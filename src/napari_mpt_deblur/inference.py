@@ -370,11 +370,12 @@ class Deblurrer:
     ) -> Generator[tuple[int, int, str | None], None, np.ndarray]:
         scaled = ((values.astype(np.float32) - low) / (high - low)).astype(np.float32)
         x = torch.from_numpy(scaled)[None].to(self.device)
+        with torch.inference_mode():  # once per unit, not again when running out of memory shrinks the tiles
+            network = functools.partial(self._network, width=self.unit_width(x[0]))
         messages: list[str] = []
         while True:
             try:
                 with torch.inference_mode():
-                    network = functools.partial(self._network, width=self.unit_width(x[0]))
                     steps = iter_tiled_forward(
                         network,
                         x,

@@ -19,9 +19,10 @@ WIDTH_OFFSET = 0.5
 """The estimator predicts ``log(width + WIDTH_OFFSET)``: finite for unblurred images (width 0)."""
 
 ESTIMATE_CROP = 512
-"""Planes larger than this are estimated from crops of this side (at most :data:`ESTIMATE_CROPS` of them)."""
+"""Planes larger than this are estimated from crops of this side."""
 
-ESTIMATE_CROPS = 9
+CROPS_PER_SIDE = 3
+"""Most crops along each side of a large plane (so at most nine in all)."""
 
 
 class BlurWidthEstimator(nn.Module):
@@ -30,17 +31,16 @@ class BlurWidthEstimator(nn.Module):
     Five levels of two 3x3 convolutions (the first of each from the second level on halving
     the size), group-normalised, then the features' mean over the plane and a linear layer.
 
+    An image of several channels is averaged to one first: the width is one for all channels.
+
     Parameters
     ----------
-    in_channels
-        Channels of the image (averaged first: the width is one for all channels).
     channels
         Feature width of each level.
     """
 
-    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (8, 16, 32, 48, 64)) -> None:
+    def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 48, 64)) -> None:
         super().__init__()
-        self.in_channels = in_channels
         layers: list[nn.Module] = [nn.Conv2d(1, channels[0], 3, padding=1), nn.GELU()]
         for before, after in zip(channels[:-1], channels[1:]):
             layers += _normalised_conv(before, after, stride=2) + _normalised_conv(after, after, stride=1)
@@ -60,7 +60,7 @@ class BlurWidthEstimator(nn.Module):
     def estimate(self, plane: Tensor) -> float:
         """The blur width of one (C, H, W) plane: from the whole plane, or from crops of a large one.
 
-        Crops of :data:`ESTIMATE_CROP` pixels on an even grid (at most :data:`ESTIMATE_CROPS`) keep the
+        Crops of :data:`ESTIMATE_CROP` pixels on an even grid (:data:`CROPS_PER_SIDE` a side at most) keep the
         memory of a plane of any size bounded; their log-widths are averaged.
         """
         height, width = plane.shape[-2:]
@@ -81,10 +81,10 @@ def _normalised_conv(before: int, after: int, stride: int) -> list[nn.Module]:
 
 
 def _crop_starts(length: int) -> list[int]:
-    """Starts of up to three crops spread evenly along a side (one when the side fits in a crop)."""
+    """Starts of up to :data:`CROPS_PER_SIDE` crops spread evenly along a side (one when the side fits in a crop)."""
     if length <= ESTIMATE_CROP:
         return [0]
-    count = min(3, -(-length // ESTIMATE_CROP))
+    count = min(CROPS_PER_SIDE, -(-length // ESTIMATE_CROP))
     return [round(i * (length - ESTIMATE_CROP) / (count - 1)) for i in range(count)]
 
 

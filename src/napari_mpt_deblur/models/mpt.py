@@ -504,7 +504,7 @@ class MPT(nn.Module):
         self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
         stage_widths = (*widths[:3], widths[3], *widths[2::-1])  # encoders, latent, decoders
         self.blur_modulation = BlurModulation(stage_widths) if config.blur_conditioned else None
-        self.blur_estimator = BlurWidthEstimator(config.in_channels) if config.blur_estimator else None
+        self.blur_estimator = BlurWidthEstimator() if config.blur_estimator else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
