@@ -83,25 +83,71 @@ def test_told_no_width_a_network_with_an_estimator_is_told_its_own_estimate_and_
 
 
 def test_the_engine_tells_every_tile_of_a_plane_that_planes_estimate(monkeypatch):
+    from napari_mpt_deblur.inference import estimate_blur_width
+
     model = conditioned()
     seen = []
 
     def estimate(plane: torch.Tensor) -> float:
         seen.append(tuple(plane.shape))
-        return 1.7 if len(seen) == 1 else 0.4
+        # each plane its own width, whichever order the planes run in
+        return 0.4 + 20 * abs(float(plane[..., :48].mean() - plane[..., 48:].mean()))
 
     monkeypatch.setattr(model.blur_estimator, "estimate", estimate)
     stack = np.stack([pattern_pairs(1, 96, seed=s)[0][0] for s in (1, 2)])
+    stack[1] *= 0.5 + np.linspace(0, 1, 96, dtype=np.float32)  # a brighter right side
     tiled = DeblurSettings(tile=64, overlap=16, device="cpu", precision="fp32")
     out = deblur_array(model, stack, axes="ZYX", settings=tiled)
     assert seen == [(1, 96, 96), (1, 96, 96)]  # once per plane, the whole plane, whatever the tiles
-    for index, width in enumerate((1.7, 0.4)):
+    widths = [estimate_blur_width(model, plane) for plane in stack]
+    assert abs(widths[0] - widths[1]) > 0.1
+    for index, width in enumerate(widths):
         told = DeblurSettings(tile=64, overlap=16, device="cpu", precision="fp32", blur_sigma_px=width)
         np.testing.assert_allclose(out[index], deblur_array(model, stack[index], axes="YX", settings=told), atol=1e-6)
     # a width the user gives wins over the estimate
     seen.clear()
     deblur_array(model, stack[0], axes="YX", settings=DeblurSettings(tile=64, device="cpu", blur_sigma_px=2.0))
     assert seen == []
+
+
+def test_the_widths_a_model_judged_are_kept_and_told_in_words(monkeypatch):
+    from napari_mpt_deblur.inference import Deblurrer, describe_estimated_widths, width_summary
+
+    model = conditioned()
+    judged = [2.5, 0.9, 1.5]
+    # pop is atomic: the planes run side by side
+    monkeypatch.setattr(model.blur_estimator, "estimate", lambda plane: judged.pop(0))
+    stack = np.stack([pattern_pairs(1, 64, seed=s)[0][0] for s in (1, 2, 3)])
+    deblurrer = Deblurrer(model, DeblurSettings(tile=0, device="cpu", precision="fp32"))
+    deblur_array(deblurrer, stack, axes="ZYX")
+    assert sorted(deblurrer.estimated_widths) == [0.9, 1.5, 2.5]
+    assert describe_estimated_widths(deblurrer.estimated_widths) == (
+        "blur width estimated at 0.9-2.5 px (median 1.5) over 3 planes"
+    )
+    assert describe_estimated_widths([1.96]) == "blur width estimated at 2.0 px"
+    assert describe_estimated_widths([]) is None
+    assert width_summary([2.5, 0.9, 1.5]) == {"planes": 3, "min_px": 0.9, "median_px": 1.5, "max_px": 2.5}
+    # a width the user gives, or a model without an estimator: nothing judged, nothing to tell
+    told = Deblurrer(model, DeblurSettings(tile=0, device="cpu", blur_sigma_px=1.0))
+    deblur_array(told, stack[0], axes="YX")
+    assert told.estimated_widths == []
+    plain = Deblurrer(conditioned(estimator=False), DeblurSettings(tile=0, device="cpu"))
+    deblur_array(plain, stack[0], axes="YX")
+    assert plain.estimated_widths == []
+
+
+def test_cli_deblur_says_the_width_it_judged_per_file(tmp_path, capsys):
+    import tifffile
+
+    from napari_mpt_deblur.cli import main
+    from napari_mpt_deblur.inference import estimate_blur_width
+
+    model_file = save_model(conditioned(), tmp_path / "judges.safetensors")
+    plane = (pattern_pairs(1, 64, seed=4)[0][0] * 1000 + 100).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", plane)
+    assert main(["deblur", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--model", str(model_file)]) == 0
+    width = estimate_blur_width(load_model(model_file), plane)
+    assert f"; blur width estimated at {width:.1f} px" in capsys.readouterr().out
 
 
 @pytest.mark.slow

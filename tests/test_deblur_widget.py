@@ -255,6 +255,39 @@ def test_eager_deblur_adds_a_matching_layer(qtbot, viewer_and_widget, grey_model
     assert [len(widget.focus_plot.series[name]) for name in ("input", "output")] == [3, 3]
 
 
+def test_a_model_that_judges_the_width_says_what_it_judged(qtbot, viewer_and_widget, registry, tmp_path, records):
+    import torch
+
+    from napari_mpt_deblur.inference import estimate_blur_width
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(blur_conditioned=True, blur_estimator=True))
+    with torch.no_grad():
+        for parameter in model.blur_estimator.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))  # an untrained estimator says the same for anything
+    registry.add_model_file(save_model(model, tmp_path / "judges.safetensors"))
+    viewer, widget = viewer_and_widget
+    data = stack((2, 48, 48), seed=5)
+    data[1] = stack((48, 48), seed=6) // 4
+    widget.layer.value = viewer.add_image(data, name="cells")
+    widget.run_button.native.click()
+    wait_idle(qtbot, widget)
+    assert errors(records) == []
+    widths = [estimate_blur_width(load_model(tmp_path / "judges.safetensors"), plane) for plane in data]
+    assert widget.status.value.endswith(
+        f"blur width estimated at {min(widths):.1f}-{max(widths):.1f} px (median {np.median(widths):.1f}) over 2 planes"
+    )
+    record = viewer.layers["cells deblurred (judges)"].metadata[RECORD_KEY]["estimated_blur_width"]
+    assert record["planes"] == 2 and record["max_px"] == pytest.approx(max(widths), abs=1e-3)
+    # a lazy result says each plane's when it is computed
+    widget.lazy.value = True
+    widget.run()
+    qtbot.waitUntil(lambda: " s; blur width" in widget.status.value, timeout=60_000)
+    shown = viewer.dims.current_step[0]
+    assert " computed in " in widget.status.value
+    assert widget.status.value.endswith(f"; blur width estimated at {widths[shown]:.1f} px")
+
+
 @pytest.mark.slow
 def test_lazy_deblur_shows_each_plane_when_computed_and_equals_eager(
     qtbot, viewer_and_widget, grey_model_file, records

@@ -358,7 +358,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
 
     from .config import DeblurSettings, IntensityNormalization
     from .images import ImageError
-    from .inference import Deblurrer, InputError, deblur_file
+    from .inference import Deblurrer, InputError, deblur_file, describe_estimated_widths
     from .models.files import load_model
 
     pairs = _pairs_to_do(deblur_targets(args.input, args.output, args.overwrite), args)
@@ -393,6 +393,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                         bar.write(f"{name}: {event.message}")
 
                 started = time.perf_counter()
+                judged_before = len(deblurrer.estimated_widths)
                 try:
                     deblur_file(
                         deblurrer,
@@ -418,7 +419,8 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                     print(f"mpt-deblur deblur: failed: {message}", file=sys.stderr)
                     continue
             if not args.quiet:
-                print(f"wrote {target} in {time.perf_counter() - started:.1f} s")
+                judged = describe_estimated_widths(deblurrer.estimated_widths[judged_before:])
+                print(f"wrote {target} in {time.perf_counter() - started:.1f} s" + (f"; {judged}" if judged else ""))
     finally:
         if client is not None:
             client.close()

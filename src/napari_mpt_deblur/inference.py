@@ -24,7 +24,7 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -277,6 +277,8 @@ class Deblurrer:
         self.size_multiple = model.config.size_multiple
         self.tile_growth = TILE_GROWTH
         """How far the planner may enlarge tiles; 1 after running out of memory (tiles then stay as asked)."""
+        self.estimated_widths: list[float] = []
+        """The blur widths (pixels) the model's estimator judged, one per unit, in the order they were judged."""
 
     @property
     def overlap(self) -> int:
@@ -324,7 +326,11 @@ class Deblurrer:
         if self.settings.blur_sigma_px is not None:
             return self.settings.blur_sigma_px
         estimator = getattr(self.model, "blur_estimator", None)
-        return None if estimator is None else estimator.estimate(scaled)
+        if estimator is None:
+            return None
+        width = estimator.estimate(scaled)
+        self.estimated_widths.append(width)  # one append per unit: safe from the threads that run planes side by side
+        return width
 
     def _network(self, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
         arguments = (x,) if width is None else (x, width)
@@ -663,6 +669,32 @@ def estimate_blur_width(model: MPT, plane: np.ndarray, settings: DeblurSettings 
     scaled = torch.from_numpy((values - low) / (high - low)).to(deblurrer.device)
     with torch.inference_mode():
         return deblurrer.unit_width(scaled)
+
+
+def describe_estimated_widths(widths: Sequence[float]) -> str | None:
+    """The blur widths a model estimated (:attr:`Deblurrer.estimated_widths`) in words, or None for none.
+
+    A colour plane deblurred channel by channel by a grey model counts once per channel.
+
+    >>> describe_estimated_widths([2.04])
+    'blur width estimated at 2.0 px'
+    >>> describe_estimated_widths([1.2, 3.4, 2.0])
+    'blur width estimated at 1.2-3.4 px (median 2.0) over 3 planes'
+    """
+    if not widths:
+        return None
+    low, middle, high = (float(np.percentile(widths, q)) for q in (0, 50, 100))
+    if len(widths) == 1 or high - low < 0.05:
+        return f"blur width estimated at {middle:.1f} px"
+    return f"blur width estimated at {low:.1f}-{high:.1f} px (median {middle:.1f}) over {len(widths)} planes"
+
+
+def width_summary(widths: Sequence[float]) -> dict[str, float | int]:
+    """The estimated widths for a result's metadata: count, min, median and max (pixels); empty for none."""
+    if not widths:
+        return {}
+    low, middle, high = (round(float(np.percentile(widths, q)), 3) for q in (0, 50, 100))
+    return {"planes": len(widths), "min_px": low, "median_px": middle, "max_px": high}
 
 
 def deblur_array(

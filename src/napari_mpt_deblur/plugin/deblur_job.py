@@ -29,7 +29,16 @@ from .._version import __version__
 from ..config import DeblurSettings
 from ..data.focus import focus_score
 from ..images import Image, ImageError, check_axes
-from ..inference import Cancelled, DeblurProgress, Deblurrer, InputError, PlaneByPlane, PlaneLayout, iter_deblur
+from ..inference import (
+    Cancelled,
+    DeblurProgress,
+    Deblurrer,
+    InputError,
+    PlaneByPlane,
+    PlaneLayout,
+    iter_deblur,
+    width_summary,
+)
 from ..models.files import BUNDLED_MODELS
 from ..models.mpt import MPT
 from ..runtime import resolve_device, run_to_end
@@ -144,10 +153,12 @@ class DeblurJob:
         return None
 
     def provenance(self) -> dict[str, Any]:
-        """What made the result (JSON-ready), for its metadata: model choice and card, axes, and the settings as
-        the engine used them (:meth:`~napari_mpt_deblur.inference.Deblurrer.settings_used`)."""
+        """What made the result (JSON-ready), for its metadata: model choice and card, axes, the settings as
+        the engine used them (:meth:`~napari_mpt_deblur.inference.Deblurrer.settings_used`), and the blur widths
+        the model estimated (:func:`~napari_mpt_deblur.inference.width_summary`) when it judged any."""
         card = getattr(self.model, "card", None)
         used = self.engine.settings_used()
+        judged = width_summary(self.engine.estimated_widths)  # none before a lazy result computes its planes
         return {
             "source": self.source,
             "model": self.model_name,
@@ -158,7 +169,7 @@ class DeblurJob:
             "axes": self.axes,
             "mode": "lazy" if self.lazy else "eager",
             "software": f"napari-mpt-deblur {__version__}",
-        }
+        } | ({"estimated_blur_width": judged} if judged else {})
 
 
 def _model_for_device(model: MPT, device: str) -> MPT:

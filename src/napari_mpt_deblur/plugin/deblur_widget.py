@@ -30,7 +30,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from .. import images
 from ..config import MAX_BLUR_SIGMA_PX, ConfigError, DeblurSettings, IntensityNormalization
-from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap
+from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap, describe_estimated_widths
 from ..models.files import ModelFileError
 from . import session
 from .deblur_job import DeblurJob, LazyResult, SavedPlanes, focus_profile, result_layer_kwargs
@@ -63,8 +63,8 @@ UPDATE_S = 0.25
 BLUR_WIDTH_TIP = (
     "The blur's width, if you know it: sigma in pixels of a Gaussian as wide as the PSF (its 80 % radius / 1.79), "
     "in-focus blur included (in focus about 0.21 x wavelength / NA / pixel size). The model deblurs better when "
-    "told. 0: it estimates the width from each plane when it carries an estimator (mpt-deblur train-estimator), "
-    "else judges the blur from the image."
+    "told. 0: it estimates the width from each plane when it carries an estimator (mpt-deblur train-estimator; "
+    "the status line then says what it estimated), else judges the blur from the image."
 )
 NO_BLUR_WIDTH_TIP = "This model takes no blur width: it judges the blur from the image."
 
@@ -92,6 +92,8 @@ class _PlaneRun:
     pbar: progress | None = None
     done: bool = False
     reported: float = 0.0
+    judged_before: int = 0
+    """How many widths the engine had estimated when the plane started (its own come after)."""
 
 
 class LazyPlanes:
@@ -166,7 +168,7 @@ class LazyPlanes:
 
     def _start(self, position: tuple[int, ...]) -> None:
         planes = self.result.planes
-        run = _PlaneRun(position, planes.describe(position), planes.tiles_per_block)
+        run = _PlaneRun(position, planes.describe(position), planes.tiles_per_block, judged_before=self._judged_count())
         self.current = run
         run.worker = start_worker(
             self.result.iter_compute(position),
@@ -177,6 +179,9 @@ class LazyPlanes:
         )
         self._tell(f"computing {run.where} of '{self.name}' ...", 0, run.tiles)
         run.pbar = progress(total=run.tiles, desc=f"Deblurring {self.name}, {run.where}")  # last: processes events
+
+    def _judged_count(self) -> int:
+        return len(self.result.planes.deblurrer.estimated_widths)
 
     def _tell(self, text: str, done: int, total: int) -> None:
         if self.listener is not None:
@@ -213,7 +218,9 @@ class LazyPlanes:
         pbar, run.pbar = run.pbar, None
         if run.done:
             seconds = time.perf_counter() - run.started
-            self._tell(f"{run.where} of '{self.name}' computed in {seconds:.1f} s", run.tiles, run.tiles)
+            line = f"{run.where} of '{self.name}' computed in {seconds:.1f} s"
+            judged = describe_estimated_widths(self.result.planes.deblurrer.estimated_widths[run.judged_before :])
+            self._tell(f"{line}; {judged}" if judged else line, run.tiles, run.tiles)
             if run.position in self.result.shown() and not set(self.result.wanted()) - set(self.failed):
                 for layer in self.layers():  # napari draws it again, from the cache this time
                     layer.refresh()
@@ -606,7 +613,9 @@ class DeblurWidget(ScrollingDock):
             planes = np.arange(len(before))
             self.focus_plot.set_series("input", planes, before)
             self.focus_plot.set_series("output", planes, after)
-            self.status.value = f"{job.source}: done in {time.perf_counter() - state.started:.1f} s"
+            line = f"{job.source}: done in {time.perf_counter() - state.started:.1f} s"
+            judged = describe_estimated_widths(job.engine.estimated_widths)
+            self.status.value = f"{line}; {judged}" if judged else line
         self.viewer.add_image(result, **kwargs)
 
     def _on_error(self, error: BaseException) -> None:
