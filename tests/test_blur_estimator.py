@@ -226,8 +226,9 @@ def test_cli_trains_an_estimator_in_worker_processes_and_records_it(tmp_path, ca
     assert "takes no blur width" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overread", [0.0, 1.0])
 def test_trained_with_widths_a_network_with_an_estimator_is_told_its_estimate_where_one_is_withheld(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, overread
 ):
     from napari_mpt_deblur.training.config import TrainConfig
     from napari_mpt_deblur.training.engine import train
@@ -238,7 +239,7 @@ def test_trained_with_widths_a_network_with_an_estimator_is_told_its_estimate_wh
     model = conditioned()
     recipe = TrainConfig(
         steps=6, batch_size=4, patch_size=32, scale_range=(1.0, 1.0), lr=1e-3, efcr_beta=0.0, device="cpu",
-        blur_width_dropout=0.5,
+        blur_width_dropout=0.5, estimate_overread=overread,
     )  # fmt: skip
     told, estimated = [], []
     forward, estimate = MPT.forward, BlurWidthEstimator.forward
@@ -252,8 +253,18 @@ def test_trained_with_widths_a_network_with_an_estimator_is_told_its_estimate_wh
         estimated.append(widths.clone())
         return widths
 
+    from napari_mpt_deblur.training import engine
+
+    overreads, overread_widths = [], engine._overread
+
+    def recording_overread(widths, estimated_mask, share, rng):
+        out = overread_widths(widths, estimated_mask, share, rng)
+        overreads.append((widths.clone(), estimated_mask.copy(), out.clone()))
+        return out
+
     monkeypatch.setattr(MPT, "forward", recording_forward)
     monkeypatch.setattr(BlurWidthEstimator, "forward", recording_estimate)
+    monkeypatch.setattr(engine, "_overread", recording_overread)
     estimator_before = {k: v.clone() for k, v in model.blur_estimator.state_dict().items()}
     trained = train(model, sampler, tmp_path / "m.safetensors", recipe)
     given = torch.cat([w for w in told if w is not None and w.numel() > 1])
@@ -261,9 +272,38 @@ def test_trained_with_widths_a_network_with_an_estimator_is_told_its_estimate_wh
     from_estimates = torch.cat(estimated)
     assert len(estimated) == 6  # one estimate of each step's batch
     withheld = torch.isin(given, from_estimates)
-    assert 0 < int(withheld.sum()) < given.numel()
+    if overread:  # the network is told the widened estimates, the true widths as they are
+        after = torch.cat([out for _, _, out in overreads])
+        assert len(overreads) == 6 and torch.equal(after.sort().values, given.sort().values)
+        before = torch.cat([w for w, _, _ in overreads])
+        mask = torch.from_numpy(np.concatenate([m for _, m, _ in overreads]))
+        assert 0 < int(mask.sum()) < given.numel() and bool((after[mask] > before[mask]).all())
+        assert torch.equal(after[~mask], before[~mask]) and int(withheld.sum()) == 0
+    else:
+        assert overreads == [] and 0 < int(withheld.sum()) < given.numel()
     for key, value in trained.blur_estimator.state_dict().items():  # the estimator is not trained by deblurring
         torch.testing.assert_close(value, estimator_before[key], rtol=0, atol=0)
+
+
+def test_over_reads_widen_a_share_of_the_estimates_only(tmp_path):
+    from napari_mpt_deblur.training.config import OVERREAD_MAX, TrainConfig
+    from napari_mpt_deblur.training.engine import _overread
+
+    widths = torch.tensor([0.0, 1.0, 2.5, 4.0] * 500)
+    estimated = np.arange(2000) % 2 == 0  # the others were told their true width
+    rng = np.random.default_rng(0)
+    out = _overread(widths, estimated, 0.3, rng)
+    assert torch.equal(out[~estimated], widths[~estimated])
+    factor = (out[estimated] + 0.5) / (widths[estimated] + 0.5)
+    widened = factor > 1 + 1e-6
+    assert 0.25 < float(widened.float().mean()) < 0.35  # the share asked for
+    assert float(factor.max()) <= OVERREAD_MAX + 1e-4 and float(factor.min()) >= 1 - 1e-6
+    assert bool((out[estimated][widened & (widths[estimated] == 0)] > 0).all())  # an estimate of 0 is widened too
+    # log-uniform: the median widening is the geometric middle of 1 and OVERREAD_MAX
+    assert float(factor[widened].log().median()) == pytest.approx(np.log(OVERREAD_MAX) / 2, abs=0.15)
+    assert torch.equal(_overread(widths, estimated, 0.0, rng), widths)
+    with pytest.raises(ConfigError, match="estimate_overread"):
+        TrainConfig(estimate_overread=1.5)
 
 
 def test_the_estimate_the_engine_would_use_can_be_asked_for_a_plane():

@@ -684,6 +684,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainable=tuple(args.train_only or ()),
         pixel_loss=args.pixel_loss,
         blur_width_dropout=args.blur_width_dropout,
+        estimate_overread=args.estimate_overread,
     )
     try:
         data = prepare_training(
@@ -1068,6 +1069,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a model that takes the blur's width (mpt-deblur grow --blur-width): the share of samples "
         "trained without it, so it also deblurs without one; the others are given their PSF's width "
         "(synthetic pairs, --beta 0; default 0.25)",
+    )
+    trainer.add_argument(
+        "--estimate-overread",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="for a model with its own width estimate (mpt-deblur train-estimator): the share of the samples told "
+        "that estimate that are told it too wide (x1-8), so the network learns not to sharpen a smooth in-focus "
+        "image the estimator reads as blurred (default 0)",
     )
     trainer.add_argument(
         "--train-only",

@@ -20,6 +20,10 @@ WIDTH_QUANTILE = 0.7
 the median, because a width told too wide costs the deblurring network little and one told too narrow leaves
 blur in place (experiment 14 in docs/benchmarks.md)."""
 
+OVERREAD_MAX = 8.0
+"""The largest factor :attr:`TrainConfig.estimate_overread` widens an estimate by: the estimator has read a smooth
+image in focus as ten times its width (experiment 16 in docs/benchmarks.md)."""
+
 
 @dataclass(frozen=True)
 class TrainConfig(FrozenConfig):
@@ -97,6 +101,13 @@ class TrainConfig(FrozenConfig):
     given their PSF's width (:func:`~napari_mpt_deblur.data.defocus.blur_sigma_px`). Plain training on
     synthetic pairs only: with EFCR or the orientation term, or on labeled pairs (whose blur is not
     known), every sample is trained without a width."""
+
+    estimate_overread: float = 0.0
+    """For a model that carries its own estimate of the width (``MPTConfig.blur_estimator``): the share of
+    the samples told that estimate (those without their width) that are told it too wide instead, by a
+    factor drawn log-uniformly from 1 to :data:`OVERREAD_MAX`. The estimator reads smooth content in focus
+    as blurred (docs/benchmarks.md, experiment 16); a network that has met such over-reads learns to check
+    a width against the image rather than sharpen whatever it is told. 0: the estimate as it is."""
 
     modulation_lr_scale: float = 5.0
     """The blur modulation's learning rate as a multiple of ``lr``: it starts from zero in a network
@@ -182,6 +193,8 @@ class TrainConfig(FrozenConfig):
             raise ConfigError(f"modulation_lr_scale must be positive, got {self.modulation_lr_scale}")
         if not 0 <= self.blur_width_dropout <= 1:
             raise ConfigError(f"blur_width_dropout must be in [0, 1], got {self.blur_width_dropout}")
+        if not 0 <= self.estimate_overread <= 1:
+            raise ConfigError(f"estimate_overread must be in [0, 1], got {self.estimate_overread}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from ..atomic import atomic_write
 from ..config import ConfigError
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
+from ..models.blur_width import WIDTH_OFFSET
 from ..models.files import save_model
 from ..models.mpt import MPT
 from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
-from .config import INPUT_ERROR_FLOOR, TrainConfig
+from .config import INPUT_ERROR_FLOOR, OVERREAD_MAX, TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
 from .suite import ORIENTATIONS
 
@@ -685,6 +686,8 @@ def iter_train(
             widths = torch.from_numpy(np.where(withheld, np.nan, drawn).astype(np.float32)).to(device)
             if model.blur_estimator is not None:  # told no width, it is told its own estimate: train it so
                 widths = _estimates_where_withheld(model, blurry, widths, device)
+                if config.estimate_overread > 0:
+                    widths = _overread(widths, withheld, config.estimate_overread, numpy_rng)
         else:
             blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
@@ -755,6 +758,15 @@ def _estimates_where_withheld(
     """``widths`` with the withheld ones (NaN) replaced by the network's own estimate of each sample's width."""
     estimates = model.blur_estimator(torch.from_numpy(blurry).to(device))
     return torch.where(torch.isnan(widths), estimates, widths)
+
+
+def _overread(widths: torch.Tensor, estimated: np.ndarray, share: float, rng: np.random.Generator) -> torch.Tensor:
+    """``widths`` with a ``share`` of the ``estimated`` ones widened by factors log-uniform in 1 to OVERREAD_MAX
+    (on ``width + WIDTH_OFFSET``, the scale the estimator works on, so that an estimate of 0 is widened too)."""
+    chosen = estimated & (rng.random(len(estimated)) < share)
+    factors = torch.from_numpy(np.exp(rng.uniform(0.0, np.log(OVERREAD_MAX), len(estimated))).astype(np.float32))
+    widened = (widths + WIDTH_OFFSET) * factors.to(widths.device) - WIDTH_OFFSET
+    return torch.where(torch.from_numpy(chosen).to(widths.device), widened, widths)
 
 
 def blur_widths_trained(model: MPT, sampler: PairSampler, config: TrainConfig) -> bool:
