@@ -681,9 +681,10 @@ def describe_estimated_widths(widths: Sequence[float]) -> str | None:
     >>> describe_estimated_widths([1.2, 3.4, 2.0])
     'blur width estimated at 1.2-3.4 px (median 2.0) over 3 planes'
     """
-    if not widths:
+    summary = width_summary(widths)
+    if not summary:
         return None
-    low, middle, high = (float(np.percentile(widths, q)) for q in (0, 50, 100))
+    low, middle, high = summary["min_px"], summary["median_px"], summary["max_px"]
     if len(widths) == 1 or high - low < 0.05:
         return f"blur width estimated at {middle:.1f} px"
     return f"blur width estimated at {low:.1f}-{high:.1f} px (median {middle:.1f}) over {len(widths)} planes"
