@@ -168,7 +168,7 @@ class LazyPlanes:
 
     def _start(self, position: tuple[int, ...]) -> None:
         planes = self.result.planes
-        run = _PlaneRun(position, planes.describe(position), planes.tiles_per_block, judged_before=self._judged_count())
+        run = _PlaneRun(position, planes.describe(position), planes.tiles_per_block, judged_before=len(self._judged()))
         self.current = run
         run.worker = start_worker(
             self.result.iter_compute(position),
@@ -180,8 +180,9 @@ class LazyPlanes:
         self._tell(f"computing {run.where} of '{self.name}' ...", 0, run.tiles)
         run.pbar = progress(total=run.tiles, desc=f"Deblurring {self.name}, {run.where}")  # last: processes events
 
-    def _judged_count(self) -> int:
-        return len(self.result.planes.deblurrer.estimated_widths)
+    def _judged(self) -> list[float]:
+        """The widths the engine has estimated so far (a plane's own are those added while it ran)."""
+        return self.result.planes.deblurrer.estimated_widths
 
     def _tell(self, text: str, done: int, total: int) -> None:
         if self.listener is not None:
@@ -219,7 +220,7 @@ class LazyPlanes:
         if run.done:
             seconds = time.perf_counter() - run.started
             line = f"{run.where} of '{self.name}' computed in {seconds:.1f} s"
-            judged = describe_estimated_widths(self.result.planes.deblurrer.estimated_widths[run.judged_before :])
+            judged = describe_estimated_widths(self._judged()[run.judged_before :])
             self._tell(f"{line}; {judged}" if judged else line, run.tiles, run.tiles)
             if run.position in self.result.shown() and not set(self.result.wanted()) - set(self.failed):
                 for layer in self.layers():  # napari draws it again, from the cache this time

@@ -684,13 +684,13 @@ def iter_train(
             )
             withheld = numpy_rng.random(len(drawn)) < config.blur_width_dropout
             widths = torch.from_numpy(np.where(withheld, np.nan, drawn).astype(np.float32)).to(device)
-            if model.blur_estimator is not None:  # told no width, it is told its own estimate: train it so
-                widths = _estimates_where_withheld(model, blurry, widths, device)
-                if config.estimate_overread > 0:
-                    widths = _overread(widths, withheld, config.estimate_overread, numpy_rng)
         else:
             blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
         blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
+        if widths is not None and model.blur_estimator is not None:  # told no width, it is told its own estimate
+            widths = _estimates_where_withheld(model, blurry, widths)
+            if config.estimate_overread > 0:
+                widths = _overread(widths, withheld, config.estimate_overread, numpy_rng)
         lr = cosine_lr(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # state files of earlier versions have no scale
@@ -752,12 +752,9 @@ def parameter_groups(model: MPT, parameters: list[torch.nn.Parameter], config: T
 
 
 @torch.no_grad()
-def _estimates_where_withheld(
-    model: MPT, blurry: np.ndarray, widths: torch.Tensor, device: torch.device
-) -> torch.Tensor:
+def _estimates_where_withheld(model: MPT, blurry: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """``widths`` with the withheld ones (NaN) replaced by the network's own estimate of each sample's width."""
-    estimates = model.blur_estimator(torch.from_numpy(blurry).to(device))
-    return torch.where(torch.isnan(widths), estimates, widths)
+    return torch.where(torch.isnan(widths), model.blur_estimator(blurry), widths)
 
 
 def _overread(widths: torch.Tensor, estimated: np.ndarray, share: float, rng: np.random.Generator) -> torch.Tensor:
