@@ -33,6 +33,7 @@ Examples::
     python benchmarks/validate.py --model default --width judged
     python benchmarks/validate.py --model est.safetensors --width judged --per-case   # and its width estimates
     python benchmarks/validate.py --model default --width-error 0.75 --orientations 1
+    python benchmarks/validate.py --model est.safetensors --width judged --width-margin 2 --orientations 1
     python benchmarks/validate.py --model candidate.safetensors --against default.json
     python benchmarks/validate.py --model run.best.safetensors \\
         --json runs/suite.json --gallery runs/worst.png
@@ -233,6 +234,13 @@ def main() -> None:
         help="with --width given: tell the model each case's width times FACTOR (an estimate that is off)",
     )
     parser.add_argument(
+        "--width-margin",
+        type=float,
+        metavar="MARGIN",
+        help="for a model that takes the width: read every width it is given MARGIN times wider instead of its "
+        "file's margin (to choose one for mpt-deblur set-margin)",
+    )
+    parser.add_argument(
         "--against",
         type=Path,
         metavar="JSON",
@@ -244,6 +252,7 @@ def main() -> None:
     import torch
 
     from napari_mpt_deblur import load_model
+    from napari_mpt_deblur.models.grow import with_width_margin
     from napari_mpt_deblur.training.suite import ORIENTATIONS, deblur_case, psnr, suite_cases
 
     orientations = args.orientations or ORIENTATIONS
@@ -252,6 +261,10 @@ def main() -> None:
     cases = suite_cases()
     rows = classical_rows(cases, args.baselines, args.recompute_baselines)
     model = load_model(args.model)
+    if args.width_margin is not None:
+        if not model.config.blur_conditioned:
+            parser.error("--width-margin: the model takes no blur width")
+        model = with_width_margin(model, args.width_margin)
     worst_outputs = []
     for case, row in zip(cases, rows):
         outputs = [deblur_case(model, case, args.device, k, args.width, args.width_error) for k in range(orientations)]
@@ -266,6 +279,8 @@ def main() -> None:
     width = width_label(model, args.width)
     if model.config.blur_conditioned and args.width == "given" and args.width_error != 1:
         width += f" x {args.width_error:g}"
+    if model.config.blur_conditioned and model.config.width_margin != 1:
+        width += f", read x{model.config.width_margin:g} wider"
     step = model.card.provenance.get("step", "?")
     print(f"model {args.model} (step {step}), {orientations} orientations per case{width}")
     print_tables(rows, args.per_case)

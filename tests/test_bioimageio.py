@@ -425,12 +425,13 @@ def test_a_model_that_takes_the_blur_width_exports_and_its_architecture_file_bui
     from napari_mpt_deblur.models.bioimageio import ARCHITECTURE_CALLABLE, export_package
 
     torch.manual_seed(4)
-    network = MPT(tiny_config(blur_conditioned=True, blur_estimator=True)).eval()
+    network = MPT(tiny_config(blur_conditioned=True, blur_estimator=True, width_margin=2.0)).eval()
     with torch.no_grad():  # a trained modulation: not zero
         network.blur_modulation.project.weight.normal_(0, 0.05)
     package = export_package(network, tmp_path / "width.zip", sample_plane)
     reloaded = load_model(package)
     assert reloaded.config.blur_conditioned and reloaded.config.blur_estimator
+    assert reloaded.config.width_margin == 2.0
     x = torch.rand(1, 1, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x, 2.0), network(x, 2.0), rtol=0, atol=0)

@@ -323,3 +323,61 @@ def model_normalization(model):
 
     card = getattr(model, "card", None)
     return card.normalization if card else IntensityNormalization()
+
+
+def test_a_margin_widens_every_width_the_network_reads_not_the_width_reported(tmp_path, capsys):
+    from napari_mpt_deblur.cli import main
+    from napari_mpt_deblur.inference import Deblurrer, estimate_blur_width
+    from napari_mpt_deblur.models.blur_width import widen
+    from napari_mpt_deblur.models.grow import with_width_margin
+
+    assert widen(0.0, 2.0) == pytest.approx(0.5) and widen(1.0, 2.0) == pytest.approx(2.5)
+    assert torch.allclose(widen(torch.tensor([0.0, 1.0]), 3.0), torch.tensor([1.0, 4.0]))
+    for margin, message in ((0.9, "from 1 to 8"), (9.0, "from 1 to 8"), (float("nan"), "finite")):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(blur_conditioned=True, width_margin=margin)
+    with pytest.raises(ConfigError, match="width_margin needs blur_conditioned"):
+        tiny_config(width_margin=2.0)
+    config = tiny_config(blur_conditioned=True, blur_estimator=True, width_margin=2.0)
+    assert MPTConfig.from_dict(config.to_dict()).width_margin == 2.0
+
+    plain = conditioned()
+    model = with_width_margin(plain, 2.0)
+    assert model.config.width_margin == 2.0 and plain.config.width_margin == 1.0
+    # the network reads a given width, and its own estimate, widened; unknown stays unknown
+    x = torch.rand(2, 1, 48, 40)
+    with torch.no_grad():
+        estimates = plain.blur_estimator(x)
+        torch.testing.assert_close(model(x, 1.5), plain(x, 3.5))
+        torch.testing.assert_close(model(x), plain(x, widen(estimates, 2.0)))
+        torch.testing.assert_close(model(x, float("nan")), plain(x, float("nan")))
+        assert not torch.allclose(model(x, 1.5), plain(x, 1.5), atol=1e-4)
+    # deblurring: the estimate is what is reported, the network reads it widened
+    plane = (pattern_pairs(1, 80, seed=3)[0][0] * 1000 + 100).astype(np.uint16)
+    estimate = estimate_blur_width(model, plane)
+    assert estimate == pytest.approx(estimate_blur_width(plain, plane), rel=1e-6)
+    deblurrer = Deblurrer(model, DeblurSettings(tile=0, device="cpu"))
+    told_none = deblur_array(deblurrer, plane, "YX")
+    assert deblurrer.estimated_widths == [pytest.approx(estimate, rel=1e-6)]
+    told_wider = deblur_array(
+        plain, plane, "YX", DeblurSettings(tile=0, device="cpu", blur_sigma_px=widen(estimate, 2.0))
+    )
+    np.testing.assert_allclose(told_none.astype(np.float32), told_wider.astype(np.float32), atol=1)
+
+    # the command writes the copy and records it; `info` says so; a model that takes no width is refused in words
+    save_model(plain, tmp_path / "plain.safetensors")
+    assert (
+        main(["set-margin", str(tmp_path / "plain.safetensors"), "2.5", "-o", str(tmp_path / "wide.safetensors")]) == 0
+    )
+    assert "x2.5 wider" in capsys.readouterr().out
+    wide = load_model(tmp_path / "wide.safetensors")
+    assert wide.config.width_margin == 2.5 and wide.card.provenance["width_margin"]["margin"] == 2.5
+    assert main(["info", str(tmp_path / "wide.safetensors")]) == 0
+    assert "takes it (deblur --blur-sigma), read x2.5 wider; given none, its own estimate" in capsys.readouterr().out
+    save_model(MPT(tiny_config()), tmp_path / "no-width.safetensors")
+    for source, margin, message in (("no-width", "2", "takes no blur width"), ("plain", "0.5", "from 1 to 8")):
+        code = main(
+            ["set-margin", str(tmp_path / f"{source}.safetensors"), margin, "-o", str(tmp_path / "x.safetensors")]
+        )
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

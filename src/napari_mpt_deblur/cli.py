@@ -83,6 +83,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"scales:       {scales}")
     print(f"pairing:      {arch['pairing']}  window: {arch['window_size']}  FFN expansion: {arch['ffn_expansion']}")
     print(f"size multiple: {summary['size_multiple']} (inputs are padded to it and cropped back)")
+    if arch.get("blur_conditioned"):
+        margin = arch.get("width_margin", 1.0)
+        read = f", read x{margin:g} wider" if margin != 1 else ""
+        judged = "its own estimate" if arch.get("blur_estimator") else "it judges the blur itself"
+        print(f"blur width:   takes it (deblur --blur-sigma){read}; given none, {judged}")
     print(f"normalization: {json.dumps(summary['normalization'])}")
     if summary["tile_size"]:
         print(f"tile size:    {summary['tile_size']}")
@@ -159,6 +164,25 @@ def cmd_grow(args: argparse.Namespace) -> None:
     added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in source.parameters())
     print(f"wrote {output}: {added_what} ({added:,} parameters), the same output as {args.model}")
     print(next_step)
+
+
+def cmd_set_margin(args: argparse.Namespace) -> None:
+    from .models.files import load_model, save_model
+    from .models.grow import with_width_margin
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    source = load_model(args.model)
+    try:
+        widened = with_width_margin(source, args.margin)
+    except ConfigError as error:
+        raise UsageError(f"{args.model}: {error}") from None
+    save_model(
+        widened,
+        output,
+        provenance={**source.card.provenance, "width_margin": {"from": str(args.model), "margin": args.margin}},
+    )
+    print(f"wrote {output}: its network reads every blur width it is given x{args.margin:g} wider")
 
 
 def cmd_train_estimator(args: argparse.Namespace) -> None:
@@ -1216,6 +1240,21 @@ def build_parser() -> argparse.ArgumentParser:
     estimator.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     estimator.add_argument("--quiet", action="store_true", help="no progress bar")
     estimator.set_defaults(run=cmd_train_estimator)
+
+    margin = commands.add_parser(
+        "set-margin",
+        help="write a copy of a model that takes the blur's width, reading every width it is given wider",
+        description="A network trained with its own estimates of the width and over-reads (train "
+        "--estimate-overread) can restore more when told a width above the true one. Write a copy whose network "
+        "reads every width it is given, by --blur-sigma or by its own estimate, as (width + 0.5) x MARGIN - 0.5. "
+        "A run still reports the width given or estimated. Measure the margin first: "
+        "python benchmarks/validate.py --model MODEL --width judged --width-margin MARGIN (and --width given).",
+    )
+    margin.add_argument("model", help="model file that takes the blur's width (grow --blur-width, trained)")
+    margin.add_argument("margin", type=float, help="factor from 1 (the width as given) to 8")
+    margin.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    margin.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    margin.set_defaults(run=cmd_set_margin)
 
     export = commands.add_parser(
         "export-bioimageio",

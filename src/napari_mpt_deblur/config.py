@@ -136,6 +136,8 @@ MAX_TILE_SIZE = 8192
 """Largest preferred tile a model card may record."""
 MAX_BLUR_SIGMA_PX = 32.0
 """Largest blur width a deblur may be given (the bundled training coverage reaches about 9 pixels)."""
+MAX_WIDTH_MARGIN = 8.0
+"""Largest factor by which a network may read the widths it is given wider (``width_margin``)."""
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
@@ -206,6 +208,14 @@ class MPTConfig(FrozenConfig):
     (:class:`~napari_mpt_deblur.models.blur_width.BlurWidthEstimator`), read from each plane and used
     whenever no width is given. Without one, a network told no width judges the blur itself."""
 
+    width_margin: float = 1.0
+    """For a blur-conditioned network: every width it is given, by the user or by its own estimate, is read
+    this much wider, as a factor on ``width + 0.5`` (:func:`~napari_mpt_deblur.models.blur_width.widen`), in
+    :meth:`~napari_mpt_deblur.models.mpt.MPT.forward` and so in deblurring and training alike. A network
+    trained with estimates and over-reads (``TrainConfig.estimate_overread``) restores more told about twice
+    a width than told the width itself (experiment 18 in docs/benchmarks.md). What a run reports is the width
+    given or estimated, not the widened one. 1 to :data:`MAX_WIDTH_MARGIN`."""
+
     def __post_init__(self) -> None:
         # Normalise sequences so JSON lists and tuples compare equal; bound every number first, so that
         # no card can ask for an absurd network (the checks below, and MPT itself, trust these ranges).
@@ -231,6 +241,12 @@ class MPTConfig(FrozenConfig):
             raise ConfigError(f"blur_estimator must be true or false, got {self.blur_estimator!r}")
         if self.blur_estimator and not self.blur_conditioned:
             raise ConfigError("blur_estimator needs blur_conditioned: only such a network can use a width")
+        margin = _real("width_margin", self.width_margin)
+        if not 1.0 <= margin <= MAX_WIDTH_MARGIN:
+            raise ConfigError(f"width_margin must be from 1 to {MAX_WIDTH_MARGIN:g}, got {margin:g}")
+        if margin != 1.0 and not self.blur_conditioned:
+            raise ConfigError("width_margin needs blur_conditioned: it widens the widths the network is given")
+        object.__setattr__(self, "width_margin", margin)
         self._validate()
 
     def _validate(self) -> None:

@@ -321,7 +321,8 @@ class Deblurrer:
 
         The settings' width when there is one (only a blur-conditioned model is given one: ``__init__``
         checks); else the model's own estimate from the whole unit when it carries an estimator
-        (``MPTConfig.blur_estimator``), so that every tile of a plane is told the same width.
+        (``MPTConfig.blur_estimator``), so that every tile of a plane is told the same width. The network reads
+        either widened by ``MPTConfig.width_margin`` (:meth:`MPT.forward`).
         """
         if self.settings.blur_sigma_px is not None:
             return self.settings.blur_sigma_px

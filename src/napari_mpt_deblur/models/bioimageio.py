@@ -97,12 +97,13 @@ class MPTConfig:
 
     def __init__(self, in_channels=1, out_channels=1, dim=40, num_blocks=(6, 6, 6, 6), heads=(1, 2, 4, 8),
                  scales=(), ffn_expansion=2.6, window_size=8, pairing="aligned", blur_conditioned=False,
-                 blur_estimator=False):
+                 blur_estimator=False, width_margin=1.0):
         self.in_channels, self.out_channels, self.dim = int(in_channels), int(out_channels), int(dim)
         self.num_blocks, self.heads = tuple(num_blocks), tuple(heads)
         self.scales = tuple(tuple(float(r) for r in level) for level in scales)
         self.ffn_expansion, self.window_size, self.pairing = float(ffn_expansion), int(window_size), pairing
         self.blur_conditioned, self.blur_estimator = bool(blur_conditioned), bool(blur_estimator)
+        self.width_margin = float(width_margin)
 
     @property
     def size_multiple(self):

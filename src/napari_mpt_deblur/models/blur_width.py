@@ -72,6 +72,13 @@ class BlurWidthEstimator(nn.Module):
         return max(float(torch.exp(log_width)) - WIDTH_OFFSET, 0.0)
 
 
+def widen(width: float | Tensor, factor: float | Tensor) -> float | Tensor:
+    """``width`` (pixels) widened by ``factor`` on ``width + WIDTH_OFFSET``, the scale the estimator works on,
+    so that a width of 0 is widened too (``MPTConfig.width_margin``, and the over-reads of training)."""
+    widened = (width + WIDTH_OFFSET) * factor - WIDTH_OFFSET
+    return widened.clamp(min=0.0) if isinstance(widened, Tensor) else max(widened, 0.0)
+
+
 def _normalised_conv(before: int, after: int, stride: int) -> list[nn.Module]:
     return [
         nn.Conv2d(before, after, 3, stride=stride, padding=1),

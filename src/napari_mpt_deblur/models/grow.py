@@ -102,6 +102,16 @@ def add_blur_estimator(model: MPT) -> MPT:
     return _grown_copy(model, model.config.replace(blur_estimator=True), ["blur_estimator"])
 
 
+def with_width_margin(model: MPT, margin: float) -> MPT:
+    """A copy of a blur-conditioned ``model`` that reads every width it is given ``margin`` times wider.
+
+    The weights and the card carry over; only ``MPTConfig.width_margin`` changes (validated there).
+    """
+    if not model.config.blur_conditioned:
+        raise ConfigError("the model takes no blur width to widen (grow --blur-width)")
+    return _grown_copy(model, model.config.replace(width_margin=margin), [])
+
+
 def _grown_copy(model: MPT, config: MPTConfig, new_prefixes: list[str]) -> MPT:
     """A network of ``config`` holding ``model``'s weights, on its device, in eval mode, with its card.
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MPTConfig
-from .blur_width import BlurWidthEstimator
+from .blur_width import BlurWidthEstimator, widen
 from .ops import (
     batch_rows,
     depthwise_conv3x3,
@@ -559,6 +559,8 @@ class MPT(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.numel() != x.shape[0]:
             raise ValueError(f"need one blur width or one per image ({x.shape[0]}), got {sigma.numel()}")
+        if self.config.width_margin != 1.0:
+            sigma = widen(sigma, self.config.width_margin)  # NaN (unknown) stays NaN
         return self.blur_modulation(sigma)
 
 

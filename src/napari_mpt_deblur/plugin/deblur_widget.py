@@ -63,7 +63,7 @@ UPDATE_S = 0.25
 BLUR_WIDTH_TIP = (
     "The blur's width, if you know it: sigma in pixels of a Gaussian as wide as the PSF (its 80 % radius / 1.79), "
     "in-focus blur included (in focus about 0.21 x wavelength / NA / pixel size). The model deblurs better when "
-    "told. 0: it estimates the width from each plane when it carries an estimator (mpt-deblur train-estimator; "
+    "told. 0: it estimates the width from each plane when it carries an estimator (the bundled default does; "
     "the status line then says what it estimated), else judges the blur from the image."
 )
 NO_BLUR_WIDTH_TIP = "This model takes no blur width: it judges the blur from the image."

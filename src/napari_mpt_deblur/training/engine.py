@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_write
 from ..config import ConfigError
 from ..losses.efcr import EFCRConfig, EFCRLoss, random_reblur
-from ..models.blur_width import WIDTH_OFFSET
+from ..models.blur_width import widen
 from ..models.files import save_model
 from ..models.mpt import MPT
 from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
@@ -762,7 +762,7 @@ def _overread(widths: torch.Tensor, estimated: np.ndarray, share: float, rng: np
     (on ``width + WIDTH_OFFSET``, the scale the estimator works on, so that an estimate of 0 is widened too)."""
     chosen = estimated & (rng.random(len(estimated)) < share)
     factors = torch.from_numpy(np.exp(rng.uniform(0.0, np.log(OVERREAD_MAX), len(estimated))).astype(np.float32))
-    widened = (widths + WIDTH_OFFSET) * factors.to(widths.device) - WIDTH_OFFSET
+    widened = widen(widths, factors.to(widths.device))
     return torch.where(torch.from_numpy(chosen).to(widths.device), widened, widths)
 
 
