@@ -252,6 +252,7 @@ def main() -> None:
     import torch
 
     from napari_mpt_deblur import load_model
+    from napari_mpt_deblur.config import ConfigError
     from napari_mpt_deblur.models.grow import with_width_margin
     from napari_mpt_deblur.training.suite import ORIENTATIONS, deblur_case, psnr, suite_cases
 
@@ -264,7 +265,10 @@ def main() -> None:
     if args.width_margin is not None:
         if not model.config.blur_conditioned:
             parser.error("--width-margin: the model takes no blur width")
-        model = with_width_margin(model, args.width_margin)
+        try:
+            model = with_width_margin(model, args.width_margin)
+        except ConfigError as error:
+            parser.error(f"--width-margin: {error}")
     worst_outputs = []
     for case, row in zip(cases, rows):
         outputs = [deblur_case(model, case, args.device, k, args.width, args.width_error) for k in range(orientations)]
@@ -293,7 +297,8 @@ def main() -> None:
     gallery(cases[worst], worst_outputs[worst], args.gallery)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "rows": rows, **result}, indent=1))
+        told = {"width": args.width, "width_margin": model.config.width_margin} if model.config.blur_conditioned else {}
+        args.json.write_text(json.dumps({"model": args.model, **told, "rows": rows, **result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -340,6 +340,9 @@ def test_a_margin_widens_every_width_the_network_reads_not_the_width_reported(tm
         tiny_config(width_margin=2.0)
     config = tiny_config(blur_conditioned=True, blur_estimator=True, width_margin=2.0)
     assert MPTConfig.from_dict(config.to_dict()).width_margin == 2.0
+    older = {k: v for k, v in config.to_dict().items() if k != "width_margin"}  # a card written before the field
+    assert MPTConfig.from_dict(older).width_margin == 1.0
+    assert np.isnan(widen(float("nan"), 2.0)) and bool(torch.isnan(widen(torch.tensor([float("nan")]), 2.0)).all())
 
     plain = conditioned()
     model = with_width_margin(plain, 2.0)

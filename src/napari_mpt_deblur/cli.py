@@ -177,11 +177,9 @@ def cmd_set_margin(args: argparse.Namespace) -> None:
         widened = with_width_margin(source, args.margin)
     except ConfigError as error:
         raise UsageError(f"{args.model}: {error}") from None
-    save_model(
-        widened,
-        output,
-        provenance={**source.card.provenance, "width_margin": {"from": str(args.model), "margin": args.margin}},
-    )
+    # scores measured at the source's margin do not describe the copy
+    kept = {k: v for k, v in source.card.provenance.items() if k not in ("validation", "suite_validation")}
+    save_model(widened, output, provenance={**kept, "width_margin": {"from": str(args.model), "margin": args.margin}})
     print(f"wrote {output}: its network reads every blur width it is given x{args.margin:g} wider")
 
 
@@ -994,9 +992,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--blur-sigma",
         type=float,
         metavar="PX",
-        help="the blur's width, for a model that takes it (one grown with 'grow --blur-width' and trained): "
-        "sigma in pixels of the Gaussian with the PSF's 80%%-energy radius, in-focus blur included (in focus "
-        "about 0.21 x wavelength / NA / pixel size); default: the model judges it from the image",
+        help="the blur's width, for a model that takes it (the bundled default, or one grown with 'grow "
+        "--blur-width' and trained): sigma in pixels of the Gaussian with the PSF's 80%%-energy radius, in-focus "
+        "blur included (in focus about 0.21 x wavelength / NA / pixel size); default: the model's own estimate "
+        "when it carries one (it is printed), else the model judges the blur from the image",
     )
     deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
     deblur.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -12,6 +12,8 @@ told too narrow leaves blur in place (``training.config.WIDTH_QUANTILE``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -76,7 +78,9 @@ def widen(width: float | Tensor, factor: float | Tensor) -> float | Tensor:
     """``width`` (pixels) widened by ``factor`` on ``width + WIDTH_OFFSET``, the scale the estimator works on,
     so that a width of 0 is widened too (``MPTConfig.width_margin``, and the over-reads of training)."""
     widened = (width + WIDTH_OFFSET) * factor - WIDTH_OFFSET
-    return widened.clamp(min=0.0) if isinstance(widened, Tensor) else max(widened, 0.0)
+    if isinstance(widened, Tensor):
+        return widened.clamp(min=0.0)  # NaN (unknown) stays NaN
+    return widened if math.isnan(widened) else max(widened, 0.0)
 
 
 def _normalised_conv(before: int, after: int, stride: int) -> list[nn.Module]:

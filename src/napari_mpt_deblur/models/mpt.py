@@ -443,7 +443,8 @@ class BlurModulation(nn.Module):
     :func:`blur_features` to ``(1 + scale, shift)`` for the seven stages (encoders, latent,
     decoders). Its last layer starts at zero, so a network given the modulation deblurs
     exactly as before until it is trained with widths; an unknown width (NaN) has its own
-    learned modulation, so the network still deblurs without one.
+    learned modulation, so the network still deblurs without one. With ``MPTConfig.width_margin``
+    it receives the width widened (:meth:`MPT.forward`).
     """
 
     def __init__(self, stage_widths: tuple[int, ...], hidden: int = 64) -> None:
@@ -527,6 +528,7 @@ class MPT(nn.Module):
 
         None: the network's own estimate of each image's width when it has a
         :class:`~.blur_width.BlurWidthEstimator`, else unknown; NaN: unknown (the network judges the blur itself).
+        A given or estimated width is read widened by ``config.width_margin`` (:func:`~.blur_width.widen`).
         """
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected a (B, {self.config.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
