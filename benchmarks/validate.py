@@ -263,8 +263,6 @@ def main() -> None:
     rows = classical_rows(cases, args.baselines, args.recompute_baselines)
     model = load_model(args.model)
     if args.width_margin is not None:
-        if not model.config.blur_conditioned:
-            parser.error("--width-margin: the model takes no blur width")
         try:
             model = with_width_margin(model, args.width_margin)
         except ConfigError as error:
