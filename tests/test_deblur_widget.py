@@ -1033,6 +1033,36 @@ def test_the_dock_fits_a_laptop_screen_beside_the_fine_tune_dock(make_napari_vie
     assert advanced.is_expanded()  # revealing the tile box opened its section
 
 
+@pytest.mark.slow
+def test_a_long_status_line_wraps_inside_every_dock_and_shows_whole(make_napari_viewer, qtbot, registry):
+    """A finished lazy run's status (what it estimated, then how far the browsing got) runs to several lines: each
+    dock wraps it to its own width, shows all of it, and keeps the status line's name."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mpt-deblur", "defocused_cells")
+    window = viewer.window._qt_window
+    window.show()
+    window.resize(*LAPTOP)
+    qtbot.waitUntil(lambda: (window.width(), window.height()) == LAPTOP)
+    long_status = (  # as a lazy run words it
+        "defocused cells: each plane is computed in the background when shown (black until then). The plot shows "
+        "the input's focus only: the output's would compute every plane.\n"
+        "3 of 9 planes computed; blur width estimated at 5.3-5.8 px (median 5.5)"
+    )
+    for name in ("Deblur", "Fine-tune (EFCR_ex)", "Compare detections"):
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", name)
+        widget.status.value = long_status
+        status, viewport = widget.status.native, widget.scroll_area.viewport()
+        widget.reveal(status)
+        qtbot.waitUntil(lambda status=status: fully_shown(status, window), timeout=5_000)
+        qtbot.waitUntil(lambda status=status: status.height() >= status.heightForWidth(status.width()))
+        # inside the dock, not past its right edge (there is no horizontal scroll bar), and wrapped
+        assert status.mapTo(viewport, status.rect().topRight()).x() < viewport.width()
+        assert status.height() >= 4 * status.fontMetrics().lineSpacing()
+        name_label = widget.status._labeled_widget()._label_widget.native
+        assert name_label.width() >= name_label.minimumSizeHint().width()  # "status" is not squeezed away
+        viewer.window.remove_dock_widget(dock)
+
+
 def test_the_blur_width_box_reaches_a_model_that_takes_one_and_is_off_for_others(
     viewer_and_widget, registry, grey_model_file, tmp_path
 ):

@@ -60,9 +60,13 @@ def device_box(value: str = "auto") -> ComboBox:
 
 
 def progress_and_status(label: str = "", value: str = "") -> tuple[ProgressBar, Label]:
-    """A dock's progress bar and its (word-wrapped) status line."""
+    """A dock's progress bar and its status line, wrapped to the dock's width however long it gets."""
     status = Label(name="status", label=label, value=value)
     status.native.setWordWrap(True)
+    # magicgui fixes a label at the size of its text: a long status line then widened the dock's parts past the
+    # dock (cut off on the right, with no scroll bar) and squeezed its own name away. Ignored: as wide as the
+    # row allows; Preferred: as tall as the text wrapped to that width.
+    status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return ProgressBar(name="progress_bar", label="progress", min=0, max=1, value=0), status
 
 
