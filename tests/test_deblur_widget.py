@@ -978,6 +978,9 @@ LAPTOP = (1366, 768)
 """A common laptop screen (pixels): every dock must work there with another dock open."""
 DOCK_MIN_HEIGHT = 200
 """The most a dock may ask for (its minimum size hint): two of them and napari's own docks fit LAPTOP."""
+DOCK_MIN_WIDTH = 360
+"""The widest a dock may insist on being (its minimum size hint): napari's layer docks and one of ours leave the
+canvas more than half of LAPTOP's width."""
 
 
 def fully_shown(widget, window) -> bool:
@@ -991,7 +994,7 @@ def fully_shown(widget, window) -> bool:
 
 def check_fits_a_laptop(qtbot, viewer, docks) -> None:
     """Two docks open in a window the size of a laptop screen: the window can be that small, each dock asks for
-    at most DOCK_MIN_HEIGHT, and each of its key buttons is shown whole once scrolled to.
+    at most DOCK_MIN_HEIGHT and DOCK_MIN_WIDTH, and each of its key buttons is shown whole once scrolled to.
 
     ``docks``: ``[(the dock widget napari made, the plugin's widget, [its key buttons, or plots]), ...]``.
     """
@@ -1002,6 +1005,7 @@ def check_fits_a_laptop(qtbot, viewer, docks) -> None:
     assert window.minimumSizeHint().height() <= LAPTOP[1]
     for dock, widget, buttons in docks:
         assert dock.minimumSizeHint().height() <= DOCK_MIN_HEIGHT
+        assert dock.minimumSizeHint().width() <= DOCK_MIN_WIDTH, widget
         assert dock.isVisible() and widget.scroll_area.viewport().height() > 0
         for button in buttons:
             widget.reveal(button)

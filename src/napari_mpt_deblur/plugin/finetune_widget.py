@@ -3,7 +3,7 @@
 The dock gathers the layers and settings into a run of :mod:`.finetune_job`, which
 holds what is not Qt, and runs it (the same headless path as ``mpt-deblur finetune``)
 in a thread worker (:func:`~.widgets_common.start_worker`), so the viewer stays responsive. The
-microscope row (NA, medium, emission wavelength, pixel size; the pixel size and Z
+microscope's boxes (NA, medium, emission wavelength, pixel size; the pixel size and Z
 step of the first layer's file by default) shapes the synthetic blur. Every
 step updates the loss and validation curves; Stop ends the run between steps,
 and the model keeps the weights of its best validation, or the starting model's
@@ -173,9 +173,9 @@ class FinetuneWidget(ScrollingDock):
             f"scale), shown in the box; if neither says, {UNKNOWN_PIXEL_UM:g} um. Synthetic pairs are blurred as this "
             "microscope blurs, up to the blur measured across your stacks."
         )
-        self.microscope = Container(
-            label="microscope", layout="horizontal", labels=True, widgets=[self.na, self.medium, self.wavelength]
-        )
+        # NA and medium side by side, the wavelength on its own row: all three in one row made the dock 525 pixels
+        # wide at least, half of a laptop's canvas
+        self.microscope = Container(label="objective", layout="horizontal", labels=True, widgets=[self.na, self.medium])
         self.microscope.margins = (0, 0, 0, 0)
         self.device = device_box(defaults.device)
         self.start_button = PushButton(text="Start")
@@ -198,6 +198,7 @@ class FinetuneWidget(ScrollingDock):
                     self.model,
                     self.model_file,
                     self.microscope,
+                    self.wavelength,
                     self.pixel_size,
                     self.steps,
                     self.estimate,
@@ -206,7 +207,7 @@ class FinetuneWidget(ScrollingDock):
         )
         # rarely changed: the defaults are the ones experiment 3 chose (docs/benchmarks.md)
         self.advanced = self.add_section(
-            "advanced: batch, patch, learning rate, loss weights, device",
+            "advanced: batch, patch, learning rate, device",
             Container(widgets=[self.batch, self.patch, self.lr, self.beta, self.reblur, self.min_focus, self.device]),
         )
         self.add_part(row(self.start_button, self.stop_button))
