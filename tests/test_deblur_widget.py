@@ -1011,6 +1011,34 @@ def check_fits_a_laptop(qtbot, viewer, docks) -> None:
             widget.reveal(button)
             native = getattr(button, "native", button)  # a magicgui widget, or a plot
             qtbot.waitUntil(lambda native=native: fully_shown(native, window), timeout=5_000)
+    check_labels_whole_at_the_narrowest(qtbot, window, [(dock, widget) for dock, widget, _ in docks])
+
+
+def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
+    """With the docks as narrow as they go, each still shows its fields' labels whole, in one column per dock.
+
+    ``docks``: ``[(the dock widget napari made, the plugin's widget), ...]``, side by side in one dock area.
+    """
+    from magicgui.widgets import Container
+    from qtpy.QtCore import Qt
+
+    narrowest = max(dock.minimumSizeHint().width() for dock, _ in docks)  # one area: as narrow as its widest
+    window.resizeDocks([dock for dock, _ in docks], [narrowest] * len(docks), Qt.Orientation.Horizontal)
+    qtbot.waitUntil(lambda: all(dock.width() <= narrowest + 2 for dock, _ in docks))
+    for _, widget in docks:
+        labels = [
+            (inner.label, labelled._label_widget.native)
+            for part in widget
+            if isinstance(part, Container) and part.labels and part.layout == "vertical"
+            for inner in part
+            if (labelled := inner._labeled_widget()) is not None
+        ]
+        assert labels
+        for text, label in labels:
+            if label.isVisible():
+                needed = max(label.fontMetrics().horizontalAdvance(line) for line in text.splitlines())
+                assert label.width() >= needed, text
+        assert len({label.minimumWidth() for _, label in labels}) == 1  # one column of labels
 
 
 @pytest.mark.slow

@@ -157,10 +157,11 @@ class FinetuneWidget(ScrollingDock):
         self.min_focus = _float_box("min focus quantile", 0.0, 0.0, 0.95, 0.05, 2)
         self.min_focus.tooltip = "Use only your planes whose focus score is at least this quantile (0: all)."
         microscope = Microscope()
-        self.na = _float_box("NA", microscope.na, 0.05, 1.6, 0.05, 2)
+        # one row each: side by side they made the dock 525 pixels wide at least, half of a laptop's canvas
+        self.na = _float_box("objective NA", microscope.na, 0.05, 1.6, 0.05, 2)
         self.na.tooltip = "Numerical aperture of the objective (engraved on it, e.g. 1.4 for an oil objective)."
         self.medium = ComboBox(
-            label="medium",
+            label="immersion",
             choices=list(MEDIA),
             value=microscope.medium,
             tooltip="Immersion medium of the objective: " + ", ".join(f"{k} (n = {v})" for k, v in MEDIA.items()),
@@ -173,10 +174,6 @@ class FinetuneWidget(ScrollingDock):
             f"scale), shown in the box; if neither says, {UNKNOWN_PIXEL_UM:g} um. Synthetic pairs are blurred as this "
             "microscope blurs, up to the blur measured across your stacks."
         )
-        # NA and medium side by side, the wavelength on its own row: all three in one row made the dock 525 pixels
-        # wide at least, half of a laptop's canvas
-        self.microscope = Container(label="objective", layout="horizontal", labels=True, widgets=[self.na, self.medium])
-        self.microscope.margins = (0, 0, 0, 0)
         self.device = device_box(defaults.device)
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop", enabled=False)
@@ -197,7 +194,8 @@ class FinetuneWidget(ScrollingDock):
                     self.sharp,
                     self.model,
                     self.model_file,
-                    self.microscope,
+                    self.na,
+                    self.medium,
                     self.wavelength,
                     self.pixel_size,
                     self.steps,

@@ -215,15 +215,17 @@ class ScrollingDock(Container):
         """Give every labelled part's labels one width, so that the fields line up across the parts."""
         measure = use_app().get_obj("get_text_width")
         rows = [
-            labelled
+            (widget.label, labelled)
             for part in self
             if isinstance(part, Container) and part.labels and part.layout == "vertical"
             for widget in part
             if (labelled := widget._labeled_widget()) is not None
         ]
         if rows:
-            widest = max(measure(row.label) for row in rows)
-            for row in rows:
+            # the shown label is the widget's own (the row's is empty); a label of several lines is as wide as its
+            # widest line
+            widest = max(measure(line) for label, _ in rows for line in (label.splitlines() or [""]))
+            for _, row in rows:
                 row.label_width = widest
 
     def reveal(self, widget: Widget | QWidget) -> None:
