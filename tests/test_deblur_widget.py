@@ -1003,6 +1003,8 @@ def check_fits_a_laptop(qtbot, viewer, docks) -> None:
     window.resize(*LAPTOP)
     qtbot.waitUntil(lambda: (window.width(), window.height()) == LAPTOP)
     assert window.minimumSizeHint().height() <= LAPTOP[1]
+    # a layer's long name, in every layer menu, does not widen a dock
+    viewer.add_image(np.ones((16, 16), np.float32), name="a layer whose name is far longer than any dock is wide " * 2)
     for dock, widget, buttons in docks:
         assert dock.minimumSizeHint().height() <= DOCK_MIN_HEIGHT
         assert dock.minimumSizeHint().width() <= DOCK_MIN_WIDTH, widget
@@ -1042,7 +1044,16 @@ def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
 
 
 @pytest.mark.slow
-def test_the_dock_fits_a_laptop_screen_beside_the_fine_tune_dock(make_napari_viewer, qtbot, registry):
+def test_the_dock_fits_a_laptop_screen_beside_the_fine_tune_dock(
+    make_napari_viewer, qtbot, registry, grey_model_file, tmp_path
+):
+    import shutil
+
+    # a model file's long path, in both docks' model menus, does not widen them (it widened both to 602 pixels)
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 6)
+    folder.mkdir()
+    long_path = folder / "a-model-with-an-equally-long-name.safetensors"
+    registry.add_model_file(Path(shutil.copy(grey_model_file, long_path)))
     viewer = make_napari_viewer()
     viewer.open_sample("napari-mpt-deblur", "defocused_cells")
     dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")

@@ -14,13 +14,21 @@ from typing import Any
 
 import napari.layers
 import napari.viewer
-from magicgui.application import use_app
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, Select, Widget
 from magicgui.widgets.bases import CategoricalWidget
 from napari.utils import progress
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, QSignalBlocker, QSize, Qt, Signal
-from qtpy.QtWidgets import QFrame, QLineEdit, QScrollArea, QSizePolicy, QToolButton, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, QSignalBlocker, QSize, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QLineEdit,
+    QScrollArea,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 from superqt.utils import GeneratorWorker
 
 from ..models.files import BUNDLED_MODELS, ModelFileError
@@ -30,6 +38,8 @@ from .deblur_job import result_source
 
 MODEL_FILTER = "MPT models (*.safetensors *.pth *.pt *.zip);;All files (*)"
 """The model-file dialogs' filter: model files, reference checkpoints and bioimage.io packages (``.zip``)."""
+MENU_MIN_CHARACTERS = 12
+"""A dock's menus are at least this many characters wide; a longer choice is elided (the open menu shows it whole)."""
 MIN_SCROLL_HEIGHT = 150
 """A dock's scrolling part shrinks to this height (pixels): two docks then fit a 1366 x 768 screen."""
 
@@ -166,6 +176,20 @@ class _DockScrollArea(QScrollArea):
         return QSize(self.widget().minimumSizeHint().width() + self._bar(), MIN_SCROLL_HEIGHT)
 
 
+class _OnShow(QObject):
+    """Calls ``function`` each time ``widget`` is shown (its style, and so its fonts, are then final)."""
+
+    def __init__(self, widget: QWidget, function: Callable[[], None]) -> None:
+        super().__init__(widget)
+        self._function = function
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Show:
+            self._function()
+        return False
+
+
 class ScrollingDock(Container):
     """A dock whose parts (magicgui containers, foldable sections, plots) scroll, so that it fits a small screen.
 
@@ -191,6 +215,7 @@ class ScrollingDock(Container):
         self._parts.setContentsMargins(4, 4, 4, 4)
         self.scroll_area = _DockScrollArea(content)
         self.native.layout().addWidget(self.scroll_area)
+        self._shown = _OnShow(self.native, self.align_labels)
 
     def _adopt(self, part: Container) -> QWidget:
         # a magicgui child of the dock, so that napari's refresh of the dock's menus (reset_choices) reaches its
@@ -212,8 +237,14 @@ class ScrollingDock(Container):
         return section
 
     def align_labels(self) -> None:
-        """Give every labelled part's labels one width, so that the fields line up across the parts."""
-        measure = use_app().get_obj("get_text_width")
+        """Give every labelled part's labels one width, so that the fields line up across the parts.
+
+        Also lets every menu of the dock be narrower than its longest choice (a model file's path, a layer's
+        name), which it elides: Qt's menus are otherwise at least that wide, and widen the dock with it.
+        """
+        for menu in self.scroll_area.widget().findChildren(QComboBox):
+            menu.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            menu.setMinimumContentsLength(MENU_MIN_CHARACTERS)
         rows = [
             (widget.label, labelled)
             for part in self
@@ -222,11 +253,17 @@ class ScrollingDock(Container):
             if (labelled := widget._labeled_widget()) is not None
         ]
         if rows:
-            # the shown label is the widget's own (the row's is empty); a label of several lines is as wide as its
-            # widest line
-            widest = max(measure(line) for label, _ in rows for line in (label.splitlines() or [""]))
+            # the shown label is the widget's own (the row's is empty), measured in its own font (napari's style
+            # sheet sets it once the dock is in the window: measured again then); a label of several lines is as
+            # wide as its widest line
+            widest = max(
+                row._label_widget.native.fontMetrics().horizontalAdvance(line)
+                for label, row in rows
+                for line in (label.splitlines() or [""])
+            )
             for _, row in rows:
                 row.label_width = widest
+        self.scroll_area.updateGeometry()  # the dock's minimum width follows its labels
 
     def reveal(self, widget: Widget | QWidget) -> None:
         """Scroll to ``widget`` (expanding the section that holds it): for a script or a test, as a user would."""
