@@ -25,7 +25,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QPalette
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
 
@@ -56,6 +56,7 @@ from .widgets_common import (
     FollowSelection,
     ModelPicker,
     ScrollingDock,
+    WhenShown,
     device_box,
     image_for,
     progress_and_status,
@@ -245,7 +246,7 @@ class FinetuneWidget(ScrollingDock):
         self.steps.changed.connect(self._show_estimate)
         self.estimate.native.linkActivated.connect(self._use_steps)
         self._state.disconnects.append(weak_callback(self._stop_timing))
-        _WhenShown(self.native, weak_callback(self._estimate_soon))  # a hidden dock times nothing
+        WhenShown(self.native, weak_callback(self._estimate_soon))  # a hidden dock times nothing
         self._estimate_soon()
 
     # choices -------------------------------------------------------------------------------
@@ -743,20 +744,6 @@ class FinetuneWidget(ScrollingDock):
             self._set_running(self.running)
         if bar is not None:
             bar.close()  # last: processes Qt events
-
-
-class _WhenShown(QObject):
-    """Calls ``callback()`` each time ``widget`` is shown (it lives as long as the widget)."""
-
-    def __init__(self, widget: Any, callback: Any) -> None:
-        super().__init__(widget)
-        self._callback = callback
-        widget.installEventFilter(self)
-
-    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.Show:
-            self._callback()
-        return False
 
 
 def _float_box(label: str, value: float, low: float, high: float, step: float, decimals: int) -> FloatSpinBox:

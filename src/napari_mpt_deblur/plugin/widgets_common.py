@@ -176,8 +176,9 @@ class _DockScrollArea(QScrollArea):
         return QSize(self.widget().minimumSizeHint().width() + self._bar(), MIN_SCROLL_HEIGHT)
 
 
-class _OnShow(QObject):
-    """Calls ``function`` each time ``widget`` is shown (its style, and so its fonts, are then final)."""
+class WhenShown(QObject):
+    """Calls ``function`` each time ``widget`` is shown (its style, and so its fonts, are then final); it lives as
+    long as the widget."""
 
     def __init__(self, widget: QWidget, function: Callable[[], None]) -> None:
         super().__init__(widget)
@@ -215,7 +216,7 @@ class ScrollingDock(Container):
         self._parts.setContentsMargins(4, 4, 4, 4)
         self.scroll_area = _DockScrollArea(content)
         self.native.layout().addWidget(self.scroll_area)
-        self._shown = _OnShow(self.native, self.align_labels)
+        WhenShown(self.native, self.align_labels)
 
     def _adopt(self, part: Container) -> QWidget:
         # a magicgui child of the dock, so that napari's refresh of the dock's menus (reset_choices) reaches its
