@@ -218,6 +218,15 @@ class ScrollingDock(Container):
         self.native.layout().addWidget(self.scroll_area)
         WhenShown(self.native, self.align_labels)
 
+    @staticmethod
+    def _let_menus_shrink(widget: QWidget) -> QWidget:
+        # a menu may be narrower than its longest choice (a model file's path, a layer's name), which it elides: Qt's
+        # menus are otherwise at least that wide, and widen the dock with them
+        for menu in widget.findChildren(QComboBox):
+            menu.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            menu.setMinimumContentsLength(MENU_MIN_CHARACTERS)
+        return widget
+
     def _adopt(self, part: Container) -> QWidget:
         # a magicgui child of the dock, so that napari's refresh of the dock's menus (reset_choices) reaches its
         # menus; Qt then moves its widget from the dock's own layout (which holds only the scroll area: hence
@@ -228,24 +237,17 @@ class ScrollingDock(Container):
 
     def add_part(self, part: Container | QWidget) -> None:
         """Add a magicgui container of widgets, or a Qt widget (a plot, a table), below the parts added so far."""
-        self._parts.addWidget(self._adopt(part) if isinstance(part, Container) else part)
+        self._parts.addWidget(self._let_menus_shrink(self._adopt(part) if isinstance(part, Container) else part))
 
     def add_section(self, title: str, part: Container, *, expanded: bool = False) -> Section:
         """Add a container of rarely changed widgets in a :class:`Section` that folds away (collapsed by default)."""
-        section = Section(title, self._adopt(part), expanded=expanded)
+        section = Section(title, self._let_menus_shrink(self._adopt(part)), expanded=expanded)
         self._parts.addWidget(section)
         self.sections.append(section)
         return section
 
     def align_labels(self) -> None:
-        """Give every labelled part's labels one width, so that the fields line up across the parts.
-
-        Also lets every menu of the dock be narrower than its longest choice (a model file's path, a layer's
-        name), which it elides: Qt's menus are otherwise at least that wide, and widen the dock with it.
-        """
-        for menu in self.scroll_area.widget().findChildren(QComboBox):
-            menu.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            menu.setMinimumContentsLength(MENU_MIN_CHARACTERS)
+        """Give every labelled part's labels one width, so that the fields line up across the parts."""
         rows = [
             (widget.label, labelled)
             for part in self
