@@ -1017,13 +1017,18 @@ def check_fits_a_laptop(qtbot, viewer, docks) -> None:
 
 
 def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
-    """With the docks as narrow as they go, each still shows its fields' labels whole, in one column per dock.
+    """With the docks as narrow as they go, each still shows its fields' labels whole, in one column per dock, its
+    folded sections' too.
 
     ``docks``: ``[(the dock widget napari made, the plugin's widget), ...]``, side by side in one dock area.
     """
     from magicgui.widgets import Container
     from qtpy.QtCore import Qt
 
+    for _, widget in docks:
+        for section in widget.sections:  # folded when the dock was shown: their labels were measured then too
+            if not section.is_expanded():
+                section.toggle.click()
     narrowest = max(dock.minimumSizeHint().width() for dock, _ in docks)  # one area: as narrow as its widest
     window.resizeDocks([dock for dock, _ in docks], [narrowest] * len(docks), Qt.Orientation.Horizontal)
     qtbot.waitUntil(lambda: all(dock.width() <= narrowest + 2 for dock, _ in docks))
@@ -1041,6 +1046,11 @@ def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
                 needed = max(label.fontMetrics().horizontalAdvance(line) for line in text.splitlines())
                 assert label.width() >= needed, text
         assert len({label.minimumWidth() for _, label in labels}) == 1  # one column of labels
+        # ... as wide as each other, padding and all, so that the fields line up (the widest label's field once
+        # started 11 pixels right of the others)
+        assert len({label.width() for _, label in labels if label.isVisible()}) == 1, [
+            (text, label.width()) for text, label in labels if label.isVisible()
+        ]
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ class CompareWidget(ScrollingDock):
         )
         self.truth = ComboBox(
             name="truth",
-            label="ground truth (optional)",
+            label="ground truth\n(optional)",
             choices=self._label_images,
             tooltip="Labels of the true objects (a Labels layer, or an image of integer labels, 0 = background). "
             f"Integer images that do not look like labels are listed after choosing '{ALL_LAYERS}'.",

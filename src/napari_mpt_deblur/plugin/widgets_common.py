@@ -257,12 +257,12 @@ class ScrollingDock(Container):
         ]
         if rows:
             # the shown label is the widget's own (the row's is empty), measured in its own font (napari's style
-            # sheet sets it once the dock is in the window: measured again then); a label of several lines is as
-            # wide as its widest line
+            # sheet sets it once the dock is in the window: measured again then) with its padding (its size hint);
+            # a label of several lines is as wide as its widest line
             widest = max(
-                row._label_widget.native.fontMetrics().horizontalAdvance(line)
+                max(shown.sizeHint().width(), *(shown.fontMetrics().horizontalAdvance(line) for line in lines))
                 for label, row in rows
-                for line in (label.splitlines() or [""])
+                for shown, lines in [(row._label_widget.native, label.splitlines() or [""])]
             )
             for _, row in rows:
                 row.label_width = widest
