@@ -50,7 +50,8 @@ def main() -> None:
     from napari_mpt_deblur.runtime import cpu_has_native_bf16, tune_cpu_allocator
     from napari_mpt_deblur.training.config import TrainConfig
     from napari_mpt_deblur.training.data import prepare_training
-    from napari_mpt_deblur.training.engine import _step_rngs, compute_gradients, training_shards
+    from napari_mpt_deblur.training.engine import compute_gradients, training_shards
+    from napari_mpt_deblur.training.prefetch import draw_batch
 
     tune_cpu_allocator()
     if args.threads:
@@ -75,9 +76,9 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=1e-4)
         arms[name] = {"model": model, "optimizer": optimizer, "dtype": dtype, "losses": [], "seconds": []}
     for step in range(args.steps):
-        numpy_rng, torch_rng = _step_rngs(config, step)
-        blurry, sharp = data.sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
-        blurry, sharp = torch.from_numpy(blurry), torch.from_numpy(sharp)
+        batch = draw_batch(data.sampler, config, step)  # the batch the training loop draws at this step
+        blurry, sharp = torch.from_numpy(batch.blurry), torch.from_numpy(batch.sharp)
+        torch_rng = torch.Generator().manual_seed(batch.torch_seed)
         seed = int(torch.randint(2**62, (1,), generator=torch_rng))
         for arm in arms.values():
             started = time.perf_counter()

@@ -306,6 +306,45 @@ def test_over_reads_widen_a_share_of_the_estimates_only(tmp_path):
         TrainConfig(estimate_overread=1.5)
 
 
+@pytest.mark.slow
+def test_worker_processes_draw_the_batches_the_loop_draws_and_train_the_same_weights(tmp_path):
+    from napari_mpt_deblur.training.config import TrainConfig
+    from napari_mpt_deblur.training.engine import train
+    from napari_mpt_deblur.training.prefetch import iter_batches
+
+    sharp = pattern_pairs(2, 96)[1]
+    defocus = DefocusConfig(kinds=("gaussian",), gaussian_sigma=(0.5, 4.0), no_blur_probability=0.2)
+    sampler = SyntheticPairs(sharp, defocus, margin=16)
+    recipe = TrainConfig(
+        steps=5, batch_size=4, patch_size=32, scale_range=(1.0, 1.0), lr=1e-3, efcr_beta=0.0, device="cpu",
+        blur_width_dropout=0.5, estimate_overread=1.0, checkpoint_every=5, ema_decay=0.0,
+    )  # fmt: skip
+    inline = list(iter_batches(sampler, recipe, 2, with_widths=True))
+    ahead = list(iter_batches(sampler, recipe.replace(data_workers=2), 2, with_widths=True))
+    assert len(inline) == len(ahead) == 3  # steps 2-4, as a run resumed at step 2 asks for them
+    for one, other in zip(inline, ahead):
+        np.testing.assert_array_equal(one.blurry, other.blurry)
+        np.testing.assert_array_equal(one.sharp, other.sharp)
+        np.testing.assert_array_equal(one.widths, other.widths)
+        assert one.torch_seed == other.torch_seed
+        # the step goes on drawing from where the batch left its stream (over-reads, unlabeled planes)
+        assert one.numpy_rng().random() == other.numpy_rng().random()
+    assert not np.array_equal(inline[0].blurry, inline[1].blurry)
+    assert np.isnan(np.concatenate([b.widths for b in inline])).any()  # some withheld: told the estimate
+    # a run whose batches were drawn by workers is the run without them, weight for weight
+    weights = [
+        train(
+            conditioned(), sampler, tmp_path / f"{workers}.safetensors", recipe.replace(data_workers=workers)
+        ).state_dict()
+        for workers in (0, 2)
+    ]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(value, conditioned().state_dict()[name]) for name, value in weights[0].items())
+    with pytest.raises(ConfigError, match="data_workers"):
+        TrainConfig(data_workers=-1)
+
+
 def test_the_estimate_the_engine_would_use_can_be_asked_for_a_plane():
     from napari_mpt_deblur.inference import estimate_blur_width
     from napari_mpt_deblur.normalization import intensity_range

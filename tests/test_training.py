@@ -29,6 +29,22 @@ def write_pair_folders(root) -> None:
 FAST = dict(batch_size=2, patch_size=48, scale_range=(1.0, 1.0), lr=2e-3, lr_min=1e-4, efcr_beta=1e-3, device="cpu")
 
 
+def test_the_learning_rate_rises_over_its_warmup_then_follows_its_cosine():
+    from napari_mpt_deblur.config import ConfigError
+    from napari_mpt_deblur.training.engine import cosine_lr
+
+    plain = TrainConfig(steps=101, lr=1e-3, lr_min=1e-5)
+    warmed = plain.replace(warmup_steps=9)
+    assert cosine_lr(0, plain) == pytest.approx(1e-3) and cosine_lr(100, plain) == pytest.approx(1e-5)
+    rates = [cosine_lr(step, warmed) for step in range(101)]
+    assert rates[0] == pytest.approx(0.1 * cosine_lr(0, plain))  # a tenth of the rate at the first step
+    assert all(a < b for a, b in zip(rates[:10], rates[1:10]))  # rising over the warmup
+    assert rates[8] == pytest.approx(0.9 * cosine_lr(8, plain))
+    assert rates[9:] == [cosine_lr(step, plain) for step in range(9, 101)]  # then the same cosine
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)
+
+
 def test_input_error_weighting_evens_out_blur_strengths_and_splits_into_shards():
     from napari_mpt_deblur.config import ConfigError
     from napari_mpt_deblur.training.config import INPUT_ERROR_FLOOR

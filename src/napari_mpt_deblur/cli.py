@@ -707,6 +707,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         pixel_loss=args.pixel_loss,
         blur_width_dropout=args.blur_width_dropout,
         estimate_overread=args.estimate_overread,
+        data_workers=args.data_workers,
+        warmup_steps=args.warmup,
     )
     try:
         data = prepare_training(
@@ -1116,6 +1118,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="with --sharp or --bundled: the share of samples whose blur is drawn from the mildest quarter of its "
         "range, so mild blur is not outweighed by strong blur in the loss (default 0: uniform over the range)",
+    )
+    trainer.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="raise the learning rate linearly over these first steps, for training on from a trained model: a "
+        "new optimizer's first updates move every weight by about the learning rate (default 0)",
+    )
+    trainer.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes that draw the coming steps' batches while the network trains (the same batches: "
+        "figures and --resume do not change); on a GPU give it most CPU cores, on a small CPU keep 0 (default)",
     )
     trainer.set_defaults(run=cmd_train)
 

@@ -49,6 +49,11 @@ class TrainConfig(FrozenConfig):
     lr_min: float = 1e-6
     """Learning rate at the last step."""
 
+    warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly to ``lr`` before its cosine. For training on from a
+    trained model: AdamW's first updates move every weight by about the learning rate, whatever its gradient,
+    since its running averages start empty."""
+
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's beta1, beta2."""
 
@@ -144,6 +149,12 @@ class TrainConfig(FrozenConfig):
     """Run the network through ``torch.compile`` (needs a C++ compiler on the CPU). It pays a
     few minutes of compilation once for several times faster steps on long runs."""
 
+    data_workers: int = 0
+    """Processes that draw the coming steps' batches while the network trains on this one (0: the training loop
+    draws each batch itself). The batches are the same either way, so a run's figures and its resume do not
+    depend on it. On a GPU the synthetic defocus of a large batch takes longer than the step: give it most of
+    the CPU cores. On a 2-core CPU the workers would take cores from the step: keep 0."""
+
     normalization: IntensityNormalization = IntensityNormalization()
     """Intensity normalisation of patches; recorded in the model file for inference."""
 
@@ -160,6 +171,10 @@ class TrainConfig(FrozenConfig):
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be 0 or a positive integer, got {self.warmup_steps!r}")
+        if isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int) or self.data_workers < 0:
+            raise ConfigError(f"data_workers must be 0 or a positive integer, got {self.data_workers!r}")
         if self.patch_size < 16:
             raise ConfigError(f"patch_size must be at least 16, got {self.patch_size}")
         low, high = self.scale_range

@@ -13,6 +13,7 @@ does not belong together (:func:`load_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -37,6 +38,7 @@ from ..models.mpt import MPT
 from ..runtime import cpu_has_native_bf16, cpu_workers, map_side_by_side, resolve_device, run_to_end
 from .config import INPUT_ERROR_FLOOR, OVERREAD_MAX, TrainConfig
 from .patches import PairSampler, UnlabeledPlanes
+from .prefetch import iter_batches
 from .suite import ORIENTATIONS
 
 STATE_FORMAT = 1
@@ -66,9 +68,13 @@ class TrainProgress:
 
 
 def cosine_lr(step: int, config: TrainConfig) -> float:
-    """Learning rate of step ``step`` (0-based): cosine from ``lr`` to ``lr_min`` over the run."""
+    """Learning rate of step ``step`` (0-based): cosine from ``lr`` to ``lr_min`` over the run, after a linear
+    rise over the first ``warmup_steps`` (step ``k`` of them at ``(k + 1) / (warmup_steps + 1)`` of its rate)."""
     progress = min(step / max(1, config.steps - 1), 1.0)
-    return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * progress))
+    rate = config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * progress))
+    if step < config.warmup_steps:
+        rate *= (step + 1) / (config.warmup_steps + 1)
+    return rate
 
 
 def state_path(model_path: str | Path) -> Path:
@@ -393,16 +399,6 @@ def distributed_context(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _step_rngs(config: TrainConfig, step: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
-    """The random streams of one step: the same for a resumed run as for an uninterrupted one.
-
-    Every rank of a distributed run draws its own batch.
-    """
-    numpy_rng = np.random.default_rng([config.seed, step] if rank == 0 else [config.seed, step, rank])
-    torch_rng = torch.Generator().manual_seed(int(numpy_rng.integers(2**62)))
-    return numpy_rng, torch_rng
-
-
 def save_training_state(
     path: Path,
     optimizer: torch.optim.Optimizer,
@@ -675,67 +671,61 @@ def iter_train(
         _barrier(world)
         return output
 
-    while step < config.steps:
-        numpy_rng, torch_rng = _step_rngs(config, step, rank)
-        widths = None
-        if with_widths:
-            blurry, sharp, drawn = sampler.sample_with_widths(
-                numpy_rng, config.batch_size, config.patch_size, config.scale_range
+    # each step's batch comes from its own random stream: drawn here or ahead in worker processes, it is the same
+    with contextlib.closing(iter_batches(sampler, config, step, rank, with_widths)) as batches:
+        for batch in batches:
+            numpy_rng, torch_rng = batch.numpy_rng(), torch.Generator().manual_seed(batch.torch_seed)
+            blurry, sharp = torch.from_numpy(batch.blurry).to(device), torch.from_numpy(batch.sharp).to(device)
+            widths = None if batch.widths is None else torch.from_numpy(batch.widths).to(device)
+            if widths is not None and model.blur_estimator is not None:  # told no width, it is told its own estimate
+                widths = _estimates_where_withheld(model, blurry, widths)
+                if config.estimate_overread > 0:
+                    widths = _overread(widths, batch.withheld, config.estimate_overread, numpy_rng)
+            lr = cosine_lr(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # state files of earlier versions have no scale
+            own = None
+            if unlabeled is not None:
+                own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
+                own = torch.from_numpy(own).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            losses = compute_gradients(
+                network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler, widths
             )
-            withheld = numpy_rng.random(len(drawn)) < config.blur_width_dropout
-            widths = torch.from_numpy(np.where(withheld, np.nan, drawn).astype(np.float32)).to(device)
-        else:
-            blurry, sharp = sampler.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
-        blurry, sharp = torch.from_numpy(blurry).to(device), torch.from_numpy(sharp).to(device)
-        if widths is not None and model.blur_estimator is not None:  # told no width, it is told its own estimate
-            widths = _estimates_where_withheld(model, blurry, widths)
-            if config.estimate_overread > 0:
-                widths = _overread(widths, withheld, config.estimate_overread, numpy_rng)
-        lr = cosine_lr(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # state files of earlier versions have no scale
-        own = None
-        if unlabeled is not None:
-            own = unlabeled.sample(numpy_rng, config.batch_size, config.patch_size, config.scale_range)
-            own = torch.from_numpy(own).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        losses = compute_gradients(
-            network, loss_fn, config, blurry, sharp, own, torch_rng, shards, amp_dtype, scaler, widths
-        )
-        if config.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trained_parameters, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if average is not None:
-            average.update()
-        step += 1
-        if not math.isfinite(losses["total"]):
-            raise FloatingPointError(_diverged_message(step, losses["total"], blurry, sharp, own, config))
-        scores = None
-        if rank == 0 and validation is not None and (step % config.validate_every == 0 or step == config.steps):
-            scores = validation.evaluate(kept, device)
-            select = getattr(validation, "selection_score", None)
-            score = select(scores) if select is not None else None
-            if score is not None and (best is None or score > best["score"]):
-                best = {"step": step, "score": float(score)}
-                save_model(
-                    kept,
-                    best_path(output),
-                    normalization=config.normalization,
-                    provenance={
-                        **record,
-                        "step": step,
-                        "validation": scores,
-                        **_training_time(prior_seconds + time.perf_counter() - started, device),
-                    },
-                    tile_size=tile_size,
-                )
-            model.train()
-        written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
-        elapsed = time.perf_counter() - started
-        remaining = elapsed / (step - first_step) * (config.steps - step)
-        yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trained_parameters, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if average is not None:
+                average.update()
+            step += 1
+            if not math.isfinite(losses["total"]):
+                raise FloatingPointError(_diverged_message(step, losses["total"], blurry, sharp, own, config))
+            scores = None
+            if rank == 0 and validation is not None and (step % config.validate_every == 0 or step == config.steps):
+                scores = validation.evaluate(kept, device)
+                select = getattr(validation, "selection_score", None)
+                score = select(scores) if select is not None else None
+                if score is not None and (best is None or score > best["score"]):
+                    best = {"step": step, "score": float(score)}
+                    save_model(
+                        kept,
+                        best_path(output),
+                        normalization=config.normalization,
+                        provenance={
+                            **record,
+                            "step": step,
+                            "validation": scores,
+                            **_training_time(prior_seconds + time.perf_counter() - started, device),
+                        },
+                        tile_size=tile_size,
+                    )
+                model.train()
+            written = checkpoint(step) if step % config.checkpoint_every == 0 or step == config.steps else None
+            elapsed = time.perf_counter() - started
+            remaining = elapsed / (step - first_step) * (config.steps - step)
+            yield TrainProgress(step, config.steps, losses, lr, elapsed, remaining, scores, written)
     kept.eval()
     return kept
 
