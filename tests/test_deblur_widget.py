@@ -1022,7 +1022,6 @@ def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
 
     ``docks``: ``[(the dock widget napari made, the plugin's widget), ...]``, side by side in one dock area.
     """
-    from magicgui.widgets import Container
     from qtpy.QtCore import Qt
 
     for _, widget in docks:
@@ -1033,13 +1032,7 @@ def check_labels_whole_at_the_narrowest(qtbot, window, docks) -> None:
     window.resizeDocks([dock for dock, _ in docks], [narrowest] * len(docks), Qt.Orientation.Horizontal)
     qtbot.waitUntil(lambda: all(dock.width() <= narrowest + 2 for dock, _ in docks))
     for _, widget in docks:
-        labels = [
-            (inner.label, labelled._label_widget.native)
-            for part in widget
-            if isinstance(part, Container) and part.labels and part.layout == "vertical"
-            for inner in part
-            if (labelled := inner._labeled_widget()) is not None
-        ]
+        labels = [(row._label_widget.value, row._label_widget.native) for row in widget.labelled_rows()]
         assert labels
         for text, label in labels:
             if label.isVisible():

@@ -246,25 +246,24 @@ class ScrollingDock(Container):
         self.sections.append(section)
         return section
 
-    def align_labels(self) -> None:
-        """Give every labelled part's labels one width, so that the fields line up across the parts."""
-        rows = [
-            (widget.label, labelled)
+    def labelled_rows(self) -> list[Any]:
+        """The rows of the dock's labelled parts (magicgui's label-and-field rows), top to bottom."""
+        return [
+            labelled
             for part in self
             if isinstance(part, Container) and part.labels and part.layout == "vertical"
             for widget in part
             if (labelled := widget._labeled_widget()) is not None
         ]
+
+    def align_labels(self) -> None:
+        """Give every labelled part's labels one width, so that the fields line up across the parts."""
+        rows = self.labelled_rows()
         if rows:
-            # the shown label is the widget's own (the row's is empty), measured in its own font (napari's style
-            # sheet sets it once the dock is in the window: measured again then) with its padding (its size hint);
-            # a label of several lines is as wide as its widest line
-            widest = max(
-                max(shown.sizeHint().width(), *(shown.fontMetrics().horizontalAdvance(line) for line in lines))
-                for label, row in rows
-                for shown, lines in [(row._label_widget.native, label.splitlines() or [""])]
-            )
-            for _, row in rows:
+            # the shown label's size hint: its text's widest line in its own font (napari's style sheet sets it once
+            # the dock is in the window: measured again then), plus its padding
+            widest = max(row._label_widget.native.sizeHint().width() for row in rows)
+            for row in rows:
                 row.label_width = widest
         self.scroll_area.updateGeometry()  # the dock's minimum width follows its labels
 

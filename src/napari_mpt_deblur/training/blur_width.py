@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..models.grow import add_blur_estimator
 from ..models.mpt import MPT
 from .config import EstimatorRecipe
 from .patches import SyntheticPairs
+from .prefetch import sampler_processes, worker_sampler
 
 POOL_CHUNK = 64
 """Patches a worker draws per task (progress is reported per chunk)."""
@@ -110,25 +110,15 @@ def _draw_pool(sampler: SyntheticPairs, recipe: EstimatorRecipe):
     chunks = -(-recipe.pool // POOL_CHUNK)
     tasks = [(recipe, index, min(POOL_CHUNK, recipe.pool - index * POOL_CHUNK)) for index in range(chunks)]
     if recipe.workers == 1:
-        global _worker_sampler
-        _worker_sampler = sampler
-        yield from (_draw_chunk(*task) for task in tasks)
+        yield from (_draw_chunk(*task, sampler) for task in tasks)
         return
-    # the sampler (every training plane) goes to each worker once, not with every task
-    with ProcessPoolExecutor(recipe.workers, initializer=_start_worker, initargs=(sampler,)) as pool:
+    with sampler_processes(sampler, recipe.workers) as pool:
         yield from pool.map(_draw_chunk, *zip(*tasks))
 
 
-_worker_sampler: SyntheticPairs | None = None
-
-
-def _start_worker(sampler: SyntheticPairs) -> None:
-    global _worker_sampler
-    _worker_sampler = sampler
-    torch.set_num_threads(1)
-
-
-def _draw_chunk(recipe: EstimatorRecipe, index: int, count: int):
+def _draw_chunk(recipe: EstimatorRecipe, index: int, count: int, sampler: SyntheticPairs | None = None):
+    """One task's patches, from ``sampler`` or, in a worker process, from the worker's own."""
+    sampler = sampler if sampler is not None else worker_sampler()
     rng = np.random.default_rng([recipe.seed, 7, index])  # one stream per chunk: the pool is the same for any workers
-    blurry, _, widths = _worker_sampler.sample_with_widths(rng, count, recipe.patch, recipe.scale_range)
+    blurry, _, widths = sampler.sample_with_widths(rng, count, recipe.patch, recipe.scale_range)
     return blurry.astype(np.float16), widths

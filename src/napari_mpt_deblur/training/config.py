@@ -171,10 +171,10 @@ class TrainConfig(FrozenConfig):
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be 0 or a positive integer, got {self.warmup_steps!r}")
-        if isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int) or self.data_workers < 0:
-            raise ConfigError(f"data_workers must be 0 or a positive integer, got {self.data_workers!r}")
+        for name in ("warmup_steps", "data_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be 0 or a positive integer, got {value!r}")
         if self.patch_size < 16:
             raise ConfigError(f"patch_size must be at least 16, got {self.patch_size}")
         low, high = self.scale_range

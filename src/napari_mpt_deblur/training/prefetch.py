@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import TrainConfig
+
 
 @dataclass
 class DrawnBatch:
@@ -30,12 +32,15 @@ class DrawnBatch:
     """Targets of the same shape."""
     widths: np.ndarray | None
     """Each sample's blur width in pixels, NaN where it is withheld from the network (None: no widths drawn)."""
-    withheld: np.ndarray | None
-    """Which samples are told no width (their own estimate instead, for a model that makes one)."""
     torch_seed: int
     """Seed of the step's torch generator (EFCR's and the re-blur term's random draws)."""
     rng_state: dict[str, Any]
     """The step's numpy stream after the batch: the loop goes on from here (over-read widths, unlabeled planes)."""
+
+    @property
+    def withheld(self) -> np.ndarray | None:
+        """Which samples are told no width (their own estimate instead, for a model that makes one)."""
+        return None if self.widths is None else np.isnan(self.widths)
 
     def numpy_rng(self) -> np.random.Generator:
         """The step's numpy stream, where the batch left it."""
@@ -44,7 +49,7 @@ class DrawnBatch:
         return rng
 
 
-def draw_batch(sampler: Any, config: Any, step: int, rank: int = 0, with_widths: bool = False) -> DrawnBatch:
+def draw_batch(sampler: Any, config: TrainConfig, step: int, rank: int = 0, with_widths: bool = False) -> DrawnBatch:
     """The batch of ``step``: a pure function of the recipe's seed, the step and the process's rank.
 
     Parameters
@@ -62,35 +67,29 @@ def draw_batch(sampler: Any, config: Any, step: int, rank: int = 0, with_widths:
     """
     rng = np.random.default_rng([config.seed, step] if rank == 0 else [config.seed, step, rank])
     torch_seed = int(rng.integers(2**62))
-    widths = withheld = None
+    widths = None
     if with_widths:
         blurry, sharp, drawn = sampler.sample_with_widths(rng, config.batch_size, config.patch_size, config.scale_range)
         withheld = rng.random(len(drawn)) < config.blur_width_dropout
         widths = np.where(withheld, np.nan, drawn).astype(np.float32)
     else:
         blurry, sharp = sampler.sample(rng, config.batch_size, config.patch_size, config.scale_range)
-    return DrawnBatch(blurry, sharp, widths, withheld, torch_seed, rng.bit_generator.state)
+    return DrawnBatch(blurry, sharp, widths, torch_seed, rng.bit_generator.state)
 
 
 def iter_batches(
-    sampler: Any, config: Any, first_step: int, rank: int = 0, with_widths: bool = False
+    sampler: Any, config: TrainConfig, first_step: int, rank: int = 0, with_widths: bool = False
 ) -> Iterator[DrawnBatch]:
     """The batches of steps ``first_step`` to ``config.steps - 1``, in order, as :func:`draw_batch` draws them.
 
-    With ``config.data_workers`` above 0 they are drawn in that many processes, ``2 x data_workers`` steps ahead
-    (started fresh: no copy of the training process's threads or GPU; the sampler, every training plane, goes
-    to each once); closing the iterator stops them.
+    With ``config.data_workers`` above 0 they are drawn in that many processes (:func:`sampler_processes`),
+    ``2 x data_workers`` steps ahead; closing the iterator stops them.
     """
     steps = range(first_step, config.steps)
     if config.data_workers == 0:
         yield from (draw_batch(sampler, config, step, rank, with_widths) for step in steps)
         return
-    pool = ProcessPoolExecutor(
-        config.data_workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(sampler,),
-    )
+    pool = sampler_processes(sampler, config.data_workers)
     upcoming = iter(steps)
     ahead: deque[Future[DrawnBatch]] = deque()
     try:
@@ -106,6 +105,20 @@ def iter_batches(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def sampler_processes(sampler: Any, workers: int) -> ProcessPoolExecutor:
+    """``workers`` processes that each hold ``sampler`` (sent once, not with every task: it holds every training
+    plane) and run torch on one thread, side by side; their tasks get it from :func:`worker_sampler`. They are
+    spawned, not forked: no copy of this process's threads or GPU."""
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(sampler,)
+    )
+
+
+def worker_sampler() -> Any:
+    """The sampler of the worker process this runs in (:func:`sampler_processes`)."""
+    return _worker_sampler
+
+
 _worker_sampler: Any = None
 
 
@@ -114,8 +127,8 @@ def _start_worker(sampler: Any) -> None:
 
     global _worker_sampler
     _worker_sampler = sampler
-    torch.set_num_threads(1)  # one core per worker: the workers run side by side
+    torch.set_num_threads(1)
 
 
-def _draw_in_worker(config: Any, step: int, rank: int, with_widths: bool) -> DrawnBatch:
+def _draw_in_worker(config: TrainConfig, step: int, rank: int, with_widths: bool) -> DrawnBatch:
     return draw_batch(_worker_sampler, config, step, rank, with_widths)
