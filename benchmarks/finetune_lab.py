@@ -12,7 +12,9 @@ situations:
 - ``timelapse``: every frame is defocused, mildly to strongly (0.6-1.5 um), the case where
   pairs from the least blurred frames used to teach the network to reproduce blur.
 
-Held-out fields, with their truth, are scored in focus and at 0.3, 0.6 and 1.2 um for:
+Held-out fields, with their truth, are scored in focus and at 0.3, 0.6 and 1.2 um for
+Richardson-Lucy and a Wiener filter given the true PSF (each at its best iteration count or
+noise-to-signal ratio against the truth: a ceiling no user reaches), and for:
 
 - ``default``: the starting model, not fine-tuned;
 - ``fixed optics``: the former recipe (synthetic pairs from the sharpest quarter with the
@@ -90,6 +92,20 @@ def score(model, cases: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[
     }
 
 
+def classical(cases: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, dict[str, float]]:
+    """Richardson-Lucy and a Wiener filter given the lab's true PSF, each at its best setting against the truth."""
+    from common import best_richardson_lucy, best_wiener
+
+    rows: dict[str, dict[str, float]] = {"Richardson-Lucy, true PSF": {}, "Wiener, true PSF": {}}
+    for name, pairs in cases.items():
+        psf = widefield_psf(TEST_DEFOCUS_UM[name], **LAB.optics())
+        rows["Richardson-Lucy, true PSF"][name] = float(
+            np.mean([best_richardson_lucy(b, psf, t, psnr)["psnr"] for b, t in pairs])
+        )
+        rows["Wiener, true PSF"][name] = float(np.mean([best_wiener(b, psf, t, psnr)["psnr"] for b, t in pairs]))
+    return rows
+
+
 def fixed_optics_data(model, stacks: list[np.ndarray], config) -> FinetuneData:
     """The former recipe: pairs from the sharpest quarter with the fixed default optics."""
     from napari_mpt_deblur.data.focus import sharpest_planes
@@ -162,9 +178,10 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     baseline = score(load_model(args.model), cases)
     inputs = {name: float(np.mean([psnr(b, t) for b, t in pairs])) for name, pairs in cases.items()}
+    deconvolved = classical(cases)
     for situation in args.situations:
         stacks = lab_stacks(situation)
-        rows = {"input": inputs, "default": baseline}
+        rows = {"input": inputs, **deconvolved, "default": baseline}
         arms = {
             "fixed optics": lambda model, config, stacks=stacks: fixed_optics_data(model, stacks, config),
             "optics-aware": lambda model, config, stacks=stacks: prepare_finetune(
@@ -190,7 +207,7 @@ def main() -> None:
         print("| --- |" + " --- |" * len(TEST_DEFOCUS_UM))
         for arm, row in rows.items():
             cells = [f"{row[name]:.2f}" for name in TEST_DEFOCUS_UM]
-            if arm not in ("input", "default"):
+            if arm not in ("input", "default", *deconvolved):
                 cells = [f"{row[n]:.2f} ({row[n] - baseline[n]:+.2f})" for n in TEST_DEFOCUS_UM]
             print(f"| {arm} | " + " | ".join(cells) + " |")
     if args.json:

@@ -185,7 +185,8 @@ def test_the_package_holds_what_the_model_zoo_asks_for(package, model, sample_pl
     imported = {
         line.split()[1].split(".")[0] for line in architecture.splitlines() if line.startswith(("import ", "from "))
     }
-    assert imported <= {"__future__", "collections", "functools", "math", "typing", "torch"}, imported
+    # PyTorch and the standard library only: the file runs wherever PyTorch does
+    assert imported <= {"__future__", "collections", "dataclasses", "functools", "math", "typing", "torch"}, imported
     state = torch.load(io.BytesIO(read_member(package, "weights.pt")), weights_only=True)
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
@@ -442,3 +443,19 @@ def test_a_model_that_takes_the_blur_width_exports_and_its_architecture_file_bui
     standalone.load_state_dict(network.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(standalone(x), network(x), rtol=0, atol=0)
+
+
+def test_a_package_of_a_model_with_a_milder_blur_network_holds_the_fine_tuned_one_and_says_so(tmp_path, sample_plane):
+    needs_bioimageio()
+    from napari_mpt_deblur.models.bioimageio import export_package
+    from napari_mpt_deblur.models.mpt import MilderBlur
+
+    torch.manual_seed(5)
+    network = MPT(tiny_config(blur_conditioned=True, blur_estimator=True)).eval()
+    network.milder_blur = MilderBlur(MPT(network.config).eval(), 1.5)
+    reloaded = load_model(export_package(network, tmp_path / "tuned.zip", sample_plane))
+    assert reloaded.milder_blur is None and reloaded.card.milder_blur_below_width is None
+    assert "below 1.50 px" in reloaded.card.provenance["milder_blur_network"]
+    x = torch.rand(1, 1, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, 1.0), network(x, 1.0), rtol=0, atol=0)

@@ -12,7 +12,7 @@ from napari_mpt_deblur.config import ConfigError, DeblurSettings, MPTConfig
 from napari_mpt_deblur.data.defocus import DefocusConfig
 from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.models.blur_width import ESTIMATE_CROP, BlurWidthEstimator, _crop_starts, quantile_loss
-from napari_mpt_deblur.models.grow import add_blur_estimator
+from napari_mpt_deblur.models.grow import add_blur_estimator, with_width_margin
 from napari_mpt_deblur.training.blur_width import iter_train_blur_estimator
 from napari_mpt_deblur.training.config import EstimatorRecipe
 from napari_mpt_deblur.training.patches import SyntheticPairs
@@ -368,7 +368,6 @@ def test_a_margin_widens_every_width_the_network_reads_not_the_width_reported(tm
     from napari_mpt_deblur.cli import main
     from napari_mpt_deblur.inference import Deblurrer, estimate_blur_width
     from napari_mpt_deblur.models.blur_width import widen
-    from napari_mpt_deblur.models.grow import with_width_margin
 
     assert widen(0.0, 2.0) == pytest.approx(0.5) and widen(1.0, 2.0) == pytest.approx(2.5)
     assert torch.allclose(widen(torch.tensor([0.0, 1.0]), 3.0), torch.tensor([1.0, 4.0]))
@@ -423,3 +422,90 @@ def test_a_margin_widens_every_width_the_network_reads_not_the_width_reported(tm
         )
         assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_model_holding_a_milder_blur_network_deblurs_the_planes_judged_below_its_width_with_it(tmp_path, capsys):
+    import copy
+
+    import tifffile
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from napari_mpt_deblur import ModelFileError
+    from napari_mpt_deblur.cli import main
+    from napari_mpt_deblur.inference import Deblurrer, estimate_blur_width
+    from napari_mpt_deblur.models.files import model_from_bytes, model_to_bytes, read_model_card
+    from napari_mpt_deblur.models.mpt import MilderBlur
+
+    tuned, start = conditioned(seed=0), conditioned(seed=1)
+    tuned.milder_blur = MilderBlur(start, 2.0)
+    plane = (pattern_pairs(1, 64, seed=4)[0][0] * 1000 + 100).astype(np.uint16)
+
+    def deblurred(model, width=None):
+        return deblur_array(model, plane, "YX", DeblurSettings(tile=0, device="cpu", blur_sigma_px=width))
+
+    # told a width below 2 px the starting network deblurs, at 2 px and above the fine-tuned one
+    assert tuned.network_for(1.9) is start and tuned.network_for(2.0) is tuned and tuned.network_for(None) is tuned
+    np.testing.assert_array_equal(deblurred(tuned, 1.0), deblurred(start, 1.0))
+    np.testing.assert_array_equal(deblurred(tuned, 3.0), deblurred(conditioned(seed=0), 3.0))
+    assert not np.array_equal(deblurred(tuned, 1.0), deblurred(conditioned(seed=0), 1.0))
+    # judged, each plane by its own estimate; the words say how many went to the starting network
+    judged = [2.5, 0.9]
+    engine = Deblurrer(copy.deepcopy(tuned), DeblurSettings(tile=0, device="cpu"))
+    engine.model.blur_estimator.estimate = lambda scaled: judged.pop(0)
+    np.testing.assert_array_equal(deblur_array(engine, plane, "YX"), deblurred(conditioned(seed=0), 2.5))
+    np.testing.assert_array_equal(deblur_array(engine, plane, "YX"), deblurred(start, 0.9))
+    assert engine.describe_judged().endswith(
+        "over 2 planes; 1 plane below 2.0 px (milder than the fine-tune learned from) deblurred by its starting model"
+    )
+    # moved and copied with the model, though not part of its weights (not trained, not in its state_dict)
+    assert not any(key.startswith("milder") for key in tuned.state_dict())
+    assert next(tuned.to(torch.float64).milder_blur.network.parameters()).dtype == torch.float64
+    tuned.to(torch.float32)
+    widened = with_width_margin(tuned, 2.0).milder_blur  # set-margin: both networks read the widths wider
+    assert widened.network.config.width_margin == 2.0 and widened.below_width == 2.0
+
+    # a model file and the bytes sent to worker processes hold both networks and the width
+    path = save_model(tuned, tmp_path / "tuned.safetensors")
+    assert read_model_card(path).milder_blur_below_width == 2.0 == tuned.card.milder_blur_below_width
+    for loaded in (load_model(path), model_from_bytes(model_to_bytes(tuned))):
+        assert loaded.milder_blur.below_width == 2.0 and not loaded.milder_blur.network.training
+        for key, value in start.state_dict().items():
+            assert torch.equal(loaded.milder_blur.network.state_dict()[key], value)
+        np.testing.assert_array_equal(deblurred(loaded, 1.0), deblurred(start, 1.0))
+    assert load_model(save_model(conditioned(), tmp_path / "one.safetensors")).milder_blur is None
+    assert main(["info", str(path)]) == 0
+    assert "milder blur:  planes judged below 2.00 px are deblurred by the starting model" in capsys.readouterr().out
+
+    # the command line, judging the width: a plane below (here every plane) comes from the starting network
+    tuned.milder_blur = MilderBlur(start, 1000.0)
+    save_model(tuned, tmp_path / "always.safetensors")
+    tifffile.imwrite(tmp_path / "in.tif", plane)
+    assert (
+        main(
+            [
+                "deblur",
+                str(tmp_path / "in.tif"),
+                "-o",
+                str(tmp_path / "out.tif"),
+                "--model",
+                str(tmp_path / "always.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert "; below 1000.0 px (milder than the fine-tune learned from) deblurred by" in capsys.readouterr().out
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "out.tif"), deblurred(start, estimate_blur_width(tuned, plane))
+    )
+
+    # a card that promises a milder-blur network the tensors lack, or an absurd width, is refused in words
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys() if "milder" not in k}
+    save_file(tensors, str(tmp_path / "lacking.safetensors"), metadata=metadata)
+    with pytest.raises(ModelFileError, match="do not match the architecture .*missing: \\['milder_blur"):
+        load_model(tmp_path / "lacking.safetensors")
+    card = metadata["napari_mpt_deblur"].replace('"milder_blur_below_width": 2.0', '"milder_blur_below_width": -1')
+    save_file(tensors, str(tmp_path / "absurd.safetensors"), metadata={**metadata, "napari_mpt_deblur": card})
+    with pytest.raises(ModelFileError, match="milder_blur_below_width must be a positive number of pixels, got -1"):
+        load_model(tmp_path / "absurd.safetensors")

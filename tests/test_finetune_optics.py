@@ -140,6 +140,16 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     # of the sharpest quarter of 32 planes only the 4 in focus: the planes 0.3 um away are blurred (80 % radius
     # 4 px) and would teach the network to keep that blur; one of the 4 is held out
     assert data.provenance["sharp_planes"] == 4 and len(data.sampler.pairs.sharp) == 3
+    # their targets are the starting model's output on them (denoised, and sharper than the optics leave them);
+    # the held-out plane is scored against itself denoised
+    from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.inference import deblur_array
+
+    settings = DeblurSettings(device="cpu", precision="fp32")
+    outputs = [deblur_array(model, s[2].astype(np.float32), "YX", settings) for s in stacks]  # 0.0 um: in focus
+    assert all(any(np.array_equal(target, out) for out in outputs) for target in data.sampler.pairs.sharp)
+    assert data.provenance["targets"] == "starting model's deblurred in-focus planes"
+    assert data.provenance["denoised_validation_targets"] is True
     # in-focus planes are kept as the starting model treats them, not copied onto their denoised targets
     assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == ANCHORED_SHARE
     assert data.sampler.pairs.defocus.no_blur_probability == 0
@@ -177,7 +187,7 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     blurry, sharp = always.sample(np.random.default_rng(0), 2, 32, (1.0, 1.0))
     with torch.no_grad():
         assert np.allclose(sharp, model.eval()(torch.from_numpy(blurry)).numpy(), atol=1e-6)
-    assert not data.provenance["denoised_targets"]
+    assert not data.provenance["denoised_validation_targets"]
 
 
 def test_the_starting_model_is_kept_unless_the_fine_tune_beats_it():
@@ -276,3 +286,53 @@ def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys
 
     assert main([*args, *common, "--overwrite", "--na", "1.4", "--medium", "water"]) == 2
     assert "NA 1.4 is not possible in water" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_fine_tune_without_focus_keeps_its_starting_network_for_milder_blur_than_its_stack_holds(tmp_path):
+    from napari_mpt_deblur.inference import estimate_blur_width
+    from napari_mpt_deblur.models.mpt import MilderBlur
+    from napari_mpt_deblur.training.finetune import MILDER_BLUR_SHARE
+
+    torch.manual_seed(0)
+    model = MPT(tiny_config(blur_conditioned=True, blur_estimator=True)).eval()
+    config = FINETUNE_DEFAULTS.replace(patch_size=32, batch_size=2, steps=2)
+    defocused = [through_focus((0.9, 1.0, 1.1, 1.2), seed=s) for s in range(2)]
+    data = prepare_finetune(model, defocused, config=config, microscope=LAB)
+    # the sharpest quarter (the two planes 0.9 um away) sets the least blur the stack holds, as the estimator judges
+    least = min(estimate_blur_width(model, stack[0]) for stack in defocused)
+    assert data.milder_blur_below_width == pytest.approx(MILDER_BLUR_SHARE * least, rel=1e-5)
+    assert data.provenance["milder_blur_below_width"] == round(data.milder_blur_below_width, 3)
+    assert any("will still be deblurred by the starting model" in note for note in data.notes)
+    # with planes in focus, or a model without an estimator (nothing to judge a plane's width by): one network
+    in_focus = [through_focus((-0.3, 0.0, 0.3, 0.6), seed=s) for s in range(2)]
+    assert prepare_finetune(model, in_focus, config=config, microscope=LAB).milder_blur_below_width is None
+    assert prepare_finetune(small_model(), defocused, config=config, microscope=LAB).milder_blur_below_width is None
+
+    def fine_tune(start: MPT, below_width: float | None, gain: float) -> tuple[MPT, TrainingLog]:
+        log = TrainingLog()
+        log.begin(start, data.validation)
+        with torch.no_grad():
+            for parameter in start.parameters():
+                parameter.add_(0.01)
+        scores = {"psnr": log.start_psnr + gain, "ssim": 0.5, "input_psnr": 18.0, "input_ssim": 0.4}
+        log.update(TrainProgress(1, 1, {"total": 1.0}, 1e-4, 1.0, 0.0, scores), start)
+        log.restore_best(start, milder_blur_below_width=below_width)
+        return start, log
+
+    starting = {key: value.clone() for key, value in model.state_dict().items()}
+    tuned, log = fine_tune(model, data.milder_blur_below_width, gain=1.0)
+    assert not log.kept_start and tuned.milder_blur.below_width == data.milder_blur_below_width
+    for key, value in starting.items():
+        assert torch.equal(tuned.milder_blur.network.state_dict()[key], value)
+        assert key.startswith("blur_estimator") or not torch.equal(tuned.state_dict()[key], value)
+    reloaded = load_model(save_model(tuned, tmp_path / "tuned.safetensors"))
+    assert reloaded.milder_blur.below_width == pytest.approx(data.milder_blur_below_width)
+
+    # fine-tuned again: on a stack with focus the new network serves every plane; a run that does not beat its
+    # start keeps the start whole, its milder-blur network too
+    kept, log = fine_tune(reloaded, None, gain=0.0)
+    assert log.kept_start and kept.milder_blur.below_width == pytest.approx(data.milder_blur_below_width)
+    again, log = fine_tune(reloaded, None, gain=1.0)
+    assert not log.kept_start and again.milder_blur is None
+    assert isinstance(fine_tune(again, 1.5, gain=1.0)[0].milder_blur, MilderBlur)

@@ -84,13 +84,17 @@ def test_prepare_finetune_makes_synthetic_or_labeled_pairs_and_records_them():
 
     data = prepare_finetune(model, stack[None], config=config)  # any N-D: leading axes are planes
     assert isinstance(data.sampler, AnchoredPairs) and isinstance(data.sampler.pairs, SyntheticPairs)
-    from napari_mpt_deblur.data.defocus import denoise_target
+    from napari_mpt_deblur.config import DeblurSettings
+    from napari_mpt_deblur.inference import deblur_array
 
-    sharp_planes = data.sampler.pairs.sharp  # the sharpest quarter of the 8 planes, all in focus: 2, denoised
+    # the sharpest quarter of the 8 planes, all in focus: 2, as the starting model deblurs them
+    sharp_planes = data.sampler.pairs.sharp
+    settings = DeblurSettings(device="cpu", precision="fp32")
     assert len(sharp_planes) == 2
-    assert all(any(np.array_equal(p, denoise_target(s)) for s in sharp) for p in sharp_planes)
+    outputs = [deblur_array(model, s.astype(np.float32), "YX", settings) for s in sharp]  # planes: float32
+    assert all(any(np.array_equal(p, out) for out in outputs) for p in sharp_planes)
     record = data.provenance
-    assert record["planes"] == record["planes_for_efcr"] == 8 and record["denoised_targets"] is True
+    assert record["planes"] == record["planes_for_efcr"] == 8 and record["denoised_validation_targets"] is True
     assert record["synthetic_from_sharpest_unlabeled_planes"] == 0.25
     assert record["validation"].startswith("patches of the training planes")  # 2 sharp planes: none to spare
     assert record["blur_estimate"]["in_focus"] and record["synthetic_defocus"]["kinds"] == ["gaussian", "widefield"]

@@ -91,6 +91,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"normalization: {json.dumps(summary['normalization'])}")
     if summary["tile_size"]:
         print(f"tile size:    {summary['tile_size']}")
+    if summary["milder_blur_below_width"] is not None:
+        below = summary["milder_blur_below_width"]
+        print(f"milder blur:  planes judged below {below:.2f} px are deblurred by the starting model (held too)")
     print("provenance:")
     for key, value in summary["provenance"].items():
         print(f"  {key}: {value}")
@@ -380,7 +383,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
 
     from .config import DeblurSettings, IntensityNormalization
     from .images import ImageError
-    from .inference import Deblurrer, InputError, deblur_file, describe_estimated_widths
+    from .inference import Deblurrer, InputError, deblur_file
     from .models.files import load_model
 
     pairs = _pairs_to_do(deblur_targets(args.input, args.output, args.overwrite), args)
@@ -441,7 +444,7 @@ def cmd_deblur(args: argparse.Namespace) -> None:
                     print(f"mpt-deblur deblur: failed: {message}", file=sys.stderr)
                     continue
             if not args.quiet:
-                judged = describe_estimated_widths(deblurrer.estimated_widths[judged_before:])
+                judged = deblurrer.describe_judged(since=judged_before)
                 print(f"wrote {target} in {time.perf_counter() - started:.1f} s" + (f"; {judged}" if judged else ""))
     finally:
         if client is not None:

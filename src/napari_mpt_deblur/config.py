@@ -364,14 +364,22 @@ class ModelCard(FrozenConfig):
     tile_size: int | None = None
     """Preferred inference tile side in pixels (None: the training patch size or a default)."""
 
+    milder_blur_below_width: float | None = None
+    """Planes whose blur width (pixels) is below this are deblurred by a second network the file holds (tensors
+    named ``milder_blur.*``): the starting model of a fine-tune on a stack with no plane in focus
+    (:class:`~napari_mpt_deblur.models.mpt.MilderBlur`). None: one network for every plane."""
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; the provenance is copied as it is."""
-        return {
+        data = {
             "architecture": self.architecture.to_dict(),
             "normalization": self.normalization.to_dict(),
             "provenance": dict(self.provenance),
             "tile_size": self.tile_size,
         }
+        if self.milder_blur_below_width is not None:  # files without it stay readable by earlier versions
+            data["milder_blur_below_width"] = self.milder_blur_below_width
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelCard:
@@ -385,11 +393,17 @@ class ModelCard(FrozenConfig):
         tile_size = data.get("tile_size")
         if tile_size is not None:
             tile_size = _integer("tile_size", tile_size, 8, MAX_TILE_SIZE)
+        below = data.get("milder_blur_below_width")
+        if below is not None and (
+            isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below < math.inf
+        ):
+            raise ConfigError(f"milder_blur_below_width must be a positive number of pixels, got {below!r}")
         return cls(
             architecture=MPTConfig.from_dict(data["architecture"]),
             normalization=IntensityNormalization.from_dict(data.get("normalization", {})),
             provenance=provenance,
             tile_size=tile_size,
+            milder_blur_below_width=None if below is None else float(below),
         )
 
 

@@ -333,12 +333,18 @@ class Deblurrer:
         self.estimated_widths.append(width)  # one append per unit: safe from the threads that run planes side by side
         return width
 
+    def describe_judged(self, since: int = 0) -> str | None:
+        """The blur widths judged from the ``since``-th unit on, in words (:func:`describe_estimated_widths`)."""
+        milder = self.model.milder_blur
+        return describe_estimated_widths(self.estimated_widths[since:], milder and milder.below_width)
+
     def _network(self, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
+        network = self.model.network_for(width)  # planes less blurred than a fine-tune learned from: MilderBlur
         arguments = (x,) if width is None else (x, width)
         if self.autocast is None:
-            return self.model(*arguments)
+            return network(*arguments)
         with torch.autocast(self.device.type, dtype=self.autocast):
-            return self.model(*arguments).float()
+            return network(*arguments).float()
 
     def iter_block(
         self, block: np.ndarray, layout: PlaneLayout, ranges: np.ndarray | None = None, stat_index: int | None = None
@@ -672,23 +678,34 @@ def estimate_blur_width(model: MPT, plane: np.ndarray, settings: DeblurSettings 
         return deblurrer.unit_width(scaled)
 
 
-def describe_estimated_widths(widths: Sequence[float]) -> str | None:
+def describe_estimated_widths(widths: Sequence[float], milder_below: float | None = None) -> str | None:
     """The blur widths a model estimated (:attr:`Deblurrer.estimated_widths`) in words, or None for none.
 
-    A colour plane deblurred channel by channel by a grey model counts once per channel.
+    A colour plane deblurred channel by channel by a grey model counts once per channel. With ``milder_below``
+    (a model holding a :class:`~napari_mpt_deblur.models.mpt.MilderBlur` network), it also says how many planes
+    that network deblurred.
 
     >>> describe_estimated_widths([2.04])
     'blur width estimated at 2.0 px'
     >>> describe_estimated_widths([1.2, 3.4, 2.0])
     'blur width estimated at 1.2-3.4 px (median 2.0) over 3 planes'
+    >>> describe_estimated_widths([1.2, 3.4, 2.0], milder_below=2.5).split("; ")[1]
+    '2 planes below 2.5 px (milder than the fine-tune learned from) deblurred by its starting model'
     """
     summary = width_summary(widths)
     if not summary:
         return None
     low, middle, high = summary["min_px"], summary["median_px"], summary["max_px"]
     if len(widths) == 1 or high - low < 0.05:
-        return f"blur width estimated at {middle:.1f} px"
-    return f"blur width estimated at {low:.1f}-{high:.1f} px (median {middle:.1f}) over {len(widths)} planes"
+        text = f"blur width estimated at {middle:.1f} px"
+    else:
+        text = f"blur width estimated at {low:.1f}-{high:.1f} px (median {middle:.1f}) over {len(widths)} planes"
+    milder = 0 if milder_below is None else sum(width < milder_below for width in widths)
+    if milder:
+        which = f"{milder} plane{'s' if milder > 1 else ''} " if len(widths) > 1 else ""
+        text += f"; {which}below {milder_below:.1f} px (milder than the fine-tune learned from) deblurred by its "
+        text += "starting model"
+    return text
 
 
 def width_summary(widths: Sequence[float]) -> dict[str, float | int]:

@@ -325,6 +325,14 @@ def export_package(
         ) from error
 
     card: ModelCard = getattr(model, "card", None) or ModelCard(architecture=model.config)
+    if model.milder_blur is not None:  # a package holds one network: the fine-tuned one, for every plane
+        provenance = dict(card.provenance)
+        provenance["milder_blur_network"] = (
+            f"left out of this package: napari-mpt-deblur's model file deblurs planes judged below "
+            f"{model.milder_blur.below_width:.2f} px with the starting model; this package uses the fine-tuned "
+            "network for every plane"
+        )
+        card = card.replace(provenance=provenance, milder_blur_below_width=None)
     config = model.config
     multiple = config.size_multiple
     plane = middle_plane(image, config.in_channels)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .._version import __version__
 from ..atomic import atomic_write
 from ..config import ConfigError, IntensityNormalization, ModelCard, MPTConfig
-from .mpt import MPT
+from .mpt import MPT, MilderBlur
 from .official import (
     CheckpointImportError,
     convert_state_dict,
@@ -81,7 +81,7 @@ def save_model(
     # when and by what this file was written (a fine-tuned copy must not keep its parent's)
     card.provenance["saved"] = datetime.now(UTC).isoformat(timespec="seconds")
     card.provenance["software"] = f"napari-mpt-deblur {__version__}"
-    tensors, metadata = _tensors_and_metadata(model, card)
+    tensors, metadata, card = _tensors_and_metadata(model, card)
     path = Path(path)
     atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, metadata, path))
     model.card = card
@@ -101,16 +101,47 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: di
         raise OSError(number, f"{target}: cannot write the model file: {os.strerror(number)}") from error
 
 
-def _tensors_and_metadata(model: MPT, card: ModelCard) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
+MILDER_BLUR_PREFIX = "milder_blur."
+"""Prefix of the tensors of a model file's second network, for milder blur (:class:`~.mpt.MilderBlur`)."""
+
+
+def _tensors_and_metadata(model: MPT, card: ModelCard) -> tuple[dict[str, torch.Tensor], dict[str, str], ModelCard]:
+    """The file's tensors and metadata (the network's tensors, its milder-blur network's prefixed, and the card).
+
+    The card's ``milder_blur_below_width`` is taken from the model, the one place it is kept while it runs; the
+    card as written is returned too.
+    """
+    milder = model.milder_blur
+    card = card.replace(milder_blur_below_width=None if milder is None else float(milder.below_width))
+    tensors = _float32_tensors(model)
+    if milder is not None:
+        tensors.update({MILDER_BLUR_PREFIX + key: value for key, value in _float32_tensors(milder.network).items()})
     metadata = {"format": "pt", CARD_KEY: json.dumps({"format_version": FORMAT_VERSION, **card.to_dict()})}
-    return tensors, metadata
+    return tensors, metadata, card
+
+
+def _float32_tensors(model: MPT) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
+
+
+def _build_model(card: ModelCard, tensors: dict[str, torch.Tensor]) -> MPT:
+    """The network ``card`` describes with ``tensors`` (checked already), its milder-blur network attached."""
+    own = {key: value for key, value in tensors.items() if not key.startswith(MILDER_BLUR_PREFIX)}
+    model = MPT(card.architecture)
+    model.load_state_dict(own)
+    if card.milder_blur_below_width is not None:
+        milder = MPT(card.architecture)
+        prefix = len(MILDER_BLUR_PREFIX)
+        milder.load_state_dict({key[prefix:]: value for key, value in tensors.items() if key not in own})
+        model.milder_blur = MilderBlur(milder.eval(), card.milder_blur_below_width)
+    model.card = card
+    return model
 
 
 def model_to_bytes(model: MPT) -> bytes:
     """The model as the bytes of a model file (to send to other processes without a file)."""
     card = getattr(model, "card", None) or ModelCard(architecture=model.config)
-    tensors, metadata = _tensors_and_metadata(model, card)
+    tensors, metadata, _ = _tensors_and_metadata(model, card)
     return safetensors.torch.save(tensors, metadata=metadata)
 
 
@@ -120,26 +151,28 @@ def model_from_bytes(data: bytes) -> MPT:
     metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
     card = _card_from_metadata(metadata, "model bytes")
     tensors = safetensors.torch.load(data)
-    _check_shapes("model bytes", {key: tuple(t.shape) for key, t in tensors.items()}, card.architecture)
-    model = MPT(card.architecture)
-    model.load_state_dict(tensors)
-    model.card = card
-    return model.eval()
+    _check_shapes("model bytes", {key: tuple(t.shape) for key, t in tensors.items()}, card)
+    return _build_model(card, tensors).eval()
 
 
-def expected_shapes(config: MPTConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: MPTConfig | ModelCard) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of the network ``config`` describes, allocating nothing.
 
+    Given a card whose model holds a milder-blur network, its tensors too (prefixed :data:`MILDER_BLUR_PREFIX`).
     The network is built on PyTorch's ``meta`` device (shapes without storage), so a card that
     describes a huge network costs nothing before it is compared with the file's tensors.
     """
+    card = config if isinstance(config, ModelCard) else None
     with torch.device("meta"):
-        skeleton = MPT(config)
-    return {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+        skeleton = MPT(card.architecture if card else config)
+    shapes = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    if card is not None and card.milder_blur_below_width is not None:
+        shapes.update({MILDER_BLUR_PREFIX + key: shape for key, shape in list(shapes.items())})
+    return shapes
 
 
-def _check_shapes(path: Any, shapes: dict[str, tuple[int, ...]], config: MPTConfig) -> None:
-    """Refuse tensors (names and shapes, e.g. from a safetensors header) that do not fit the card's network."""
+def _check_shapes(path: Any, shapes: dict[str, tuple[int, ...]], config: MPTConfig | ModelCard) -> None:
+    """Refuse tensors (names and shapes, e.g. from a safetensors header) that do not fit the card's network(s)."""
     expected = expected_shapes(config)
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
@@ -230,18 +263,15 @@ def _load_our_file(path: Path) -> MPT:
             # Names, shapes and types come from the header: a card that does not describe these very
             # tensors is refused before any network is built, so opening a file costs about its size.
             header = {key: handle.get_slice(key) for key in handle.keys()}
-            _check_shapes(path, {key: tuple(part.get_shape()) for key, part in header.items()}, card.architecture)
+            _check_shapes(path, {key: tuple(part.get_shape()) for key, part in header.items()}, card)
             for key, part in header.items():
                 if part.get_dtype() not in FLOAT_DTYPES:
                     raise ModelFileError(f"{path}: '{key}' is {part.get_dtype()}, not a floating-point tensor")
-            model = MPT(card.architecture)
             tensors = {key: handle.get_tensor(key) for key in header}
     except SafetensorError as error:
         raise ModelFileError(f"{path}: the weights cannot be read (truncated or corrupted?): {error}") from error
     _check_tensors(path, tensors, {key: tuple(part.get_shape()) for key, part in header.items()})
-    model.load_state_dict(tensors)
-    model.card = card
-    return model
+    return _build_model(card, tensors)
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -412,5 +442,6 @@ def describe_model(model: MPT) -> dict[str, Any]:
         "size_multiple": model.config.size_multiple,
         "normalization": asdict(card.normalization) if card else None,
         "tile_size": card.tile_size if card else None,
+        "milder_blur_below_width": None if model.milder_blur is None else model.milder_blur.below_width,
         "provenance": card.provenance if card else {},
     }

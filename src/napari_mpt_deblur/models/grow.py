@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ConfigError, MPTConfig
-from .mpt import MPT, PyramidSubBlock
+from .mpt import MPT, MilderBlur, PyramidSubBlock
 
 
 def stage_names(level: int) -> list[str]:
@@ -105,11 +105,17 @@ def add_blur_estimator(model: MPT) -> MPT:
 def with_width_margin(model: MPT, margin: float) -> MPT:
     """A copy of a blur-conditioned ``model`` that reads every width it is given ``margin`` times wider.
 
-    The weights and the card carry over; only ``MPTConfig.width_margin`` changes (validated there).
+    The weights and the card carry over, and its milder-blur network (:class:`~.mpt.MilderBlur`) reads the same
+    margin; only ``MPTConfig.width_margin`` changes (validated there).
     """
     if not model.config.blur_conditioned:
         raise ConfigError("the model takes no blur width to widen (grow --blur-width)")
-    return _grown_copy(model, model.config.replace(width_margin=margin), [])
+    config = model.config.replace(width_margin=margin)
+    widened = _grown_copy(model, config, [])
+    if model.milder_blur is not None:
+        milder = _grown_copy(model.milder_blur.network, config, [])
+        widened.milder_blur = MilderBlur(milder, model.milder_blur.below_width)
+    return widened
 
 
 def _grown_copy(model: MPT, config: MPTConfig, new_prefixes: list[str]) -> MPT:

@@ -15,6 +15,7 @@ arithmetic, cache-sized pieces) in :mod:`.strips`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -506,7 +507,27 @@ class MPT(nn.Module):
         stage_widths = (*widths[:3], widths[3], *widths[2::-1])  # encoders, latent, decoders
         self.blur_modulation = BlurModulation(stage_widths) if config.blur_conditioned else None
         self.blur_estimator = BlurWidthEstimator() if config.blur_estimator else None
+        self.milder_blur: MilderBlur | None = None
+        """The network for planes less blurred than any this one learned from, or None (this one for all)."""
         self.reset_parameters()
+
+    def network_for(self, blur_sigma_px: float | None) -> MPT:
+        """The network that deblurs a plane of this blur width (:class:`MilderBlur`): this one, or the milder-blur one.
+
+        None (no width known) is this network's.
+        """
+        milder = self.milder_blur
+        if milder is None or blur_sigma_px is None or not blur_sigma_px < milder.below_width:
+            return self
+        return milder.network
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(), .half() and the like reach the milder-blur network too: it is not a submodule (not trained, not in
+        # this network's state_dict), so nn.Module would leave it behind
+        super()._apply(fn, recurse)
+        if self.milder_blur is not None:
+            self.milder_blur.network._apply(fn, recurse)
+        return self
 
     def reset_parameters(self) -> None:
         """Initialise like the reference code: PyTorch's defaults for convs, linears and LayerNorms.
@@ -564,6 +585,27 @@ class MPT(nn.Module):
         if self.config.width_margin != 1.0:
             sigma = widen(sigma, self.config.width_margin)  # NaN (unknown) stays NaN
         return self.blur_modulation(sigma)
+
+
+@dataclass
+class MilderBlur:
+    """A second network for planes less blurred than any a fine-tune learned from.
+
+    A fine-tune on a stack with no plane in focus learns the blur from its sharpest planes up, with the starting
+    model's deblurring as targets; on milder blur it has nothing to learn from, and there it can only lose against
+    the model it started from (experiment 20 in docs/benchmarks.md). So the fine-tuned model keeps the starting
+    network for planes whose blur width (the estimator's, or the one given) is below ``below_width``.
+
+    Attributes
+    ----------
+    network
+        The network for those planes, in eval mode (the starting model, whose own milder-blur network is dropped).
+    below_width
+        Blur width (pixels, as :class:`~.blur_width.BlurWidthEstimator` judges it) under which it is used.
+    """
+
+    network: MPT
+    below_width: float
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from .. import images
 from ..config import MAX_BLUR_SIGMA_PX, ConfigError, DeblurSettings, IntensityNormalization
-from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap, describe_estimated_widths
+from ..inference import DEFAULT_TILE, DeblurProgress, InputError, default_overlap
 from ..models.files import ModelFileError
 from . import session
 from .deblur_job import DeblurJob, LazyResult, SavedPlanes, focus_profile, result_layer_kwargs
@@ -220,7 +220,7 @@ class LazyPlanes:
         if run.done:
             seconds = time.perf_counter() - run.started
             line = f"{run.where} of '{self.name}' computed in {seconds:.1f} s"
-            judged = describe_estimated_widths(self._judged()[run.judged_before :])
+            judged = self.result.planes.deblurrer.describe_judged(since=run.judged_before)
             self._tell(f"{line}; {judged}" if judged else line, run.tiles, run.tiles)
             if run.position in self.result.shown() and not set(self.result.wanted()) - set(self.failed):
                 for layer in self.layers():  # napari draws it again, from the cache this time
@@ -615,7 +615,7 @@ class DeblurWidget(ScrollingDock):
             self.focus_plot.set_series("input", planes, before)
             self.focus_plot.set_series("output", planes, after)
             line = f"{job.source}: done in {time.perf_counter() - state.started:.1f} s"
-            judged = describe_estimated_widths(job.engine.estimated_widths)
+            judged = job.engine.describe_judged()
             self.status.value = f"{line}; {judged}" if judged else line
         self.viewer.add_image(result, **kwargs)
 

@@ -100,10 +100,21 @@ or the starting model's deblurring) are smoother than real focus, and copying th
 network to smooth in-focus planes (experiment 4: -0.17 dB in focus with a tenth unblurred, -0.04 dB anchored;
 on a time-lapse without focus -0.11 dB with a quarter anchored, -0.04 dB with half)."""
 
+MILDER_BLUR_SHARE = 0.75
+"""After a fine-tune on a stack without usable in-focus planes, planes whose estimated blur width is below this
+share of the sharpest planes' (the least the stack holds) are deblurred by the starting model
+(:class:`~napari_mpt_deblur.models.mpt.MilderBlur`): the fine-tune had nothing to learn there and lost up to 0.17
+dB against it at 0.3 um on a lab's time-lapse (experiment 20 in docs/benchmarks.md). A quarter below, so that the
+estimator's spread over planes as blurred as the sharpest (3.4-4.0 px at 0.6 um in that lab) stays with the
+fine-tune; planes at 0.3 um were judged at 1.4-1.7 px."""
+
 PRIOR_TARGET_PLANES = 8
 PRIOR_TARGET_SIDE = 768
-"""When a stack has no in-focus planes, the starting model deblurs at most this many of its sharpest planes
-(central crops of at most this side, so a stack of large planes does not stall the start) as targets."""
+"""The synthetic pairs' targets are the starting model's deblurring of at most this many of the sharpest planes
+(central crops of at most this side, so a stack of large planes does not stall the start). In focus, that output
+is sharper than the planes themselves, which hold the optics' own blur and noise (experiment 20: +0.34 dB in focus
+and +1.40 dB at 0.3 um over the planes denoised as targets, on a lab's Z stacks, two seeds); without focus, it is
+all there is."""
 
 
 @dataclass
@@ -143,6 +154,10 @@ class FinetuneData:
     gentle_validation: Validation | None = None
     """The held-out planes unblurred or mildly blurred (:data:`GENTLE_SIGMA_PX`), scored against the starting
     model by :class:`TrainingLog` (None with labeled pairs: their own validation is the truth)."""
+    milder_blur_below_width: float | None = None
+    """Without usable in-focus planes, the blur width (pixels) under which the fine-tuned model keeps deblurring
+    with the starting model (:data:`MILDER_BLUR_SHARE`; :func:`run_finetune` attaches it); None otherwise, and for
+    a model without a blur estimator."""
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -187,10 +202,10 @@ def prepare_finetune(
 
     Without labeled pairs the pairs are synthetic, made to look like the user's microscope: the blur across
     the stack is measured against its sharpest planes (:func:`~napari_mpt_deblur.data.optics.estimate_blur`),
-    and the sharpest planes (at most a quarter, only those near their stack's focus: :data:`FOCUS_RATIO`) are
-    blurred again with widefield PSFs of ``microscope``'s optics and Gaussians up to that blur, with noise at
-    the level measured. Every fourth of those planes (or, with fewer than four, the last quarter of each) is held
-    out for validation. When even the sharpest planes
+    and the sharpest planes (at most a quarter, only those near their stack's focus: :data:`FOCUS_RATIO`), as the
+    starting model deblurs them, are blurred again with widefield PSFs of ``microscope``'s optics and Gaussians up
+    to that blur, with noise at the level measured. Every fourth of those planes (or, with fewer than four, the
+    last quarter of each) is held out for validation, scored against them denoised. When even the sharpest planes
     are blurred (no usable in-focus planes), the starting model's deblurred planes become the targets and the
     recipe gentler (:data:`NO_FOCUS_LR_FACTOR`, :data:`NO_FOCUS_MAX_STEPS`, :data:`NO_FOCUS_EFCR_BETA`);
     ``notes`` says so.
@@ -248,7 +263,7 @@ def prepare_finetune(
     record: dict[str, Any] = {"planes": len(own) + blank, "planes_for_efcr": len(unlabeled.planes)}
     if quantile > 0:
         record["min_focus_quantile"] = quantile
-    estimate, notes, gentle_validation = None, [], None
+    estimate, notes, gentle_validation, milder_below = None, [], None, None
     if labeled is not None:
         blurry, sharp = (as_planes(part) for part in labeled)
         sampler = LabeledPairs(blurry, sharp, config.normalization)
@@ -274,11 +289,13 @@ def prepare_finetune(
         if strips is not None:
             kept, held = strips
         if estimate.in_focus:
-            # the sharpest planes are still noisy: as targets they would teach the network to sharpen noise
-            targets, held_targets, denoise = kept, held, True
+            # the planes in focus are noisy and hold the optics' own blur: the starting model's output on them is the
+            # sharper target (experiment 20); validation scores against held-out ones denoised, the nearest to truth
+            targets, held_targets, denoise = _prior_targets(model, kept), held or kept, True
             record["synthetic_from_sharpest_unlabeled_planes"] = SHARPEST_FRACTION
             record["sharp_planes"] = len(sharpest)
             record["focus_ratio"] = FOCUS_RATIO
+            record["targets"] = "starting model's deblurred in-focus planes"
         else:
             targets, held_targets = _prior_targets(model, kept), _prior_targets(model, held)
             denoise = False
@@ -297,9 +314,14 @@ def prepare_finetune(
                 "starting model is kept unless this beats it"
             )
             record["targets"] = "starting model's deblurred sharpest planes (no usable in-focus planes)"
-        sampler = SyntheticPairs(
-            targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=PAIR_MARGIN
-        )
+            milder_below = _milder_blur_below_width(model, sharpest)
+            if milder_below is not None:
+                record["milder_blur_below_width"] = round(milder_below, 3)
+                notes.append(
+                    f"planes judged less blurred than {milder_below:.1f} px, milder than any this stack holds, will "
+                    "still be deblurred by the starting model"
+                )
+        sampler = SyntheticPairs(targets, defocus, normalization=config.normalization, margin=PAIR_MARGIN)
         validation_sampler = sampler
         anchored = ANCHORED_SHARE if estimate.in_focus else NO_FOCUS_ANCHORED_SHARE
         sampler = AnchoredPairs(sampler, model, anchored)
@@ -308,6 +330,7 @@ def prepare_finetune(
             validation_sampler = SyntheticPairs(
                 held_targets, defocus, normalization=config.normalization, denoise_targets=denoise, margin=PAIR_MARGIN
             )
+        if held:
             if strips is None:
                 record["validation"] = f"{len(held)} of the sharpest planes held out, re-blurred as measured"
             else:
@@ -320,12 +343,14 @@ def prepare_finetune(
             record["validation"] = "patches of the training planes, re-blurred as measured (too few planes to hold out)"
         validation = Validation.from_sampler(validation_sampler, VALIDATION_PATCHES, config.patch_size)
         gentle_validation = _gentle_validation(validation_sampler, config.patch_size)
-        record["denoised_targets"] = denoise
+        record["denoised_validation_targets"] = denoise
         record["blur_estimate"] = estimate.to_dict()
         record["synthetic_defocus"] = defocus.to_dict()
     if blank:
         record["blank_planes_skipped"] = blank
-    return FinetuneData(sampler, validation, unlabeled, config, record, blank, estimate, notes, gentle_validation)
+    return FinetuneData(
+        sampler, validation, unlabeled, config, record, blank, estimate, notes, gentle_validation, milder_below
+    )
 
 
 def _hold_out_strips(planes: list[np.ndarray], width: int) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
@@ -398,6 +423,18 @@ class AnchoredPairs:
                 targets = self.anchor(torch.from_numpy(inputs)).numpy().astype(np.float32)
             parts.append((inputs, targets))
         return np.concatenate([b for b, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+def _milder_blur_below_width(model: MPT, sharpest: list[np.ndarray]) -> float | None:
+    """:data:`MILDER_BLUR_SHARE` of the least blur width ``model``'s estimator judges in ``sharpest`` (None without
+    an estimator, or when even the sharpest plane is judged unblurred)."""
+    if getattr(model, "blur_estimator", None) is None:
+        return None
+    from ..data.optics import central_crop
+    from ..inference import estimate_blur_width
+
+    least = min(estimate_blur_width(model, central_crop(plane, PRIOR_TARGET_SIDE)) or 0.0 for plane in sharpest)
+    return MILDER_BLUR_SHARE * least if least > 0 else None
 
 
 def _prior_targets(model: MPT, planes: list[np.ndarray]) -> list[np.ndarray]:
@@ -529,25 +566,40 @@ class TrainingLog:
             return True
         return self.best_psnr is not None and self.best_psnr >= self.start_psnr + MIN_GAIN_DB
 
-    def restore_best(self, model: MPT) -> int:
+    def restore_best(self, model: MPT, milder_blur_below_width: float | None = None) -> int:
         """Give ``model`` the best weights: the starting ones when the fine-tune did not beat them.
 
-        Without a validation the model keeps its last weights.
+        Without a validation the model keeps its last weights. A fine-tuned model gets the starting weights as its
+        :class:`~napari_mpt_deblur.models.mpt.MilderBlur` network when ``milder_blur_below_width`` is given (a
+        stack without in-focus planes: :attr:`FinetuneData.milder_blur_below_width`) and :meth:`begin` kept them
+        (not on a resumed run), and none otherwise: a milder-blur network the starting model had is dropped.
 
         Returns
         -------
         int
-            The step whose weights the model now holds (0: the starting model's).
+            The step whose weights the model now holds (0: the starting model's, as it was).
         """
         if not self.beats_start:  # begin() kept the starting weights with their score
             model.load_state_dict(self.start_state)
             self.kept_start = True
             return 0
+        self._keep_start_for_milder_blur(model, milder_blur_below_width)
         if self.best_state is None or self.best_step is None:
             return self.step
         if self.best_step != self.step:
             model.load_state_dict(self.best_state)
         return self.best_step
+
+    def _keep_start_for_milder_blur(self, model: MPT, below_width: float | None) -> None:
+        from ..models.mpt import MPT, MilderBlur
+
+        model.milder_blur = None
+        if below_width is None or self.start_state is None:
+            return
+        start = MPT(model.config)
+        start.load_state_dict(self.start_state)
+        parameter = next(model.parameters())
+        model.milder_blur = MilderBlur(start.to(device=parameter.device, dtype=parameter.dtype).eval(), below_width)
 
     @property
     def weights_step(self) -> int:
@@ -635,4 +687,4 @@ def run_finetune(
                 log.update(event, model)  # here, in the training thread: the weights are this step's
                 yield event
     finally:
-        log.restore_best(model)
+        log.restore_best(model, milder_blur_below_width=data.milder_blur_below_width)
