@@ -36,7 +36,7 @@ import torch
 from .config import DeblurSettings, IntensityNormalization
 from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
-from .models.mpt import MPT
+from .models.mpt import MPT, MilderBlur
 from .normalization import intensity_range
 from .runtime import MAX_CPU_WORKERS, autocast_dtype, cpu_workers, resolve_device, run_to_end, torch_threads
 from .tiling import TILE_GROWTH, iter_tiled_forward, tile_grid
@@ -335,8 +335,7 @@ class Deblurrer:
 
     def describe_judged(self, since: int = 0) -> str | None:
         """The blur widths judged from the ``since``-th unit on, in words (:func:`describe_estimated_widths`)."""
-        milder = self.model.milder_blur
-        return describe_estimated_widths(self.estimated_widths[since:], milder and milder.below_width)
+        return describe_estimated_widths(self.estimated_widths[since:], self.model.milder_blur)
 
     def _network(self, x: torch.Tensor, width: float | None = None) -> torch.Tensor:
         network = self.model.network_for(width)  # planes less blurred than a fine-tune learned from: MilderBlur
@@ -678,18 +677,18 @@ def estimate_blur_width(model: MPT, plane: np.ndarray, settings: DeblurSettings 
         return deblurrer.unit_width(scaled)
 
 
-def describe_estimated_widths(widths: Sequence[float], milder_below: float | None = None) -> str | None:
+def describe_estimated_widths(widths: Sequence[float], milder: MilderBlur | None = None) -> str | None:
     """The blur widths a model estimated (:attr:`Deblurrer.estimated_widths`) in words, or None for none.
 
-    A colour plane deblurred channel by channel by a grey model counts once per channel. With ``milder_below``
-    (a model holding a :class:`~napari_mpt_deblur.models.mpt.MilderBlur` network), it also says how many planes
-    that network deblurred.
+    A colour plane deblurred channel by channel by a grey model counts once per channel. Given the model's
+    milder-blur network, it also says how many planes that network deblurred.
 
     >>> describe_estimated_widths([2.04])
     'blur width estimated at 2.0 px'
     >>> describe_estimated_widths([1.2, 3.4, 2.0])
     'blur width estimated at 1.2-3.4 px (median 2.0) over 3 planes'
-    >>> describe_estimated_widths([1.2, 3.4, 2.0], milder_below=2.5).split("; ")[1]
+    >>> from napari_mpt_deblur.models.mpt import MilderBlur
+    >>> describe_estimated_widths([1.2, 3.4, 2.0], MilderBlur(network=None, below_width=2.5)).split("; ")[1]
     '2 planes below 2.5 px (milder than the fine-tune learned from) deblurred by its starting model'
     """
     summary = width_summary(widths)
@@ -700,10 +699,10 @@ def describe_estimated_widths(widths: Sequence[float], milder_below: float | Non
         text = f"blur width estimated at {middle:.1f} px"
     else:
         text = f"blur width estimated at {low:.1f}-{high:.1f} px (median {middle:.1f}) over {len(widths)} planes"
-    milder = 0 if milder_below is None else sum(width < milder_below for width in widths)
-    if milder:
-        which = f"{milder} plane{'s' if milder > 1 else ''} " if len(widths) > 1 else ""
-        text += f"; {which}below {milder_below:.1f} px (milder than the fine-tune learned from) deblurred by its "
+    taken = 0 if milder is None else sum(milder.takes(width) for width in widths)
+    if taken:
+        which = f"{taken} plane{'s' if taken > 1 else ''} " if len(widths) > 1 else ""
+        text += f"; {which}below {milder.below_width:.1f} px (milder than the fine-tune learned from) deblurred by its "
         text += "starting model"
     return text
 

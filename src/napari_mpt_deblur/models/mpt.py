@@ -517,9 +517,7 @@ class MPT(nn.Module):
         None (no width known) is this network's.
         """
         milder = self.milder_blur
-        if milder is None or blur_sigma_px is None or not blur_sigma_px < milder.below_width:
-            return self
-        return milder.network
+        return milder.network if milder is not None and milder.takes(blur_sigma_px) else self
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(), .half() and the like reach the milder-blur network too: it is not a submodule (not trained, not in
@@ -606,6 +604,10 @@ class MilderBlur:
 
     network: MPT
     below_width: float
+
+    def takes(self, blur_sigma_px: float | None) -> bool:
+        """Whether a plane of this blur width (None: not known) is this network's."""
+        return blur_sigma_px is not None and blur_sigma_px < self.below_width
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
