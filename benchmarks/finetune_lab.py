@@ -42,6 +42,7 @@ import numpy as np
 from napari_mpt_deblur.config import DeblurSettings, Microscope
 from napari_mpt_deblur.data.bundled import procedural_fluorescence
 from napari_mpt_deblur.data.defocus import DefocusConfig, add_poisson_gaussian_noise, blur, widefield_psf
+from napari_mpt_deblur.data.optics import sharpen_in_focus
 from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.models.files import load_model
 from napari_mpt_deblur.training.engine import iter_train
@@ -84,12 +85,21 @@ def test_cases(seed: int = 8) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     return {name: [(image(t, z, rng), t) for t in truths] for name, z in TEST_DEFOCUS_UM.items()}
 
 
-def score(model, cases: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, float]:
-    settings = DeblurSettings(tile=0, device="cpu", precision="fp32")
-    return {
-        name: float(np.mean([psnr(deblur_array(model, b, axes="YX", settings=settings), t) for b, t in pairs]))
-        for name, pairs in cases.items()
-    }
+def score(
+    model,
+    cases: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    in_focus_psf: np.ndarray | None = None,
+    sharpen: bool = True,
+) -> dict[str, float]:
+    """Mean PSNR per distance. With ``in_focus_psf``, of each output sharpened against it (``sharpen_in_focus``);
+    ``sharpen=False`` leaves out the sharpening a fine-tuned model records (the network alone)."""
+    settings = DeblurSettings(tile=0, device="cpu", precision="fp32", sharpen_in_focus=sharpen)
+
+    def output(blurry: np.ndarray) -> np.ndarray:
+        deblurred = deblur_array(model, blurry, axes="YX", settings=settings)
+        return deblurred if in_focus_psf is None else sharpen_in_focus(deblurred, in_focus_psf)
+
+    return {name: float(np.mean([psnr(output(b), t) for b, t in pairs])) for name, pairs in cases.items()}
 
 
 def classical(cases: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, dict[str, float]]:
@@ -171,17 +181,26 @@ def main() -> None:
         default=0,
         help="seed of the fine-tunes' patches, blur and noise (the lab's fields stay fixed)",
     )
+    parser.add_argument(
+        "--sharpen-after",
+        action="store_true",
+        help="also score the default model with its output sharpened against the lab's in-focus PSF",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     cases = test_cases()
     results: dict[str, dict[str, dict[str, float]]] = {}
+    in_focus_psf = widefield_psf(0.0, **LAB.optics())
     baseline = score(load_model(args.model), cases)
+    after = {}
+    if args.sharpen_after:
+        after["default, sharpened after"] = score(load_model(args.model), cases, in_focus_psf)
     inputs = {name: float(np.mean([psnr(b, t) for b, t in pairs])) for name, pairs in cases.items()}
     deconvolved = classical(cases)
     for situation in args.situations:
         stacks = lab_stacks(situation)
-        rows = {"input": inputs, **deconvolved, "default": baseline}
+        rows = {"input": inputs, **deconvolved, "default": baseline, **after}
         arms = {
             "fixed optics": lambda model, config, stacks=stacks: fixed_optics_data(model, stacks, config),
             "optics-aware": lambda model, config, stacks=stacks: prepare_finetune(
@@ -201,6 +220,8 @@ def main() -> None:
             rows[arm]["validations"] = {"psnr": log.psnr, "start": log.start_psnr}
             if log.gentle_start_psnr is not None:
                 rows[arm]["validations"].update(gentle=log.gentle_psnr, gentle_start=log.gentle_start_psnr)
+            if model.card.in_focus_optics is not None:  # the row above is sharpened after the network: this one is not
+                rows[f"{arm}, network alone"] = score(model, cases, sharpen=False)
         results[situation] = rows
         print(f"\n{situation} (mean PSNR dB over {len(TEST_SEEDS)} held-out fields; {args.steps} steps)")
         print("| arm | " + " | ".join(TEST_DEFOCUS_UM) + " |")

@@ -20,7 +20,7 @@ import yaml
 from helpers import tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
 from napari_mpt_deblur.cli import main
-from napari_mpt_deblur.config import DeblurSettings, IntensityNormalization, ModelCard
+from napari_mpt_deblur.config import DeblurSettings, IntensityNormalization, Microscope, ModelCard
 from napari_mpt_deblur.models.bioimageio import architecture_source, is_package
 from napari_mpt_deblur.models.files import ModelFileError
 
@@ -453,9 +453,13 @@ def test_a_package_of_a_model_with_a_milder_blur_network_holds_the_fine_tuned_on
     torch.manual_seed(5)
     network = MPT(tiny_config(blur_conditioned=True, blur_estimator=True)).eval()
     network.milder_blur = MilderBlur(MPT(network.config).eval(), 1.5)
+    optics = Microscope(na=1.4, medium="oil", pixel_size_um=0.1)  # sharpened after the network: left out too
+    network.card = ModelCard(network.config, in_focus_optics=optics)
     reloaded = load_model(export_package(network, tmp_path / "tuned.zip", sample_plane))
     assert reloaded.milder_blur is None and reloaded.card.milder_blur_below_width is None
     assert "below 1.50 px" in reloaded.card.provenance["milder_blur_network"]
+    assert reloaded.card.in_focus_optics is None
+    assert "in-focus PSF of NA 1.4 (oil)" in reloaded.card.provenance["in_focus_sharpening"]
     x = torch.rand(1, 1, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x, 1.0), network(x, 1.0), rtol=0, atol=0)

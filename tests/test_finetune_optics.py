@@ -13,9 +13,15 @@ import torch
 
 from helpers import tiny_config
 from napari_mpt_deblur import MPT, load_model, save_model
-from napari_mpt_deblur.config import ConfigError, Microscope
+from napari_mpt_deblur.config import ConfigError, DeblurSettings, Microscope
 from napari_mpt_deblur.data.defocus import add_poisson_gaussian_noise, blur, gaussian_psf, widefield_psf
-from napari_mpt_deblur.data.optics import MAX_WIDEFIELD_R80_PX, estimate_blur, microscope_from_metadata
+from napari_mpt_deblur.data.optics import (
+    MAX_WIDEFIELD_R80_PX,
+    estimate_blur,
+    microscope_from_metadata,
+    sharpen_in_focus,
+)
+from napari_mpt_deblur.inference import deblur_array
 from napari_mpt_deblur.training.engine import TrainProgress, Validation, state_path
 from napari_mpt_deblur.training.finetune import (
     ANCHORED_SHARE,
@@ -127,6 +133,37 @@ def test_a_stack_through_focus_has_in_focus_planes_and_a_defocused_one_has_none(
         estimate_blur([np.zeros((8, 8))])
 
 
+def test_one_richardson_lucy_step_takes_part_of_the_in_focus_blur_out_and_ignores_the_offset():
+    psf = widefield_psf(0.0, **LAB.optics())  # NA 1.4 at 0.1 um pixels: spread over several pixels
+    truth = cells(size=160)
+    in_focus = blur(truth, psf)
+    sharpened = sharpen_in_focus(in_focus, psf)
+    assert sharpened.dtype == np.float32 and sharpened.shape == truth.shape
+
+    def error(x):
+        return float(np.mean((x - truth) ** 2))
+
+    assert error(sharpened) < 0.8 * error(in_focus)  # closer to the truth than the plane it came from
+    assert abs(float(sharpened.mean()) - float(in_focus.mean())) < 0.01 * float(in_focus.mean())  # flux kept
+    # a camera offset is the background, taken off and put back: the same sharpening on top of it
+    assert np.allclose(sharpen_in_focus(in_focus + 100.0, psf), sharpened + 100.0, atol=1e-3)
+    # a PSF of one pixel leaves nothing to take out
+    assert np.allclose(sharpen_in_focus(in_focus, np.ones((1, 1))), in_focus, atol=1e-6)
+
+
+def test_a_model_card_keeps_the_optics_to_sharpen_against_and_refuses_impossible_ones():
+    from napari_mpt_deblur.config import ModelCard
+
+    card = ModelCard(small_model().config, in_focus_optics=LAB)
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))).in_focus_optics == LAB
+    assert "in_focus_optics" not in ModelCard(small_model().config).to_dict()  # older readers see the same card
+    impossible = {**card.to_dict(), "in_focus_optics": {"na": 1.4, "medium": "water"}}
+    with pytest.raises(ConfigError, match="NA 1.4 is not possible in water"):
+        ModelCard.from_dict(impossible)
+    with pytest.raises(ConfigError, match="sharpen_in_focus must be true or false"):
+        DeblurSettings(sharpen_in_focus="no")
+
+
 # preparing and guarding a fine-tune ---------------------------------------------------------------------------
 
 
@@ -136,7 +173,11 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     model = small_model()
     stacks = [through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5), seed=s) for s in range(4)]
     data = prepare_finetune(model, stacks, config=config, microscope=LAB)
-    assert data.estimate is not None and data.estimate.in_focus and not data.notes
+    assert data.estimate is not None and data.estimate.in_focus
+    assert data.notes == [
+        "the fine-tuned model will sharpen its output against the in-focus PSF of NA 1.4 (oil), 520 nm, 0.1 um "
+        "pixels (in-focus PSF sigma 0.78 px); give your objective's optics where they differ"
+    ]
     # of the sharpest quarter of 32 planes only the 4 in focus: the planes 0.3 um away are blurred (80 % radius
     # 4 px) and would teach the network to keep that blur; one of the 4 is held out
     assert data.provenance["sharp_planes"] == 4 and len(data.sampler.pairs.sharp) == 3
@@ -150,6 +191,14 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     assert all(any(np.array_equal(target, out) for out in outputs) for target in data.sampler.pairs.sharp)
     assert data.provenance["targets"] == "starting model's deblurred in-focus planes"
     assert data.provenance["denoised_validation_targets"] is True
+    # the fine-tuned model will sharpen its output against the lab's in-focus PSF, which those targets keep
+    assert data.in_focus_optics == LAB and data.provenance["in_focus_optics"]["na"] == 1.4
+    assert not prepare_finetune(model, stacks, config=config, microscope=LAB, sharpen_in_focus=False).in_focus_optics
+    # a PSF narrower than SHARPEN_MIN_SIGMA_PX (NA 0.5 at 0.65 um pixels: sigma 0.42 px) is left alone
+    narrow = prepare_finetune(
+        model, stacks, config=config, microscope=Microscope(na=0.5, medium="air", pixel_size_um=0.65)
+    )
+    assert narrow.estimate.in_focus and narrow.in_focus_optics is None and "in_focus_optics" not in narrow.provenance
     # in-focus planes are kept as the starting model treats them, not copied onto their denoised targets
     assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == ANCHORED_SHARE
     assert data.sampler.pairs.defocus.no_blur_probability == 0
@@ -263,10 +312,10 @@ def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys
 
     stack = through_focus((-0.6, -0.3, 0.0, 0.3, 0.6, 0.9, 1.2, 1.5))
     path = tmp_path / "lab.tif"
-    # an ImageJ hyperstack that records 0.1 um pixels and a 0.3 um Z step
+    # an ImageJ hyperstack that records 0.1 um pixels and a 0.3 um Z step, as a camera with an offset writes it
     tifffile.imwrite(
         path,
-        (stack * 4000).astype(np.uint16),
+        (np.clip(stack, 0, None) * 4000 + 100).astype(np.uint16),
         imagej=True,
         resolution=(10.0, 10.0),
         metadata={"axes": "ZYX", "unit": "micron", "spacing": 0.3},
@@ -283,6 +332,34 @@ def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys
     assert microscope == {"na": 1.4, "medium": "oil", "wavelength_um": 0.52, "pixel_size_um": 0.1, "z_step_um": 0.3}
     assert "kept_starting_model" in record["fine_tune"]
     assert not state_path(out).exists()  # a finished fine-tune leaves the model, not a checkpoint
+
+    # the stack has in-focus planes: the fine-tuned file sharpens its output against the lab's in-focus PSF
+    tuned = load_model(out)
+    assert tuned.card.in_focus_optics == LAB  # pixel size and Z step from the file
+    assert main(["info", str(out)]) == 0
+    assert "sharpened:    after the network, one Richardson-Lucy step against the in-focus PSF of NA 1.4 (oil), " in (
+        capsys.readouterr().out
+    )
+    plane = tifffile.imread(path)[2].astype(np.float32)  # in focus
+    settings = DeblurSettings(tile=0, device="cpu", precision="fp32")
+    sharpened = deblur_array(tuned, plane, "YX", settings)
+    network_alone = deblur_array(tuned, plane, "YX", settings.replace(sharpen_in_focus=False))
+    psf = widefield_psf(0.0, **LAB.optics())
+    assert not np.allclose(sharpened, network_alone, atol=1e-3)
+    assert np.allclose(sharpened, sharpen_in_focus(network_alone, psf), rtol=1e-4, atol=1e-4 * float(plane.max()))
+    # and leaves it as the network makes it when asked
+    tifffile.imwrite(tmp_path / "plane.tif", plane)
+    deblurred = tmp_path / "plane_deblurred.tif"
+    cli_deblur = ["deblur", str(tmp_path / "plane.tif"), "--model", str(out), "-o", str(deblurred), "--tile", "0"]
+    assert main([*cli_deblur, "--device", "cpu", "--precision", "fp32", "--no-sharpen"]) == 0
+    assert np.allclose(tifffile.imread(deblurred), network_alone, atol=1e-5)
+    assert "sharpening" not in capsys.readouterr().out
+    assert main([*cli_deblur, "--device", "cpu", "--precision", "fp32", "--overwrite"]) == 0
+    assert "sharpening every plane against the in-focus PSF of NA 1.4 (oil)" in capsys.readouterr().out
+    assert np.allclose(tifffile.imread(deblurred), sharpened, atol=1e-5)
+    # told not to, the fine-tune leaves it out
+    assert main([*args, *common, "--overwrite", "--na", "1.4", "--medium", "oil", "--no-sharpen"]) == 0
+    assert load_model(out).card.in_focus_optics is None and "will sharpen" not in capsys.readouterr().out
 
     assert main([*args, *common, "--overwrite", "--na", "1.4", "--medium", "water"]) == 2
     assert "NA 1.4 is not possible in water" in capsys.readouterr().err

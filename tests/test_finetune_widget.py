@@ -179,6 +179,8 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     summary = status[0].removesuffix(". Save the model to use it.")
     assert f"kept the weights of step {log.best_step}" in summary and log.best_psnr > log.start_psnr
     assert status[1].startswith("blur beyond the sharpest planes")  # what the stack told
+    # its planes are in focus: the model will sharpen against the optics' in-focus PSF (the dock's default), and says so
+    assert widget.sharpen.value and any("will sharpen its output against the in-focus PSF" in s for s in status)
 
     widget.save_path.value = tmp_path / "tuned"  # the suffix is added
     widget.save_button.native.click()
@@ -189,6 +191,7 @@ def test_fine_tune_in_the_dock_then_save_and_deblur(make_napari_viewer, qtbot, m
     for picker in (widget, deblur):
         assert picker.model.choices[0] == picker.model.value == str(saved.resolve())
         assert picker.model_file.value == saved.resolve()
+    assert load_model(saved).card.in_focus_optics == widget.microscope_for(layer)
     record = load_model(saved).card.provenance
     assert record["trained_on"] == "discs" and record["fine_tuned_from"] == str(model_file.resolve())
     assert record["fine_tuned_on"]["unlabeled_layers"] == ["lab stack"] and record["fine_tuned_on"]["planes"] == 6
@@ -478,7 +481,8 @@ def test_the_dock_fits_a_laptop_screen_beside_the_compare_dock(make_napari_viewe
     viewer.open_sample("napari-mpt-deblur", "defocused_cells")
     dock, widget = open_dock(viewer)
     (advanced,) = widget.sections
-    rare = (widget.batch, widget.patch, widget.lr, widget.beta, widget.reblur, widget.min_focus, widget.device)
+    rare = (widget.batch, widget.patch, widget.lr, widget.beta, widget.reblur, widget.min_focus, widget.sharpen)
+    rare += (widget.device,)
     assert not advanced.is_expanded() and not any(box.native.isVisibleTo(widget.native) for box in rare)
     assert widget.steps.native.isVisibleTo(widget.native)  # what most runs change stays in view
     compare_dock, compare = viewer.window.add_plugin_dock_widget(PLUGIN, "Compare detections")
@@ -508,9 +512,11 @@ def test_export_for_bioimageio_after_a_fine_tune(
     _, widget = open_dock(viewer)
     assert not widget.export_button.enabled  # nothing to export yet
     configure(widget, model_file, layer, steps=2)
+    widget.sharpen.value = False  # the network's output as it is: nothing the package would leave out
     widget.start_button.native.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     assert widget.export_button.enabled and widget.tuned_model is not None
+    assert widget.tuned_model.card.in_focus_optics is None
     assert widget.test_layer() is layer
     card = widget.tuned_model.card
 

@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ._version import __version__
-from .config import MEDIA, PRECISIONS, ConfigError
+from .config import MEDIA, PRECISIONS, ConfigError, Microscope
 from .training.config import L1_WEIGHTINGS, PIXEL_LOSSES, EstimatorRecipe, TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
@@ -94,6 +94,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     if summary["milder_blur_below_width"] is not None:
         below = summary["milder_blur_below_width"]
         print(f"milder blur:  planes judged below {below:.2f} px are deblurred by the starting model (held too)")
+    if summary["in_focus_optics"] is not None:
+        optics = Microscope.from_dict(summary["in_focus_optics"]).describe_in_focus()
+        print(f"sharpened:    after the network, one Richardson-Lucy step against the in-focus PSF of {optics}")
     print("provenance:")
     for key, value in summary["provenance"].items():
         print(f"  {key}: {value}")
@@ -401,9 +404,13 @@ def cmd_deblur(args: argparse.Namespace) -> None:
         precision=args.precision,
         normalization=normalization,
         blur_sigma_px=args.blur_sigma,
+        sharpen_in_focus=not args.no_sharpen,
     )
     model = load_model(args.model)
     deblurrer = Deblurrer(model, settings)
+    if deblurrer.in_focus_psf is not None and not args.quiet:
+        optics = model.card.in_focus_optics.describe_in_focus()
+        print(f"sharpening every plane against the in-focus PSF of {optics} (--no-sharpen: the network's output)")
     client = _connect(args.scheduler) if args.scheduler else None
     failures: list[str] = []
     try:
@@ -846,7 +853,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     microscope = _microscope(args, files[0])
     try:
         data = prepare_finetune(
-            model, own, labeled=labeled, config=config, min_focus_quantile=args.min_focus, microscope=microscope
+            model,
+            own,
+            labeled=labeled,
+            config=config,
+            min_focus_quantile=args.min_focus,
+            microscope=microscope,
+            sharpen_in_focus=not args.no_sharpen,
         )
     except (ValueError, ImportError) as error:
         raise UsageError(f"{args.pairs or ', '.join(args.unlabeled)}: {error}") from None
@@ -1001,6 +1014,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--blur-width' and trained): sigma in pixels of the Gaussian with the PSF's 80%%-energy radius, in-focus "
         "blur included (in focus about 0.21 x wavelength / NA / pixel size); default: the model's own estimate "
         "when it carries one (it is printed), else the model judges the blur from the image",
+    )
+    deblur.add_argument(
+        "--no-sharpen",
+        action="store_true",
+        help="a model fine-tuned on in-focus planes sharpens its output against its microscope's in-focus PSF "
+        "('info' says so): leave the network's output as it is",
     )
     deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
     deblur.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -1163,6 +1182,12 @@ def build_parser() -> argparse.ArgumentParser:
     optics.add_argument("--wavelength", type=float, metavar="NM", help="emission wavelength in nm (default 520)")
     optics.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size in um (default: from the file)")
     optics.add_argument("--z-step", type=float, metavar="UM", help="Z step in um (default: from the file)")
+    optics.add_argument(
+        "--no-sharpen",
+        action="store_true",
+        help="on a stack with in-focus planes the fine-tuned model sharpens its output against this microscope's "
+        "in-focus PSF (one Richardson-Lucy step after the network); leave its output as the network makes it",
+    )
     add_training_options(tune, FINETUNE_DEFAULTS)
     tune.set_defaults(run=cmd_finetune)
 

@@ -369,6 +369,12 @@ class ModelCard(FrozenConfig):
     named ``milder_blur.*``): the starting model of a fine-tune on a stack with no plane in focus
     (:class:`~napari_mpt_deblur.models.mpt.MilderBlur`). None: one network for every plane."""
 
+    in_focus_optics: Microscope | None = None
+    """Optics whose in-focus PSF every output is sharpened against after the network, by one Richardson-Lucy
+    step (:func:`~napari_mpt_deblur.data.optics.sharpen_in_focus`; ``DeblurSettings.sharpen_in_focus`` turns
+    it off): set by a fine-tune on a stack with in-focus planes, whose targets keep the objective's own blur.
+    None: the network's output as it is."""
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; the provenance is copied as it is."""
         data = {
@@ -377,8 +383,11 @@ class ModelCard(FrozenConfig):
             "provenance": dict(self.provenance),
             "tile_size": self.tile_size,
         }
-        if self.milder_blur_below_width is not None:  # files without it stay readable by earlier versions
+        # files without these stay readable by earlier versions
+        if self.milder_blur_below_width is not None:
             data["milder_blur_below_width"] = self.milder_blur_below_width
+        if self.in_focus_optics is not None:
+            data["in_focus_optics"] = self.in_focus_optics.to_dict()
         return data
 
     @classmethod
@@ -398,12 +407,14 @@ class ModelCard(FrozenConfig):
             isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below < math.inf
         ):
             raise ConfigError(f"milder_blur_below_width must be a positive number of pixels, got {below!r}")
+        optics = data.get("in_focus_optics")
         return cls(
             architecture=MPTConfig.from_dict(data["architecture"]),
             normalization=IntensityNormalization.from_dict(data.get("normalization", {})),
             provenance=provenance,
             tile_size=tile_size,
             milder_blur_below_width=None if below is None else float(below),
+            in_focus_optics=None if optics is None else Microscope.from_dict(optics),
         )
 
 
@@ -440,6 +451,10 @@ class DeblurSettings(FrozenConfig):
     normalization: IntensityNormalization | None = None
     """Intensity normalisation; ``None`` uses what the model file records (it was trained with it)."""
 
+    sharpen_in_focus: bool = True
+    """Sharpen each output against the in-focus PSF of the optics a fine-tuned model records
+    (``ModelCard.in_focus_optics``); False: the network's output as it is. No effect on other models."""
+
     blur_sigma_px: float | None = None
     """The blur's width, for a model that takes it (``MPTConfig.blur_conditioned``): the sigma in pixels of
     the Gaussian with the PSF's 80 %-encircled-energy radius, the in-focus PSF included (about
@@ -462,6 +477,8 @@ class DeblurSettings(FrozenConfig):
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.normalization is not None and not isinstance(self.normalization, IntensityNormalization):
             raise ConfigError("normalization must be an IntensityNormalization or None")
+        if not isinstance(self.sharpen_in_focus, bool):
+            raise ConfigError(f"sharpen_in_focus must be true or false, got {self.sharpen_in_focus!r}")
         if self.blur_sigma_px is not None:
             sigma = _real("blur_sigma_px", self.blur_sigma_px)
             if not 0 <= sigma <= MAX_BLUR_SIGMA_PX:
@@ -539,6 +556,13 @@ class Microscope(FrozenConfig):
     def in_focus_sigma_px(self) -> float:
         """The in-focus PSF's width as a Gaussian sigma, in pixels of :attr:`model_pixel_um`."""
         return AIRY_SIGMA * self.wavelength_um / self.na / self.model_pixel_um
+
+    def describe_in_focus(self) -> str:
+        """The optics and their in-focus PSF's width, in words (e.g. for a note on sharpening against it)."""
+        return (
+            f"NA {self.na:g} ({self.medium}), {self.wavelength_um * 1000:.0f} nm, {self.model_pixel_um:.3g} um pixels "
+            f"(in-focus PSF sigma {self.in_focus_sigma_px():.2f} px)"
+        )
 
     def optics(self) -> dict[str, float]:
         """``widefield_psf`` keyword arguments (without the defocus)."""

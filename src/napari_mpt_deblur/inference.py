@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from .config import DeblurSettings, IntensityNormalization
+from .data.defocus import widefield_psf
+from .data.optics import sharpen_in_focus
 from .images import Image, ImageError, as_image, output_format, write_image
 from .models.files import model_from_bytes, model_to_bytes
 from .models.mpt import MPT, MilderBlur
@@ -279,6 +281,9 @@ class Deblurrer:
         """How far the planner may enlarge tiles; 1 after running out of memory (tiles then stay as asked)."""
         self.estimated_widths: list[float] = []
         """The blur widths (pixels) the model's estimator judged, one per unit, in the order they were judged."""
+        optics = card.in_focus_optics if card is not None and self.settings.sharpen_in_focus else None
+        self.in_focus_psf = None if optics is None else widefield_psf(0.0, **optics.optics())
+        """The in-focus PSF each output is sharpened against (:func:`sharpen_in_focus`), or None."""
 
     @property
     def overlap(self) -> int:
@@ -373,6 +378,8 @@ class Deblurrer:
                 row = ranges[stat_index if stat_index is not None else (offset if len(ranges) > 1 else 0)]
                 low, high = float(row[0]), float(row[1])
             result = yield from self._forward_with_fallback(values, low, high, done_before, total)
+            if self.in_focus_psf is not None:  # the whole plane: sharpening tiles would seam them
+                result = np.stack([sharpen_in_focus(plane, self.in_focus_psf) for plane in result])
             out[where] = to_dtype(result * (high - low) + low, block.dtype)
             done_before += per_unit
         return layout.from_units(out, block.shape)

@@ -333,6 +333,13 @@ def export_package(
             "network for every plane"
         )
         card = card.replace(provenance=provenance, milder_blur_below_width=None)
+    if card.in_focus_optics is not None:  # a step after the network, which the package's runners would not take
+        provenance = dict(card.provenance)
+        provenance["in_focus_sharpening"] = (
+            "left out of this package: napari-mpt-deblur's model file sharpens the network's output against the "
+            f"in-focus PSF of {card.in_focus_optics.describe_in_focus()}; this package gives the network's output"
+        )
+        card = card.replace(provenance=provenance, in_focus_optics=None)
     config = model.config
     multiple = config.size_multiple
     plane = middle_plane(image, config.in_channels)

@@ -77,6 +77,7 @@ def save_model(
         normalization=normalization or (previous.normalization if previous else IntensityNormalization()),
         provenance=dict(provenance if provenance is not None else (previous.provenance if previous else {})),
         tile_size=tile_size if tile_size is not None else (previous.tile_size if previous else None),
+        in_focus_optics=previous.in_focus_optics if previous else None,
     )
     # when and by what this file was written (a fine-tuned copy must not keep its parent's)
     card.provenance["saved"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -443,5 +444,6 @@ def describe_model(model: MPT) -> dict[str, Any]:
         "normalization": asdict(card.normalization) if card else None,
         "tile_size": card.tile_size if card else None,
         "milder_blur_below_width": None if model.milder_blur is None else model.milder_blur.below_width,
+        "in_focus_optics": card.in_focus_optics.to_dict() if card and card.in_focus_optics else None,
         "provenance": card.provenance if card else {},
     }

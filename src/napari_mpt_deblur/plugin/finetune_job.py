@@ -103,6 +103,8 @@ class FinetuneRun:
     min_focus: float
     folder: tempfile.TemporaryDirectory
     microscope: Microscope = field(default_factory=Microscope)
+    sharpen_in_focus: bool = True
+    """On stacks with in-focus planes, have the fine-tuned model sharpen against the optics' in-focus PSF."""
     log: TrainingLog = field(default_factory=TrainingLog)
     model: MPT | None = None
     start_provenance: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +145,7 @@ def finetune_steps(run: FinetuneRun) -> Generator[str | TrainProgress, None, Non
             config=run.config,
             min_focus_quantile=run.min_focus,
             microscope=run.microscope,
+            sharpen_in_focus=run.sharpen_in_focus,
         )
         run.config = data.config
         run.data_record = {

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, Select, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, Select, SpinBox
 from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -175,6 +175,13 @@ class FinetuneWidget(ScrollingDock):
             f"scale), shown in the box; if neither says, {UNKNOWN_PIXEL_UM:g} um. Synthetic pairs are blurred as this "
             "microscope blurs, up to the blur measured across your stacks."
         )
+        self.sharpen = CheckBox(
+            text="sharpen in focus",
+            value=True,
+            tooltip="On stacks with in-focus planes, the fine-tuned model sharpens its output against your "
+            "objective's in-focus PSF (from the NA, immersion, emission and pixel size above): about +2 dB in focus "
+            "at NA 1.4, but worse than not at all if the NA given is lower than the objective's.",
+        )
         self.device = device_box(defaults.device)
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop", enabled=False)
@@ -207,7 +214,18 @@ class FinetuneWidget(ScrollingDock):
         # rarely changed: the defaults are the ones experiment 3 chose (docs/benchmarks.md)
         self.advanced = self.add_section(
             "advanced: batch, patch, learning rate, device",
-            Container(widgets=[self.batch, self.patch, self.lr, self.beta, self.reblur, self.min_focus, self.device]),
+            Container(
+                widgets=[
+                    self.batch,
+                    self.patch,
+                    self.lr,
+                    self.beta,
+                    self.reblur,
+                    self.min_focus,
+                    self.sharpen,
+                    self.device,
+                ]
+            ),
         )
         self.add_part(row(self.start_button, self.stop_button))
         self.add_part(Container(widgets=[self.progress_bar, self.status, self.save_path]))
@@ -375,6 +393,7 @@ class FinetuneWidget(ScrollingDock):
             min_focus=float(self.min_focus.value),
             folder=tempfile.TemporaryDirectory(prefix="mpt-finetune-"),
             microscope=microscope,
+            sharpen_in_focus=bool(self.sharpen.value),
         )
         self._run = run
         self._stop_timing()  # the run itself needs the device

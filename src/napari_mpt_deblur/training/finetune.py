@@ -108,6 +108,12 @@ dB against it at 0.3 um on a lab's time-lapse (experiment 20 in docs/benchmarks.
 estimator's spread over planes as blurred as the sharpest (3.4-4.0 px at 0.6 um in that lab) stays with the
 fine-tune; planes at 0.3 um were judged at 1.4-1.7 px."""
 
+SHARPEN_MIN_SIGMA_PX = 0.5
+"""A fine-tune on in-focus planes has its model sharpen the output against the optics' in-focus PSF only when that
+PSF is at least this wide (Gaussian sigma, pixels). One Richardson-Lucy step on the default model's output, in
+focus, gains 2.1-2.8 dB for PSFs of sigma 0.68-1.37 px and loses 0.2 dB for ones of 0.39-0.42 px
+(``benchmarks/in_focus_sharpening.py``, experiment 21 in docs/benchmarks.md)."""
+
 PRIOR_TARGET_PLANES = 8
 PRIOR_TARGET_SIDE = 768
 """The synthetic pairs' targets are the starting model's deblurring of at most this many of the sharpest planes
@@ -158,6 +164,9 @@ class FinetuneData:
     """Without usable in-focus planes, the blur width (pixels) under which the fine-tuned model keeps deblurring
     with the starting model (:data:`MILDER_BLUR_SHARE`; :func:`run_finetune` attaches it); None otherwise, and for
     a model without a blur estimator."""
+    in_focus_optics: Microscope | None = None
+    """Optics whose in-focus PSF the fine-tuned model sharpens its output against (a stack with in-focus planes,
+    unless turned off; :func:`run_finetune` attaches it: ``ModelCard.in_focus_optics``); None otherwise."""
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -197,6 +206,7 @@ def prepare_finetune(
     config: TrainConfig,
     min_focus_quantile: float | None = None,
     microscope: Microscope | None = None,
+    sharpen_in_focus: bool = True,
 ) -> FinetuneData:
     """Samplers, validation patches and a record for fine-tuning ``model`` on the user's planes.
 
@@ -225,6 +235,11 @@ def prepare_finetune(
     microscope
         The optics (NA, medium, wavelength, pixel size, Z step); defaults to
         :class:`~napari_mpt_deblur.data.optics.Microscope`'s.
+    sharpen_in_focus
+        On a stack with in-focus planes, have the fine-tuned model sharpen its output against ``microscope``'s
+        in-focus PSF (:data:`FinetuneData.in_focus_optics`) when it is at least :data:`SHARPEN_MIN_SIGMA_PX`
+        wide: its targets are the starting model's output on those planes, which keeps most of the objective's
+        own blur.
 
     Returns
     -------
@@ -263,7 +278,7 @@ def prepare_finetune(
     record: dict[str, Any] = {"planes": len(own) + blank, "planes_for_efcr": len(unlabeled.planes)}
     if quantile > 0:
         record["min_focus_quantile"] = quantile
-    estimate, notes, gentle_validation, milder_below = None, [], None, None
+    estimate, notes, gentle_validation, milder_below, in_focus_optics = None, [], None, None, None
     if labeled is not None:
         blurry, sharp = (as_planes(part) for part in labeled)
         sampler = LabeledPairs(blurry, sharp, config.normalization)
@@ -296,6 +311,13 @@ def prepare_finetune(
             record["sharp_planes"] = len(sharpest)
             record["focus_ratio"] = FOCUS_RATIO
             record["targets"] = "starting model's deblurred in-focus planes"
+            if sharpen_in_focus and estimate.microscope.in_focus_sigma_px() >= SHARPEN_MIN_SIGMA_PX:
+                in_focus_optics = estimate.microscope
+                record["in_focus_optics"] = in_focus_optics.to_dict()
+                notes.append(
+                    "the fine-tuned model will sharpen its output against the in-focus PSF of "
+                    f"{in_focus_optics.describe_in_focus()}; give your objective's optics where they differ"
+                )
         else:
             targets, held_targets = _prior_targets(model, kept), _prior_targets(model, held)
             denoise = False
@@ -349,7 +371,17 @@ def prepare_finetune(
     if blank:
         record["blank_planes_skipped"] = blank
     return FinetuneData(
-        sampler, validation, unlabeled, config, record, blank, estimate, notes, gentle_validation, milder_below
+        sampler,
+        validation,
+        unlabeled,
+        config,
+        record,
+        blank,
+        estimate,
+        notes,
+        gentle_validation,
+        milder_below,
+        in_focus_optics,
     )
 
 
@@ -445,7 +477,8 @@ def _prior_targets(model: MPT, planes: list[np.ndarray]) -> list[np.ndarray]:
     from ..data.optics import central_crop
     from ..inference import deblur_array
 
-    settings = DeblurSettings(device="cpu", precision="fp32")
+    # the network's output: a starting model that sharpens after it would have the fine-tune learn that twice
+    settings = DeblurSettings(device="cpu", precision="fp32", sharpen_in_focus=False)
     crops = [central_crop(plane, PRIOR_TARGET_SIDE) for plane in planes[:PRIOR_TARGET_PLANES]]
     return [deblur_array(model, crop, axes="YX", settings=settings) for crop in crops]
 
@@ -667,6 +700,7 @@ def run_finetune(
     when the fine-tune did not beat them. Checkpoints go to ``output`` as :func:`~.engine.iter_train`
     writes them; the caller saves the weights kept.
     """
+    from ..config import ModelCard
     from .engine import iter_train
 
     if not resume:
@@ -688,3 +722,5 @@ def run_finetune(
                 yield event
     finally:
         log.restore_best(model, milder_blur_below_width=data.milder_blur_below_width)
+        card = getattr(model, "card", None) or ModelCard(architecture=model.config)
+        model.card = card.replace(in_focus_optics=data.in_focus_optics)
