@@ -229,6 +229,7 @@ def test_a_stack_with_focus_holds_out_sharp_planes_and_one_without_fine_tunes_ge
     assert data.config.steps == NO_FOCUS_MAX_STEPS and data.config.lr == pytest.approx(config.lr / 12)
     assert data.config.efcr_beta == NO_FOCUS_EFCR_BETA
     assert data.provenance["targets"].startswith("starting model's deblurred")
+    assert data.in_focus_optics == LAB  # its targets keep the in-focus blur too: sharpened after as well
     assert isinstance(data.sampler, AnchoredPairs) and data.sampler.share == NO_FOCUS_ANCHORED_SHARE
     assert data.sampler.pairs.defocus.no_blur_probability == 0  # unblurred samples are the anchored ones only
     # a share of every batch keeps the network where it started: unblurred input, the starting model's output
@@ -357,6 +358,11 @@ def test_cli_finetune_takes_the_optics_and_the_files_pixel_size(tmp_path, capsys
     assert main([*cli_deblur, "--device", "cpu", "--precision", "fp32", "--overwrite"]) == 0
     assert "sharpening every plane against the in-focus PSF of NA 1.4 (oil)" in capsys.readouterr().out
     assert np.allclose(tifffile.imread(deblurred), sharpened, atol=1e-5)
+    # training it further makes another network: the step chosen for this one is not carried over
+    further = tmp_path / "further.safetensors"
+    train = ["train", "--sharp", str(path), "-o", str(further), "--model", str(out), "--steps", "1", "--batch", "1"]
+    assert main([*train, "--patch", "32", "--device", "cpu", "--quiet"]) == 0
+    assert load_model(further).card.in_focus_optics is None
     # told not to, the fine-tune leaves it out
     assert main([*args, *common, "--overwrite", "--na", "1.4", "--medium", "oil", "--no-sharpen"]) == 0
     assert load_model(out).card.in_focus_optics is None and "will sharpen" not in capsys.readouterr().out

@@ -1018,7 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument(
         "--no-sharpen",
         action="store_true",
-        help="a model fine-tuned on in-focus planes sharpens its output against its microscope's in-focus PSF "
+        help="a model fine-tuned on your stacks sharpens its output against its microscope's in-focus PSF "
         "('info' says so): leave the network's output as it is",
     )
     deblur.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler")
@@ -1185,7 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
     optics.add_argument(
         "--no-sharpen",
         action="store_true",
-        help="on a stack with in-focus planes the fine-tuned model sharpens its output against this microscope's "
+        help="the fine-tuned model sharpens its output against this microscope's "
         "in-focus PSF (one Richardson-Lucy step after the network); leave its output as the network makes it",
     )
     add_training_options(tune, FINETUNE_DEFAULTS)

@@ -372,8 +372,8 @@ class ModelCard(FrozenConfig):
     in_focus_optics: Microscope | None = None
     """Optics whose in-focus PSF every output is sharpened against after the network, by one Richardson-Lucy
     step (:func:`~napari_mpt_deblur.data.optics.sharpen_in_focus`; ``DeblurSettings.sharpen_in_focus`` turns
-    it off): set by a fine-tune on a stack with in-focus planes, whose targets keep the objective's own blur.
-    None: the network's output as it is."""
+    it off): set by a fine-tune on synthetic pairs, whose targets (the starting model's output) keep the
+    objective's own blur. None: the network's output as it is."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; the provenance is copied as it is."""

@@ -104,7 +104,7 @@ class FinetuneRun:
     folder: tempfile.TemporaryDirectory
     microscope: Microscope = field(default_factory=Microscope)
     sharpen_in_focus: bool = True
-    """On stacks with in-focus planes, have the fine-tuned model sharpen against the optics' in-focus PSF."""
+    """Have the fine-tuned model sharpen against the optics' in-focus PSF (:func:`prepare_finetune`)."""
     log: TrainingLog = field(default_factory=TrainingLog)
     model: MPT | None = None
     start_provenance: dict[str, Any] = field(default_factory=dict)

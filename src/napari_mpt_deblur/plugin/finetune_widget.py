@@ -178,7 +178,7 @@ class FinetuneWidget(ScrollingDock):
         self.sharpen = CheckBox(
             text="sharpen in focus",
             value=True,
-            tooltip="On stacks with in-focus planes, the fine-tuned model sharpens its output against your "
+            tooltip="The fine-tuned model sharpens its output against your "
             "objective's in-focus PSF (from the NA, immersion, emission and pixel size above): about +2 dB in focus "
             "at NA 1.4, but worse than not at all if the NA given is lower than the objective's.",
         )

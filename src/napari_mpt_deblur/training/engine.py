@@ -589,6 +589,11 @@ def iter_train(
     best: dict[str, float] | None = None  # {"step", "score"} of the checkpoint kept at best_path(output)
     prior_seconds = 0.0  # training time of earlier processes of this run (resumed runs)
     run_id = uuid.uuid4().hex  # written into both files of every checkpoint: they must agree on resume
+    card = getattr(model, "card", None)
+    if card is not None and card.in_focus_optics is not None:
+        # the sharpening after the network suited the network it was chosen for, not the one this run makes (a
+        # fine-tune chooses it again when it ends: run_finetune)
+        model.card = card.replace(in_focus_optics=None)
     if resume:
         trained, state = load_checkpoint(output)
         saved = TrainConfig.from_dict(state["config"])

@@ -109,7 +109,7 @@ estimator's spread over planes as blurred as the sharpest (3.4-4.0 px at 0.6 um 
 fine-tune; planes at 0.3 um were judged at 1.4-1.7 px."""
 
 SHARPEN_MIN_SIGMA_PX = 0.5
-"""A fine-tune on in-focus planes has its model sharpen the output against the optics' in-focus PSF only when that
+"""A fine-tune on synthetic pairs has its model sharpen the output against the optics' in-focus PSF only when that
 PSF is at least this wide (Gaussian sigma, pixels). One Richardson-Lucy step on the default model's output, in
 focus, gains 2.1-2.8 dB for PSFs of sigma 0.68-1.37 px and loses 0.2 dB for ones of 0.39-0.42 px
 (``benchmarks/in_focus_sharpening.py``, experiment 21 in docs/benchmarks.md)."""
@@ -165,8 +165,8 @@ class FinetuneData:
     with the starting model (:data:`MILDER_BLUR_SHARE`; :func:`run_finetune` attaches it); None otherwise, and for
     a model without a blur estimator."""
     in_focus_optics: Microscope | None = None
-    """Optics whose in-focus PSF the fine-tuned model sharpens its output against (a stack with in-focus planes,
-    unless turned off; :func:`run_finetune` attaches it: ``ModelCard.in_focus_optics``); None otherwise."""
+    """Optics whose in-focus PSF the fine-tuned model sharpens its output against (synthetic pairs, unless turned
+    off or the PSF is narrow; :func:`run_finetune` attaches it: ``ModelCard.in_focus_optics``); None otherwise."""
 
 
 def as_planes(arrays: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
@@ -236,10 +236,10 @@ def prepare_finetune(
         The optics (NA, medium, wavelength, pixel size, Z step); defaults to
         :class:`~napari_mpt_deblur.data.optics.Microscope`'s.
     sharpen_in_focus
-        On a stack with in-focus planes, have the fine-tuned model sharpen its output against ``microscope``'s
-        in-focus PSF (:data:`FinetuneData.in_focus_optics`) when it is at least :data:`SHARPEN_MIN_SIGMA_PX`
-        wide: its targets are the starting model's output on those planes, which keeps most of the objective's
-        own blur.
+        Without labeled pairs, have the fine-tuned model sharpen its output against ``microscope``'s in-focus
+        PSF (:data:`FinetuneData.in_focus_optics`) when it is at least :data:`SHARPEN_MIN_SIGMA_PX` wide: its
+        targets are the starting model's output on the sharpest planes, which keeps most of the objective's own
+        blur (in focus or not: experiment 21).
 
     Returns
     -------
@@ -311,13 +311,6 @@ def prepare_finetune(
             record["sharp_planes"] = len(sharpest)
             record["focus_ratio"] = FOCUS_RATIO
             record["targets"] = "starting model's deblurred in-focus planes"
-            if sharpen_in_focus and estimate.microscope.in_focus_sigma_px() >= SHARPEN_MIN_SIGMA_PX:
-                in_focus_optics = estimate.microscope
-                record["in_focus_optics"] = in_focus_optics.to_dict()
-                notes.append(
-                    "the fine-tuned model will sharpen its output against the in-focus PSF of "
-                    f"{in_focus_optics.describe_in_focus()}; give your objective's optics where they differ"
-                )
         else:
             targets, held_targets = _prior_targets(model, kept), _prior_targets(model, held)
             denoise = False
@@ -343,6 +336,13 @@ def prepare_finetune(
                     f"planes judged less blurred than {milder_below:.1f} px, milder than any this stack holds, will "
                     "still be deblurred by the starting model"
                 )
+        if sharpen_in_focus and estimate.microscope.in_focus_sigma_px() >= SHARPEN_MIN_SIGMA_PX:
+            in_focus_optics = estimate.microscope
+            record["in_focus_optics"] = in_focus_optics.to_dict()
+            notes.append(
+                "the fine-tuned model will sharpen its output against the in-focus PSF of "
+                f"{in_focus_optics.describe_in_focus()}; give your objective's optics where they differ"
+            )
         sampler = SyntheticPairs(targets, defocus, normalization=config.normalization, margin=PAIR_MARGIN)
         validation_sampler = sampler
         anchored = ANCHORED_SHARE if estimate.in_focus else NO_FOCUS_ANCHORED_SHARE
