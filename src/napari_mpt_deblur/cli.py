@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ._version import __version__
-from .config import MEDIA, PRECISIONS, ConfigError, Microscope
+from .config import MEDIA, PRECISIONS, ConfigError
 from .training.config import L1_WEIGHTINGS, PIXEL_LOSSES, EstimatorRecipe, TrainConfig
 from .training.finetune import FINETUNE_DEFAULTS
 
@@ -95,7 +95,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         below = summary["milder_blur_below_width"]
         print(f"milder blur:  planes judged below {below:.2f} px are deblurred by the starting model (held too)")
     if summary["in_focus_optics"] is not None:
-        optics = Microscope.from_dict(summary["in_focus_optics"]).describe_in_focus()
+        optics = model.card.in_focus_optics.describe_in_focus()
         print(f"sharpened:    after the network, one Richardson-Lucy step against the in-focus PSF of {optics}")
     print("provenance:")
     for key, value in summary["provenance"].items():

@@ -326,20 +326,21 @@ def export_package(
 
     card: ModelCard = getattr(model, "card", None) or ModelCard(architecture=model.config)
     if model.milder_blur is not None:  # a package holds one network: the fine-tuned one, for every plane
-        provenance = dict(card.provenance)
-        provenance["milder_blur_network"] = (
-            f"left out of this package: napari-mpt-deblur's model file deblurs planes judged below "
-            f"{model.milder_blur.below_width:.2f} px with the starting model; this package uses the fine-tuned "
-            "network for every plane"
+        card = _left_out(
+            card,
+            "milder_blur_network",
+            f"napari-mpt-deblur's model file deblurs planes judged below {model.milder_blur.below_width:.2f} px "
+            "with the starting model; this package uses the fine-tuned network for every plane",
+            milder_blur_below_width=None,
         )
-        card = card.replace(provenance=provenance, milder_blur_below_width=None)
     if card.in_focus_optics is not None:  # a step after the network, which the package's runners would not take
-        provenance = dict(card.provenance)
-        provenance["in_focus_sharpening"] = (
-            "left out of this package: napari-mpt-deblur's model file sharpens the network's output against the "
-            f"in-focus PSF of {card.in_focus_optics.describe_in_focus()}; this package gives the network's output"
+        card = _left_out(
+            card,
+            "in_focus_sharpening",
+            "napari-mpt-deblur's model file sharpens the network's output against the in-focus PSF of "
+            f"{card.in_focus_optics.describe_in_focus()}; this package gives the network's output",
+            in_focus_optics=None,
         )
-        card = card.replace(provenance=provenance, in_focus_optics=None)
     config = model.config
     multiple = config.size_multiple
     plane = middle_plane(image, config.in_channels)
@@ -455,6 +456,11 @@ def export_package(
         target = Path(path)
         atomic_write(target, lambda tmp: shutil.copyfile(packaged, tmp), overwrite=overwrite)
     return target
+
+
+def _left_out(card: ModelCard, key: str, what: str, **cleared: Any) -> ModelCard:
+    """``card`` without what a package cannot hold (``cleared`` fields), its provenance saying so under ``key``."""
+    return card.replace(provenance={**card.provenance, key: f"left out of this package: {what}"}, **cleared)
 
 
 def _preprocessing(
